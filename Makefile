@@ -1,0 +1,50 @@
+# tide: every target that needs Python depends on the venv, so any of them works as the first command.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CACHE  ?= runs/digits.zarr
+SAES   ?= runs/saes
+
+.PHONY: setup harvest train eval test test-all bench lint demo-model demo-grid clean
+
+setup: $(STAMP)
+
+# torch goes in first: on a machine without CUDA a pinned CPU build, so nothing pulls GBs of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+harvest: $(STAMP)
+	$(BIN)/tide harvest --out $(CACHE)
+
+train: $(STAMP)
+	@test -d $(CACHE) || $(MAKE) harvest
+	$(BIN)/tide train --store $(CACHE) --out $(SAES)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ''
+
+bench: $(STAMP)
+	$(BIN)/python -m tests.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+demo-model: $(STAMP)
+	$(BIN)/tide demo-model train
+
+demo-grid: $(STAMP)
+	$(BIN)/tide demo-model grid
+
+clean:
+	rm -rf runs .pytest_cache

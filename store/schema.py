@@ -1,0 +1,259 @@
+"""The tide activation store: its layout, its metadata model, and all of its index arithmetic.
+
+A store is a Zarr v3 group. Everything a reader needs is in this module; `FORMAT.md` describes the
+same layout for readers without tide.
+
+    cache.zarr/
+    ├── zarr.json             root attributes: StoreMeta (format "tide.activations")
+    ├── timesteps             (S,)  float64  the scheduler's timestep value at each stored step
+    ├── step_index            (S,)  int32    position of each stored step in the sampling schedule
+    ├── seed                  (N,)  int64    per-sample seed: all randomness of sample i comes from it
+    ├── label                 (N,)  int64    class label (class-conditional models), or
+    ├── prompt_index          (N,)  int64    index into StoreMeta.prompts (text-conditional models)
+    ├── done                  (N,)  bool     sample fully written (set last, after its activations)
+    ├── token_index           (N, S, T) int32  kept token positions, when tokens are subsampled
+    ├── resid_l03             (N, S, T, D)   activations; one array per (site, layer, branch);
+    ├── resid_l03_uncond      (N, S, T, D)   "_uncond" marks the unconditional CFG branch
+    └── stats/
+        └── resid_l03/
+            ├── count         (C, S)     int64    rows summed, per sample chunk and step
+            ├── sum           (C, S, D)  float64  per-channel sum
+            └── sumsq         (C, S, D)  float64  per-channel sum of squares
+
+Shape key: N samples, S stored steps, T kept tokens per (sample, step), D model width,
+C sample chunks (= ceil(N / batch_size)).
+
+Every activation array has `dimension_names = ["sample", "step", "token", "d"]` and a chunk of shape
+`(batch_size, steps_per_chunk, tokens_per_chunk, D)`: one harvest write fills whole chunks, so no chunk
+is ever written by two writers, and a crash loses at most the batch in flight. Statistics are kept per
+sample chunk so that they are exact and independent of how a harvest was interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT = "tide.activations"
+FORMAT_VERSION = 1
+
+SITES = ("resid", "delta", "attn", "mlp")
+"""Capture sites per block: block output; block output minus block input; attention output; MLP output."""
+
+Site = Literal["resid", "delta", "attn", "mlp"]
+Branch = Literal["cond", "uncond"]
+StorageDtype = Literal["float16", "float32", "bfloat16"]
+CfgBranch = Literal["cond", "uncond", "both"]
+
+ACT_DIMS = ("sample", "step", "token", "d")
+
+SEEDING = (
+    "Sample i is generated from torch.Generator(device='cpu').manual_seed(seed[i]): its initial noise is "
+    "drawn first, with shape (1, C, H, W) in float32, then any noise the scheduler's step() needs, in step "
+    "order, from that same generator. Kept tokens at (sample i, step s) are the sorted first T entries of "
+    "numpy.random.default_rng([seed[i], step_index[s]]).permutation(num_tokens)."
+)
+
+# Chunks hold a few MB of whole token vectors.
+TARGET_CHUNK_BYTES = 4 << 20
+MIN_CHUNK_ROWS = 2048
+MAX_CHUNK_ROWS = 8192
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelInfo(_Frozen):
+    """Where the diffusion transformer came from."""
+
+    id: str
+    """The model as given: a hub id or a path."""
+    path: str
+    """The resolved local folder it was loaded from."""
+    revision: str | None = None
+    """Hub revision (commit hash) when known."""
+    transformer_class: str
+    """diffusers class name of the transformer, e.g. DiTTransformer2DModel."""
+    transformer_config: dict[str, Any]
+    """The transformer's config as saved by diffusers."""
+
+
+class SchedulerInfo(_Frozen):
+    """The sampling scheduler exactly as used."""
+
+    class_name: str
+    config: dict[str, Any]
+
+
+class TokenSampling(_Frozen):
+    """Which token positions of each (sample, step) are stored."""
+
+    num_tokens: int
+    """Tokens in the image stream (patches)."""
+    fraction: float
+    """Requested fraction in (0, 1]; 1 keeps every token in order and stores no token_index."""
+    kept: int
+    """T: tokens stored per (sample, step)."""
+
+
+class StoreMeta(_Frozen):
+    """Root attributes of a tide store. Validated on every open."""
+
+    format: Literal["tide.activations"] = FORMAT
+    format_version: int = FORMAT_VERSION
+    tide_version: str
+    created: str
+    """ISO 8601 time the store was created."""
+    model: ModelInfo
+    scheduler: SchedulerInfo
+    num_inference_steps: int
+    step_indices: list[int]
+    """Positions in the sampling schedule that are stored (S of them); timesteps holds their values."""
+    guidance_scale: float
+    cfg_branch: CfgBranch
+    """Which classifier-free-guidance branch is stored: cond, uncond or both."""
+    conditioning: Literal["class", "prompt", "none"]
+    prompts: list[str] | None = None
+    """The prompts, indexed by the prompt_index array, for text-conditional models."""
+    sites: list[Site]
+    layers: list[int]
+    num_layers: int
+    """Blocks in the transformer."""
+    d_model: int
+    num_samples: int
+    batch_size: int
+    """Samples per forward pass, and per chunk along the sample axis."""
+    steps_per_chunk: int
+    tokens_per_chunk: int
+    tokens: TokenSampling
+    dtype: StorageDtype
+    """Logical dtype of activations. bfloat16 is stored as its raw uint16 bits."""
+    codec: str
+    """Compression, as named on the harvest command line."""
+    seeding: str = SEEDING
+    harvest_config: dict[str, Any] = Field(default_factory=dict)
+    """The harvest configuration that produced the store; a resume must match it."""
+
+    @property
+    def branches(self) -> list[Branch]:
+        return {"cond": ["cond"], "uncond": ["uncond"], "both": ["cond", "uncond"]}[self.cfg_branch]
+
+    def act_names(self) -> list[str]:
+        return [act_name(s, l, b) for s in self.sites for l in self.layers for b in self.branches]
+
+    def layout(self) -> Layout:
+        return Layout(
+            num_samples=self.num_samples,
+            num_steps=len(self.step_indices),
+            tokens=self.tokens.kept,
+            d_model=self.d_model,
+            batch_size=self.batch_size,
+            steps_per_chunk=self.steps_per_chunk,
+            tokens_per_chunk=self.tokens_per_chunk,
+        )
+
+
+def act_name(site: str, layer: int, branch: str = "cond") -> str:
+    """Array name of one (site, layer, branch), e.g. `resid_l03` or `mlp_l11_uncond`."""
+    return f"{site}_l{layer:02d}" + ("" if branch == "cond" else f"_{branch}")
+
+
+def numpy_storage_dtype(dtype: str) -> np.dtype:
+    """The dtype zarr stores for a logical dtype (zarr has no bfloat16: its bits go in uint16)."""
+    return np.dtype({"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype])
+
+
+def choose_chunks(batch_size: int, num_steps: int, tokens: int, d_model: int, itemsize: int) -> tuple[int, int]:
+    """(steps_per_chunk, tokens_per_chunk) so that one chunk holds a few MB of whole rows.
+
+    A chunk spans a whole batch of samples (one write's worth), so a batch's rows for one step are split
+    along tokens only when they alone exceed the target.
+    """
+    rows = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, TARGET_CHUNK_BYTES // (d_model * itemsize)))
+    if batch_size * tokens >= rows:
+        tokens_per_chunk = max(1, math.ceil(rows / batch_size))
+        # Keep chunks equal along tokens so that every write covers whole chunks.
+        while tokens % tokens_per_chunk and tokens_per_chunk < tokens:
+            tokens_per_chunk += 1
+        return 1, min(tokens_per_chunk, tokens)
+    steps_per_chunk = min(num_steps, max(1, math.ceil(rows / (batch_size * tokens))))
+    return steps_per_chunk, tokens
+
+
+def kept_tokens(num_tokens: int, fraction: float) -> int:
+    """T for a token fraction: at least one token, rounded to nearest."""
+    return max(1, min(num_tokens, round(num_tokens * fraction)))
+
+
+def token_subset(seed: int, step_index: int, num_tokens: int, kept: int) -> np.ndarray:
+    """The kept token positions of one (sample, step), sorted; see SEEDING."""
+    if kept >= num_tokens:
+        return np.arange(num_tokens, dtype=np.int32)
+    perm = np.random.default_rng([seed, step_index]).permutation(num_tokens)
+    return np.sort(perm[:kept]).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Index arithmetic between samples, steps, chunks and rows of one store."""
+
+    num_samples: int
+    num_steps: int
+    tokens: int
+    d_model: int
+    batch_size: int
+    steps_per_chunk: int
+    tokens_per_chunk: int
+
+    @property
+    def act_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_samples, self.num_steps, self.tokens, self.d_model)
+
+    @property
+    def act_chunks(self) -> tuple[int, int, int, int]:
+        return (self.batch_size, self.steps_per_chunk, self.tokens_per_chunk, self.d_model)
+
+    @property
+    def num_sample_chunks(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    @property
+    def num_step_chunks(self) -> int:
+        return math.ceil(self.num_steps / self.steps_per_chunk)
+
+    @property
+    def num_token_chunks(self) -> int:
+        return math.ceil(self.tokens / self.tokens_per_chunk)
+
+    def sample_chunk(self, c: int) -> slice:
+        """Samples of sample chunk c (= harvest batch c)."""
+        return slice(c * self.batch_size, min((c + 1) * self.batch_size, self.num_samples))
+
+    def step_chunk(self, c: int) -> slice:
+        return slice(c * self.steps_per_chunk, min((c + 1) * self.steps_per_chunk, self.num_steps))
+
+    def token_chunk(self, c: int) -> slice:
+        return slice(c * self.tokens_per_chunk, min((c + 1) * self.tokens_per_chunk, self.tokens))
+
+    def chunk_of_sample(self, i: int) -> int:
+        return i // self.batch_size
+
+    def chunks(self, sample_chunks: list[int] | None = None) -> list[tuple[int, int, int]]:
+        """All (sample chunk, step chunk, token chunk) triples, optionally for some sample chunks only."""
+        scs = range(self.num_sample_chunks) if sample_chunks is None else sample_chunks
+        return [
+            (a, b, c) for a in scs for b in range(self.num_step_chunks) for c in range(self.num_token_chunks)
+        ]
+
+    def chunk_selection(self, chunk: tuple[int, int, int]) -> tuple[slice, slice, slice, slice]:
+        a, b, c = chunk
+        return (self.sample_chunk(a), self.step_chunk(b), self.token_chunk(c), slice(None))
+
+    def chunk_rows(self, chunk: tuple[int, int, int]) -> int:
+        s, t, k, _ = self.chunk_selection(chunk)
+        return (s.stop - s.start) * (t.stop - t.start) * (k.stop - k.start)
