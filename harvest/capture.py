@@ -1,0 +1,160 @@
+"""Where activations live in each supported transformer, and scoped hooks that capture them.
+
+The registry is keyed by transformer class. An entry says where the blocks are, which tensor of a block's
+output is the image stream, which submodules are the attention and the MLP, and how conditioning enters
+the forward pass; the denoising loop knows none of this, so a new architecture (SD3/FLUX joint blocks,
+whose blocks return (encoder_hidden_states, hidden_states)) is one more entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from store.schema import SITES
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Conditioning for a batch, already arranged for the forward pass (CFG rows included)."""
+
+    class_labels: torch.Tensor | None = None
+    """(B,) int64 class labels, null label in the unconditional rows."""
+    prompt_embeds: torch.Tensor | None = None
+    """(B, L, C) text-encoder states."""
+    prompt_mask: torch.Tensor | None = None
+    """(B, L) attention mask of prompt_embeds."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one transformer class is laid out."""
+
+    conditioning: Literal["class", "prompt"]
+    blocks: Callable[[nn.Module], nn.ModuleList]
+    image_stream: Callable[[Any], torch.Tensor]
+    """Picks the image-token tensor (B, N, D) out of a block's output."""
+    forward: Callable[[nn.Module, torch.Tensor, torch.Tensor, Conditioning], torch.Tensor]
+    """Runs the transformer: (model, x (B, C, H, W), t (B,), cond) -> model output (B, C', H, W)."""
+    submodules: dict[str, str] = field(default_factory=lambda: {"attn": "attn1", "mlp": "ff"})
+    """Site name -> attribute of the block whose output is that site."""
+
+
+def _dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    return model(x, timestep=t, class_labels=cond.class_labels, return_dict=False)[0]
+
+
+def _pixart_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+    if model.use_additional_conditions:
+        # PixArt-alpha 1024px conditions on image size; as its pipeline does, pass the pixel size.
+        h, w = x.shape[-2] * 8, x.shape[-1] * 8
+        added = {
+            "resolution": torch.tensor([[h, w]], dtype=x.dtype, device=x.device).repeat(x.shape[0], 1),
+            "aspect_ratio": torch.tensor([[h / w]], dtype=x.dtype, device=x.device).repeat(x.shape[0], 1),
+        }
+    return model(
+        x,
+        encoder_hidden_states=cond.prompt_embeds,
+        encoder_attention_mask=cond.prompt_mask,
+        timestep=t,
+        added_cond_kwargs=added,
+        return_dict=False,
+    )[0]
+
+
+def _tensor_output(output: Any) -> torch.Tensor:
+    """diffusers' BasicTransformerBlock returns the image-token tensor itself."""
+    return output
+
+
+REGISTRY: dict[str, Arch] = {
+    "DiTTransformer2DModel": Arch(
+        conditioning="class",
+        blocks=lambda m: m.transformer_blocks,
+        image_stream=_tensor_output,
+        forward=_dit_forward,
+    ),
+    "PixArtTransformer2DModel": Arch(
+        conditioning="prompt",
+        blocks=lambda m: m.transformer_blocks,
+        image_stream=_tensor_output,
+        forward=_pixart_forward,
+    ),
+}
+
+
+def arch_for(transformer_class: str) -> Arch:
+    try:
+        return REGISTRY[transformer_class]
+    except KeyError:
+        raise ValueError(
+            f"transformer class {transformer_class!r} is not supported; tide knows {', '.join(REGISTRY)}. "
+            "Support for another architecture is one entry in harvest/capture.py's REGISTRY."
+        ) from None
+
+
+Key = tuple[str, int]
+"""(site, layer)."""
+
+
+@contextmanager
+def capture(model: nn.Module, arch: Arch, sites: list[str], layers: list[int]) -> Iterator[dict[Key, torch.Tensor]]:
+    """Hook the chosen sites of the chosen blocks; yields a dict refilled on every forward pass.
+
+    Tensors are stored as the model produced them (B, N, D), without copies: read them before the next
+    forward. Hooks are removed on exit, also on error.
+    """
+    blocks = arch.blocks(model)
+    bad = [s for s in sites if s not in SITES]
+    if bad:
+        raise ValueError(f"unknown site(s) {bad}; choose from {', '.join(SITES)}")
+    out_of_range = [l for l in layers if not 0 <= l < len(blocks)]
+    if out_of_range:
+        raise ValueError(f"layers {out_of_range} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+
+    acts: dict[Key, torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def block_pre_hook(layer: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs[layer] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def block_hook(layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            out = arch.image_stream(output)
+            if "resid" in sites:
+                acts[("resid", layer)] = out
+            if "delta" in sites:
+                acts[("delta", layer)] = out - inputs.pop(layer)
+
+        return hook
+
+    def sub_hook(site: str, layer: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            acts[(site, layer)] = output
+
+        return hook
+
+    try:
+        for layer in layers:
+            block = blocks[layer]
+            if "delta" in sites:
+                handles.append(block.register_forward_pre_hook(block_pre_hook(layer), with_kwargs=True))
+            if "resid" in sites or "delta" in sites:
+                handles.append(block.register_forward_hook(block_hook(layer)))
+            for site in ("attn", "mlp"):
+                if site in sites:
+                    handles.append(getattr(block, arch.submodules[site]).register_forward_hook(sub_hook(site, layer)))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,167 @@
+"""The harvest configuration: one frozen, validated model, built from a config file plus CLI flags."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from store.schema import SITES
+
+DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "digits-dit"
+"""The shipped default model: a small class-conditional DiT trained on digits (see its README)."""
+
+CODECS = ("blosc-zstd", "zstd", "none")
+
+# Fields that describe how a harvest runs, not what it stores: they may change between a crash and its resume.
+RUN_ONLY_FIELDS = frozenset({"out", "overwrite", "device", "progress", "writer_queue"})
+
+
+class HarvestConfig(BaseModel):
+    """Everything that defines a harvest. Stored in the cache; a resume must match it field by field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = str(DEMO_MODEL)
+    """A diffusers pipeline folder, or a hub id such as facebook/DiT-XL-2-256 (needs network)."""
+    revision: str | None = None
+    """Hub revision to load, for hub ids."""
+    out: Path = Path("runs/digits.zarr")
+    """Where the Zarr store goes."""
+    num_samples: int = Field(1000, gt=0)
+    """Images to generate."""
+    num_steps: int = Field(50, gt=0)
+    """Denoising steps of the sampling schedule."""
+    steps: str = "all"
+    """Which steps to store: 'all', a comma list of step indices ('0,10,49'), or a stride ('::5')."""
+    layers: str = "all"
+    """Which blocks to capture: 'all' or a comma list of indices (negative counts from the end)."""
+    sites: tuple[str, ...] = ("resid",)
+    """Capture sites per block: resid (block output), delta (output minus input), attn, mlp."""
+    token_fraction: float = 0.25
+    """Fraction of image tokens stored per (sample, step), drawn at random; 1 keeps all.
+    TIDE kept 1/16 of PixArt's 256 tokens (16); 0.25 of the demo model's 64 tokens is the same 16."""
+    guidance_scale: float | None = None
+    """Classifier-free guidance scale; default: the model's recommended value (1 disables CFG)."""
+    cfg_branch: Literal["cond", "uncond", "both"] = "cond"
+    """Which CFG branch's activations to store."""
+    labels: str = "cycle"
+    """Class labels: 'cycle' (i mod num_classes), 'random' (seeded by seed), a list '3,5,7' (cycled),
+    or a range '0-9' (cycled)."""
+    prompts: Path | None = None
+    """Text-conditional models: a file with one prompt per line (cycled over samples)."""
+    prompt_embeds: Path | None = None
+    """Text-conditional models: precomputed prompt embeddings (safetensors with prompt_embeds (P, L, C),
+    prompt_attention_mask (P, L), negative_prompt_embeds (1, L, C), negative_prompt_attention_mask (1, L)),
+    used instead of the pipeline's text encoder."""
+    seed: int = 0
+    """Sample i has seed `seed + i`; labels='random' draws from this seed too."""
+    batch_size: int = Field(50, gt=0)
+    """Samples per forward pass; also the store's chunk size along samples (fixed for a store)."""
+    dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    """Storage dtype of activations. bfloat16 is stored as raw uint16 bits (zarr has no bfloat16)."""
+    codec: Literal["blosc-zstd", "zstd", "none"] = "blosc-zstd"
+    """Chunk compression: blosc-zstd (level 1, byte shuffle; measured best, see README), zstd, none."""
+    model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Dtype the transformer runs in."""
+    save_images: bool = False
+    """Also store the final images (decoded by the VAE if the pipeline has one) as uint8."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
+    overwrite: bool = False
+    """Replace an existing store whose configuration differs."""
+    progress: bool = True
+    """Show a progress bar."""
+    writer_queue: int = Field(4, gt=0)
+    """Chunk writes that may wait in the background writer before the model pauses."""
+
+    @field_validator("token_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"token_fraction={v} is outside (0, 1]; use e.g. 0.0625 for 1/16 of the tokens")
+        return v
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites(cls, v: Any) -> tuple[str, ...]:
+        items = [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v)
+        if items == ["all"]:
+            return SITES
+        bad = [s for s in items if s not in SITES]
+        if bad or not items:
+            raise ValueError(f"unknown site(s) {bad or items}; choose from {', '.join(SITES)} (or 'all')")
+        return tuple(dict.fromkeys(items))
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: str) -> str:
+        if v != "all" and not re.fullmatch(r"\d+(,\d+)*|(\d*):(\d*):(\d+)|::\d+", v.replace(" ", "")):
+            raise ValueError(f"steps={v!r} is not 'all', a comma list like '0,10,49', or a stride like '::5'")
+        return v.replace(" ", "")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str) -> str:
+        if v != "all" and not re.fullmatch(r"-?\d+(,-?\d+)*", v.replace(" ", "")):
+            raise ValueError(f"layers={v!r} is not 'all' or a comma list of block indices like '0,5,-1'")
+        return v.replace(" ", "")
+
+    @model_validator(mode="after")
+    def _cross(self) -> HarvestConfig:
+        if self.prompts is not None and self.labels != "cycle":
+            raise ValueError("labels and prompts are both set; a model is either class- or text-conditional")
+        if self.guidance_scale is not None and self.guidance_scale <= 1 and self.cfg_branch != "cond":
+            raise ValueError(
+                f"cfg_branch={self.cfg_branch!r} needs classifier-free guidance, but guidance_scale="
+                f"{self.guidance_scale} disables it; set guidance_scale > 1 or cfg_branch='cond'"
+            )
+        return self
+
+    def step_indices(self, num_steps: int) -> list[int]:
+        """Positions in the schedule to store."""
+        if self.steps == "all":
+            return list(range(num_steps))
+        if ":" in self.steps:
+            start, stop, stride = (int(p) if p else None for p in self.steps.split(":"))
+            return list(range(num_steps))[slice(start, stop, stride)]
+        idx = sorted({int(p) for p in self.steps.split(",")})
+        if idx[-1] >= num_steps:
+            raise ValueError(f"steps={self.steps!r} asks for step {idx[-1]} but num_steps={num_steps}")
+        return idx
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """Block indices to capture, resolved against the model's depth."""
+        if self.layers == "all":
+            return list(range(num_layers))
+        raw = [int(p) for p in self.layers.split(",")]
+        bad = [l for l in raw if not -num_layers <= l < num_layers]
+        if bad:
+            raise ValueError(
+                f"layers {bad} out of range: the model has {num_layers} blocks (0..{num_layers - 1}, "
+                f"or -{num_layers}..-1 from the end)"
+            )
+        return sorted({l % num_layers for l in raw})
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the store's content (what a resume must match)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or TOML harvest/train config into a plain dict."""
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist (or is not a file)")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field: value, not {type(data).__name__}")
+        return data
+    raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")

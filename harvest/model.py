@@ -1,0 +1,159 @@
+"""Load a diffusers pipeline folder (or hub id) into the parts the harvester drives itself.
+
+Components are loaded one by one with `from_pretrained`, not through a pipeline class, so that a
+pixel-space model with no VAE (like the shipped demo) loads the same way as DiT-XL or PixArt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harvest.capture import REGISTRY, Arch, arch_for
+from store.schema import ModelInfo, SchedulerInfo
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMPONENTS = ["model_index.json", "transformer/*", "scheduler/*", "vae/*", "text_encoder/*", "tokenizer/*"]
+
+
+@dataclass
+class LoadedModel:
+    transformer: nn.Module
+    scheduler: Any
+    arch: Arch
+    info: ModelInfo
+    vae: nn.Module | None = None
+    text_encoder: nn.Module | None = None
+    tokenizer: Any = None
+    default_guidance_scale: float = 1.0
+    id2label: dict[str, str] | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.transformer.config.get("num_embeds_ada_norm") if self.arch.conditioning == "class" else None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.arch.blocks(self.transformer))
+
+    @property
+    def d_model(self) -> int:
+        cfg = self.transformer.config
+        return cfg.num_attention_heads * cfg.attention_head_dim
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.transformer.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    @property
+    def num_tokens(self) -> int:
+        c, h, w = self.latent_shape
+        p = self.transformer.config.patch_size
+        return (h // p) * (w // p)
+
+    def scheduler_info(self) -> SchedulerInfo:
+        return SchedulerInfo(class_name=type(self.scheduler).__name__, config=_jsonable(dict(self.scheduler.config)))
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def resolve(model: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local pipeline folder for `model` (a path, or a hub id fetched into the HF cache)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(
+                f"--model {model} is a file; give a diffusers pipeline folder (with model_index.json, "
+                "transformer/ and scheduler/) or a hub id like facebook/DiT-XL-2-256"
+            )
+        return path.resolve(), revision
+    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise ValueError(
+            f"model folder {model} does not exist; give an existing diffusers pipeline folder or a hub id "
+            "like facebook/DiT-XL-2-256"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(model, revision=revision, allow_patterns=_COMPONENTS))
+    except Exception as e:
+        raise ValueError(
+            f"could not fetch {model!r} from the Hugging Face hub ({type(e).__name__}: {e}). Without network "
+            "access, download the pipeline elsewhere and pass its local folder to --model"
+        ) from e
+    return local, local.name if re.fullmatch(r"[0-9a-f]{40}", local.name) else revision
+
+
+def _component_class(folder: Path, sub: str, config_name: str) -> str | None:
+    cfg = folder / sub / config_name
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("_class_name")
+
+
+def load_model(
+    model: str, revision: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load transformer, scheduler and (if present) VAE and text encoder from a pipeline folder or hub id."""
+    import diffusers
+
+    folder, revision = resolve(model, revision)
+    t_cls = _component_class(folder, "transformer", "config.json")
+    s_cls = _component_class(folder, "scheduler", "scheduler_config.json")
+    if t_cls is None or s_cls is None:
+        missing = [n for n, c in (("transformer/config.json", t_cls), ("scheduler/scheduler_config.json", s_cls)) if c is None]
+        raise ValueError(
+            f"{folder} is not a supported diffusers pipeline folder: missing {', '.join(missing)}. Expected a "
+            f"folder saved by a pipeline's save_pretrained, with a transformer of class {' or '.join(REGISTRY)}"
+        )
+    arch = arch_for(t_cls)
+    try:
+        transformer = getattr(diffusers, t_cls).from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
+        scheduler = getattr(diffusers, s_cls).from_pretrained(folder, subfolder="scheduler")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"could not load the transformer/scheduler from {folder}: {e}") from e
+    transformer.to(device).eval().requires_grad_(False)
+
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    vae = None
+    if _component_class(folder, "vae", "config.json"):
+        vae_cls = _component_class(folder, "vae", "config.json")
+        vae = getattr(diffusers, vae_cls).from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+        vae.to(device).eval().requires_grad_(False)
+    text_encoder = tokenizer = None
+    if arch.conditioning == "prompt" and (folder / "text_encoder").is_dir():
+        import transformers
+
+        te_cls = json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"][0]
+        text_encoder = getattr(transformers, te_cls).from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
+        text_encoder.to(device).eval().requires_grad_(False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+
+    default_cfg = {"class": 4.0, "prompt": 4.5}[arch.conditioning]  # DiTPipeline's and PixArt's defaults
+    info = ModelInfo(
+        id=model,
+        path=str(folder),
+        revision=revision,
+        transformer_class=t_cls,
+        transformer_config=_jsonable(dict(transformer.config)),
+    )
+    return LoadedModel(
+        transformer=transformer,
+        scheduler=scheduler,
+        arch=arch,
+        info=info,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        default_guidance_scale=float(index.get("tide_default_guidance_scale", default_cfg)),
+        id2label=index.get("id2label"),
+    )

@@ -1,0 +1,163 @@
+"""Create a tide store, write activation blocks and their statistics, and do it off the model's thread.
+
+Writes are whole chunks (see store.schema), issued by one background thread, in submission order. A
+sample's `done` flag is written after every one of its blocks, so a store killed at any instant holds
+only complete samples where `done` says so.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+from store.schema import ACT_DIMS, StoreMeta, numpy_storage_dtype
+
+# Measured on synthetic and demo float16 activations (README, "Compression"): level 1 with byte shuffle
+# gains most of what zstd can, and a 256 KB block keeps decompression parallel within a chunk.
+BLOSC_BLOCKSIZE = 256 * 1024
+
+
+def compressors(codec: str, itemsize: int) -> Any:
+    if codec == "blosc-zstd":
+        return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=itemsize, blocksize=BLOSC_BLOCKSIZE)]
+    if codec == "zstd":
+        return [ZstdCodec(level=3)]
+    if codec == "none":
+        return None
+    raise ValueError(f"codec={codec!r} is unknown; choose blosc-zstd, zstd or none")
+
+
+def create_store(path: Path, meta: StoreMeta, timesteps: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None,
+                 prompt_index: np.ndarray | None, save_images_shape: tuple[int, int, int] | None = None) -> zarr.Group:
+    """Create every array of a new store (empty where data comes later) and write the metadata."""
+    lay = meta.layout()
+    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json"))
+    n, s = lay.num_samples, lay.num_steps
+    root.create_array("timesteps", data=timesteps.astype(np.float64), dimension_names=["step"])
+    root.create_array("step_index", data=np.asarray(meta.step_indices, dtype=np.int32), dimension_names=["step"])
+    root.create_array("seed", data=seeds.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"])
+    if labels is not None:
+        root.create_array("label", data=labels.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"])
+    if prompt_index is not None:
+        root.create_array(
+            "prompt_index", data=prompt_index.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
+        )
+    root.create_array("done", shape=(n,), dtype="bool", chunks=(lay.batch_size,), fill_value=False,
+                      dimension_names=["sample"])
+    if meta.tokens.kept < meta.tokens.num_tokens:
+        root.create_array(
+            "token_index", shape=(n, s, lay.tokens), dtype="int32", chunks=(lay.batch_size, lay.steps_per_chunk, lay.tokens),
+            fill_value=-1, compressors=compressors(meta.codec, 4), dimension_names=["sample", "step", "token"],
+        )
+    if save_images_shape is not None:
+        root.create_array("images", shape=(n, *save_images_shape), dtype="uint8", chunks=(lay.batch_size, *save_images_shape),
+                          fill_value=0, dimension_names=["sample", "height", "width", "channel"])
+    dtype = numpy_storage_dtype(meta.dtype)
+    stats = root.create_group("stats")
+    for name in meta.act_names():
+        root.create_array(
+            name, shape=lay.act_shape, dtype=dtype, chunks=lay.act_chunks, fill_value=0,
+            compressors=compressors(meta.codec, dtype.itemsize), dimension_names=list(ACT_DIMS),
+            attributes={"logical_dtype": meta.dtype, "coordinates": "timesteps step_index"},
+        )
+        g = stats.create_group(name)
+        c = lay.num_sample_chunks
+        g.create_array("count", shape=(c, s), dtype="int64", chunks=(1, s), fill_value=0,
+                       dimension_names=["sample_chunk", "step"])
+        for stat in ("sum", "sumsq"):
+            g.create_array(stat, shape=(c, s, lay.d_model), dtype="float64", chunks=(1, s, lay.d_model), fill_value=0.0,
+                           dimension_names=["sample_chunk", "step", "d"])
+    return root
+
+
+def block_stats(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count (s,), sum (s, D), sumsq (s, D)) of a (b, s, T, D) block of stored values, in float64."""
+    x = as_float(block, dtype).astype(np.float64)
+    b, s, t, _ = x.shape
+    return np.full(s, b * t, dtype=np.int64), x.sum(axis=(0, 2)), np.square(x).sum(axis=(0, 2))
+
+
+def as_float(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as numbers: bfloat16 bits (uint16) become float32, others pass through."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values
+
+
+class StoreWriter:
+    """Writes blocks into an open store; `submit` hands work to one background thread.
+
+    The queue is bounded so that a slow disk pauses the model instead of filling memory. An exception
+    in the writer thread is raised again in the caller's thread at the next submit or at close.
+    """
+
+    def __init__(self, root: zarr.Group, meta: StoreMeta, max_pending: int = 4):
+        self.root, self.meta, self.layout = root, meta, meta.layout()
+        self._queue: queue.Queue[tuple[Callable[..., None], tuple] | None] = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tide-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            fn, args = job
+            if self._error is None:
+                try:
+                    fn(*args)
+                except BaseException as e:  # re-raised in the submitting thread
+                    self._error = e
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"writing to {self.root.store} failed: {self._error}") from self._error
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self._check()
+        self._queue.put((fn, args))
+
+    def close(self) -> None:
+        """Wait for every pending write, stop the thread, and raise any write error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._check()
+
+    # The jobs: each runs in the writer thread.
+
+    def write_block(self, name: str, sample_chunk: int, steps: slice, block: np.ndarray) -> None:
+        """Write a (b, s, T, D) block of stored values and its statistics."""
+        samples = self.layout.sample_chunk(sample_chunk)
+        self.root[name][samples, steps] = block
+        count, total, sumsq = block_stats(block, self.meta.dtype)
+        g = self.root["stats"][name]
+        g["count"][sample_chunk, steps] = count
+        g["sum"][sample_chunk, steps] = total
+        g["sumsq"][sample_chunk, steps] = sumsq
+
+    def write_token_index(self, sample_chunk: int, steps: slice, index: np.ndarray) -> None:
+        self.root["token_index"][self.layout.sample_chunk(sample_chunk), steps] = index
+
+    def write_images(self, sample_chunk: int, images: np.ndarray) -> None:
+        self.root["images"][self.layout.sample_chunk(sample_chunk)] = images
+
+    def mark_done(self, sample_chunk: int) -> None:
+        samples = self.layout.sample_chunk(sample_chunk)
+        self.root["done"][samples] = np.ones(samples.stop - samples.start, dtype=bool)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that will hold `path` (its nearest existing ancestor)."""
+    p = path.resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
