@@ -28,7 +28,7 @@ train: $(STAMP)
 	$(BIN)/tide train --store $(CACHE) --out $(SAES)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
