@@ -95,6 +95,47 @@ def harvest(
 
 # --- store -----------------------------------------------------------------------------------------
 
+
+@store_app.command("info")
+def store_info(
+    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Summarise a store: model, steps, layers, sites, samples done, bytes on disk, compression."""
+    import json
+
+    from store.inspect import summary
+    from store.reader import StoreError, open_store
+
+    try:
+        info = summary(open_store(path))
+    except StoreError as e:
+        _fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if key == "bytes_on_disk":
+            value = f"{value / 2**20:.1f} MiB"
+        typer.echo(f"{key:>18}  {value}")
+
+
+@store_app.command("verify")
+def store_verify(
+    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Check metadata and shapes only, not every value.")] = False,
+) -> None:
+    """Check a store's integrity; exits non-zero naming every problem found."""
+    from store.inspect import verify
+
+    problems = verify(path, check_values=not quick)
+    if problems:
+        for p in problems:
+            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"ok: {path} is a sound tide store")
+
+
 # --- train / eval ----------------------------------------------------------------------------------
 
 # --- demo model ------------------------------------------------------------------------------------
