@@ -1,0 +1,75 @@
+"""SAE training losses: reconstruction, the AuxK dead-latent loss (Gao et al. 2024), the ReLU SAE's L1.
+
+Shape key: B batch (tokens), D model width, F SAE latents.
+
+    total = fvu + aux_coeff * aux + l1_coeff * l1     (l1 only for arch="relu")
+
+The reconstruction term is the fraction of variance unexplained rather than a raw MSE so that it, like the
+AuxK term, does not depend on the scale of the inputs or on D, and aux_coeff = 1/32 means what it does in
+Gao et al. All terms are computed in float32 on x (never on tide's modulated input), so the loss is
+unaffected by bf16 autocast rounding in the reductions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from train.sae import SAE, ForwardOutput
+
+
+class LossOutput(NamedTuple):
+    total: Tensor
+    """Scalar to backpropagate: fvu + aux_coeff * aux (+ l1_coeff * l1 for relu)."""
+    fvu: Tensor
+    """Fraction of variance unexplained: sum (x_hat - x)^2 / sum (x - mean_B x)^2."""
+    mse: Tensor
+    """Mean squared error per element, for logging (not in total)."""
+    aux: Tensor
+    """AuxK loss, unweighted; 0 when no latent is dead."""
+    l1: Tensor
+    """Mean over rows of sum_F z * ||W_dec row||, unweighted; 0 for the TopK architectures."""
+    l0: Tensor
+    """Mean number of active latents per row, for logging (no gradient)."""
+
+
+def _variance_sum(x_BD: Tensor) -> Tensor:
+    # Zero for a batch of one row or of identical rows; the clamp keeps the ratio finite there.
+    return (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def auxk_loss(pre_BF: Tensor, residual_BD: Tensor, W_dec_FD: Tensor, dead_F: Tensor, aux_k: int) -> Tensor:
+    """Reconstruct the residual x - x_hat from the top aux_k pre-activations among dead latents.
+
+    Normalised by the residual's variance (Gao et al.'s normalised MSE), and exactly zero when no latent is
+    dead. Only dead latents' encoder and decoder rows get gradients; the residual is a fixed target.
+    """
+    residual_BD = residual_BD.detach().float()
+    masked_BF = torch.where(dead_F, pre_BF.float(), torch.full_like(pre_BF, -torch.inf, dtype=torch.float32))
+    vals_BK, idx_BK = masked_BF.topk(min(aux_k, pre_BF.shape[-1]), dim=-1, sorted=False)
+    # Fewer than aux_k dead latents: the rest are -inf and ReLU to 0, contributing nothing.
+    z_BF = torch.zeros_like(masked_BF).scatter(-1, idx_BK, vals_BK.relu())
+    e_hat_BD = z_BF @ W_dec_FD.float()
+    aux = (e_hat_BD - residual_BD).pow(2).sum() / _variance_sum(residual_BD)
+    # Multiplying by the flag instead of branching on it avoids a host sync on GPU.
+    return aux * dead_F.any()
+
+
+def sae_loss(sae: SAE, x_BD: Tensor, out: ForwardOutput) -> LossOutput:
+    """All loss terms for `out = sae(x_BD, t_B)`; x_BD is the same (normalised) input the SAE saw."""
+    cfg = sae.cfg
+    x_BD, x_hat_BD = x_BD.float(), out.x_hat_BD.float()
+    sq_err = (x_hat_BD - x_BD).pow(2)
+    fvu = sq_err.sum() / _variance_sum(x_BD)
+    zero = fvu.new_zeros(())
+    aux = zero
+    if cfg.aux_coeff > 0:
+        aux = auxk_loss(out.pre_BF, x_BD - x_hat_BD, sae.W_dec, sae.dead_mask(), cfg.effective_aux_k)
+    l1 = zero
+    if cfg.arch == "relu":
+        l1 = (out.z_BF.float().abs() * sae.W_dec.float().norm(dim=-1)).sum(-1).mean()
+    total = fvu + cfg.aux_coeff * aux + (cfg.l1_coeff * l1 if cfg.arch == "relu" else 0)
+    l0 = (out.z_BF > 0).float().sum(-1).mean().detach()
+    return LossOutput(total, fvu, sq_err.mean(), aux, l1, l0)

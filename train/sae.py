@@ -1,0 +1,370 @@
+"""Sparse autoencoders over DiT activations: the timestep-modulated TIDE SAE and three baselines.
+
+Shape key: B batch (tokens), D model width, F SAE latents, E timestep-embedding width, H modulation MLP
+width, S timesteps with a stored input mean.
+
+Every architecture computes
+    pre_BF = x_in_BD @ W_enc + b_enc,   z_BF = activation(pre_BF),   x_hat_BD = z_BF @ W_dec + b_dec
+with x_in = x - b_dec for `topk`, `batchtopk`, `relu`, and for `tide` the timestep-modulated
+    x_mod = (x - b_dec) * (1 + scale(t)) + shift(t),
+where (shift, scale) come from an MLP over a sinusoidal embedding of t laid out like diffusers' DiT adaLN
+path, so `init_modulation_from_adaln` can copy a trained DiT's own modulation into it. The last layer is
+zero-initialised, so an untrained `tide` SAE is exactly a `topk` SAE.
+
+Decoder target: `tide` encodes x_mod but decodes straight to x, never to x_mod. Dictionary atoms then live
+in the model's activation space whatever t is, so one feature means one direction at every timestep and a
+reconstruction splices back into the DiT as is; un-modulating instead would divide by (1 + scale(t)),
+which is unstable wherever scale nears -1, and would make an atom's direction depend on t. Metrics are
+always on x.
+
+Activations: `topk`/`tide` keep the k largest pre-activations per row (ReLU'd, Gao et al. 2024).
+`batchtopk` keeps the k*B largest over the whole batch while training; at inference it keeps every
+pre-activation above a threshold, an exponential moving average of the smallest kept activation of each
+training batch (Bussmann et al. 2024), so inference needs no batch. `relu` is a ReLU with an L1 penalty
+(train/loss.py) on activations times decoder-row norms (Anthropic, April 2024 update): with rows
+renormalised after every step it is plain L1, and it stays scale-honest if a caller skips that.
+
+Decoder geometry: rows of W_dec are unit norm. A training step is `out = sae(x, t)`, `loss.backward()`,
+`sae.project_decoder_grad()` (drop the radial gradient), `opt.step()`, `sae.normalize_decoder()`. W_enc
+starts as W_dec.T; b_dec is set by `init_decoder_bias` to the geometric median of a data sample, which
+unlike the mean is not dragged by the few huge-norm outlier tokens transformers have. Dead latents: every
+training-mode forward counts, per latent, forwards since it last fired; AuxK (train/loss.py) revives them.
+
+Input normalisation: the trainer feeds x_n = (x - mu(t)) / s. `set_input_normalization` stores mu (one
+row, or one row per timestep, looked up at the nearest stored timestep) and s as buffers, and
+`forward_raw` takes RAW activations and returns raw-space reconstructions. It is not folded into the
+weights because a per-timestep mean cannot be folded into the t-independent decoder bias.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
+from torch import Tensor, nn
+
+Arch = Literal["tide", "topk", "batchtopk", "relu"]
+TOPK_ARCHS = ("tide", "topk", "batchtopk")
+
+
+class SAEConfig(BaseModel):
+    """Architecture of one SAE. Pass `expansion` instead of `num_latents` for num_latents = expansion * d_model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: Arch = "tide"
+    """`tide` (timestep-modulated TopK), or a baseline: `topk`, `batchtopk`, `relu`."""
+    d_model: PositiveInt
+    """D: width of the activations the SAE reads."""
+    num_latents: PositiveInt
+    """F: number of dictionary latents."""
+    k: PositiveInt = 32
+    """Active latents per row (per row on average for batchtopk); must be <= num_latents. Unused by relu."""
+    l1_coeff: NonNegativeFloat = 3e-2
+    """relu: weight of the L1 penalty relative to the fraction of variance unexplained; data-dependent, sweep it."""
+    aux_k: PositiveInt | None = None
+    """Dead latents used by the AuxK loss; None means min(d_model // 2, num_latents) as in Gao et al."""
+    aux_coeff: NonNegativeFloat = 1 / 32
+    """Weight of the AuxK loss; 0 turns it off."""
+    dead_steps_threshold: PositiveInt = 1000
+    """A latent is dead after this many training forward passes without firing (~4M tokens at B=4096)."""
+    threshold_ema: float = Field(0.99, ge=0, lt=1)
+    """batchtopk: decay of the moving average of each batch's smallest kept activation (the inference threshold)."""
+    t_embed_dim: PositiveInt = 256
+    """E: width of the sinusoidal timestep embedding; diffusers' DiT uses 256."""
+    t_hidden: PositiveInt | None = None
+    """H: hidden width of the modulation MLP; None means d_model, which a DiT adaLN initialisation needs."""
+    num_train_timesteps: PositiveInt = 1000
+    """Timesteps are the scheduler's own values, floats in [0, num_train_timesteps), as the DiT sees them."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expansion(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "expansion" in data:
+            data = dict(data)
+            expansion = data.pop("expansion")
+            if "num_latents" in data:
+                raise ValueError(
+                    f"got both expansion={expansion} and num_latents={data['num_latents']}; pass one"
+                )
+            data["num_latents"] = int(expansion) * int(data["d_model"])
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> SAEConfig:
+        if self.arch in TOPK_ARCHS and self.k > self.num_latents:
+            raise ValueError(f"k={self.k} must be <= num_latents={self.num_latents}; lower k or raise F")
+        if self.aux_k is not None and self.aux_k > self.num_latents:
+            raise ValueError(f"aux_k={self.aux_k} must be <= num_latents={self.num_latents}")
+        if self.t_embed_dim % 2 or self.t_embed_dim < 4:
+            raise ValueError(f"t_embed_dim={self.t_embed_dim} must be even and >= 4 (cosines, then sines)")
+        return self
+
+    @property
+    def effective_aux_k(self) -> int:
+        return self.aux_k if self.aux_k is not None else max(1, min(self.d_model // 2, self.num_latents))
+
+    @property
+    def effective_t_hidden(self) -> int:
+        return self.t_hidden if self.t_hidden is not None else self.d_model
+
+
+def timestep_embedding(t_B: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=1)`: cosines then sines, float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t_B.device) / (half - 1))
+    args_BH = t_B.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args_BH), torch.sin(args_BH)], dim=-1)  # (B, E)
+
+
+class Modulation(NamedTuple):
+    shift_BD: Tensor
+    """Added to the centred input (diffusers' shift_msa)."""
+    scale_BD: Tensor
+    """The centred input is multiplied by 1 + scale (diffusers' scale_msa)."""
+
+
+class TimestepModulation(nn.Module):
+    """t -> (shift, scale): Linear(E,H) SiLU Linear(H,H) SiLU Linear(H,2D), the shape of DiT's adaLN path."""
+
+    def __init__(self, d_model: int, t_embed_dim: int, t_hidden: int):
+        super().__init__()
+        self.t_embed_dim = t_embed_dim
+        self.linear_1 = nn.Linear(t_embed_dim, t_hidden)  # norm1.emb.timestep_embedder.linear_1
+        self.linear_2 = nn.Linear(t_hidden, t_hidden)  # norm1.emb.timestep_embedder.linear_2
+        self.linear = nn.Linear(t_hidden, 2 * d_model)  # norm1.linear, rows of shift_msa and scale_msa
+        # Zero last layer: x_mod = x - b_dec, so an untrained tide SAE is a plain TopK SAE.
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, t_B: Tensor) -> Modulation:
+        emb_BE = timestep_embedding(t_B, self.t_embed_dim).to(self.linear_1.weight.dtype)
+        h_BH = nn.functional.silu(self.linear_2(nn.functional.silu(self.linear_1(emb_BE))))
+        shift_BD, scale_BD = self.linear(h_BH).chunk(2, dim=-1)
+        return Modulation(shift_BD, scale_BD)
+
+
+class ForwardOutput(NamedTuple):
+    x_hat_BD: Tensor
+    """Reconstruction of x (never of x_mod), in the space of the input passed to forward."""
+    z_BF: Tensor
+    """Sparse latent activations (zeros outside the kept latents)."""
+    pre_BF: Tensor
+    """Pre-activations, encoder output before sparsification; AuxK picks dead latents from these."""
+    x_mod_BD: Tensor | None
+    """tide: the centred, modulated input the encoder saw; None for the other architectures."""
+
+
+class SAE(nn.Module):
+    """One SAE of any `SAEConfig.arch`. Decoder rows are unit norm; see the module docstring for the maths."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        F, D = cfg.num_latents, cfg.d_model
+        W_dec_FD = torch.randn(F, D)
+        W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec_FD)
+        # Encoder starts as the decoder's transpose (Gao et al.); cloned so no storage is shared (safetensors).
+        self.W_enc = nn.Parameter(W_dec_FD.T.clone(memory_format=torch.contiguous_format))  # (D, F)
+        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_dec = nn.Parameter(torch.zeros(D))
+        self.modulation = (
+            TimestepModulation(D, cfg.t_embed_dim, cfg.effective_t_hidden) if cfg.arch == "tide" else None
+        )
+        self.register_buffer("steps_since_fired", torch.zeros(F, dtype=torch.long))
+        if cfg.arch == "batchtopk":
+            # Negative = not estimated yet: no training batch has been seen.
+            self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("input_mean", torch.zeros(1, D))  # (S, D)
+        self.register_buffer("input_mean_t", torch.zeros(1))  # (S,)
+        self.register_buffer("input_scale", torch.tensor(1.0))
+
+    @classmethod
+    def from_config(cls, cfg: SAEConfig) -> SAE:
+        return cls(cfg)
+
+    def _timesteps(self, t_B: Tensor | float | None, B: int, device: torch.device) -> Tensor:
+        if t_B is None:
+            raise ValueError(f"arch={self.cfg.arch!r} needs timesteps t_B, got None; pass one t per row")
+        t_B = torch.as_tensor(t_B, device=device)
+        t_B = t_B.expand(B) if t_B.ndim == 0 else t_B
+        if t_B.shape != (B,):
+            raise ValueError(f"t_B has shape {tuple(t_B.shape)}, expected ({B},) or a scalar: one t per row")
+        return t_B
+
+    def pre_activations(
+        self, x_BD: Tensor, t_B: Tensor | float | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """(pre_BF, x_mod_BD or None); t_B is ignored except by tide."""
+        if x_BD.ndim != 2 or x_BD.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"x has shape {tuple(x_BD.shape)}, expected (B, {self.cfg.d_model}); flatten tokens first"
+            )
+        x_in_BD = x_BD - self.b_dec
+        x_mod_BD = None
+        if self.modulation is not None:
+            shift_BD, scale_BD = self.modulation(self._timesteps(t_B, x_BD.shape[0], x_BD.device))
+            x_in_BD = x_mod_BD = x_in_BD * (1 + scale_BD) + shift_BD
+        return x_in_BD @ self.W_enc + self.b_enc, x_mod_BD
+
+    def activate(self, pre_BF: Tensor) -> Tensor:
+        """Sparse z_BF from pre-activations; batchtopk in training mode also updates its threshold."""
+        arch, k = self.cfg.arch, self.cfg.k
+        if arch == "relu":
+            return pre_BF.relu()
+        if arch in ("tide", "topk"):
+            vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
+            return torch.zeros_like(pre_BF).scatter(-1, idx_BK, vals_BK.relu())
+        if self.training:
+            vals, idx = pre_BF.relu().flatten().topk(k * pre_BF.shape[0], sorted=False)
+            self._update_threshold(vals)
+            return torch.zeros_like(pre_BF).flatten().scatter(0, idx, vals).view_as(pre_BF)
+        if self.threshold.item() < 0:
+            raise ValueError("batchtopk has no inference threshold yet: run training forwards first")
+        return torch.where(pre_BF > self.threshold, pre_BF, torch.zeros_like(pre_BF))
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        # Smallest positive kept value, computed without a host sync; batches with none leave it unchanged.
+        low = torch.where(kept > 0, kept, torch.full_like(kept, math.inf)).min().float()
+        decay = self.cfg.threshold_ema
+        ema = torch.where(self.threshold < 0, low, decay * self.threshold + (1 - decay) * low)
+        self.threshold.copy_(torch.where(torch.isfinite(low), ema, self.threshold))
+
+    def encode(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> Tensor:
+        """Sparse latents z_BF."""
+        return self.activate(self.pre_activations(x_BD, t_B)[0])
+
+    def decode(self, z_BF: Tensor) -> Tensor:
+        """Reconstruction of x (not x_mod) from latents."""
+        return z_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> ForwardOutput:
+        """Reconstruct x_BD; t_B (B,) or scalar timesteps are needed by tide and ignored otherwise."""
+        pre_BF, x_mod_BD = self.pre_activations(x_BD, t_B)
+        z_BF = self.activate(pre_BF)
+        if self.training:
+            with torch.no_grad():
+                fired_F = (z_BF > 0).any(dim=0)
+                self.steps_since_fired.add_(1).masked_fill_(fired_F, 0)
+        return ForwardOutput(self.decode(z_BF), z_BF, pre_BF, x_mod_BD)
+
+    def dead_mask(self) -> Tensor:
+        """(F,) bool: latents that have not fired for dead_steps_threshold training forwards."""
+        return self.steps_since_fired >= self.cfg.dead_steps_threshold
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale decoder rows to unit norm; call after each optimiser step."""
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row; call between backward and the optimiser step."""
+        if self.W_dec.grad is None:
+            return
+        W_FD, g_FD = self.W_dec, self.W_dec.grad
+        along_F = (g_FD * W_FD).sum(-1, keepdim=True) / (W_FD * W_FD).sum(-1, keepdim=True).clamp_min(1e-12)
+        g_FD -= along_F * W_FD
+
+    @torch.no_grad()
+    def init_decoder_bias(self, x_BD: Tensor, iters: int = 50) -> None:
+        """Set b_dec to the geometric median of a data sample (Weiszfeld), robust to outlier tokens."""
+        x_BD = x_BD.float()
+        m_D = x_BD.mean(0)
+        for _ in range(iters):
+            w_B = 1 / (x_BD - m_D).norm(dim=-1).clamp_min(1e-8)
+            m_D = (w_B[:, None] * x_BD).sum(0) / w_B.sum()
+        self.b_dec.copy_(m_D)
+
+    @torch.no_grad()
+    def set_input_normalization(
+        self, mean: Tensor, scale: float | Tensor, timesteps: Tensor | None = None
+    ) -> None:
+        """Store the trainer's x_n = (x - mean(t)) / scale: mean is (D,), or (S, D) with timesteps (S,)."""
+        mean_SD = torch.as_tensor(mean).reshape(-1, self.cfg.d_model)
+        S = mean_SD.shape[0]
+        t_S = torch.zeros(1) if timesteps is None and S == 1 else timesteps
+        if t_S is None or torch.as_tensor(t_S).shape != (S,):
+            raise ValueError(f"mean has {S} rows, so timesteps must have shape ({S},); got {timesteps!r}")
+        t_S, T = torch.as_tensor(t_S).to(self.input_mean_t), self.cfg.num_train_timesteps
+        if ((t_S < 0) | (t_S >= T)).any():
+            raise ValueError(
+                f"timesteps {t_S.tolist()} leave [0, num_train_timesteps={T}); pass scheduler values"
+            )
+        self.input_mean, self.input_mean_t = mean_SD.to(self.input_mean), t_S
+        self.input_scale.fill_(float(scale))
+
+    def _mean_BD(self, t_B: Tensor | float | None, B: int, device: torch.device) -> Tensor:
+        if self.input_mean.shape[0] == 1:
+            return self.input_mean
+        t_B = self._timesteps(t_B, B, device)
+        nearest_B = (t_B.float()[:, None] - self.input_mean_t.float()[None, :]).abs().argmin(dim=-1)
+        return self.input_mean[nearest_B]
+
+    def normalize_input(self, x_raw_BD: Tensor, t_B: Tensor | float | None = None) -> Tensor:
+        return (x_raw_BD - self._mean_BD(t_B, x_raw_BD.shape[0], x_raw_BD.device)) / self.input_scale
+
+    def denormalize(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> Tensor:
+        return x_BD * self.input_scale + self._mean_BD(t_B, x_BD.shape[0], x_BD.device)
+
+    def forward_raw(self, x_raw_BD: Tensor, t_B: Tensor | float | None = None) -> ForwardOutput:
+        """forward on RAW activations: x_hat_BD comes back in raw space; z, pre, x_mod stay normalised."""
+        out = self(self.normalize_input(x_raw_BD, t_B), t_B)
+        return out._replace(x_hat_BD=self.denormalize(out.x_hat_BD, t_B))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The number of per-timestep means is data, not config: take whatever the checkpoint holds.
+        for name in ("input_mean", "input_mean_t"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def build_sae(cfg: SAEConfig) -> SAE:
+    """The SAE that `cfg` describes."""
+    return SAE.from_config(cfg)
+
+
+@torch.no_grad()
+def init_modulation_from_adaln(sae: SAE, block: nn.Module, class_emb_D: Tensor | None = None) -> None:
+    """Copy a diffusers DiT block's timestep adaLN (shift_msa, scale_msa) into a tide SAE's modulation.
+
+    Use the block that READS the captured residual: block l+1 for the output of block l, since its adaLN
+    is the model's own modulation of that residual at t (the last block's output has no such block: keep
+    the zero init). The class embedding is added before the SiLU in DiT, so it is left out by default,
+    giving the timestep-only part; pass `class_emb_D` (e.g. the null-label row of
+    `block.norm1.emb.class_embedder.embedding_table`) to fold a fixed class into linear_2's bias.
+    The DiT modulates LayerNorm(x); the SAE modulates x - b_dec, so this is a starting point, not identity.
+    """
+    m, D, E, H = sae.modulation, sae.cfg.d_model, sae.cfg.t_embed_dim, sae.cfg.effective_t_hidden
+    if m is None:
+        raise ValueError(f"SAE arch={sae.cfg.arch!r} has no timestep modulation; build it with arch='tide'")
+    norm1 = getattr(block, "norm1", None)
+    emb = getattr(norm1, "emb", None)
+    if not (hasattr(emb, "timestep_embedder") and hasattr(emb, "time_proj") and hasattr(norm1, "linear")):
+        raise ValueError(
+            f"expected a DiT BasicTransformerBlock with norm_type='ada_norm_zero' (norm1 = AdaLayerNormZero "
+            f"with a timestep embedding), got {type(block).__name__} with norm1 {type(norm1).__name__}"
+        )
+    proj, te = emb.time_proj, emb.timestep_embedder
+    D_block, H_block = norm1.linear.out_features // 6, te.linear_1.out_features
+    proj_args = (proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift)
+    for ok, problem in [
+        (proj_args == (E, True, 1), f"block's Timesteps{proj_args} != SAE's ({E}, True, 1): set t_embed_dim"),
+        (D_block == D, f"block width {D_block} != SAE d_model={D}: build the SAE for this block's width"),
+        (H_block == H == norm1.linear.in_features, f"MLP width {H_block} != {H}: set t_hidden={H_block}"),
+        (isinstance(te.act, nn.SiLU) and not (te.post_act or te.cond_proj), "not Linear-SiLU-Linear"),
+    ]:
+        if not ok:
+            raise ValueError(f"cannot initialise from {type(block).__name__}: {problem}")
+    m.linear_1.load_state_dict(te.linear_1.state_dict())
+    m.linear_2.load_state_dict(te.linear_2.state_dict())
+    m.linear.weight.copy_(norm1.linear.weight[: 2 * D])  # chunk(6) order: shift_msa, scale_msa, gate_msa, ...
+    m.linear.bias.copy_(norm1.linear.bias[: 2 * D])
+    if class_emb_D is not None:
+        m.linear_2.bias += class_emb_D.to(m.linear_2.bias)
