@@ -112,3 +112,59 @@ def open_store(path: str | Path) -> Store:
     except ValidationError as e:
         raise StoreError(f"{path} has invalid tide metadata: {e}") from e
     return Store(path=path, root=root, meta=meta)
+
+
+# --- chunk reads for training (appended for train/data.py) ----------------------------------------
+
+
+class ChunkRead(NamedTuple):
+    """One whole chunk of an activation array (optionally cut to a step range), read as rows."""
+
+    chunk: tuple[int, int, int]
+    """(sample chunk, step chunk, token chunk), as Layout.chunks() lists them."""
+    selection: tuple[slice, slice, slice, slice]
+    """(samples, steps, tokens, d) of the array; rows are the C-order flattening of the first three."""
+    rows: int
+    """Rows in the selection: samples * steps * tokens."""
+
+
+def chunk_reads(layout: Layout, sample_chunks: list[int], step_range: tuple[int, int] | None = None) -> list[ChunkRead]:
+    """The chunks of `sample_chunks`, cut to stored steps [start, stop); chunks outside the range are left out."""
+    lo, hi = step_range if step_range is not None else (0, layout.num_steps)
+    reads = []
+    for chunk in layout.chunks(sample_chunks):
+        samples, steps, tokens, d = layout.chunk_selection(chunk)
+        steps = slice(max(steps.start, lo), min(steps.stop, hi))
+        if steps.stop > steps.start:
+            rows = (samples.stop - samples.start) * (steps.stop - steps.start) * (tokens.stop - tokens.start)
+            reads.append(ChunkRead(chunk, (samples, steps, tokens, d), rows))
+    return reads
+
+
+def row_index(selection: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(sample, step) of every row of a selection, in the C order in which its rows are read."""
+    samples, steps, tokens = selection[:3]
+    b, s, t = samples.stop - samples.start, steps.stop - steps.start, tokens.stop - tokens.start
+    sample = np.repeat(np.arange(samples.start, samples.stop, dtype=np.int64), s * t)
+    step = np.tile(np.repeat(np.arange(steps.start, steps.stop, dtype=np.int64), t), b)
+    return sample, step
+
+
+def read_into(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> None:
+    """Decode `arr[selection]` straight into `out` (a C-contiguous view shaped like the selection)."""
+    from zarr.core.buffer import cpu
+
+    arr.get_basic_selection(selection, out=cpu.NDBuffer.from_numpy_array(out))
+
+
+def configure_read_threads(max_workers: int) -> bool:
+    """Size zarr's decoding thread pool; returns False when zarr already made its pool (the size is then fixed).
+
+    zarr creates the pool on the first read, so call this once at start-up, before opening arrays.
+    """
+    from zarr.core import sync
+
+    if sync._executor is not None:
+        return False
+    zarr.config.set({"threading.max_workers": max_workers})
+    return True

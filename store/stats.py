@@ -1,0 +1,122 @@
+"""Recompute a store's per-step statistics with dask, out of core, optionally on a dask.distributed cluster.
+
+The writer keeps, per (sample chunk, step), the row count and the per-channel sum and sum of squares of
+what it wrote (store/writer.py); `Store.stats` turns them into per-step moments, which the trainer uses to
+normalise. This module computes the same sums again from the activations themselves, chunk by chunk
+(`dask.array.from_zarr`, nothing larger than a chunk in memory), to check the stored ones or to rebuild
+them. On a cluster (`scheduler="tcp://host:8786"`) the workers must see the store at the same path.
+
+Shape key: C sample chunks, S stored steps, D model width.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import numpy as np
+import zarr
+
+from store.reader import Store, StoreError, moments
+from store.writer import as_float
+
+
+class ChunkSums(NamedTuple):
+    """The writer's statistics for some sample chunks, as stored under stats/<array>/."""
+
+    chunks: list[int]
+    """Sample chunks, in the order of the first axis below."""
+    count: np.ndarray
+    """(C, S) int64 rows summed."""
+    sum: np.ndarray
+    """(C, S, D) float64 per-channel sums."""
+    sumsq: np.ndarray
+    """(C, S, D) float64 per-channel sums of squares."""
+
+
+def _block_sums(block: np.ndarray, dtype: str, square: bool) -> np.ndarray:
+    """(1, s, 1, D) sums over the samples and tokens of one (b, s, t, D) chunk, in float64."""
+    x = as_float(block, dtype).astype(np.float64)
+    return (np.square(x) if square else x).sum(axis=(0, 2), keepdims=True)
+
+
+def recompute_sums(store: Store, name: str, sample_chunks: list[int] | None = None,
+                   scheduler: str | None = None) -> ChunkSums:
+    """Count, sum and sum of squares per (sample chunk, step) of array `name`, over done (or the given) chunks."""
+    import dask
+    import dask.array as da
+
+    store.array(name)  # names the arrays there are if `name` is not one of them
+    lay, dtype = store.layout, store.meta.dtype
+    chunks = store.done_chunks() if sample_chunks is None else list(sample_chunks)
+    if not chunks:
+        raise StoreError(f"{store.path} has no finished sample chunk to compute statistics over")
+    x = da.from_zarr(str(store.path), component=name)
+    x = da.concatenate([x[lay.sample_chunk(c)] for c in chunks], axis=0)  # whole chunks, so blocks stay aligned
+    out_chunks = ((1,) * len(chunks), x.chunks[1], (1,) * len(x.chunks[2]), x.chunks[3])
+    s, sq = (
+        x.map_blocks(_block_sums, dtype, square, chunks=out_chunks, dtype=np.float64).sum(axis=2)
+        for square in (False, True)
+    )
+    if scheduler is None:
+        total, sumsq = dask.compute(s, sq)
+    else:
+        with _client(scheduler):
+            total, sumsq = dask.compute(s, sq)
+    rows = np.asarray([lay.sample_chunk(c).stop - lay.sample_chunk(c).start for c in chunks]) * lay.tokens
+    count = np.repeat(rows[:, None], lay.num_steps, axis=1).astype(np.int64)
+    return ChunkSums(chunks, count, total, sumsq)
+
+
+def _client(address: str):
+    try:
+        distributed = importlib.import_module("distributed")
+    except ImportError as e:
+        raise StoreError(
+            f"--scheduler {address} needs dask.distributed, which is not installed; `pip install distributed` "
+            "(or leave out --scheduler to compute on this machine)"
+        ) from e
+    try:
+        return distributed.Client(address, timeout="10s")
+    except OSError as e:
+        raise StoreError(f"no dask scheduler answered at {address}: {e}; start one with `dask scheduler`") from e
+
+
+def stored_sums(store: Store, name: str, sample_chunks: list[int]) -> ChunkSums:
+    """The writer's sums for `sample_chunks`."""
+    g, idx = store.root["stats"][name], np.asarray(sample_chunks, dtype=np.int64)
+    return ChunkSums(
+        list(sample_chunks),
+        g["count"].get_orthogonal_selection((idx, slice(None))),
+        g["sum"].get_orthogonal_selection((idx, slice(None), slice(None))),
+        g["sumsq"].get_orthogonal_selection((idx, slice(None), slice(None))),
+    )
+
+
+def difference(a: ChunkSums, b: ChunkSums) -> float:
+    """Largest difference between two sets of sums, relative to the largest magnitude of each; inf if counts differ."""
+    if a.chunks != b.chunks or not np.array_equal(a.count, b.count):
+        return float("inf")
+    return max(
+        float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-300)) for x, y in ((a.sum, b.sum), (a.sumsq, b.sumsq))
+    )
+
+
+def write_sums(store: Store, name: str, sums: ChunkSums) -> None:
+    """Overwrite the stored sums of `sums.chunks` (opens the store for writing)."""
+    g = zarr.open_group(str(store.path / "stats" / name), mode="r+", zarr_format=3)
+    for i, c in enumerate(sums.chunks):
+        g["count"][c] = sums.count[i]
+        g["sum"][c] = sums.sum[i]
+        g["sumsq"][c] = sums.sumsq[i]
+
+
+def step_table(store: Store, sums: ChunkSums) -> list[dict[str, float]]:
+    """One row per stored step: its timestep, rows, norm of the mean, RMS row norm, mean channel std."""
+    m = moments(sums.count.sum(0), sums.sum.sum(0), sums.sumsq.sum(0))
+    t = store.timesteps
+    return [
+        {"step": s, "t": float(t[s]), "rows": int(m.count[s]), "mean_norm": float(np.linalg.norm(m.mean[s])),
+         "rms_norm": float(np.sqrt(m.mean_sq_norm[s])), "channel_std": float(np.sqrt(m.var[s]).mean())}
+        for s in range(len(t))
+    ]

@@ -1,0 +1,351 @@
+"""Stream shuffled (x, t) batches of activation rows from a tide store, reproducibly and resumably.
+
+Shape key: A activation arrays read together, R rows of a window, B batch rows, D model width, S stored steps.
+
+An epoch is one pass over the training split's chunks (whole chunks of the store, so every read is one
+decompression of contiguous data), laid out as a stream of rows:
+  1. the chunks, cut to the step range, are put in a seeded random order;
+  2. consecutive chunks are grouped into ceil(rows / window_rows) windows of near-equal size (cut at chunk
+     boundaries, so a window exceeds window_rows by less than a chunk);
+  3. each window's rows are permuted; the stream is the windows' permuted rows, one after another;
+  4. batches are consecutive `batch_size` slices of the stream (a batch may straddle two windows).
+So every row of the split is in the stream exactly once per epoch, and a batch mixes samples, steps and
+tokens from every chunk of its window. The randomness of epoch e is drawn from generators keyed by
+(seed, e) for the chunk order and (seed, e, window) for a window's permutation, so a position in the data
+is just `Position(epoch, rows consumed)`: a resumed run re-reads the one window it stopped in, permutes it
+identically and skips the rows already trained on. The order is computed on the CPU and only applied on
+the device, so it is the same on every device.
+
+Stratified by step (`stratify_steps=True`): windows are made of whole sample chunks (each with all of its
+step and token chunks), so a window holds every stored step of its samples, and within a window each
+step's rows are spread evenly over the stream (systematic sampling): any B consecutive rows hold each of
+the window's steps in proportion to its share of the window, to within one row. Without it the share of a
+step in a batch varies with which chunks landed in the window.
+
+Reading: a background thread reads the next windows while batches are drawn from the current one; each
+window's chunks are decoded by a thread pool straight into a preallocated buffer (pinned on CUDA, then
+copied with non_blocking=True and permuted on the device).
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+from store.reader import ChunkRead, Store, chunk_reads, read_into, row_index
+from store.schema import Layout
+
+_TORCH_STORAGE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}
+
+
+class Split(BaseModel):
+    """Which sample chunks (whole harvest batches of images) train and which are held out."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    val_fraction: float
+    """Requested fraction of the store's sample chunks held out."""
+    split_seed: int
+    """Seed of the held-out choice."""
+    train_chunks: list[int]
+    """Done sample chunks trained on."""
+    val_chunks: list[int]
+    """Done sample chunks held out (evaluation only)."""
+
+    def val_samples(self, layout: Layout) -> list[list[int]]:
+        """Held-out samples as [start, stop) ranges."""
+        return [[layout.sample_chunk(c).start, layout.sample_chunk(c).stop] for c in self.val_chunks]
+
+
+def split_samples(layout: Layout, done_chunks: Sequence[int], val_fraction: float, split_seed: int) -> Split:
+    """Hold out round(val_fraction * C) sample chunks (at least one when val_fraction > 0), chosen by seed.
+
+    The choice is made over all C chunks of the store, not over the done ones, so that a store that is still
+    being harvested keeps its held-out samples as it grows.
+    """
+    n = layout.num_sample_chunks
+    n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
+    held = set(np.random.default_rng([split_seed, 7]).permutation(n)[:n_val].tolist())
+    train = [c for c in done_chunks if c not in held]
+    val = [c for c in done_chunks if c in held]
+    if not train:
+        raise ValueError(
+            f"no sample chunk is left to train on: the store has {len(done_chunks)} done of {n} sample chunks and "
+            f"val_fraction={val_fraction} holds out {n_val}; harvest more samples or lower --val-fraction"
+        )
+    return Split(val_fraction=val_fraction, split_seed=split_seed, train_chunks=train, val_chunks=val)
+
+
+class Position(NamedTuple):
+    """Where a loader is in its data: the next row to yield is row `rows` of epoch `epoch`'s stream."""
+
+    epoch: int
+    rows: int
+
+
+class Batch(NamedTuple):
+    x_ABD: Tensor
+    """Raw activations in the store's dtype (float16, bfloat16 or float32), one slice per loader array."""
+    t_B: Tensor
+    """The scheduler's timestep value of each row (float32)."""
+    step_B: Tensor
+    """Stored step position of each row (int64), an index into the store's `timesteps`."""
+    sample_B: Tensor
+    """Sample index of each row (int64)."""
+    position: Position
+    """The loader's position after this batch: resume from here to continue with the next one."""
+
+
+class Window(NamedTuple):
+    index: int
+    reads: list[ChunkRead]
+    start: int
+    """Offset of the window's first row in the epoch's stream."""
+    rows: int
+
+
+class _Loaded(NamedTuple):
+    epoch: int
+    window: Window
+    slot: int
+    order_R: Tensor
+
+
+class _Slot:
+    """A preallocated window buffer: rows of every array, with each row's step and sample."""
+
+    def __init__(self, num_arrays: int, rows: int, d: int, dtype: torch.dtype, pin: bool):
+        self.x_ARD = torch.empty((num_arrays, rows, d), dtype=dtype, pin_memory=pin)
+        self.step_R = torch.empty(rows, dtype=torch.int64, pin_memory=pin)
+        self.sample_R = torch.empty(rows, dtype=torch.int64, pin_memory=pin)
+        self.ready: torch.cuda.Event | None = None
+        """Set on CUDA: the copy out of this slot that must finish before it is refilled."""
+
+
+class ActivationLoader:
+    """Shuffled batches of rows of one or more activation arrays of a store (rows aligned across arrays).
+
+    Several arrays (layers, sites) are read together so that SAEs on each can share one pass; several SAEs
+    on one array simply share its batches.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        arrays: Sequence[str],
+        sample_chunks: Sequence[int],
+        batch_size: int,
+        *,
+        window_rows: int = 1 << 17,
+        seed: int = 0,
+        shuffle: bool = True,
+        stratify_steps: bool = False,
+        step_range: tuple[int, int] | None = None,
+        drop_last: bool = True,
+        read_threads: int = 4,
+        prefetch: int = 2,
+        device: str | torch.device = "cpu",
+        source: Sequence[np.ndarray] | None = None,
+    ):
+        """`source`: numpy arrays (e.g. memmaps) shaped and typed like the store's arrays, read instead of
+        the Zarr arrays; used to measure the store's cost against raw memory."""
+        self.store, self.layout, self.arrays = store, store.layout, list(arrays)
+        self._zarr = [store.array(n) for n in self.arrays]
+        self._source = list(source) if source is not None else None
+        self.batch_size, self.window_rows, self.seed = batch_size, window_rows, seed
+        self.shuffle, self.stratify_steps, self.drop_last = shuffle, stratify_steps, drop_last
+        self.read_threads, self.prefetch, self.device = read_threads, prefetch, torch.device(device)
+        self.step_range = step_range or (0, self.layout.num_steps)
+        self.reads = chunk_reads(self.layout, list(sample_chunks), self.step_range)
+        if not self.reads:
+            raise ValueError(f"no rows to read: sample chunks {list(sample_chunks)}, steps {self.step_range}")
+        self.rows_per_epoch = sum(r.rows for r in self.reads)
+        self.timesteps_S = torch.as_tensor(store.timesteps, dtype=torch.float32).to(self.device)
+        self._dtype = _TORCH_STORAGE[store.meta.dtype]
+        self._view = torch.bfloat16 if store.meta.dtype == "bfloat16" else self._dtype
+
+    @property
+    def batches_per_epoch(self) -> int:
+        full, rest = divmod(self.rows_per_epoch, self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def _units(self) -> list[list[ChunkRead]]:
+        """What a window is made of: single chunks, or (stratified) every chunk of one sample chunk."""
+        if not self.stratify_steps:
+            return [[r] for r in self.reads]
+        by_chunk: dict[int, list[ChunkRead]] = {}
+        for r in self.reads:
+            by_chunk.setdefault(r.chunk[0], []).append(r)
+        return list(by_chunk.values())
+
+    def plan(self, epoch: int) -> list[Window]:
+        """The windows of epoch `epoch`, in stream order."""
+        units = self._units()
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, 1, epoch])
+            units = [[units[j][i] for i in rng.permutation(len(units[j]))] for j in rng.permutation(len(units))]
+        # Equal shares of the epoch's rows, cut between units, so that no window is a small remainder.
+        n = math.ceil(self.rows_per_epoch / self.window_rows)
+        windows: list[Window] = []
+        cur: list[ChunkRead] = []
+        start = done = 0
+        for unit in units:
+            cur += unit
+            done += sum(r.rows for r in unit)
+            if done * n >= (len(windows) + 1) * self.rows_per_epoch:
+                windows.append(Window(len(windows), cur, start, done - start))
+                cur, start = [], done
+        return windows
+
+    def _order(self, epoch: int, window: Window, step_R: np.ndarray) -> np.ndarray:
+        """The permutation of a window's rows (identity when not shuffling)."""
+        R = window.rows
+        if not self.shuffle:
+            return np.arange(R)
+        rng = np.random.default_rng([self.seed, 2, epoch, window.index])
+        perm = rng.permutation(R)
+        if not self.stratify_steps:
+            return perm
+        s_R = step_R[perm]
+        grouped = np.argsort(s_R, kind="stable")  # rows grouped by step, random within a step
+        counts = np.bincount(s_R)
+        rank = np.empty(R, dtype=np.float64)
+        rank[grouped] = np.arange(R) - (np.cumsum(counts) - counts)[s_R[grouped]]
+        key = (rank + rng.random(R)) / counts[s_R]
+        return perm[np.argsort(key, kind="stable")]
+
+    def _read_window(self, slot: _Slot, window: Window, pool: ThreadPoolExecutor) -> np.ndarray:
+        """Decode a window's chunks of every array into `slot`; returns its rows' steps."""
+        offsets = np.cumsum([0] + [r.rows for r in window.reads])
+        x = slot.x_ARD.numpy()
+        if self.store.meta.dtype == "bfloat16":
+            x = x.view(np.uint16)  # zarr holds bfloat16 as its uint16 bits
+
+        def read(job: tuple[int, int]) -> None:
+            a, i = job
+            r = window.reads[i]
+            shape = tuple(s.stop - s.start for s in r.selection[:3]) + (self.layout.d_model,)
+            out = x[a, offsets[i]:offsets[i + 1]].reshape(shape)
+            if self._source is None:
+                read_into(self._zarr[a], r.selection, out)
+            else:
+                np.copyto(out, self._source[a][r.selection])
+
+        jobs = [(a, i) for i in range(len(window.reads)) for a in range(len(self.arrays))]
+        for _ in pool.map(read, jobs):
+            pass
+        step_R, sample_R = slot.step_R.numpy(), slot.sample_R.numpy()
+        for i, r in enumerate(window.reads):
+            sample_R[offsets[i]:offsets[i + 1]], step_R[offsets[i]:offsets[i + 1]] = row_index(r.selection)
+        return step_R[: window.rows]
+
+    def _producer(self, start: Position, epochs: int | None, slots: list[_Slot], free: queue.Queue,
+                  out: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            with ThreadPoolExecutor(self.read_threads, thread_name_prefix="tide-read") as pool:
+                epoch = start.epoch
+                while epochs is None or epoch < start.epoch + epochs:
+                    for w in self.plan(epoch):
+                        if epoch == start.epoch and w.start + w.rows <= start.rows:
+                            continue
+                        while True:
+                            if stop.is_set():
+                                return
+                            try:
+                                i = free.get(timeout=0.1)
+                                break
+                            except queue.Empty:
+                                pass
+                        if slots[i].ready is not None:
+                            slots[i].ready.synchronize()
+                        step_R = self._read_window(slots[i], w, pool)
+                        order = torch.from_numpy(self._order(epoch, w, step_R))
+                        if not put(_Loaded(epoch, w, i, order)):
+                            return
+                    epoch += 1
+            put(None)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+
+    def batches(self, start: Position = Position(0, 0), epochs: int | None = None) -> Iterator[Batch]:
+        """Batches from `start` on, for `epochs` epochs (counting start's) or forever; close() it to stop early."""
+        if start.rows >= self.rows_per_epoch:
+            start = Position(start.epoch + 1, 0)
+        max_rows = self.window_rows + max(sum(r.rows for r in u) for u in self._units())
+        cuda = self.device.type == "cuda"
+        # Two windows in use (a batch may straddle them) plus the ones read ahead.
+        slots = [_Slot(len(self.arrays), max_rows, self.layout.d_model, self._dtype, cuda) for _ in range(2 + self.prefetch)]
+        free: queue.Queue[int] = queue.Queue()
+        for i in range(len(slots)):
+            free.put(i)
+        loaded: queue.Queue = queue.Queue(self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._producer, args=(start, epochs, slots, free, loaded, stop),
+                                  name="tide-loader", daemon=True)
+        thread.start()
+        try:
+            yield from self._assemble(start, slots, free, loaded)
+        finally:
+            stop.set()
+            thread.join()
+
+    def _assemble(self, start: Position, slots: list[_Slot], free: queue.Queue, loaded: queue.Queue) -> Iterator[Batch]:
+        B, dev = self.batch_size, self.device
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []  # rows of a batch not yet complete
+        first = True
+        while (item := loaded.get()) is not None:
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"reading {self.store.path} failed: {item}") from item
+            epoch, w, slot = item.epoch, item.window, slots[item.slot]
+            x_ARD, step_R, sample_R, release = self._to_device(slot, w.rows, item.slot, free)
+            order_R = item.order_R.to(dev, non_blocking=True)
+            pos = start.rows - w.start if first and epoch == start.epoch else 0
+            first = False
+            while pos < w.rows:
+                idx = order_R[pos : pos + B - sum(len(p[1]) for p in parts)]
+                pos += len(idx)
+                parts.append((x_ARD.index_select(1, idx), step_R[idx], sample_R[idx]))
+                if sum(len(p[1]) for p in parts) == B:
+                    yield self._batch(parts, Position(epoch, w.start + pos))
+                    parts = []
+            release()
+            if w.start + w.rows == self.rows_per_epoch:  # the epoch's last window
+                if parts and not self.drop_last:
+                    yield self._batch(parts, Position(epoch, self.rows_per_epoch))
+                parts = []
+
+    def _to_device(self, slot: _Slot, rows: int, i: int, free: queue.Queue) -> tuple[Tensor, Tensor, Tensor, Callable[[], None]]:
+        x_ARD, step_R, sample_R = slot.x_ARD[:, :rows], slot.step_R[:rows], slot.sample_R[:rows]
+        if self.device.type != "cuda":
+            return x_ARD, step_R, sample_R, lambda: free.put(i)
+        x_ARD, step_R, sample_R = (v.to(self.device, non_blocking=True) for v in (x_ARD, step_R, sample_R))
+        slot.ready = torch.cuda.Event()
+        slot.ready.record()
+        free.put(i)  # the producer waits on slot.ready before refilling it
+        return x_ARD, step_R, sample_R, lambda: None
+
+    def _batch(self, parts: list[tuple[Tensor, Tensor, Tensor]], position: Position) -> Batch:
+        if len(parts) == 1:
+            x_ABD, step_B, sample_B = parts[0]
+        else:
+            x_ABD = torch.cat([p[0] for p in parts], dim=1)
+            step_B, sample_B = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        return Batch(x_ABD.view(self._view), self.timesteps_S[step_B], step_B, sample_B, position)
