@@ -1,0 +1,129 @@
+"""`make bench`: speed and size figures measured side by side in one run, printed as `NAME: VALUE` lines.
+
+- harvest_overhead_ratio: harvest wall time / plain sampling wall time (same model, samples, steps, no
+  capture, no writes), default harvest settings on the shipped model. Aim: <= 1.10.
+- bytes_per_value: bytes on disk per stored activation value of that harvest (float16 is 2 uncompressed).
+- the training-side ratios of tests/bench_train.py.
+
+Runs alternate (plain, harvest, plain, harvest, ...) and each figure is a median, so that load from the
+rest of the machine falls on both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harvest.capture import Conditioning
+from harvest.config import HarvestConfig
+from harvest.model import load_model
+from harvest.run import harvest, plan
+from harvest.sampler import generate
+from store.inspect import disk_bytes
+from store.reader import open_store
+
+
+def _plain_sampling(cfg: HarvestConfig) -> float:
+    """Wall time of the same sampling with no hooks and no store."""
+    model = load_model(cfg.model)
+    meta, arrays = plan(cfg, model)
+    lay = meta.layout()
+    start = time.perf_counter()
+    for c in range(lay.num_sample_chunks):
+        s = lay.sample_chunk(c)
+        cond = Conditioning(class_labels=torch.as_tensor(arrays["labels"][s]))
+        generate(model, cond, arrays["seeds"][s].tolist(), cfg.num_steps, meta.guidance_scale)
+    return time.perf_counter() - start
+
+
+def _harvest(cfg: HarvestConfig) -> float:
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    start = time.perf_counter()
+    harvest(cfg, log=lambda m: None)
+    return time.perf_counter() - start
+
+
+def bench_harvest(num_samples: int, repeats: int, work: Path, model: str | None = None) -> dict[str, float]:
+    extra = {"model": model} if model else {}
+    cfg = HarvestConfig(out=work / "bench.zarr", num_samples=num_samples, progress=False, overwrite=True, **extra)
+    _plain_sampling(cfg)  # warm-up: first-call allocations and lazy imports
+    plain, harvested = [], []
+    for _ in range(repeats):
+        plain.append(_plain_sampling(cfg))
+        harvested.append(_harvest(cfg))
+    store = open_store(cfg.out)
+    lay = store.layout
+    values = lay.num_samples * lay.num_steps * lay.tokens * lay.d_model * len(store.meta.act_names())
+    act_bytes = sum(disk_bytes(cfg.out / n) for n in store.meta.act_names())
+    return {
+        "harvest_plain_sampling_s": statistics.median(plain),
+        "harvest_wall_s": statistics.median(harvested),
+        "harvest_overhead_ratio": statistics.median(harvested) / statistics.median(plain),
+        "bytes_per_value": act_bytes / values,
+        "bytes_per_value_all_files": disk_bytes(cfg.out) / values,
+    }
+
+
+def bench_codecs(store_path: Path, work: Path, repeats: int = 3) -> dict[str, float]:
+    """Compression ratio and read speed (relative to uncompressed) of candidate codecs on real activations."""
+    import zarr
+    from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+
+    src = zarr.open_array(str(store_path / open_store(store_path).meta.act_names()[0]), mode="r")
+    data = src[:]
+    candidates = {
+        "none": None,
+        "zstd0_zarr_default": [ZstdCodec(level=0)],
+        "blosc_zstd1_shuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=2, blocksize=256 << 10)],
+        "blosc_zstd1_bitshuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle, typesize=2, blocksize=256 << 10)],
+        "blosc_lz4_shuffle": [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle, typesize=2, blocksize=256 << 10)],
+    }
+    out: dict[str, float] = {}
+    read_s: dict[str, float] = {}
+    for name, comp in candidates.items():
+        path = work / f"codec_{name}.zarr"
+        arr = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, chunks=src.chunks, compressors=comp)
+        arr[:] = data
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            zarr.open_array(str(path), mode="r")[:]
+            times.append(time.perf_counter() - start)
+        read_s[name] = statistics.median(times)
+        out[f"codec_ratio_{name}"] = data.nbytes / disk_bytes(path)
+    for name in candidates:
+        out[f"codec_read_slowdown_{name}"] = read_s[name] / read_s["none"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default=None, help="Pipeline folder (default: the shipped model).")
+    parser.add_argument("--skip-train", action="store_true", help="Only the harvest figures.")
+    args = parser.parse_args()
+    np.set_printoptions(precision=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, value in bench_harvest(args.num_samples, args.repeats, Path(tmp), args.model).items():
+            print(f"{name}: {value:.4g}", flush=True)
+        for name, value in bench_codecs(Path(tmp) / "bench.zarr", Path(tmp)).items():
+            print(f"{name}: {value:.4g}", flush=True)
+    if not args.skip_train:
+        try:
+            from tests import bench_train
+        except ImportError:
+            print("bench_train: not available")
+        else:
+            bench_train.main()
+
+
+if __name__ == "__main__":
+    main()
