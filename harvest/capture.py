@@ -104,7 +104,9 @@ Key = tuple[str, int]
 
 
 @contextmanager
-def capture(model: nn.Module, arch: Arch, sites: list[str], layers: list[int]) -> Iterator[dict[Key, torch.Tensor]]:
+def capture(
+    model: nn.Module, arch: Arch, sites: list[str], layers: list[int]
+) -> Iterator[dict[Key, torch.Tensor]]:
     """Hook the chosen sites of the chosen blocks; yields a dict refilled on every forward pass.
 
     Tensors are stored as the model produced them (B, N, D), without copies: read them before the next
@@ -114,9 +116,11 @@ def capture(model: nn.Module, arch: Arch, sites: list[str], layers: list[int]) -
     bad = [s for s in sites if s not in SITES]
     if bad:
         raise ValueError(f"unknown site(s) {bad}; choose from {', '.join(SITES)}")
-    out_of_range = [l for l in layers if not 0 <= l < len(blocks)]
+    out_of_range = [i for i in layers if not 0 <= i < len(blocks)]
     if out_of_range:
-        raise ValueError(f"layers {out_of_range} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})")
+        raise ValueError(
+            f"layers {out_of_range} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
+        )
 
     acts: dict[Key, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
@@ -153,7 +157,9 @@ def capture(model: nn.Module, arch: Arch, sites: list[str], layers: list[int]) -
                 handles.append(block.register_forward_hook(block_hook(layer)))
             for site in ("attn", "mlp"):
                 if site in sites:
-                    handles.append(getattr(block, arch.submodules[site]).register_forward_hook(sub_hook(site, layer)))
+                    handles.append(
+                        getattr(block, arch.submodules[site]).register_forward_hook(sub_hook(site, layer))
+                    )
         yield acts
     finally:
         for h in handles:

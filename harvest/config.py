@@ -32,7 +32,7 @@ class HarvestConfig(BaseModel):
     """Hub revision to load, for hub ids."""
     out: Path = Path("runs/digits.zarr")
     """Where the Zarr store goes."""
-    num_samples: int = Field(1000, gt=0)
+    num_samples: int = Field(500, gt=0)
     """Images to generate."""
     num_steps: int = Field(50, gt=0)
     """Denoising steps of the sampling schedule."""
@@ -139,13 +139,13 @@ class HarvestConfig(BaseModel):
         if self.layers == "all":
             return list(range(num_layers))
         raw = [int(p) for p in self.layers.split(",")]
-        bad = [l for l in raw if not -num_layers <= l < num_layers]
+        bad = [i for i in raw if not -num_layers <= i < num_layers]
         if bad:
             raise ValueError(
                 f"layers {bad} out of range: the model has {num_layers} blocks (0..{num_layers - 1}, "
                 f"or -{num_layers}..-1 from the end)"
             )
-        return sorted({l % num_layers for l in raw})
+        return sorted({i % num_layers for i in raw})
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the store's content (what a resume must match)."""
@@ -162,6 +162,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of field: value, not {type(data).__name__}")
+            raise ValueError(
+                f"config file {path} must hold a mapping of field: value, not {type(data).__name__}"
+            )
         return data
     raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")

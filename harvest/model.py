@@ -36,7 +36,9 @@ class LoadedModel:
 
     @property
     def num_classes(self) -> int | None:
-        return self.transformer.config.get("num_embeds_ada_norm") if self.arch.conditioning == "class" else None
+        return (
+            self.transformer.config.get("num_embeds_ada_norm") if self.arch.conditioning == "class" else None
+        )
 
     @property
     def num_layers(self) -> int:
@@ -59,7 +61,9 @@ class LoadedModel:
         return (h // p) * (w // p)
 
     def scheduler_info(self) -> SchedulerInfo:
-        return SchedulerInfo(class_name=type(self.scheduler).__name__, config=_jsonable(dict(self.scheduler.config)))
+        return SchedulerInfo(
+            class_name=type(self.scheduler).__name__, config=_jsonable(dict(self.scheduler.config))
+        )
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -101,7 +105,10 @@ def _component_class(folder: Path, sub: str, config_name: str) -> str | None:
 
 
 def load_model(
-    model: str, revision: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    model: str,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
     """Load transformer, scheduler and (if present) VAE and text encoder from a pipeline folder or hub id."""
     import diffusers
@@ -110,20 +117,30 @@ def load_model(
     t_cls = _component_class(folder, "transformer", "config.json")
     s_cls = _component_class(folder, "scheduler", "scheduler_config.json")
     if t_cls is None or s_cls is None:
-        missing = [n for n, c in (("transformer/config.json", t_cls), ("scheduler/scheduler_config.json", s_cls)) if c is None]
+        missing = [
+            n
+            for n, c in (("transformer/config.json", t_cls), ("scheduler/scheduler_config.json", s_cls))
+            if c is None
+        ]
         raise ValueError(
             f"{folder} is not a supported diffusers pipeline folder: missing {', '.join(missing)}. Expected a "
             f"folder saved by a pipeline's save_pretrained, with a transformer of class {' or '.join(REGISTRY)}"
         )
     arch = arch_for(t_cls)
     try:
-        transformer = getattr(diffusers, t_cls).from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
+        transformer = getattr(diffusers, t_cls).from_pretrained(
+            folder, subfolder="transformer", torch_dtype=dtype
+        )
         scheduler = getattr(diffusers, s_cls).from_pretrained(folder, subfolder="scheduler")
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"could not load the transformer/scheduler from {folder}: {e}") from e
     transformer.to(device).eval().requires_grad_(False)
 
-    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
+    index = (
+        json.loads((folder / "model_index.json").read_text())
+        if (folder / "model_index.json").is_file()
+        else {}
+    )
     vae = None
     if _component_class(folder, "vae", "config.json"):
         vae_cls = _component_class(folder, "vae", "config.json")
@@ -134,7 +151,9 @@ def load_model(
         import transformers
 
         te_cls = json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"][0]
-        text_encoder = getattr(transformers, te_cls).from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
+        text_encoder = getattr(transformers, te_cls).from_pretrained(
+            folder, subfolder="text_encoder", torch_dtype=dtype
+        )
         text_encoder.to(device).eval().requires_grad_(False)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
 

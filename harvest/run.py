@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,13 @@ def _labels(cfg: HarvestConfig, num_classes: int) -> np.ndarray:
     return pool[np.arange(n) % len(pool)]
 
 
-def _prompt_conditioning(cfg: HarvestConfig, model: LoadedModel, device: torch.device) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _prompt_conditioning(
+    cfg: HarvestConfig, model: LoadedModel, device: torch.device
+) -> tuple[list[str], dict[str, torch.Tensor]]:
     if cfg.prompts is None:
-        raise HarvestError(f"{model.info.transformer_class} is text-conditional: pass --prompts FILE (one prompt a line)")
+        raise HarvestError(
+            f"{model.info.transformer_class} is text-conditional: pass --prompts FILE (one prompt a line)"
+        )
     if not cfg.prompts.is_file():
         raise HarvestError(f"prompts file {cfg.prompts} does not exist")
     prompts = [p for p in cfg.prompts.read_text().splitlines() if p.strip()]
@@ -80,7 +84,12 @@ def _prompt_conditioning(cfg: HarvestConfig, model: LoadedModel, device: torch.d
         from safetensors.torch import load_file
 
         emb = load_file(str(cfg.prompt_embeds))
-        need = {"prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"}
+        need = {
+            "prompt_embeds",
+            "prompt_attention_mask",
+            "negative_prompt_embeds",
+            "negative_prompt_attention_mask",
+        }
         if need - emb.keys():
             raise HarvestError(f"{cfg.prompt_embeds} lacks {sorted(need - emb.keys())}")
         if emb["prompt_embeds"].shape[0] != len(prompts):
@@ -98,21 +107,31 @@ def _prompt_conditioning(cfg: HarvestConfig, model: LoadedModel, device: torch.d
 @torch.no_grad()
 def _encode_prompts(model: LoadedModel, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     """T5 prompt states as PixArt's pipeline makes them (max 120 tokens, negative prompt "")."""
+
     def enc(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = model.tokenizer(texts, padding="max_length", max_length=120, truncation=True, return_tensors="pt")
+        tok = model.tokenizer(
+            texts, padding="max_length", max_length=120, truncation=True, return_tensors="pt"
+        )
         mask = tok.attention_mask.to(device)
         return model.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0], mask
 
     e, m = enc(prompts)
     ne, nm = enc([""])
-    return {"prompt_embeds": e, "prompt_attention_mask": m, "negative_prompt_embeds": ne, "negative_prompt_attention_mask": nm}
+    return {
+        "prompt_embeds": e,
+        "prompt_attention_mask": m,
+        "negative_prompt_embeds": ne,
+        "negative_prompt_attention_mask": nm,
+    }
 
 
 def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, Any]]:
     """The store's metadata and per-sample arrays for `cfg` on `model`, with every input checked."""
     guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.default_guidance_scale
     if guidance <= 1 and cfg.cfg_branch != "cond":
-        raise HarvestError(f"cfg_branch={cfg.cfg_branch!r} needs guidance_scale > 1 (the model default is {guidance})")
+        raise HarvestError(
+            f"cfg_branch={cfg.cfg_branch!r} needs guidance_scale > 1 (the model default is {guidance})"
+        )
     try:
         layers = cfg.layer_indices(model.num_layers)
         step_indices = cfg.step_indices(cfg.num_steps)
@@ -124,20 +143,28 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
         raise HarvestError(f"the scheduler made {len(timesteps)} steps for num_steps={cfg.num_steps}")
     itemsize = numpy_storage_dtype(cfg.dtype).itemsize
     kept = kept_tokens(model.num_tokens, cfg.token_fraction)
-    steps_per_chunk, tokens_per_chunk = choose_chunks(cfg.batch_size, len(step_indices), kept, model.d_model, itemsize)
-    arrays: dict[str, Any] = {"timesteps": timesteps[step_indices], "seeds": cfg.seed + np.arange(cfg.num_samples),
-                              "labels": None, "prompt_index": None}
+    steps_per_chunk, tokens_per_chunk = choose_chunks(
+        cfg.batch_size, len(step_indices), kept, model.d_model, itemsize
+    )
+    arrays: dict[str, Any] = {
+        "timesteps": timesteps[step_indices],
+        "seeds": cfg.seed + np.arange(cfg.num_samples),
+        "labels": None,
+        "prompt_index": None,
+    }
     prompts = None
     if model.arch.conditioning == "class":
         if cfg.prompts is not None:
-            raise HarvestError(f"{model.info.transformer_class} is class-conditional; use --labels, not --prompts")
+            raise HarvestError(
+                f"{model.info.transformer_class} is class-conditional; use --labels, not --prompts"
+            )
         arrays["labels"] = _labels(cfg, model.num_classes)
     else:
         prompts, arrays["prompt_embeds"] = _prompt_conditioning(cfg, model, model.transformer.device)
         arrays["prompt_index"] = np.arange(cfg.num_samples) % len(prompts)
     meta = StoreMeta(
         tide_version=_version(),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         model=model.info,
         scheduler=model.scheduler_info(),
         num_inference_steps=cfg.num_steps,
@@ -205,7 +232,9 @@ def open_or_create(cfg: HarvestConfig, meta: StoreMeta, arrays: dict[str, Any], 
             old = open_store(out)
         except StoreError as e:
             if not cfg.overwrite:
-                raise HarvestError(f"--out {out} exists and is not a tide store ({e}); pass --overwrite to replace it") from None
+                raise HarvestError(
+                    f"--out {out} exists and is not a tide store ({e}); pass --overwrite to replace it"
+                ) from None
         else:
             diffs = _differences(old.meta, meta)
             if not diffs:
@@ -214,7 +243,8 @@ def open_or_create(cfg: HarvestConfig, meta: StoreMeta, arrays: dict[str, Any], 
                 return root, old.meta
             if not cfg.overwrite:
                 raise HarvestError(
-                    f"--out {out} holds a store made with a different configuration:\n  " + "\n  ".join(diffs)
+                    f"--out {out} holds a store made with a different configuration:\n  "
+                    + "\n  ".join(diffs)
                     + "\nPass --overwrite to replace it, or choose another --out."
                 )
         log(f"overwriting {out}")
@@ -223,7 +253,9 @@ def open_or_create(cfg: HarvestConfig, meta: StoreMeta, arrays: dict[str, Any], 
     if cfg.save_images:
         c, h, w = arrays["image_shape"]
         shape = (h, w, c)
-    root = create_store(out, meta, arrays["timesteps"], arrays["seeds"], arrays["labels"], arrays["prompt_index"], shape)
+    root = create_store(
+        out, meta, arrays["timesteps"], arrays["seeds"], arrays["labels"], arrays["prompt_index"], shape
+    )
     return root, meta
 
 
@@ -253,7 +285,9 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> Path:
     writer = StoreWriter(root, meta, max_pending=cfg.writer_queue)
     try:
         with capture(model.transformer, model.arch, list(meta.sites), list(meta.layers)) as acts:
-            bar = tqdm(total=todo_samples * cfg.num_steps, unit="img-step", disable=not cfg.progress, smoothing=0.1)
+            bar = tqdm(
+                total=todo_samples * cfg.num_steps, unit="img-step", disable=not cfg.progress, smoothing=0.1
+            )
             for c in todo:
                 _harvest_chunk(c, model, meta, arrays, acts, writer, bar, cfg.save_images)
             bar.close()
@@ -275,7 +309,9 @@ def _batch_conditioning(meta: StoreMeta, arrays: dict[str, Any], samples: slice,
         return Conditioning(class_labels=torch.as_tensor(arrays["labels"][samples], device=device)), None
     emb, idx = arrays["prompt_embeds"], torch.as_tensor(arrays["prompt_index"][samples], device=device)
     b = len(idx)
-    cond = Conditioning(prompt_embeds=emb["prompt_embeds"][idx], prompt_mask=emb["prompt_attention_mask"][idx])
+    cond = Conditioning(
+        prompt_embeds=emb["prompt_embeds"][idx], prompt_mask=emb["prompt_attention_mask"][idx]
+    )
     uncond = Conditioning(
         prompt_embeds=emb["negative_prompt_embeds"].expand(b, -1, -1),
         prompt_mask=emb["negative_prompt_attention_mask"].expand(b, -1),
@@ -283,8 +319,16 @@ def _batch_conditioning(meta: StoreMeta, arrays: dict[str, Any], samples: slice,
     return cond, uncond
 
 
-def _harvest_chunk(c: int, model: LoadedModel, meta: StoreMeta, arrays: dict[str, Any], acts: dict,
-                   writer: StoreWriter, bar: tqdm, save_images: bool) -> None:
+def _harvest_chunk(
+    c: int,
+    model: LoadedModel,
+    meta: StoreMeta,
+    arrays: dict[str, Any],
+    acts: dict,
+    writer: StoreWriter,
+    bar: tqdm,
+    save_images: bool,
+) -> None:
     """Generate sample chunk c and submit its blocks, then its done flag, to the writer."""
     lay = meta.layout()
     samples = lay.sample_chunk(c)
@@ -292,15 +336,20 @@ def _harvest_chunk(c: int, model: LoadedModel, meta: StoreMeta, arrays: dict[str
     b, device = len(seeds), model.transformer.device
     cond, uncond = _batch_conditioning(meta, arrays, samples, device)
     subsample = meta.tokens.kept < meta.tokens.num_tokens
-    index_BST = np.stack([
-        np.stack([token_subset(int(s), i, meta.tokens.num_tokens, lay.tokens) for i in meta.step_indices]) for s in seeds
-    ])  # (B, S, T)
+    index_BST = np.stack(
+        [
+            np.stack([token_subset(int(s), i, meta.tokens.num_tokens, lay.tokens) for i in meta.step_indices])
+            for s in seeds
+        ]
+    )  # (B, S, T)
     stored_pos = {step: p for p, step in enumerate(meta.step_indices)}
     rows = {"cond": slice(0, b), "uncond": slice(b, 2 * b)}
     store_dtype = _TORCH_DTYPES[meta.dtype]
     buffers: dict[str, torch.Tensor] = {}
     latents = None
-    for rec in denoise(model, cond, make_generators(seeds.tolist()), meta.num_inference_steps, meta.guidance_scale, uncond):
+    for rec in denoise(
+        model, cond, make_generators(seeds.tolist()), meta.num_inference_steps, meta.guidance_scale, uncond
+    ):
         bar.update(b)
         latents = rec.latents
         p = stored_pos.get(rec.index)
@@ -309,9 +358,11 @@ def _harvest_chunk(c: int, model: LoadedModel, meta: StoreMeta, arrays: dict[str
         j = p % lay.steps_per_chunk
         if j == 0:
             width = min(lay.steps_per_chunk, lay.num_steps - p)
-            buffers = {n: torch.empty((b, width, lay.tokens, lay.d_model), dtype=store_dtype, device=device)
-                       for n in meta.act_names()}
-            index_BT = torch.as_tensor(index_BST[:, p:p + width], device=device, dtype=torch.long)
+            buffers = {
+                n: torch.empty((b, width, lay.tokens, lay.d_model), dtype=store_dtype, device=device)
+                for n in meta.act_names()
+            }
+            index_BT = torch.as_tensor(index_BST[:, p : p + width], device=device, dtype=torch.long)
         for (site, layer), a_RND in acts.items():
             for branch in meta.branches:
                 a_BND = a_RND[rows[branch]]

@@ -56,8 +56,12 @@ def verify(path: Path, check_values: bool = True) -> list[str]:
         return [str(e)]
     problems: list[str] = []
     meta, lay, root = store.meta, store.layout, store.root
-    expected = {"timesteps": (lay.num_steps,), "step_index": (lay.num_steps,), "seed": (lay.num_samples,),
-                "done": (lay.num_samples,)}
+    expected = {
+        "timesteps": (lay.num_steps,),
+        "step_index": (lay.num_steps,),
+        "seed": (lay.num_samples,),
+        "done": (lay.num_samples,),
+    }
     expected["label" if meta.conditioning == "class" else "prompt_index"] = (lay.num_samples,)
     if meta.tokens.kept < meta.tokens.num_tokens:
         expected["token_index"] = (lay.num_samples, lay.num_steps, lay.tokens)
@@ -76,7 +80,9 @@ def verify(path: Path, check_values: bool = True) -> list[str]:
     for name in meta.act_names():
         arr = root[name]
         if tuple(arr.metadata.dimension_names or ()) != ACT_DIMS:
-            problems.append(f"{name} has dimension_names {arr.metadata.dimension_names}, expected {list(ACT_DIMS)}")
+            problems.append(
+                f"{name} has dimension_names {arr.metadata.dimension_names}, expected {list(ACT_DIMS)}"
+            )
         if not check_values:
             continue
         count = np.zeros(lay.num_steps, dtype=np.int64)
@@ -90,12 +96,16 @@ def verify(path: Path, check_values: bool = True) -> list[str]:
             values = as_float(block, meta.dtype)
             if not np.isfinite(values).all():
                 bad = np.argwhere(~np.isfinite(values))[0]
-                problems.append(f"{name}: non-finite value at sample {lay.sample_chunk(c).start + bad[0]}, step {bad[1]}")
+                problems.append(
+                    f"{name}: non-finite value at sample {lay.sample_chunk(c).start + bad[0]}, step {bad[1]}"
+                )
             n, s, _ = block_stats(block, meta.dtype)
             count += n
             total += s
         stats = store.stats(name, done_chunks)
-        if not np.array_equal(stats.count, count) or not np.allclose(stats.mean * count[:, None], total, rtol=1e-6, atol=1e-6):
+        if not np.array_equal(stats.count, count) or not np.allclose(
+            stats.mean * count[:, None], total, rtol=1e-6, atol=1e-6
+        ):
             problems.append(f"stats/{name} disagree with the stored activations")
     if meta.tokens.kept < meta.tokens.num_tokens and done_chunks:
         idx = root["token_index"][lay.sample_chunk(done_chunks[0])]

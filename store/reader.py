@@ -95,14 +95,18 @@ def open_store(path: str | Path) -> Store:
     if not path.exists():
         raise StoreError(f"store {path} does not exist; create one with `tide harvest --out {path}`")
     if not (path / "zarr.json").is_file():
-        raise StoreError(f"{path} is not a Zarr v3 store (no zarr.json); is it the folder `tide harvest --out` wrote?")
+        raise StoreError(
+            f"{path} is not a Zarr v3 store (no zarr.json); is it the folder `tide harvest --out` wrote?"
+        )
     try:
         root = zarr.open_group(str(path), mode="r", zarr_format=3)
     except Exception as e:
         raise StoreError(f"{path} could not be opened as a Zarr v3 group: {e}") from e
     attrs = dict(root.attrs)
     if attrs.get("format") != FORMAT:
-        raise StoreError(f"{path} is a Zarr group but not a tide store (format={attrs.get('format')!r}, expected {FORMAT!r})")
+        raise StoreError(
+            f"{path} is a Zarr group but not a tide store (format={attrs.get('format')!r}, expected {FORMAT!r})"
+        )
     if attrs.get("format_version") != FORMAT_VERSION:
         raise StoreError(
             f"{path} has format_version {attrs.get('format_version')}; this tide reads version {FORMAT_VERSION}"
@@ -128,7 +132,9 @@ class ChunkRead(NamedTuple):
     """Rows in the selection: samples * steps * tokens."""
 
 
-def chunk_reads(layout: Layout, sample_chunks: list[int], step_range: tuple[int, int] | None = None) -> list[ChunkRead]:
+def chunk_reads(
+    layout: Layout, sample_chunks: list[int], step_range: tuple[int, int] | None = None
+) -> list[ChunkRead]:
     """The chunks of `sample_chunks`, cut to stored steps [start, stop); chunks outside the range are left out."""
     lo, hi = step_range if step_range is not None else (0, layout.num_steps)
     reads = []

@@ -27,7 +27,15 @@ BLOSC_BLOCKSIZE = 256 * 1024
 
 def compressors(codec: str, itemsize: int) -> Any:
     if codec == "blosc-zstd":
-        return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=itemsize, blocksize=BLOSC_BLOCKSIZE)]
+        return [
+            BloscCodec(
+                cname="zstd",
+                clevel=1,
+                shuffle=BloscShuffle.shuffle,
+                typesize=itemsize,
+                blocksize=BLOSC_BLOCKSIZE,
+            )
+        ]
     if codec == "zstd":
         return [ZstdCodec(level=3)]
     if codec == "none":
@@ -35,46 +43,96 @@ def compressors(codec: str, itemsize: int) -> Any:
     raise ValueError(f"codec={codec!r} is unknown; choose blosc-zstd, zstd or none")
 
 
-def create_store(path: Path, meta: StoreMeta, timesteps: np.ndarray, seeds: np.ndarray, labels: np.ndarray | None,
-                 prompt_index: np.ndarray | None, save_images_shape: tuple[int, int, int] | None = None) -> zarr.Group:
+def create_store(
+    path: Path,
+    meta: StoreMeta,
+    timesteps: np.ndarray,
+    seeds: np.ndarray,
+    labels: np.ndarray | None,
+    prompt_index: np.ndarray | None,
+    save_images_shape: tuple[int, int, int] | None = None,
+) -> zarr.Group:
     """Create every array of a new store (empty where data comes later) and write the metadata."""
     lay = meta.layout()
     root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json"))
     n, s = lay.num_samples, lay.num_steps
     root.create_array("timesteps", data=timesteps.astype(np.float64), dimension_names=["step"])
-    root.create_array("step_index", data=np.asarray(meta.step_indices, dtype=np.int32), dimension_names=["step"])
-    root.create_array("seed", data=seeds.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"])
+    root.create_array(
+        "step_index", data=np.asarray(meta.step_indices, dtype=np.int32), dimension_names=["step"]
+    )
+    root.create_array(
+        "seed", data=seeds.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
+    )
     if labels is not None:
-        root.create_array("label", data=labels.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"])
+        root.create_array(
+            "label", data=labels.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
+        )
     if prompt_index is not None:
         root.create_array(
-            "prompt_index", data=prompt_index.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
+            "prompt_index",
+            data=prompt_index.astype(np.int64),
+            chunks=(lay.batch_size,),
+            dimension_names=["sample"],
         )
-    root.create_array("done", shape=(n,), dtype="bool", chunks=(lay.batch_size,), fill_value=False,
-                      dimension_names=["sample"])
+    root.create_array(
+        "done",
+        shape=(n,),
+        dtype="bool",
+        chunks=(lay.batch_size,),
+        fill_value=False,
+        dimension_names=["sample"],
+    )
     if meta.tokens.kept < meta.tokens.num_tokens:
         root.create_array(
-            "token_index", shape=(n, s, lay.tokens), dtype="int32", chunks=(lay.batch_size, lay.steps_per_chunk, lay.tokens),
-            fill_value=-1, compressors=compressors(meta.codec, 4), dimension_names=["sample", "step", "token"],
+            "token_index",
+            shape=(n, s, lay.tokens),
+            dtype="int32",
+            chunks=(lay.batch_size, lay.steps_per_chunk, lay.tokens),
+            fill_value=-1,
+            compressors=compressors(meta.codec, 4),
+            dimension_names=["sample", "step", "token"],
         )
     if save_images_shape is not None:
-        root.create_array("images", shape=(n, *save_images_shape), dtype="uint8", chunks=(lay.batch_size, *save_images_shape),
-                          fill_value=0, dimension_names=["sample", "height", "width", "channel"])
+        root.create_array(
+            "images",
+            shape=(n, *save_images_shape),
+            dtype="uint8",
+            chunks=(lay.batch_size, *save_images_shape),
+            fill_value=0,
+            dimension_names=["sample", "height", "width", "channel"],
+        )
     dtype = numpy_storage_dtype(meta.dtype)
     stats = root.create_group("stats")
     for name in meta.act_names():
         root.create_array(
-            name, shape=lay.act_shape, dtype=dtype, chunks=lay.act_chunks, fill_value=0,
-            compressors=compressors(meta.codec, dtype.itemsize), dimension_names=list(ACT_DIMS),
+            name,
+            shape=lay.act_shape,
+            dtype=dtype,
+            chunks=lay.act_chunks,
+            fill_value=0,
+            compressors=compressors(meta.codec, dtype.itemsize),
+            dimension_names=list(ACT_DIMS),
             attributes={"logical_dtype": meta.dtype, "coordinates": "timesteps step_index"},
         )
         g = stats.create_group(name)
         c = lay.num_sample_chunks
-        g.create_array("count", shape=(c, s), dtype="int64", chunks=(1, s), fill_value=0,
-                       dimension_names=["sample_chunk", "step"])
+        g.create_array(
+            "count",
+            shape=(c, s),
+            dtype="int64",
+            chunks=(1, s),
+            fill_value=0,
+            dimension_names=["sample_chunk", "step"],
+        )
         for stat in ("sum", "sumsq"):
-            g.create_array(stat, shape=(c, s, lay.d_model), dtype="float64", chunks=(1, s, lay.d_model), fill_value=0.0,
-                           dimension_names=["sample_chunk", "step", "d"])
+            g.create_array(
+                stat,
+                shape=(c, s, lay.d_model),
+                dtype="float64",
+                chunks=(1, s, lay.d_model),
+                fill_value=0.0,
+                dimension_names=["sample_chunk", "step", "d"],
+            )
     return root
 
 

@@ -52,7 +52,9 @@ def _harvest(cfg: HarvestConfig) -> float:
 
 def bench_harvest(num_samples: int, repeats: int, work: Path, model: str | None = None) -> dict[str, float]:
     extra = {"model": model} if model else {}
-    cfg = HarvestConfig(out=work / "bench.zarr", num_samples=num_samples, progress=False, overwrite=True, **extra)
+    cfg = HarvestConfig(
+        out=work / "bench.zarr", num_samples=num_samples, progress=False, overwrite=True, **extra
+    )
     _plain_sampling(cfg)  # warm-up: first-call allocations and lazy imports
     plain, harvested = [], []
     for _ in range(repeats):
@@ -81,15 +83,25 @@ def bench_codecs(store_path: Path, work: Path, repeats: int = 3) -> dict[str, fl
     candidates = {
         "none": None,
         "zstd0_zarr_default": [ZstdCodec(level=0)],
-        "blosc_zstd1_shuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=2, blocksize=256 << 10)],
-        "blosc_zstd1_bitshuffle": [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle, typesize=2, blocksize=256 << 10)],
-        "blosc_lz4_shuffle": [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle, typesize=2, blocksize=256 << 10)],
+        "blosc_zstd1_shuffle": [
+            BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle, typesize=2, blocksize=256 << 10)
+        ],
+        "blosc_zstd1_bitshuffle": [
+            BloscCodec(
+                cname="zstd", clevel=1, shuffle=BloscShuffle.bitshuffle, typesize=2, blocksize=256 << 10
+            )
+        ],
+        "blosc_lz4_shuffle": [
+            BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle, typesize=2, blocksize=256 << 10)
+        ],
     }
     out: dict[str, float] = {}
     read_s: dict[str, float] = {}
     for name, comp in candidates.items():
         path = work / f"codec_{name}.zarr"
-        arr = zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, chunks=src.chunks, compressors=comp)
+        arr = zarr.create_array(
+            str(path), shape=data.shape, dtype=data.dtype, chunks=src.chunks, compressors=comp
+        )
         arr[:] = data
         times = []
         for _ in range(repeats):

@@ -9,13 +9,21 @@ import pytest
 import torch
 
 
-def save_tiny_dit(folder: Path, *, scheduler: str = "DDPMScheduler", learned_sigma: bool = False, seed: int = 0) -> Path:
+def save_tiny_dit(
+    folder: Path, *, scheduler: str = "DDPMScheduler", learned_sigma: bool = False, seed: int = 0
+) -> Path:
     from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=2 if learned_sigma else 1,
-        num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2 if learned_sigma else 1,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=4,
     )
     # diffusers zero-initialises the adaLN gates, which would make every block the identity; randomise them.
     with torch.no_grad():
@@ -23,12 +31,20 @@ def save_tiny_dit(folder: Path, *, scheduler: str = "DDPMScheduler", learned_sig
             if p.abs().sum() == 0:
                 p.normal_(0, 0.2)
     model.save_pretrained(folder / "transformer")
-    sched = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}[scheduler](num_train_timesteps=1000)
+    sched = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}[scheduler](
+        num_train_timesteps=1000
+    )
     sched.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
-        "scheduler": ["diffusers", scheduler], "tide_default_guidance_scale": 2.0,
-    }))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DiTPipeline",
+                "transformer": ["diffusers", "DiTTransformer2DModel"],
+                "scheduler": ["diffusers", scheduler],
+                "tide_default_guidance_scale": 2.0,
+            }
+        )
+    )
     return folder
 
 
@@ -37,8 +53,16 @@ def save_tiny_pixart(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-        patch_size=2, cross_attention_dim=16, caption_channels=32, norm_num_groups=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_num_groups=1,
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -46,14 +70,21 @@ def save_tiny_pixart(folder: Path, seed: int = 0) -> Path:
                 p.normal_(0, 0.2)
     model.save_pretrained(folder / "transformer")
     DPMSolverMultistepScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"],
-        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-    }))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "PixArtAlphaPipeline",
+                "transformer": ["diffusers", "PixArtTransformer2DModel"],
+                "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+            }
+        )
+    )
     return folder
 
 
-def save_prompt_files(folder: Path, num_prompts: int = 3, seq: int = 6, channels: int = 32, seed: int = 0) -> tuple[Path, Path]:
+def save_prompt_files(
+    folder: Path, num_prompts: int = 3, seq: int = 6, channels: int = 32, seed: int = 0
+) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -62,12 +93,15 @@ def save_prompt_files(folder: Path, num_prompts: int = 3, seq: int = 6, channels
     mask = torch.ones(num_prompts, seq, dtype=torch.long)
     mask[:, -2:] = 0
     embeds = folder / "embeds.safetensors"
-    save_file({
-        "prompt_embeds": torch.randn(num_prompts, seq, channels, generator=g),
-        "prompt_attention_mask": mask,
-        "negative_prompt_embeds": torch.randn(1, seq, channels, generator=g),
-        "negative_prompt_attention_mask": torch.ones(1, seq, dtype=torch.long),
-    }, str(embeds))
+    save_file(
+        {
+            "prompt_embeds": torch.randn(num_prompts, seq, channels, generator=g),
+            "prompt_attention_mask": mask,
+            "negative_prompt_embeds": torch.randn(1, seq, channels, generator=g),
+            "negative_prompt_attention_mask": torch.ones(1, seq, dtype=torch.long),
+        },
+        str(embeds),
+    )
     return prompts, embeds
 
 

@@ -33,7 +33,9 @@ def _reference_dit(folder, seed, label, null, num_steps, guidance, step, layer):
     with torch.no_grad():
         for i, t in enumerate(sched.timesteps):
             seen.clear()
-            out = model(torch.cat([x, x]), timestep=t.expand(2), class_labels=torch.tensor([label, null])).sample
+            out = model(
+                torch.cat([x, x]), timestep=t.expand(2), class_labels=torch.tensor([label, null])
+            ).sample
             if i == step:
                 break
             cond, uncond = out.chunk(2)
@@ -46,8 +48,16 @@ def _reference_dit(folder, seed, label, null, num_steps, guidance, step, layer):
 
 def test_dit_store_equals_plain_forward(tiny_dit, tmp_path):
     cfg = HarvestConfig(
-        model=str(tiny_dit), out=tmp_path / "s.zarr", num_samples=5, num_steps=6, batch_size=2, sites="all",
-        token_fraction=0.5, guidance_scale=2.5, cfg_branch="both", progress=False,
+        model=str(tiny_dit),
+        out=tmp_path / "s.zarr",
+        num_samples=5,
+        num_steps=6,
+        batch_size=2,
+        sites="all",
+        token_fraction=0.5,
+        guidance_scale=2.5,
+        cfg_branch="both",
+        progress=False,
     )
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
@@ -64,17 +74,30 @@ def test_dit_store_equals_plain_forward(tiny_dit, tmp_path):
     tok = store.root["token_index"][:]
     for i, step, layer in [(0, 0, 0), (3, 4, 2), (4, 5, 1)]:
         np.testing.assert_array_equal(tok[i, step], token_subset(i, step, 16, 8))
-        ref = _reference_dit(tiny_dit, seed=i, label=i % 4, null=4, num_steps=6, guidance=2.5, step=step, layer=layer)
+        ref = _reference_dit(
+            tiny_dit, seed=i, label=i % 4, null=4, num_steps=6, guidance=2.5, step=step, layer=layer
+        )
         for site in ("resid", "delta", "attn", "mlp"):
             for row, suffix in ((0, ""), (1, "_uncond")):
                 got = store.root[f"{site}_l{layer:02d}{suffix}"][i, step].astype(np.float32)
                 want = ref[site][row, tok[i, step]].numpy().astype(np.float16).astype(np.float32)
-                np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3, err_msg=f"{site} l{layer} i{i} s{step}")
+                np.testing.assert_allclose(
+                    got, want, rtol=2e-3, atol=2e-3, err_msg=f"{site} l{layer} i{i} s{step}"
+                )
 
 
 def test_stats_match_numpy(tiny_dit, tmp_path):
-    cfg = HarvestConfig(model=str(tiny_dit), out=tmp_path / "s.zarr", num_samples=5, num_steps=4, batch_size=2,
-                        layers="1", token_fraction=1.0, guidance_scale=1.0, progress=False)
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=tmp_path / "s.zarr",
+        num_samples=5,
+        num_steps=4,
+        batch_size=2,
+        layers="1",
+        token_fraction=1.0,
+        guidance_scale=1.0,
+        progress=False,
+    )
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
     assert "token_index" not in store.root  # all tokens kept, in order
@@ -91,9 +114,17 @@ def test_pixart_store_equals_plain_forward(tiny_pixart, tmp_path):
     from safetensors.torch import load_file
 
     cfg = HarvestConfig(
-        model=str(tiny_pixart), out=tmp_path / "p.zarr", num_samples=4, num_steps=3, batch_size=2, layers="1",
-        prompts=tiny_pixart / "prompts.txt", prompt_embeds=tiny_pixart / "embeds.safetensors", guidance_scale=3.0,
-        token_fraction=1.0, progress=False,
+        model=str(tiny_pixart),
+        out=tmp_path / "p.zarr",
+        num_samples=4,
+        num_steps=3,
+        batch_size=2,
+        layers="1",
+        prompts=tiny_pixart / "prompts.txt",
+        prompt_embeds=tiny_pixart / "embeds.safetensors",
+        guidance_scale=3.0,
+        token_fraction=1.0,
+        progress=False,
     )
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
@@ -112,8 +143,13 @@ def test_pixart_store_equals_plain_forward(tiny_pixart, tmp_path):
     model.transformer_blocks[1].register_forward_hook(lambda mod, a, o: seen.append(o[0]))
     with torch.no_grad():
         for t in sched.timesteps:
-            out = model(torch.cat([x, x]), encoder_hidden_states=e, encoder_attention_mask=m, timestep=t.expand(2),
-                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+            out = model(
+                torch.cat([x, x]),
+                encoder_hidden_states=e,
+                encoder_attention_mask=m,
+                timestep=t.expand(2),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            ).sample
             cond, uncond = out[:, :4].chunk(2)
             x = sched.step(uncond + 3.0 * (cond - uncond), t, x).prev_sample
     got = store.root["resid_l01"][i].astype(np.float32)
@@ -122,8 +158,17 @@ def test_pixart_store_equals_plain_forward(tiny_pixart, tmp_path):
 
 
 def test_bfloat16_store_keeps_bits_and_range(tiny_dit, tmp_path):
-    cfg = HarvestConfig(model=str(tiny_dit), out=tmp_path / "b.zarr", num_samples=2, num_steps=2, batch_size=2,
-                        layers="0", dtype="bfloat16", token_fraction=1.0, progress=False)
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=tmp_path / "b.zarr",
+        num_samples=2,
+        num_steps=2,
+        batch_size=2,
+        layers="0",
+        dtype="bfloat16",
+        token_fraction=1.0,
+        progress=False,
+    )
     harvest(cfg, log=lambda m: None)
     f32 = HarvestConfig(**{**cfg.model_dump(), "out": tmp_path / "f.zarr", "dtype": "float32"})
     harvest(f32, log=lambda m: None)
@@ -138,8 +183,17 @@ def test_learned_sigma_and_ddim(tmp_path):
     from tests.conftest import save_tiny_dit
 
     folder = save_tiny_dit(tmp_path / "m", scheduler="DDIMScheduler", learned_sigma=True)
-    cfg = HarvestConfig(model=str(folder), out=tmp_path / "s.zarr", num_samples=3, num_steps=3, batch_size=3,
-                        layers="-1", steps="::2", save_images=True, progress=False)
+    cfg = HarvestConfig(
+        model=str(folder),
+        out=tmp_path / "s.zarr",
+        num_samples=3,
+        num_steps=3,
+        batch_size=3,
+        layers="-1",
+        steps="::2",
+        save_images=True,
+        progress=False,
+    )
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
     assert store.meta.step_indices == [0, 2] and store.root["resid_l02"].shape == (3, 2, 4, 16)
@@ -148,8 +202,15 @@ def test_learned_sigma_and_ddim(tmp_path):
 
 def test_xarray_reads_named_dimensions(tiny_dit, tmp_path):
     xr = pytest.importorskip("xarray")
-    cfg = HarvestConfig(model=str(tiny_dit), out=tmp_path / "x.zarr", num_samples=2, num_steps=2, batch_size=2,
-                        layers="0", progress=False)
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=tmp_path / "x.zarr",
+        num_samples=2,
+        num_steps=2,
+        batch_size=2,
+        layers="0",
+        progress=False,
+    )
     harvest(cfg, log=lambda m: None)
     ds = xr.open_zarr(cfg.out, consolidated=False)
     assert ds["resid_l00"].dims == ("sample", "step", "token", "d")
@@ -157,8 +218,15 @@ def test_xarray_reads_named_dimensions(tiny_dit, tmp_path):
 
 
 def test_refuses_other_config_unless_overwrite(tiny_dit, tmp_path):
-    base = dict(model=str(tiny_dit), out=tmp_path / "s.zarr", num_samples=2, num_steps=2, batch_size=2, layers="0",
-                progress=False)
+    base = dict(
+        model=str(tiny_dit),
+        out=tmp_path / "s.zarr",
+        num_samples=2,
+        num_steps=2,
+        batch_size=2,
+        layers="0",
+        progress=False,
+    )
     harvest(HarvestConfig(**base), log=lambda m: None)
     with pytest.raises(HarvestError, match=r"num_steps: 2 in the store, 3 now"):
         harvest(HarvestConfig(**{**base, "num_steps": 3}), log=lambda m: None)
@@ -200,3 +268,96 @@ def test_bad_paths(tiny_dit, tmp_path):
         out = [] if "--out" in args else ["--out", str(tmp_path / "s.zarr")]
         result = runner.invoke(app, ["harvest", *args, *out, "--no-progress"])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_pixart_text_encoder_path_equals_precomputed_embeddings(tmp_path):
+    """A pipeline folder with a T5 encoder and tokenizer encodes prompts itself, as PixArt's pipeline does."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from safetensors.torch import save_file
+
+    from tests.conftest import save_tiny_pixart
+
+    folder = save_tiny_pixart(tmp_path / "px")
+    torch.manual_seed(0)
+    encoder = transformers.T5EncoderModel(
+        transformers.T5Config(
+            vocab_size=16, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, pad_token_id=0
+        )
+    )
+    encoder.eval().save_pretrained(folder / "text_encoder")
+    vocab = {"<pad>": 0, "<unk>": 1, "a": 2, "red": 3, "cat": 4, "blue": 5, "dog": 6}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(folder / "tokenizer")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+
+    common = dict(
+        model=str(folder),
+        num_samples=2,
+        num_steps=2,
+        batch_size=2,
+        layers="0",
+        guidance_scale=2.0,
+        token_fraction=1.0,
+        prompts=prompts,
+        progress=False,
+    )
+    harvest(HarvestConfig(out=tmp_path / "enc.zarr", **common), log=lambda m: None)
+
+    def encode(texts):
+        t = fast(texts, padding="max_length", max_length=120, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return encoder(t.input_ids, attention_mask=t.attention_mask)[0], t.attention_mask
+
+    e, m = encode(["a red cat", "a blue dog"])
+    ne, nm = encode([""])
+    save_file(
+        {
+            "prompt_embeds": e.contiguous(),
+            "prompt_attention_mask": m,
+            "negative_prompt_embeds": ne.contiguous(),
+            "negative_prompt_attention_mask": nm,
+        },
+        str(tmp_path / "emb.safetensors"),
+    )
+    harvest(
+        HarvestConfig(out=tmp_path / "pre.zarr", prompt_embeds=tmp_path / "emb.safetensors", **common),
+        log=lambda m: None,
+    )
+    a = zarr.open_array(str(tmp_path / "enc.zarr" / "resid_l00"))[:]
+    b = zarr.open_array(str(tmp_path / "pre.zarr" / "resid_l00"))[:]
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(np.float32)).sum() > 0
+
+
+def test_refuses_when_disk_is_too_small(tiny_dit, tmp_path, monkeypatch):
+    import harvest.run as run
+
+    monkeypatch.setattr(run, "free_bytes", lambda path: 1000)
+    cfg = HarvestConfig(
+        model=str(tiny_dit), out=tmp_path / "s.zarr", num_samples=4, num_steps=2, batch_size=2, progress=False
+    )
+    with pytest.raises(HarvestError, match=r"needs up to .* GiB .* but only .* GiB is free"):
+        harvest(cfg, log=lambda m: None)
+
+
+def test_format_doc_recipe_reads_with_plain_zarr(tiny_dit, tmp_path):
+    """The 'Reading without tide' recipe of store/FORMAT.md, on a real store."""
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=tmp_path / "s.zarr",
+        num_samples=3,
+        num_steps=2,
+        batch_size=2,
+        layers="1",
+        progress=False,
+    )
+    harvest(cfg, log=lambda m: None)
+    root = zarr.open_group(str(cfg.out), mode="r")
+    assert dict(root.attrs)["format"] == "tide.activations" and root["done"][:].all()
+    x = root["resid_l01"][:]
+    mean = root["stats/resid_l01/sum"][:].sum(0) / root["stats/resid_l01/count"][:].sum(0)[:, None]
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-9)

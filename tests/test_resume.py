@@ -15,9 +15,28 @@ from store.reader import open_store
 
 
 def _cmd(model, out):
-    args = ["harvest", "--model", str(model), "--out", str(out), "--num-samples", "8", "--num-steps", "80",
-            "--batch-size", "2", "--sites", "resid,mlp", "--token-fraction", "0.5", "--guidance-scale", "2",
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "harvest",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--num-samples",
+        "8",
+        "--num-steps",
+        "80",
+        "--batch-size",
+        "2",
+        "--sites",
+        "resid,mlp",
+        "--token-fraction",
+        "0.5",
+        "--guidance-scale",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     return [sys.executable, "-c", "from cli import app; app()", *args]
 
 
@@ -30,14 +49,18 @@ def _done(out) -> np.ndarray | None:
 
 def _arrays(out) -> dict[str, np.ndarray]:
     root = zarr.open_group(str(out), mode="r")
-    names = [n for n, _ in root.arrays()] + [f"stats/{g}/{a}" for g, grp in root["stats"].groups() for a, _ in grp.arrays()]
+    names = [n for n, _ in root.arrays()] + [
+        f"stats/{g}/{a}" for g, grp in root["stats"].groups() for a, _ in grp.arrays()
+    ]
     return {n: root[n][:] for n in names}
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny_dit, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
-    proc = subprocess.Popen(_cmd(tiny_dit, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(tiny_dit, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         done = _done(killed)

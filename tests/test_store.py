@@ -21,13 +21,25 @@ runner = CliRunner()
 
 
 @given(
-    n=st.integers(1, 40), s=st.integers(1, 60), t=st.integers(1, 300), d=st.sampled_from([8, 64, 1152, 4096]),
-    b=st.integers(1, 64), itemsize=st.sampled_from([2, 4]),
+    n=st.integers(1, 40),
+    s=st.integers(1, 60),
+    t=st.integers(1, 300),
+    d=st.sampled_from([8, 64, 1152, 4096]),
+    b=st.integers(1, 64),
+    itemsize=st.sampled_from([2, 4]),
 )
 @settings(max_examples=200, deadline=None)
 def test_chunks_tile_the_array_exactly_once(n, s, t, d, b, itemsize):
     spc, tpc = choose_chunks(b, s, t, d, itemsize)
-    lay = Layout(num_samples=n, num_steps=s, tokens=t, d_model=d, batch_size=b, steps_per_chunk=spc, tokens_per_chunk=tpc)
+    lay = Layout(
+        num_samples=n,
+        num_steps=s,
+        tokens=t,
+        d_model=d,
+        batch_size=b,
+        steps_per_chunk=spc,
+        tokens_per_chunk=tpc,
+    )
     cover = np.zeros((n, s, t), dtype=np.int32)
     for chunk in lay.chunks():
         sel = lay.chunk_selection(chunk)
@@ -48,8 +60,16 @@ def test_token_subset_is_sorted_unique_and_seeded():
 
 @pytest.fixture()
 def small_store(tiny_dit, tmp_path):
-    cfg = HarvestConfig(model=str(tiny_dit), out=tmp_path / "s.zarr", num_samples=4, num_steps=3, batch_size=2,
-                        layers="0,2", token_fraction=0.5, progress=False)
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=tmp_path / "s.zarr",
+        num_samples=4,
+        num_steps=3,
+        batch_size=2,
+        layers="0,2",
+        token_fraction=0.5,
+        progress=False,
+    )
     harvest(cfg, log=lambda m: None)
     return cfg.out
 
@@ -58,7 +78,9 @@ def test_info_reports_the_store(small_store):
     result = runner.invoke(app, ["store", "info", str(small_store), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert info["samples_done"] == "4 / 4" and info["layers"] == [0, 2] and info["rows_per_array"] == 4 * 3 * 8
+    assert (
+        info["samples_done"] == "4 / 4" and info["layers"] == [0, 2] and info["rows_per_array"] == 4 * 3 * 8
+    )
     assert info["bytes_on_disk"] > 0 and info["compression_ratio"] > 0.5
 
 
