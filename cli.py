@@ -136,7 +136,132 @@ def store_verify(
     typer.echo(f"ok: {path} is a sound tide store")
 
 
+@store_app.command("stats")
+def store_stats(
+    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    array: Annotated[Optional[str], typer.Option(help="Activation array, e.g. resid_l03 (default: all).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786.")] = None,
+    write: Annotated[bool, typer.Option("--write", help="Rewrite the stored sums with the recomputed ones.")] = False,
+) -> None:
+    """Recompute per-step statistics with dask, print them, and check (or --write) the writer's stored sums."""
+    from store.reader import StoreError, open_store
+    from store.stats import difference, recompute_sums, step_table, stored_sums, write_sums
+
+    try:
+        store = open_store(path)
+        names = [array] if array else store.meta.act_names()
+        mismatched = []
+        for name in names:
+            sums = recompute_sums(store, name, scheduler=scheduler)
+            typer.echo(f"{name}: {len(sums.chunks)} sample chunks")
+            typer.echo(f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}")
+            for r in step_table(store, sums):
+                typer.echo(f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
+                           f"{r['channel_std']:>12.4g}")
+            diff = difference(sums, stored_sums(store, name, sums.chunks))
+            if write:
+                write_sums(store, name, sums)
+                typer.echo(f"{name}: rewrote the stored sums (they differed by {diff:.3g} relative)")
+            elif diff > 1e-9:
+                mismatched.append(f"{name} (relative difference {diff:.3g})")
+            else:
+                typer.echo(f"{name}: stored sums match (relative difference {diff:.3g})")
+    except StoreError as e:
+        _fail(str(e))
+    if mismatched:
+        _fail(f"stored sums disagree with the activations for {', '.join(mismatched)}; rewrite them with --write")
+
+
 # --- train / eval ----------------------------------------------------------------------------------
+
+
+def _print_evals(results) -> None:
+    from train.eval import format_table
+
+    for r in results:
+        typer.echo("")
+        typer.echo(format_table(r))
+
+
+@app.command()
+def train(
+    store: Annotated[Optional[Path], typer.Option(help="Tide store to train on (default runs/digits.zarr).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the SAEs (default runs/saes).")] = None,
+    site: Annotated[Optional[str], typer.Option(help="Capture site: resid, delta, attn or mlp (default resid).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Stored layers: middle (default), all, or '2,3'.")] = None,
+    branch: Annotated[Optional[str], typer.Option(help="CFG branch: cond (default) or uncond.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")] = None,
+    k: Annotated[Optional[str], typer.Option(help="Active latents per row; a comma list sweeps (default 16).")] = None,
+    expansion: Annotated[Optional[int], typer.Option(help="Width = expansion x d_model (default 8).")] = None,
+    num_latents: Annotated[Optional[int], typer.Option(help="Width, overriding --expansion.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per optimiser step (default 4096).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-3).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training split (default 2).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps instead.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up steps (default 50).")] = None,
+    steps: Annotated[Optional[str], typer.Option(help="Stored steps to train on: all or 'start:stop'.")] = None,
+    stratify_steps: Annotated[Optional[bool], typer.Option("--stratify-steps", help="Equal share of every step in each batch.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of sample chunks held out (default 0.1).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the SAEs' weights and the data order.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (default 200).")] = None,
+    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a run with another configuration in --out.")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out evaluation at the end.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file of TrainConfig fields; flags override it.")] = None,
+) -> None:
+    """Train SAEs (default: a tide and a topk SAE on the middle layer) and print their held-out metrics per timestep.
+
+    Re-running the same command after an interruption resumes it exactly where its last checkpoint was.
+    """
+    overrides = {k_: v for k_, v in locals().items() if k_ not in ("config", "no_progress", "no_eval", "arch")}
+    overrides["archs"] = arch
+    overrides["progress"] = False if no_progress else None
+    from train.config import TrainConfig
+
+    cfg = _build_config(TrainConfig, config, overrides)
+    from store.reader import StoreError
+    from train.eval import evaluate_folders
+    from train.trainer import TrainError
+    from train.trainer import train as run_train
+
+    try:
+        result = run_train(cfg, log=lambda m: typer.echo(m, err=True))
+        typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
+        if not no_eval and cfg.val_fraction > 0:
+            _print_evals(evaluate_folders(result.saes, cfg.store, batch_size=cfg.batch_size,
+                                          buckets=cfg.eval_buckets, read_threads=cfg.read_threads))
+    except (TrainError, StoreError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command("eval")
+def eval_(
+    checkpoints: Annotated[list[Path], typer.Argument(help="SAE folders, or `tide train --out` folders holding them.")],
+    store: Annotated[Optional[Path], typer.Option(help="The store (default: the path recorded at training).")] = None,
+    buckets: Annotated[int, typer.Option(min=1, help="Timestep buckets in the table (JSON has every step too).")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 4096,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all results to this JSON file.")] = None,
+) -> None:
+    """Held-out metrics (MSE, FVU, explained variance, cosine, L0, dead, dense), overall and per timestep.
+
+    Each SAE folder also gets an eval.json.
+    """
+    import json
+
+    from store.reader import StoreError
+    from train.eval import evaluate_folders
+
+    try:
+        results = evaluate_folders(checkpoints, store, buckets=buckets, batch_size=batch_size, device=device)
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    _print_evals(results)
+    if json_out is not None:
+        json_out.write_text(json.dumps([r.to_json() for r in results], indent=2))
+
+
 
 # --- demo model ------------------------------------------------------------------------------------
 

@@ -1,0 +1,152 @@
+"""What a training run leaves on disk, and how it is read back.
+
+    runs/saes/
+    ├── train_config.json            the TrainConfig of the run
+    ├── metrics.jsonl                one line per logged step
+    ├── trainer_state.pt             everything an exact resume needs (see below), replaced atomically
+    └── resid_l03-tide-k16/          one folder per SAE: what a user loads (`load_sae`)
+        ├── sae.safetensors          weights and buffers, input normalisation included
+        ├── sae.json                 SAEMeta: config, store path and identity, split, normalisation
+        └── eval.json                held-out metrics, overall and per timestep bucket
+
+`trainer_state.pt` holds, in one file written to a temporary name and renamed over the old one (so a kill
+at any instant leaves either the old state or the new one, never a mixture), every SAE's state dict, every
+optimiser's state, the step and row counters, the loader's Position, the torch RNG state, the split and
+the store's identity. The SAE folders are exports of the same step, for users; resume never reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from train.data import Split
+from train.sae import SAE, SAEConfig, build_sae
+
+SAE_FORMAT = "tide.sae"
+STATE_FILE = "trainer_state.pt"
+
+
+class StoreRef(BaseModel):
+    """The store an SAE was trained on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    """As given to `tide train --store` (resolved to an absolute path)."""
+    identity: str
+    """`Store.identity()`: a hash of the metadata that defines the store's content."""
+
+
+class SAEMeta(BaseModel):
+    """Contents of sae.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    format: Literal["tide.sae"] = SAE_FORMAT
+    format_version: int = 1
+    name: str
+    """Folder name, e.g. resid_l03-tide-k16."""
+    array: str
+    """Activation array it reads, e.g. resid_l03 (site resid, layer 3, cond branch)."""
+    sae: SAEConfig
+    store: StoreRef
+    split: Split
+    """Which sample chunks it trained on and which are held out for evaluation."""
+    step_range: tuple[int, int]
+    """[start, stop) of the stored steps it trained on."""
+    normalization: str
+    """How raw activations are normalised; the numbers are the input_mean/input_mean_t/input_scale buffers."""
+    input_scale: float
+    """The scalar s of x_n = (x - mean(t)) / s (also in the weights)."""
+    trained_steps: int
+    trained_rows: int
+    train_config: dict[str, Any]
+
+
+class LoadedSAE(NamedTuple):
+    sae: SAE
+    """In eval mode; `sae.forward_raw(x, t)` takes raw activations."""
+    meta: SAEMeta
+    folder: Path
+
+
+NORMALIZATION = (
+    "x_n = (x - mean(t)) / s: mean(t) is the per-channel mean of the training rows at the stored step whose "
+    "timestep is nearest t; s is one scalar for all steps, chosen so that E||x_n||^2 = d_model over the "
+    "training rows. SAE.forward_raw applies it and undoes it on the reconstruction."
+)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_sae(folder: Path, sae: SAE, meta: SAEMeta) -> None:
+    """Write one SAE folder; each file is replaced atomically."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    _atomic_write(folder / "sae.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": SAE_FORMAT}))
+    _atomic_write(folder / "sae.json", lambda p: p.write_text(meta.model_dump_json(indent=2)))
+
+
+def is_sae_folder(path: Path) -> bool:
+    return (path / "sae.json").is_file() and (path / "sae.safetensors").is_file()
+
+
+def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> LoadedSAE:
+    """An SAE folder written by `tide train`, ready for `forward_raw` on raw activations."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not is_sae_folder(folder):
+        raise ValueError(
+            f"{folder} is not an SAE folder (it needs sae.json and sae.safetensors); pass a folder that "
+            f"`tide train --out` wrote, such as {folder}/resid_l03-tide-k16"
+        )
+    meta = SAEMeta.model_validate_json((folder / "sae.json").read_text())
+    sae = build_sae(meta.sae)
+    sae.load_state_dict(load_file(str(folder / "sae.safetensors")))
+    return LoadedSAE(sae.to(device).eval(), meta, folder)
+
+
+def sae_folders(paths: list[Path]) -> list[Path]:
+    """SAE folders named by `paths`: each an SAE folder, or a run folder whose SAE subfolders are taken."""
+    found = []
+    for p in paths:
+        if is_sae_folder(p):
+            found.append(p)
+            continue
+        subs = sorted(q for q in p.iterdir() if is_sae_folder(q)) if p.is_dir() else []
+        if not subs:
+            raise ValueError(f"{p} is neither an SAE folder nor a `tide train --out` folder holding SAE folders")
+        found.extend(subs)
+    return found
+
+
+def save_state(out: Path, state: dict[str, Any]) -> None:
+    """Write the resume state atomically."""
+    _atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
+
+
+def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
+    """The resume state in `out`, or None when there is none."""
+    path = out / STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2)))

@@ -1,0 +1,222 @@
+"""The training configuration: one frozen, validated model, built from a config file plus CLI flags.
+
+`TrainConfig.specs(meta)` turns it into the list of SAEs trained side by side on the same batches: every
+combination of layer x arch x k (relu ignores k), all at the same width.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from store.schema import StoreMeta, act_name
+from train.sae import Arch, SAEConfig
+
+ARCHS = ("tide", "topk", "batchtopk", "relu")
+
+# Fields that say how a run goes, not what it computes: they may change between a kill and its resume.
+RUN_ONLY_FIELDS = frozenset(
+    {"store", "out", "overwrite", "device", "progress", "log_every", "checkpoint_every", "read_threads"}
+)
+
+
+class SAESpec(NamedTuple):
+    """One SAE of a run: which activation array it reads and its architecture."""
+
+    name: str
+    """Folder name of its checkpoint, e.g. resid_l03-tide-k16."""
+    array: str
+    """Activation array it trains on, e.g. resid_l03."""
+    sae: SAEConfig
+
+
+def _comma_list(v: Any) -> Any:
+    return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run. Saved next to the SAEs; a resume must match it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    store: Path = Path("runs/digits.zarr")
+    """The tide store to train on (`tide harvest --out`)."""
+    out: Path = Path("runs/saes")
+    """Folder for the SAEs, the metrics and the resume state."""
+    site: Literal["resid", "delta", "attn", "mlp"] = "resid"
+    """Capture site of the activations."""
+    layers: str = "middle"
+    """Which stored layers get SAEs: 'middle' (the middle one of those stored), 'all', or a comma list."""
+    branch: Literal["cond", "uncond"] = "cond"
+    """Classifier-free-guidance branch, for stores that hold both."""
+    archs: tuple[Arch, ...] = ("tide", "topk")
+    """Architectures trained side by side (comma list): tide, topk, batchtopk, relu."""
+    k: tuple[int, ...] = (16,)
+    """Active latents per row (comma list for a sweep); every arch but relu gets one SAE per k."""
+    expansion: int = Field(8, gt=0)
+    """Width F = expansion * d_model, unless num_latents is given."""
+    num_latents: int | None = Field(None, gt=0)
+    """Width F, overriding expansion."""
+    aux_coeff: float = Field(1 / 32, ge=0)
+    """Weight of the AuxK dead-latent loss (TopK archs)."""
+    l1_coeff: float = Field(3e-2, ge=0)
+    """relu: weight of the L1 penalty."""
+    dead_after_rows: int = Field(250_000, gt=0)
+    """A latent counts as dead (and AuxK revives it) after this many training rows without firing."""
+    batch_size: int = Field(4096, gt=0)
+    """Rows (tokens) per optimiser step."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak AdamW learning rate."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warm-up from 0 to lr."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up, down to min_lr_ratio * lr at the last step."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of lr."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay (0: sparsity already regularises; decay would shrink the decoder's unit rows)."""
+    epochs: int = Field(2, gt=0)
+    """Passes over the training split."""
+    max_steps: int | None = Field(None, gt=0)
+    """Stop after this many optimiser steps instead (the schedule is sized to it)."""
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    """Fraction of sample chunks (whole harvest batches of images) held out for evaluation."""
+    split_seed: int = 0
+    """Seed of the choice of held-out sample chunks."""
+    steps: str = "all"
+    """Stored steps to train on: 'all' or a range 'start:stop' of stored step positions."""
+    stratify_steps: bool = False
+    """Give every batch the stored steps in equal shares (see train/data.py)."""
+    window_rows: int = Field(1 << 17, gt=0)
+    """Rows shuffled together: chunks are read in windows this large and every window is permuted."""
+    read_threads: int = Field(4, gt=0)
+    """Threads reading (decompressing) chunks in the background."""
+    seed: int = 0
+    """Seeds the SAEs' initial weights and the data order."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
+    amp: bool = True
+    """bfloat16 autocast on CUDA (ignored on CPU)."""
+    log_every: int = Field(20, gt=0)
+    """Optimiser steps between metrics lines (and progress-bar updates)."""
+    checkpoint_every: int = Field(200, gt=0)
+    """Optimiser steps between checkpoints (one is also written at the end)."""
+    eval_buckets: int = Field(10, gt=0)
+    """Per-timestep evaluation after training: stored steps grouped into at most this many buckets."""
+    progress: bool = True
+    """Show a progress bar."""
+    overwrite: bool = False
+    """Replace a finished run, or one with another configuration, in out."""
+
+    @field_validator("archs", "k", mode="before")
+    @classmethod
+    def _lists(cls, v: Any) -> Any:
+        return _comma_list(v)
+
+    @field_validator("archs")
+    @classmethod
+    def _archs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"archs is empty; choose from {', '.join(ARCHS)}")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("k")
+    @classmethod
+    def _k(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 1:
+            raise ValueError(f"k={list(v)} must be positive integers, e.g. 16 or '8,16,32'")
+        return tuple(dict.fromkeys(v))
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str) -> str:
+        v = v.replace(" ", "")
+        if v not in ("middle", "all") and not re.fullmatch(r"\d+(,\d+)*", v):
+            raise ValueError(f"layers={v!r} is not 'middle', 'all' or a comma list of layer indices like '2,3'")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: str) -> str:
+        v = v.replace(" ", "")
+        m = re.fullmatch(r"(\d*):(\d*)", v)
+        if v != "all" and (m is None or (m[1] and m[2] and int(m[1]) >= int(m[2]))):
+            raise ValueError(f"steps={v!r} is not 'all' or a range 'start:stop' of stored steps, e.g. '0:25'")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> TrainConfig:
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} must be below max_steps={self.max_steps}; lower warmup_steps"
+            )
+        return self
+
+    def step_range(self, num_steps: int) -> tuple[int, int]:
+        """[start, stop) of stored step positions, checked against the store's S."""
+        if self.steps == "all":
+            return 0, num_steps
+        a, b = self.steps.split(":")
+        lo, hi = int(a or 0), min(int(b) if b else num_steps, num_steps)
+        if lo >= hi:
+            raise ValueError(f"steps={self.steps!r} selects no step: the store has stored steps 0..{num_steps - 1}")
+        return lo, hi
+
+    def layer_list(self, meta: StoreMeta) -> list[int]:
+        """The layers to train on, checked against the store's."""
+        if self.layers == "all":
+            return list(meta.layers)
+        if self.layers == "middle":
+            return [meta.layers[(len(meta.layers) - 1) // 2]]
+        want = [int(p) for p in self.layers.split(",")]
+        missing = [layer for layer in want if layer not in meta.layers]
+        if missing:
+            raise ValueError(
+                f"layer(s) {missing} are not in the store; it holds layers {meta.layers} (of {meta.num_layers} "
+                f"blocks). Pick from those with --layers, or harvest the others with `tide harvest --layers`"
+            )
+        return sorted(set(want))
+
+    def specs(self, meta: StoreMeta) -> list[SAESpec]:
+        """Every SAE of the run, checked against the store (site, layers, branch, width)."""
+        if self.site not in meta.sites:
+            raise ValueError(
+                f"site {self.site!r} is not in the store; it holds sites {meta.sites}. Pick one with --site, "
+                f"or harvest it with `tide harvest --sites {self.site}`"
+            )
+        if self.branch not in meta.branches:
+            raise ValueError(f"branch {self.branch!r} is not in the store; it holds {meta.branches}")
+        width = self.num_latents or self.expansion * meta.d_model
+        too_big = [k for k in self.k if k > width and set(self.archs) - {"relu"}]
+        if too_big:
+            raise ValueError(
+                f"k={too_big} exceeds the SAE width num_latents={width} (d_model {meta.d_model}"
+                + ("" if self.num_latents else f" x expansion {self.expansion}")
+                + "); lower --k or raise --expansion / --num-latents"
+            )
+        specs = []
+        for layer in self.layer_list(meta):
+            array = act_name(self.site, layer, self.branch)
+            for arch in self.archs:
+                for k in self.k if arch != "relu" else self.k[:1]:
+                    name = f"{array}-{arch}" + (f"-k{k}" if arch != "relu" else "")
+                    sae = SAEConfig(
+                        arch=arch, d_model=meta.d_model, num_latents=width, k=min(k, width), l1_coeff=self.l1_coeff,
+                        aux_coeff=self.aux_coeff, dead_steps_threshold=math.ceil(self.dead_after_rows / self.batch_size),
+                        num_train_timesteps=_num_train_timesteps(meta),
+                    )
+                    specs.append(SAESpec(name, array, sae))
+        return specs
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the result (what a resume must match)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}
+
+
+def _num_train_timesteps(meta: StoreMeta) -> int:
+    return int(meta.scheduler.config.get("num_train_timesteps", 1000))
+

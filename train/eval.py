@@ -1,0 +1,182 @@
+"""Evaluate SAEs on their held-out samples: reconstruction and sparsity, overall and per timestep.
+
+Shape key: B batch rows, D model width, F SAE latents, S stored steps.
+
+Held-out rows are those of the validation sample chunks recorded in each SAE's sae.json (whole images the
+SAE never saw), over the steps it trained on. Reconstruction metrics are in RAW activation space:
+x_hat = sae.forward_raw(x, t). For a group G of rows (all of them, one stored step, or a bucket of
+consecutive steps):
+    mse                = mean over rows and channels of (x_hat - x)^2
+    fvu                = sum ||x_hat - x||^2 / sum ||x - mean_G(x)||^2   (normalised MSE: variance unexplained)
+    explained_variance = 1 - sum_d Var_G(x_d - x_hat_d) / sum_d Var_G(x_d)   (blind to a constant offset)
+    cosine             = mean over rows of cos(x, x_hat)
+    l0                 = mean number of active latents per row
+    dead_fraction      = fraction of latents that never fire on G's rows
+    dense_fraction     = fraction of latents that fire on more than `dense_threshold` of G's rows
+Dead and dense are per group, so a latent that only fires at high noise is alive in the high-noise bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from store.reader import Store, open_store
+from train.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
+from train.data import ActivationLoader
+
+
+class Metrics(NamedTuple):
+    rows: int
+    mse: float
+    fvu: float
+    """Normalised MSE: the fraction of the group's variance left unexplained."""
+    explained_variance: float
+    cosine: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+
+
+class Group(NamedTuple):
+    steps: tuple[int, int]
+    """[start, stop) stored step positions."""
+    t: tuple[float, float]
+    """Scheduler timesteps of the first and last step."""
+    metrics: Metrics
+
+
+class EvalResult(NamedTuple):
+    name: str
+    overall: Metrics
+    buckets: list[Group]
+    """Consecutive steps in at most `buckets` groups, for the table."""
+    per_step: list[Group]
+    """Every stored step on its own."""
+
+    def to_json(self) -> dict[str, Any]:
+        def group(g: Group) -> dict[str, Any]:
+            return {"steps": list(g.steps), "t": list(g.t), **g.metrics._asdict()}
+
+        return {"name": self.name, "overall": self.overall._asdict(), "buckets": [group(g) for g in self.buckets],
+                "per_step": [group(g) for g in self.per_step]}
+
+
+class _Sums:
+    """Running per-step sums, in float64, from which every metric of any group of steps follows."""
+
+    def __init__(self, S: int, D: int, F: int, device: torch.device):
+        z = dict(dtype=torch.float64, device=device)
+        self.n_S, self.se_S, self.cos_S, self.l0_S = (torch.zeros(S, **z) for _ in range(4))
+        self.sx_SD, self.sxx_SD, self.sr_SD, self.srr_SD = (torch.zeros(S, D, **z) for _ in range(4))
+        self.fire_SF = torch.zeros(S, F, dtype=torch.int64, device=device)
+
+    def add(self, x_BD: Tensor, x_hat_BD: Tensor, z_BF: Tensor, step_B: Tensor) -> None:
+        x_BD, x_hat_BD = x_BD.double(), x_hat_BD.double()
+        r_BD = x_BD - x_hat_BD
+        self.n_S.index_add_(0, step_B, torch.ones_like(x_BD[:, 0]))
+        self.se_S.index_add_(0, step_B, r_BD.pow(2).sum(-1))
+        self.cos_S.index_add_(0, step_B, torch.nn.functional.cosine_similarity(x_BD, x_hat_BD, dim=-1, eps=1e-12))
+        fired_BF = z_BF > 0
+        self.l0_S.index_add_(0, step_B, fired_BF.sum(-1).double())
+        for acc, v in ((self.sx_SD, x_BD), (self.sxx_SD, x_BD**2), (self.sr_SD, r_BD), (self.srr_SD, r_BD**2)):
+            acc.index_add_(0, step_B, v)
+        self.fire_SF.index_add_(0, step_B, fired_BF.long())
+
+    def metrics(self, steps: slice, dense_threshold: float) -> Metrics:
+        n = float(self.n_S[steps].sum())
+        if n == 0:
+            return Metrics(0, *([float("nan")] * 7))
+
+        def var_sum(s: Tensor, ss: Tensor) -> float:  # sum over channels of n * Var_G
+            s_D, ss_D = s[steps].sum(0), ss[steps].sum(0)
+            return float((ss_D - s_D**2 / n).sum())
+
+        D = self.sx_SD.shape[1]
+        se, var_x = float(self.se_S[steps].sum()), var_sum(self.sx_SD, self.sxx_SD)
+        fires_F = self.fire_SF[steps].sum(0).double()
+        return Metrics(
+            rows=int(n), mse=se / (n * D), fvu=se / max(var_x, 1e-300),
+            explained_variance=1 - var_sum(self.sr_SD, self.srr_SD) / max(var_x, 1e-300),
+            cosine=float(self.cos_S[steps].sum()) / n, l0=float(self.l0_S[steps].sum()) / n,
+            dead_fraction=float((fires_F == 0).double().mean()),
+            dense_fraction=float((fires_F > dense_threshold * n).double().mean()),
+        )
+
+
+def _groups(lo: int, hi: int, buckets: int) -> list[slice]:
+    return [slice(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(lo, hi), min(buckets, hi - lo))]
+
+
+@torch.no_grad()
+def evaluate(saes: Sequence[LoadedSAE], store: Store, *, buckets: int = 10, batch_size: int = 4096,
+             device: str | torch.device = "cpu", dense_threshold: float = 0.1, read_threads: int = 4) -> list[EvalResult]:
+    """Held-out metrics of each SAE. SAEs with the same held-out samples and steps share one read."""
+    device = torch.device(device)
+    for s in saes:
+        if s.meta.store.identity != store.identity():
+            raise ValueError(
+                f"{s.folder} was trained on the store {s.meta.store.path} (identity {s.meta.store.identity}), "
+                f"but {store.path} has identity {store.identity()}; evaluate it on the store it was trained on"
+            )
+        if not s.meta.split.val_chunks:
+            raise ValueError(f"{s.folder} was trained with val_fraction=0: it has no held-out samples to evaluate on")
+    results: dict[str, EvalResult] = {}
+    keys = list(dict.fromkeys((tuple(s.meta.split.val_chunks), s.meta.step_range) for s in saes))
+    t_S = store.timesteps
+    for chunks, (lo, hi) in keys:
+        group = [s for s in saes if (tuple(s.meta.split.val_chunks), s.meta.step_range) == (chunks, (lo, hi))]
+        arrays = list(dict.fromkeys(s.meta.array for s in group))
+        loader = ActivationLoader(store, arrays, list(chunks), batch_size, shuffle=False, drop_last=False,
+                                  step_range=(lo, hi), read_threads=read_threads, device=device)
+        sums = [_Sums(store.layout.num_steps, store.meta.d_model, s.sae.cfg.num_latents, device) for s in group]
+        for s in group:
+            s.sae.to(device).eval()
+        for batch in loader.batches(epochs=1):
+            for s, acc in zip(group, sums, strict=True):
+                x_BD = batch.x_ABD[arrays.index(s.meta.array)].float()
+                out = s.sae.forward_raw(x_BD, batch.t_B)
+                acc.add(x_BD, out.x_hat_BD, out.z_BF, batch.step_B)
+        for s, acc in zip(group, sums, strict=True):
+            def groups(slices: list[slice], acc=acc) -> list[Group]:
+                return [Group((g.start, g.stop), (float(t_S[g.start]), float(t_S[g.stop - 1])),
+                              acc.metrics(g, dense_threshold)) for g in slices]
+
+            results[s.meta.name] = EvalResult(
+                s.meta.name, acc.metrics(slice(lo, hi), dense_threshold), groups(_groups(lo, hi, buckets)),
+                groups(_groups(lo, hi, hi - lo)),
+            )
+    return [results[s.meta.name] for s in saes]
+
+
+def evaluate_folders(paths: Sequence[Path], store: Path | None = None, **kwargs: Any) -> list[EvalResult]:
+    """Evaluate SAE folders (or run folders holding them) and write each one's eval.json."""
+    folders = sae_folders(list(paths))
+    device = kwargs.get("device", "cpu")
+    loaded = [load_sae(f, device) for f in folders]
+    stores = {s.meta.store.path for s in loaded}
+    if store is None and len(stores) > 1:
+        raise ValueError(f"the SAEs come from {len(stores)} stores ({', '.join(sorted(stores))}); evaluate them apart")
+    opened = open_store(store if store is not None else next(iter(stores)))
+    results = evaluate(loaded, opened, **kwargs)
+    for s, r in zip(loaded, results, strict=True):
+        write_json(s.folder / "eval.json", r.to_json())
+    return results
+
+
+def format_table(result: EvalResult) -> str:
+    """A plain-text table: one line per timestep bucket, then the overall line."""
+    head = f"{'steps':>9} {'t':>13} {'rows':>8} {'fvu':>7} {'ev':>7} {'cos':>6} {'mse':>9} {'L0':>6} {'dead':>6} {'dense':>6}"
+
+    def line(label: str, t: str, m: Metrics) -> str:
+        return (f"{label:>9} {t:>13} {m.rows:>8} {m.fvu:>7.4f} {m.explained_variance:>7.4f} {m.cosine:>6.3f} "
+                f"{m.mse:>9.3g} {m.l0:>6.1f} {m.dead_fraction:>6.3f} {m.dense_fraction:>6.3f}")
+
+    rows = [line(f"{g.steps[0]}-{g.steps[1] - 1}", f"{g.t[0]:.0f}..{g.t[1]:.0f}", g.metrics) for g in result.buckets]
+    return "\n".join([f"{result.name} (held-out samples; raw activation space)", head, *rows,
+                      line("all", "", result.overall)])

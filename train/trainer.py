@@ -1,0 +1,300 @@
+"""train(cfg): train several SAEs side by side on one stream of batches from a tide store, resumably.
+
+Shape key: A arrays read, B batch rows, D model width, S stored steps.
+
+Every SAE of the run (TrainConfig.specs: layers x archs x k) sees the same batches, has its own AdamW,
+and trains on normalised inputs x_n = (x - mean[step]) / s with the per-step means of its array over the
+training split (from the writer's sums, `Store.stats`) and one scalar s with E||x_n||^2 = D. Subtracting
+the per-step mean keeps the latents from spending themselves on "which timestep is this", which the
+residual's mean drifts with; one scalar s, not one per step, keeps the steps' relative magnitudes, so the
+loss weighs them as the model does. Every SAE, tide or baseline, sees identical inputs, so a tide-vs-topk
+difference is the timestep modulation alone. The normalisation is stored in the SAE's buffers
+(`set_input_normalization`), so `sae.forward_raw(x, t)` works on raw activations.
+
+A run in `cfg.out` left by a kill is resumed exactly (CPU): weights, optimiser states, step, data position
+and RNG come from trainer_state.pt (train/checkpoint.py), so the final weights equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from store.reader import Store, configure_read_threads, open_store
+from train.checkpoint import (
+    NORMALIZATION,
+    SAEMeta,
+    StoreRef,
+    load_state,
+    save_sae,
+    save_state,
+    write_json,
+)
+from train.config import SAESpec, TrainConfig
+from train.data import ActivationLoader, Batch, Position, Split, split_samples
+from train.loss import LossOutput, sae_loss
+from train.sae import SAE, build_sae
+
+
+class TrainError(ValueError):
+    """Bad input to a training run: the message says what and how to fix it."""
+
+
+@dataclass
+class Member:
+    """One SAE of the run, with what it needs on the device."""
+
+    spec: SAESpec
+    sae: SAE
+    opt: torch.optim.AdamW
+    array_index: int
+    """Index of its array in the loader's arrays (the A axis of a batch)."""
+    mean_SD: torch.Tensor
+    """Per-step input mean over the training split (every stored step; only the step range is used)."""
+    scale: float
+
+
+@dataclass
+class Run:
+    """The mutable state of a run: what fit() advances."""
+
+    cfg: TrainConfig
+    members: list[Member]
+    total_steps: int
+    store_ref: StoreRef
+    split: Split
+    step_range: tuple[int, int]
+    step: int = 0
+    rows: int = 0
+    position: Position = Position(0, 0)
+    last: list[LossOutput] = field(default_factory=list)
+    clock: tuple[float, int] = (0.0, 0)
+    """(time, rows) at the last log line, for rows/s."""
+
+
+class TrainResult(NamedTuple):
+    out: Path
+    """The run folder."""
+    saes: list[Path]
+    """One folder per SAE, in spec order."""
+    steps: int
+    """Optimiser steps trained in total."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainError(f"device={device!r} but CUDA is not available here; use --device cpu (or auto)")
+    return torch.device(device)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up to cfg.lr, then cosine or linear decay to min_lr_ratio * lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - 1 - cfg.warmup_steps))
+    shape = {"cosine": 0.5 * (1 + math.cos(math.pi * p)), "linear": 1 - p, "constant": 1.0}[cfg.decay]
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+
+def normalization(store: Store, array: str, chunks: list[int], step_range: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    """(per-step mean (S, D), scalar s) over the training rows, so that E||(x - mean[step]) / s||^2 = D."""
+    st = store.stats(array, chunks)
+    lo, hi = step_range
+    n = st.count[lo:hi].astype("float64")
+    centred_sq = st.mean_sq_norm[lo:hi] - (st.mean[lo:hi] ** 2).sum(-1)  # E||x - mean||^2 per step
+    scale = math.sqrt(max(float((n * centred_sq).sum() / n.sum()), 1e-12) / store.meta.d_model)
+    return torch.as_tensor(st.mean, dtype=torch.float32), scale
+
+
+def _prepare_out(cfg: TrainConfig, store: Store, device: torch.device) -> dict[str, Any] | None:
+    """The resume state in cfg.out if it is a resumable run of this config and store; else a fresh folder."""
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file; give a folder for the SAEs")
+    state = None if cfg.overwrite else load_state(out, device)
+    if state is not None:
+        if state["store"]["identity"] != store.identity():
+            raise TrainError(
+                f"{out} holds a run trained on the store {state['store']['path']} (identity "
+                f"{state['store']['identity']}), but --store {cfg.store} is a different store (identity "
+                f"{store.identity()}); point --store at the original store to resume, or pass --overwrite "
+                "(or another --out) to start a new run"
+            )
+        old = state["config"]
+        diffs = [f"{k}: {old.get(k)!r} in {out}, {v!r} now" for k, v in cfg.identity().items() if old.get(k) != v]
+        if diffs:
+            raise TrainError(
+                f"{out} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
+                + "\nPass --overwrite to replace it, or choose another --out."
+            )
+        return state
+    if out.exists() and any(out.iterdir()):
+        # A run killed before its first checkpoint left only its config and metrics: nothing to keep.
+        unstarted = (out / "train_config.json").is_file() and not any(p.is_dir() for p in out.iterdir())
+        if not (cfg.overwrite or unstarted):
+            raise TrainError(f"--out {out} exists and holds no resumable tide training run; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _build(cfg: TrainConfig, store: Store, device: torch.device) -> tuple[Run, ActivationLoader]:
+    try:
+        specs = cfg.specs(store.meta)
+        step_range = cfg.step_range(store.layout.num_steps)
+        state = _prepare_out(cfg, store, device)
+        split = Split(**state["split"]) if state else split_samples(
+            store.layout, store.done_chunks(), cfg.val_fraction, cfg.split_seed
+        )
+    except TrainError:
+        raise
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    arrays = list(dict.fromkeys(s.array for s in specs))
+    loader = ActivationLoader(
+        store, arrays, split.train_chunks, cfg.batch_size, window_rows=cfg.window_rows, seed=cfg.seed,
+        stratify_steps=cfg.stratify_steps, step_range=step_range, read_threads=cfg.read_threads, device=device,
+    )
+    if loader.batches_per_epoch == 0:
+        raise TrainError(
+            f"the training split has {loader.rows_per_epoch} rows, fewer than one batch of {cfg.batch_size}; "
+            "lower --batch-size or harvest more samples"
+        )
+    total = cfg.max_steps or cfg.epochs * loader.batches_per_epoch
+    timesteps = torch.as_tensor(store.timesteps[step_range[0]:step_range[1]])
+    members = []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(cfg.seed * 1000 + i)  # each SAE's initial weights depend on the seed and its place
+        sae = build_sae(spec.sae).to(device)
+        mean_SD, scale = normalization(store, spec.array, split.train_chunks, step_range)
+        sae.set_input_normalization(mean_SD[step_range[0]:step_range[1]], scale, timesteps)
+        opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
+    store_ref = StoreRef(path=str(store.path.resolve()), identity=store.identity())
+    run = Run(cfg, members, total, store_ref, split, step_range)
+    if state is not None:
+        for m in members:
+            m.sae.load_state_dict(state["saes"][m.spec.name])
+            m.opt.load_state_dict(state["optims"][m.spec.name])
+        run.step, run.rows, run.position = state["step"], state["rows"], Position(*state["position"])
+        torch.set_rng_state(state["rng"].cpu())
+        _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
+    return run, loader
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are."""
+    configure_read_threads(cfg.read_threads)
+    device = resolve_device(cfg.device)
+    store = open_store(cfg.store)
+    run, loader = _build(cfg, store, device)
+    write_json(cfg.out / "train_config.json", cfg.model_dump(mode="json"))
+    names = ", ".join(m.spec.name for m in run.members)
+    log(
+        f"{cfg.out}: {names} on {loader.rows_per_epoch} training rows ({len(run.split.train_chunks)} sample chunks; "
+        f"{len(run.split.val_chunks)} held out), {run.total_steps} steps of {cfg.batch_size} on {device}"
+        + (f", resuming at step {run.step}" if run.step else "")
+    )
+    if run.step < run.total_steps:
+        batches = loader.batches(run.position)
+        try:
+            fit(run, batches, cfg)
+        finally:
+            batches.close()
+    return TrainResult(cfg.out, [cfg.out / m.spec.name for m in run.members], run.step)
+
+
+def fit(run: Run, batches: Iterable[Batch], cfg: TrainConfig) -> Run:
+    """The training loop: one step of every SAE per batch, logging and checkpointing as configured."""
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", disable=not cfg.progress, smoothing=0.1)
+    run.clock = (time.perf_counter(), run.rows)
+    for batch in batches:
+        if run.step >= run.total_steps:
+            break
+        _step(run, batch, cfg)
+        bar.update(1)
+        _log(run, bar, cfg)
+        _maybe_checkpoint(run, cfg)
+    bar.close()
+    return run
+
+
+def _step(run: Run, batch: Batch, cfg: TrainConfig) -> None:
+    lr = lr_at(run.step, cfg, run.total_steps)
+    amp = cfg.amp and batch.t_B.device.type == "cuda"
+    run.last = []
+    for m in run.members:
+        x_BD = batch.x_ABD[m.array_index].float()
+        x_BD = (x_BD - m.mean_SD[batch.step_B]) / m.scale
+        if run.step == 0:
+            m.sae.init_decoder_bias(x_BD)
+        with torch.autocast(batch.t_B.device.type, dtype=torch.bfloat16, enabled=amp):
+            out = m.sae(x_BD, batch.t_B)
+        loss = sae_loss(m.sae, x_BD, out)
+        m.opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        m.sae.project_decoder_grad()
+        for group in m.opt.param_groups:
+            group["lr"] = lr
+        m.opt.step()
+        m.sae.normalize_decoder()
+        run.last.append(LossOutput(*(v.detach() for v in loss)))  # keep numbers, not the graph
+    run.step += 1
+    run.rows += len(batch.t_B)
+    run.position = batch.position
+
+
+def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
+    if run.step % cfg.log_every and run.step != run.total_steps:
+        return
+    now = time.perf_counter()
+    rate = (run.rows - run.clock[1]) / max(now - run.clock[0], 1e-9)
+    run.clock = (now, run.rows)
+    line: dict[str, Any] = {"step": run.step, "rows": run.rows, "lr": lr_at(run.step - 1, cfg, run.total_steps),
+                            "rows_per_s": round(rate, 1)}
+    for m, loss in zip(run.members, run.last, strict=True):
+        values = {k: float(v) for k, v in loss._asdict().items()}
+        values["dead_fraction"] = float(m.sae.dead_mask().float().mean())
+        line[m.spec.name] = values
+    with open(cfg.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    fvu = "/".join(f"{line[m.spec.name]['fvu']:.3f}" for m in run.members)
+    l0 = "/".join(f"{line[m.spec.name]['l0']:.1f}" for m in run.members)
+    bar.set_postfix_str(f"fvu {fvu} L0 {l0} {rate:,.0f} rows/s", refresh=False)
+
+
+def _maybe_checkpoint(run: Run, cfg: TrainConfig) -> None:
+    if run.step % cfg.checkpoint_every and run.step != run.total_steps:
+        return
+    save_state(cfg.out, {
+        "step": run.step, "rows": run.rows, "position": list(run.position), "rng": torch.get_rng_state(),
+        "saes": {m.spec.name: m.sae.state_dict() for m in run.members},
+        "optims": {m.spec.name: m.opt.state_dict() for m in run.members},
+        "config": cfg.identity(), "store": run.store_ref.model_dump(), "split": run.split.model_dump(),
+        "finished": run.step == run.total_steps,
+    })
+    for m in run.members:
+        meta = SAEMeta(
+            name=m.spec.name, array=m.spec.array, sae=m.spec.sae, store=run.store_ref, split=run.split,
+            step_range=run.step_range, normalization=NORMALIZATION, input_scale=m.scale, trained_steps=run.step,
+            trained_rows=run.rows, train_config=cfg.model_dump(mode="json"),
+        )
+        save_sae(cfg.out / m.spec.name, m.sae, meta)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines logged after the checkpoint a resume starts from (they will be logged again)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
