@@ -40,8 +40,9 @@ def _block_sums(block: np.ndarray, dtype: str, square: bool) -> np.ndarray:
     return (np.square(x) if square else x).sum(axis=(0, 2), keepdims=True)
 
 
-def recompute_sums(store: Store, name: str, sample_chunks: list[int] | None = None,
-                   scheduler: str | None = None) -> ChunkSums:
+def recompute_sums(
+    store: Store, name: str, sample_chunks: list[int] | None = None, scheduler: str | None = None
+) -> ChunkSums:
     """Count, sum and sum of squares per (sample chunk, step) of array `name`, over done (or the given) chunks."""
     import dask
     import dask.array as da
@@ -52,7 +53,9 @@ def recompute_sums(store: Store, name: str, sample_chunks: list[int] | None = No
     if not chunks:
         raise StoreError(f"{store.path} has no finished sample chunk to compute statistics over")
     x = da.from_zarr(str(store.path), component=name)
-    x = da.concatenate([x[lay.sample_chunk(c)] for c in chunks], axis=0)  # whole chunks, so blocks stay aligned
+    x = da.concatenate(
+        [x[lay.sample_chunk(c)] for c in chunks], axis=0
+    )  # whole chunks, so blocks stay aligned
     out_chunks = ((1,) * len(chunks), x.chunks[1], (1,) * len(x.chunks[2]), x.chunks[3])
     s, sq = (
         x.map_blocks(_block_sums, dtype, square, chunks=out_chunks, dtype=np.float64).sum(axis=2)
@@ -79,7 +82,9 @@ def _client(address: str):
     try:
         return distributed.Client(address, timeout="10s")
     except OSError as e:
-        raise StoreError(f"no dask scheduler answered at {address}: {e}; start one with `dask scheduler`") from e
+        raise StoreError(
+            f"no dask scheduler answered at {address}: {e}; start one with `dask scheduler`"
+        ) from e
 
 
 def stored_sums(store: Store, name: str, sample_chunks: list[int]) -> ChunkSums:
@@ -98,7 +103,8 @@ def difference(a: ChunkSums, b: ChunkSums) -> float:
     if a.chunks != b.chunks or not np.array_equal(a.count, b.count):
         return float("inf")
     return max(
-        float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-300)) for x, y in ((a.sum, b.sum), (a.sumsq, b.sumsq))
+        float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-300))
+        for x, y in ((a.sum, b.sum), (a.sumsq, b.sumsq))
     )
 
 
@@ -116,7 +122,13 @@ def step_table(store: Store, sums: ChunkSums) -> list[dict[str, float]]:
     m = moments(sums.count.sum(0), sums.sum.sum(0), sums.sumsq.sum(0))
     t = store.timesteps
     return [
-        {"step": s, "t": float(t[s]), "rows": int(m.count[s]), "mean_norm": float(np.linalg.norm(m.mean[s])),
-         "rms_norm": float(np.sqrt(m.mean_sq_norm[s])), "channel_std": float(np.sqrt(m.var[s]).mean())}
+        {
+            "step": s,
+            "t": float(t[s]),
+            "rows": int(m.count[s]),
+            "mean_norm": float(np.linalg.norm(m.mean[s])),
+            "rms_norm": float(np.sqrt(m.mean_sq_norm[s])),
+            "channel_std": float(np.sqrt(m.var[s]).mean()),
+        }
         for s in range(len(t))
     ]

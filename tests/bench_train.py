@@ -34,10 +34,23 @@ from store.schema import (
 from store.writer import StoreWriter, create_store
 
 
-def synthetic_store(path: Path, *, num_samples: int = 12, num_steps: int = 5, tokens: int = 4, d_model: int = 8,
-                    batch_size: int = 3, layers: tuple[int, ...] = (0,), sites: tuple[str, ...] = ("resid",),
-                    steps_per_chunk: int | None = None, tokens_per_chunk: int | None = None, dtype: str = "float16",
-                    codec: str = "blosc-zstd", values: str = "index", seed: int = 0) -> Store:
+def synthetic_store(
+    path: Path,
+    *,
+    num_samples: int = 12,
+    num_steps: int = 5,
+    tokens: int = 4,
+    d_model: int = 8,
+    batch_size: int = 3,
+    layers: tuple[int, ...] = (0,),
+    sites: tuple[str, ...] = ("resid",),
+    steps_per_chunk: int | None = None,
+    tokens_per_chunk: int | None = None,
+    dtype: str = "float16",
+    codec: str = "blosc-zstd",
+    values: str = "index",
+    seed: int = 0,
+) -> Store:
     """A tide store written with the real writer, without a model.
 
     values="index": row (i, s, t) of array number a holds [i, s, t, a, 0, ...] plus a small per-channel
@@ -47,14 +60,28 @@ def synthetic_store(path: Path, *, num_samples: int = 12, num_steps: int = 5, to
     itemsize = numpy_storage_dtype(dtype).itemsize
     spc, tpc = choose_chunks(batch_size, num_steps, tokens, d_model, itemsize)
     meta = StoreMeta(
-        tide_version="0+synthetic", created="1970-01-01T00:00:00+00:00",
-        model=ModelInfo(id="synthetic", path="synthetic", transformer_class="Synthetic", transformer_config={"seed": seed}),
+        tide_version="0+synthetic",
+        created="1970-01-01T00:00:00+00:00",
+        model=ModelInfo(
+            id="synthetic", path="synthetic", transformer_class="Synthetic", transformer_config={"seed": seed}
+        ),
         scheduler=SchedulerInfo(class_name="DDPMScheduler", config={"num_train_timesteps": 1000}),
-        num_inference_steps=num_steps, step_indices=list(range(num_steps)), guidance_scale=1.0, cfg_branch="cond",
-        conditioning="class", sites=list(sites), layers=list(layers), num_layers=max(layers) + 1, d_model=d_model,
-        num_samples=num_samples, batch_size=batch_size, steps_per_chunk=steps_per_chunk or spc,
-        tokens_per_chunk=tokens_per_chunk or tpc, tokens=TokenSampling(num_tokens=tokens, fraction=1.0, kept=tokens),
-        dtype=dtype, codec=codec,
+        num_inference_steps=num_steps,
+        step_indices=list(range(num_steps)),
+        guidance_scale=1.0,
+        cfg_branch="cond",
+        conditioning="class",
+        sites=list(sites),
+        layers=list(layers),
+        num_layers=max(layers) + 1,
+        d_model=d_model,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        steps_per_chunk=steps_per_chunk or spc,
+        tokens_per_chunk=tokens_per_chunk or tpc,
+        tokens=TokenSampling(num_tokens=tokens, fraction=1.0, kept=tokens),
+        dtype=dtype,
+        codec=codec,
     )
     timesteps = np.linspace(999, 0, num_steps).round(3)
     root = create_store(path, meta, timesteps, np.arange(num_samples), np.arange(num_samples) % 10, None)
@@ -103,7 +130,9 @@ def bench_reader(store: Store, memmap: np.ndarray, batch_size: int, repeats: int
     from train.data import ActivationLoader
 
     def rate(source) -> float:
-        loader = ActivationLoader(store, ["resid_l00"], store.done_chunks(), batch_size, seed=0, source=source)
+        loader = ActivationLoader(
+            store, ["resid_l00"], store.done_chunks(), batch_size, seed=0, source=source
+        )
         rows, seconds = _drain(loader.batches(epochs=1))
         return rows / seconds
 
@@ -122,7 +151,7 @@ def _memory_batches(x_ND: torch.Tensor, step_N: torch.Tensor, t_S: torch.Tensor,
 
     perm = torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(0))
     for i in range(steps):
-        idx = perm[i * batch_size:(i + 1) * batch_size]
+        idx = perm[i * batch_size : (i + 1) * batch_size]
         yield Batch(x_ND[idx][None], t_S[step_N[idx]], step_N[idx], idx, Position(0, (i + 1) * batch_size))
 
 
@@ -131,9 +160,20 @@ def bench_train(store: Store, work: Path, steps: int, batch_size: int, repeats: 
     from train.trainer import _build, fit
 
     # Windows of a few batches, so that chunks are read (and decompressed) while the SAEs train.
-    cfg = TrainConfig(store=store.path, out=work / "saes", layers="0", max_steps=steps, warmup_steps=1,
-                      batch_size=batch_size, window_rows=4 * batch_size, val_fraction=0, progress=False,
-                      overwrite=True, log_every=10**6, checkpoint_every=10**6)
+    cfg = TrainConfig(
+        store=store.path,
+        out=work / "saes",
+        layers="0",
+        max_steps=steps,
+        warmup_steps=1,
+        batch_size=batch_size,
+        window_rows=4 * batch_size,
+        val_fraction=0,
+        progress=False,
+        overwrite=True,
+        log_every=10**6,
+        checkpoint_every=10**6,
+    )
     lay = store.layout
     x_ND = torch.from_numpy(store.root["resid_l00"][:].reshape(-1, lay.d_model))
     step_N = torch.arange(lay.num_steps).repeat_interleave(lay.tokens).repeat(lay.num_samples)
@@ -165,12 +205,19 @@ def bench_train(store: Store, work: Path, steps: int, batch_size: int, repeats: 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-samples", type=int, default=400, help="Samples of the synthetic store (x 50 steps x 16 tokens).")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=400,
+        help="Samples of the synthetic store (x 50 steps x 16 tokens).",
+    )
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--store", type=Path, default=None, help="Reuse this store (its first array) instead.")
+    parser.add_argument(
+        "--store", type=Path, default=None, help="Reuse this store (its first array) instead."
+    )
     # parse_known_args: tests/bench.py calls main() under its own command line.
     args, _ = parser.parse_known_args(argv)
     configure_read_threads(4)
@@ -179,14 +226,27 @@ def main(argv: list[str] | None = None) -> None:
         if args.store is not None:
             store = open_store(args.store)
         else:
-            store = synthetic_store(work / "bench.zarr", num_samples=args.num_samples, num_steps=50, tokens=16,
-                                    d_model=args.d_model, batch_size=50, layers=(0,), values="random")
+            store = synthetic_store(
+                work / "bench.zarr",
+                num_samples=args.num_samples,
+                num_steps=50,
+                tokens=16,
+                d_model=args.d_model,
+                batch_size=50,
+                layers=(0,),
+                values="random",
+            )
         name = store.meta.act_names()[0]
         np.save(work / "rows.npy", store.root[name][:])
         memmap = np.load(work / "rows.npy", mmap_mode="r")
         figures = bench_reader(store, memmap, args.batch_size, args.repeats)
         figures |= bench_train(store, work, args.train_steps, args.batch_size, args.repeats)
-    for key in ("reader_zarr_rows_per_s", "reader_memmap_rows_per_s", "train_cache_rows_per_s", "train_memory_rows_per_s"):
+    for key in (
+        "reader_zarr_rows_per_s",
+        "reader_memmap_rows_per_s",
+        "train_cache_rows_per_s",
+        "train_memory_rows_per_s",
+    ):
         print(f"{key}: {figures[key]:.4g}")
     print(f"reader_vs_memmap_ratio: {figures['reader_vs_memmap_ratio']:.3f}")
     print(f"train_cache_vs_memory_ratio: {figures['train_cache_vs_memory_ratio']:.3f}")

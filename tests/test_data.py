@@ -23,8 +23,16 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def index_store(tmp_path_factory):
     """12 samples in 4 sample chunks x 3 step chunks x 2 token chunks; rows hold their own (i, s, t)."""
-    return synthetic_store(tmp_path_factory.mktemp("idx") / "s.zarr", num_samples=12, num_steps=5, tokens=4,
-                           batch_size=3, layers=(0, 1), steps_per_chunk=2, tokens_per_chunk=2)
+    return synthetic_store(
+        tmp_path_factory.mktemp("idx") / "s.zarr",
+        num_samples=12,
+        num_steps=5,
+        tokens=4,
+        batch_size=3,
+        layers=(0, 1),
+        steps_per_chunk=2,
+        tokens_per_chunk=2,
+    )
 
 
 def _rows(batches) -> list[tuple[int, int, int]]:
@@ -32,7 +40,9 @@ def _rows(batches) -> list[tuple[int, int, int]]:
     out = []
     for b in batches:
         x = b.x_ABD.float()
-        assert x.shape[0] == 2 and (x[1, :, :3] == x[0, :, :3]).all() and (x[1, :, 3] == 1).all()  # arrays aligned
+        assert (
+            x.shape[0] == 2 and (x[1, :, :3] == x[0, :, :3]).all() and (x[1, :, 3] == 1).all()
+        )  # arrays aligned
         assert (x[0, :, 0].long() == b.sample_B).all() and (x[0, :, 1].long() == b.step_B).all()
         out += [tuple(r) for r in x[0, :, :3].long().tolist()]
     return out
@@ -65,8 +75,15 @@ def test_order_is_seeded_and_batches_mix_chunks(index_store):
     assert a != _rows(_loader(index_store, chunks, seed=2, window_rows=60).batches(epochs=2))
     assert a[:240] != a[240:]  # epochs differ
     lay = index_store.layout
-    mixed = [len({(i // lay.batch_size, s // lay.steps_per_chunk, t // lay.tokens_per_chunk) for i, s, t in a[j:j + 7]})
-             for j in range(0, 240 - 7, 7)]
+    mixed = [
+        len(
+            {
+                (i // lay.batch_size, s // lay.steps_per_chunk, t // lay.tokens_per_chunk)
+                for i, s, t in a[j : j + 7]
+            }
+        )
+        for j in range(0, 240 - 7, 7)
+    ]
     assert min(mixed) >= 2 and np.mean(mixed) > 3
 
 
@@ -80,14 +97,30 @@ def test_resume_from_a_position_continues_the_same_stream(index_store):
 
 def test_step_range_filter(index_store):
     rows = _rows(_loader(index_store, [0, 2], step_range=(1, 4)).batches(epochs=1))
-    assert Counter(rows) == Counter((i, s, t) for i in [0, 1, 2, 6, 7, 8] for s in (1, 2, 3) for t in range(4))
+    assert Counter(rows) == Counter(
+        (i, s, t) for i in [0, 1, 2, 6, 7, 8] for s in (1, 2, 3) for t in range(4)
+    )
 
 
 def test_stratified_batches_hold_every_step_evenly(tmp_path):
-    store = synthetic_store(tmp_path / "s.zarr", num_samples=20, num_steps=10, tokens=8, batch_size=4,
-                            steps_per_chunk=5, tokens_per_chunk=8)
-    loader = ActivationLoader(store, ["resid_l00"], list(range(5)), batch_size=50, window_rows=640,
-                              stratify_steps=True, drop_last=True)
+    store = synthetic_store(
+        tmp_path / "s.zarr",
+        num_samples=20,
+        num_steps=10,
+        tokens=8,
+        batch_size=4,
+        steps_per_chunk=5,
+        tokens_per_chunk=8,
+    )
+    loader = ActivationLoader(
+        store,
+        ["resid_l00"],
+        list(range(5)),
+        batch_size=50,
+        window_rows=640,
+        stratify_steps=True,
+        drop_last=True,
+    )
     for b in loader.batches(epochs=1):
         counts = np.bincount(b.step_B.numpy(), minlength=10)
         assert counts.min() >= 5 - 2 and counts.max() <= 5 + 2, counts
@@ -102,7 +135,15 @@ def _rows_1(batches):
 def test_split_is_seeded_and_stable_as_the_store_grows():
     from store.schema import Layout
 
-    lay = Layout(num_samples=100, num_steps=2, tokens=1, d_model=4, batch_size=10, steps_per_chunk=1, tokens_per_chunk=1)
+    lay = Layout(
+        num_samples=100,
+        num_steps=2,
+        tokens=1,
+        d_model=4,
+        batch_size=10,
+        steps_per_chunk=1,
+        tokens_per_chunk=1,
+    )
     full = split_samples(lay, list(range(10)), 0.2, 0)
     assert len(full.val_chunks) == 2 and full == split_samples(lay, list(range(10)), 0.2, 0)
     assert full.val_chunks != split_samples(lay, list(range(10)), 0.2, 1).val_chunks
@@ -132,8 +173,17 @@ def test_zarr_and_numpy_sources_give_identical_batches(index_store):
 
 @pytest.fixture(scope="module")
 def dit_store(tiny_dit, tmp_path_factory):
-    cfg = HarvestConfig(model=str(tiny_dit), out=tmp_path_factory.mktemp("dit") / "s.zarr", num_samples=5, num_steps=4,
-                        batch_size=2, layers="0,2", token_fraction=0.5, guidance_scale=1.0, progress=False)
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=tmp_path_factory.mktemp("dit") / "s.zarr",
+        num_samples=5,
+        num_steps=4,
+        batch_size=2,
+        layers="0,2",
+        token_fraction=0.5,
+        guidance_scale=1.0,
+        progress=False,
+    )
     harvest(cfg, log=lambda m: None)
     return open_store(cfg.out)
 

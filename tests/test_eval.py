@@ -28,18 +28,42 @@ def _numpy_metrics(x, x_hat, z, dense_threshold=0.1):
     cos = (x * x_hat).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(x_hat, axis=1), 1e-12)
     fires = (z > 0).sum(0)
     return {
-        "rows": n, "mse": (r**2).mean(), "fvu": (r**2).sum() / ((x - x.mean(0)) ** 2).sum(),
-        "explained_variance": 1 - r.var(0).sum() / x.var(0).sum(), "cosine": cos.mean(),
-        "l0": (z > 0).sum(1).mean(), "dead_fraction": (fires == 0).mean(),
+        "rows": n,
+        "mse": (r**2).mean(),
+        "fvu": (r**2).sum() / ((x - x.mean(0)) ** 2).sum(),
+        "explained_variance": 1 - r.var(0).sum() / x.var(0).sum(),
+        "cosine": cos.mean(),
+        "l0": (z > 0).sum(1).mean(),
+        "dead_fraction": (fires == 0).mean(),
         "dense_fraction": (fires > dense_threshold * n).mean(),
     }
 
 
 def test_metrics_equal_a_numpy_computation(tmp_path):
-    store = synthetic_store(tmp_path / "s.zarr", num_samples=16, num_steps=6, tokens=8, d_model=16, batch_size=4,
-                            steps_per_chunk=4, values="random")
-    cfg = TrainConfig(store=store.path, out=tmp_path / "o", layers="0", archs=("tide", "batchtopk"), k=(3,), expansion=2,
-                      batch_size=64, max_steps=8, warmup_steps=1, val_fraction=0.25, steps="1:6", progress=False)
+    store = synthetic_store(
+        tmp_path / "s.zarr",
+        num_samples=16,
+        num_steps=6,
+        tokens=8,
+        d_model=16,
+        batch_size=4,
+        steps_per_chunk=4,
+        values="random",
+    )
+    cfg = TrainConfig(
+        store=store.path,
+        out=tmp_path / "o",
+        layers="0",
+        archs=("tide", "batchtopk"),
+        k=(3,),
+        expansion=2,
+        batch_size=64,
+        max_steps=8,
+        warmup_steps=1,
+        val_fraction=0.25,
+        steps="1:6",
+        progress=False,
+    )
     folders = train(cfg, log=lambda m: None).saes
     results = evaluate_folders(folders, batch_size=50, buckets=2)
     x_all = store.root["resid_l00"][:].astype(np.float32)
@@ -54,29 +78,66 @@ def test_metrics_equal_a_numpy_computation(tmp_path):
         z = out.z_BF.numpy().reshape(*x.shape[:3], -1)
         xs = x.double().numpy()
 
-        groups = [(res.overall, range(1, 6))] + [(g.metrics, range(*g.steps)) for g in res.buckets + res.per_step]
+        groups = [(res.overall, range(1, 6))] + [
+            (g.metrics, range(*g.steps)) for g in res.buckets + res.per_step
+        ]
         assert [g.steps for g in res.buckets] == [(1, 4), (4, 6)] and len(res.per_step) == 5
         for got, steps in groups:
             s = [i - 1 for i in steps]  # stored steps 1..5 are columns 0..4
-            want = _numpy_metrics(xs[:, s].reshape(-1, 16), x_hat[:, s].reshape(-1, 16), z[:, s].reshape(-1, z.shape[-1]))
+            want = _numpy_metrics(
+                xs[:, s].reshape(-1, 16), x_hat[:, s].reshape(-1, 16), z[:, s].reshape(-1, z.shape[-1])
+            )
             for key, value in want.items():
-                assert getattr(got, key) == pytest.approx(value, rel=1e-6, abs=1e-9), (folder.name, list(steps), key)
-        assert json.loads((folder / "eval.json").read_text())["overall"]["fvu"] == pytest.approx(res.overall.fvu)
+                assert getattr(got, key) == pytest.approx(value, rel=1e-6, abs=1e-9), (
+                    folder.name,
+                    list(steps),
+                    key,
+                )
+        assert json.loads((folder / "eval.json").read_text())["overall"]["fvu"] == pytest.approx(
+            res.overall.fvu
+        )
 
 
 @pytest.fixture(scope="module")
 def dit_store(tiny_dit, tmp_path_factory):
-    cfg = HarvestConfig(model=str(tiny_dit), out=tmp_path_factory.mktemp("dit") / "s.zarr", num_samples=8, num_steps=6,
-                        batch_size=2, layers="0,1,2", token_fraction=0.5, guidance_scale=1.0, progress=False)
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=tmp_path_factory.mktemp("dit") / "s.zarr",
+        num_samples=8,
+        num_steps=6,
+        batch_size=2,
+        layers="0,1,2",
+        token_fraction=0.5,
+        guidance_scale=1.0,
+        progress=False,
+    )
     harvest(cfg, log=lambda m: None)
     return cfg.out
 
 
 def test_tide_train_then_tide_eval(dit_store, tmp_path):
     out = tmp_path / "saes"
-    result = runner.invoke(app, ["train", "--store", str(dit_store), "--out", str(out), "--max-steps", "4",
-                                 "--warmup-steps", "1", "--batch-size", "32", "--k", "4", "--val-fraction", "0.25",
-                                 "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--store",
+            str(dit_store),
+            "--out",
+            str(out),
+            "--max-steps",
+            "4",
+            "--warmup-steps",
+            "1",
+            "--batch-size",
+            "32",
+            "--k",
+            "4",
+            "--val-fraction",
+            "0.25",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for name in ("resid_l01-tide-k4", "resid_l01-topk-k4"):  # the middle of the stored layers 0, 1, 2
         assert f"{name} (held-out samples" in result.output
@@ -87,15 +148,46 @@ def test_tide_train_then_tide_eval(dit_store, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert [d["name"] for d in data] == ["resid_l01-tide-k4", "resid_l01-topk-k4"]
-    assert len(data[0]["buckets"]) == 3 and len(data[0]["per_step"]) == 6 and data[0]["overall"]["rows"] == 2 * 6 * 8
+    assert (
+        len(data[0]["buckets"]) == 3
+        and len(data[0]["per_step"]) == 6
+        and data[0]["overall"]["rows"] == 2 * 6 * 8
+    )
 
 
 def test_eval_errors(dit_store, tmp_path):
     out = tmp_path / "saes"
-    assert runner.invoke(app, ["train", "--store", str(dit_store), "--out", str(out), "--max-steps", "2", "--warmup-steps",
-                               "1", "--batch-size", "32", "--k", "4", "--arch", "topk", "--no-progress", "--no-eval"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "train",
+                "--store",
+                str(dit_store),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--warmup-steps",
+                "1",
+                "--batch-size",
+                "32",
+                "--k",
+                "4",
+                "--arch",
+                "topk",
+                "--no-progress",
+                "--no-eval",
+            ],
+        ).exit_code
+        == 0
+    )
     other = synthetic_store(tmp_path / "other.zarr", d_model=16, layers=(1,))
     result = runner.invoke(app, ["eval", str(out), "--store", str(other.path)])
-    assert result.exit_code == 2 and "was trained on the store" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 2
+        and "was trained on the store" in result.output
+        and "Traceback" not in result.output
+    )
     result = runner.invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 2 and "neither an SAE folder" in result.output

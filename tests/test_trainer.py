@@ -27,13 +27,34 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """16 samples x 6 steps x 8 tokens x D 16, two layers, random rows whose mean and scale vary with the step."""
-    return synthetic_store(tmp_path_factory.mktemp("train") / "s.zarr", num_samples=16, num_steps=6, tokens=8,
-                           d_model=16, batch_size=4, layers=(0, 2), steps_per_chunk=3, values="random")
+    return synthetic_store(
+        tmp_path_factory.mktemp("train") / "s.zarr",
+        num_samples=16,
+        num_steps=6,
+        tokens=8,
+        d_model=16,
+        batch_size=4,
+        layers=(0, 2),
+        steps_per_chunk=3,
+        values="random",
+    )
 
 
 def _cfg(store, out, **kw) -> TrainConfig:
-    base = dict(store=store.path, out=out, layers="2", k=(4,), expansion=4, batch_size=64, max_steps=6,
-                warmup_steps=2, val_fraction=0.25, window_rows=256, progress=False, device="cpu")
+    base = dict(
+        store=store.path,
+        out=out,
+        layers="2",
+        k=(4,),
+        expansion=4,
+        batch_size=64,
+        max_steps=6,
+        warmup_steps=2,
+        val_fraction=0.25,
+        window_rows=256,
+        progress=False,
+        device="cpu",
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -58,7 +79,9 @@ def test_normalisation_round_trip(store, tmp_path):
     t = torch.as_tensor(store.timesteps, dtype=torch.float32)[step]
     x_n = (rows - torch.as_tensor(mean_SD, dtype=torch.float32)[step - 1]) / sae.input_scale
     with torch.no_grad():
-        want = sae(x_n, t).x_hat_BD * sae.input_scale + torch.as_tensor(mean_SD, dtype=torch.float32)[step - 1]
+        want = (
+            sae(x_n, t).x_hat_BD * sae.input_scale + torch.as_tensor(mean_SD, dtype=torch.float32)[step - 1]
+        )
         got = sae.forward_raw(rows, t).x_hat_BD
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -75,23 +98,60 @@ def test_lr_warms_up_then_decays():
 def test_specs_cover_layers_archs_and_ks(store):
     cfg = TrainConfig(layers="all", archs="tide,topk,relu", k="4,8", expansion=2)
     names = [s.name for s in cfg.specs(store.meta)]
-    assert names == ["resid_l00-tide-k4", "resid_l00-tide-k8", "resid_l00-topk-k4", "resid_l00-topk-k8", "resid_l00-relu",
-                     "resid_l02-tide-k4", "resid_l02-tide-k8", "resid_l02-topk-k4", "resid_l02-topk-k8", "resid_l02-relu"]
+    assert names == [
+        "resid_l00-tide-k4",
+        "resid_l00-tide-k8",
+        "resid_l00-topk-k4",
+        "resid_l00-topk-k8",
+        "resid_l00-relu",
+        "resid_l02-tide-k4",
+        "resid_l02-tide-k8",
+        "resid_l02-topk-k4",
+        "resid_l02-topk-k8",
+        "resid_l02-relu",
+    ]
     assert {s.sae.num_latents for s in cfg.specs(store.meta)} == {32}
-    assert [s.array for s in TrainConfig().specs(store.meta)] == ["resid_l00", "resid_l00"]  # middle of [0, 2]
+    assert [s.array for s in TrainConfig().specs(store.meta)] == [
+        "resid_l00",
+        "resid_l00",
+    ]  # middle of [0, 2]
 
 
 def _train_cmd(store, out):
-    args = ["train", "--store", str(store), "--out", str(out), "--layers", "0", "--k", "4", "--expansion", "4",
-            "--batch-size", "32", "--max-steps", "400", "--warmup-steps", "5", "--checkpoint-every", "10",
-            "--device", "cpu", "--no-progress", "--no-eval"]
+    args = [
+        "train",
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--layers",
+        "0",
+        "--k",
+        "4",
+        "--expansion",
+        "4",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "400",
+        "--warmup-steps",
+        "5",
+        "--checkpoint-every",
+        "10",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-eval",
+    ]
     return [sys.executable, "-c", "from cli import app; app()", *args]
 
 
 def test_kill_and_resume_equals_uninterrupted(store, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(_train_cmd(store.path, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _train_cmd(store.path, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while not (killed / "trainer_state.pt").exists():
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -107,7 +167,10 @@ def test_kill_and_resume_equals_uninterrupted(store, tmp_path):
     assert f"resuming at step {state['step']}" in resumed.stderr
     subprocess.run(_train_cmd(store.path, clean), env=env, capture_output=True, check=True)
     for name in ("resid_l00-tide-k4", "resid_l00-topk-k4"):
-        a, b = load_file(str(killed / name / "sae.safetensors")), load_file(str(clean / name / "sae.safetensors"))
+        a, b = (
+            load_file(str(killed / name / "sae.safetensors")),
+            load_file(str(clean / name / "sae.safetensors")),
+        )
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}/{key}")
@@ -125,33 +188,90 @@ def _fails(args, *needles):
 
 def test_bad_inputs_are_one_paragraph_errors(store, tmp_path):
     out = str(tmp_path / "o")
-    base = ["train", "--store", str(store.path), "--out", out, "--no-progress", "--max-steps", "3", "--warmup-steps", "1",
-            "--batch-size", "64", "--k", "4"]
+    base = [
+        "train",
+        "--store",
+        str(store.path),
+        "--out",
+        out,
+        "--no-progress",
+        "--max-steps",
+        "3",
+        "--warmup-steps",
+        "1",
+        "--batch-size",
+        "64",
+        "--k",
+        "4",
+    ]
     _fails(["train", "--store", str(tmp_path), "--out", out], "not a Zarr v3 store")
     _fails(["train", "--store", str(tmp_path / "nope.zarr"), "--out", out], "does not exist", "tide harvest")
     _fails([*base, "--layers", "1"], "layer(s) [1] are not in the store", "holds layers [0, 2]")
     _fails([*base, "--site", "mlp"], "site 'mlp' is not in the store", "holds sites ['resid']")
-    _fails([*base, "--k", "100", "--expansion", "2"], "k=[100] exceeds the SAE width num_latents=32", "--expansion")
+    _fails(
+        [*base, "--k", "100", "--expansion", "2"],
+        "k=[100] exceeds the SAE width num_latents=32",
+        "--expansion",
+    )
     _fails([*base, "--arch", "tide,gated"], "archs")
     assert runner.invoke(app, [*base, "--no-eval"]).exit_code == 0
-    other = synthetic_store(tmp_path / "other.zarr", num_samples=16, num_steps=6, tokens=8, d_model=16, batch_size=4,
-                            layers=(0, 2), values="random", seed=1)
+    other = synthetic_store(
+        tmp_path / "other.zarr",
+        num_samples=16,
+        num_steps=6,
+        tokens=8,
+        d_model=16,
+        batch_size=4,
+        layers=(0, 2),
+        values="random",
+        seed=1,
+    )
     _fails([*base[:2], str(other.path), *base[3:]], "trained on the store", "--overwrite")
     _fails([*base, "--lr", "0.5"], "different configuration", "lr: 0.001")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    _fails([*base[:4], str(tmp_path / "junk"), *base[5:]], "holds no resumable tide training run", "--overwrite")
+    _fails(
+        [*base[:4], str(tmp_path / "junk"), *base[5:]], "holds no resumable tide training run", "--overwrite"
+    )
 
 
 def test_config_file_with_flag_overrides(store, tmp_path):
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text("k: [4]\nexpansion: 2\nbatch_size: 64\nmax_steps: 5\nwarmup_steps: 1\narchs: topk\n")
     out = tmp_path / "o"
-    result = runner.invoke(app, ["train", "--config", str(cfg_file), "--store", str(store.path), "--out", str(out),
-                                 "--max-steps", "3", "--no-progress", "--no-eval"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(cfg_file),
+            "--store",
+            str(store.path),
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            "--no-eval",
+        ],
+    )
     assert result.exit_code == 0, result.output
     meta = load_sae(out / "resid_l00-topk-k4").meta
     assert meta.trained_steps == 3 and meta.sae.num_latents == 32 and meta.train_config["archs"] == ["topk"]
-    again = runner.invoke(app, ["train", "--config", str(cfg_file), "--store", str(store.path), "--out", str(out),
-                                "--max-steps", "3", "--no-progress", "--no-eval"])
+    again = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(cfg_file),
+            "--store",
+            str(store.path),
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--no-progress",
+            "--no-eval",
+        ],
+    )
     assert again.exit_code == 0 and "resuming at step 3" in again.output  # finished: nothing left to train

@@ -97,7 +97,9 @@ def save_sae(folder: Path, sae: SAE, meta: SAEMeta) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    _atomic_write(folder / "sae.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": SAE_FORMAT}))
+    _atomic_write(
+        folder / "sae.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": SAE_FORMAT})
+    )
     _atomic_write(folder / "sae.json", lambda p: p.write_text(meta.model_dump_json(indent=2)))
 
 
@@ -130,7 +132,9 @@ def sae_folders(paths: list[Path]) -> list[Path]:
             continue
         subs = sorted(q for q in p.iterdir() if is_sae_folder(q)) if p.is_dir() else []
         if not subs:
-            raise ValueError(f"{p} is neither an SAE folder nor a `tide train --out` folder holding SAE folders")
+            raise ValueError(
+                f"{p} is neither an SAE folder nor a `tide train --out` folder holding SAE folders"
+            )
         found.extend(subs)
     return found
 

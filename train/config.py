@@ -136,7 +136,9 @@ class TrainConfig(BaseModel):
     def _layers(cls, v: str) -> str:
         v = v.replace(" ", "")
         if v not in ("middle", "all") and not re.fullmatch(r"\d+(,\d+)*", v):
-            raise ValueError(f"layers={v!r} is not 'middle', 'all' or a comma list of layer indices like '2,3'")
+            raise ValueError(
+                f"layers={v!r} is not 'middle', 'all' or a comma list of layer indices like '2,3'"
+            )
         return v
 
     @field_validator("steps")
@@ -163,7 +165,9 @@ class TrainConfig(BaseModel):
         a, b = self.steps.split(":")
         lo, hi = int(a or 0), min(int(b) if b else num_steps, num_steps)
         if lo >= hi:
-            raise ValueError(f"steps={self.steps!r} selects no step: the store has stored steps 0..{num_steps - 1}")
+            raise ValueError(
+                f"steps={self.steps!r} selects no step: the store has stored steps 0..{num_steps - 1}"
+            )
         return lo, hi
 
     def layer_list(self, meta: StoreMeta) -> list[int]:
@@ -205,8 +209,13 @@ class TrainConfig(BaseModel):
                 for k in self.k if arch != "relu" else self.k[:1]:
                     name = f"{array}-{arch}" + (f"-k{k}" if arch != "relu" else "")
                     sae = SAEConfig(
-                        arch=arch, d_model=meta.d_model, num_latents=width, k=min(k, width), l1_coeff=self.l1_coeff,
-                        aux_coeff=self.aux_coeff, dead_steps_threshold=math.ceil(self.dead_after_rows / self.batch_size),
+                        arch=arch,
+                        d_model=meta.d_model,
+                        num_latents=width,
+                        k=min(k, width),
+                        l1_coeff=self.l1_coeff,
+                        aux_coeff=self.aux_coeff,
+                        dead_steps_threshold=math.ceil(self.dead_after_rows / self.batch_size),
                         num_train_timesteps=_num_train_timesteps(meta),
                     )
                     specs.append(SAESpec(name, array, sae))
@@ -219,4 +228,3 @@ class TrainConfig(BaseModel):
 
 def _num_train_timesteps(meta: StoreMeta) -> int:
     return int(meta.scheduler.config.get("num_train_timesteps", 1000))
-

@@ -114,10 +114,16 @@ class Window(NamedTuple):
 
 
 class _Loaded(NamedTuple):
+    """A window read by the producer. On CPU it arrives permuted (order_R None) in buffers of its own; on
+    CUDA it stays in its pinned slot and order_R is applied on the device."""
+
     epoch: int
     window: Window
+    x_ARD: Tensor
+    step_R: Tensor
+    sample_R: Tensor
+    order_R: Tensor | None
     slot: int
-    order_R: Tensor
 
 
 class _Slot:
@@ -192,7 +198,9 @@ class ActivationLoader:
         units = self._units()
         if self.shuffle:
             rng = np.random.default_rng([self.seed, 1, epoch])
-            units = [[units[j][i] for i in rng.permutation(len(units[j]))] for j in rng.permutation(len(units))]
+            units = [
+                [units[j][i] for i in rng.permutation(len(units[j]))] for j in rng.permutation(len(units))
+            ]
         # Equal shares of the epoch's rows, cut between units, so that no window is a small remainder.
         n = math.ceil(self.rows_per_epoch / self.window_rows)
         windows: list[Window] = []
@@ -234,7 +242,7 @@ class ActivationLoader:
             a, i = job
             r = window.reads[i]
             shape = tuple(s.stop - s.start for s in r.selection[:3]) + (self.layout.d_model,)
-            out = x[a, offsets[i]:offsets[i + 1]].reshape(shape)
+            out = x[a, offsets[i] : offsets[i + 1]].reshape(shape)
             if self._source is None:
                 read_into(self._zarr[a], r.selection, out)
             else:
@@ -245,11 +253,50 @@ class ActivationLoader:
             pass
         step_R, sample_R = slot.step_R.numpy(), slot.sample_R.numpy()
         for i, r in enumerate(window.reads):
-            sample_R[offsets[i]:offsets[i + 1]], step_R[offsets[i]:offsets[i + 1]] = row_index(r.selection)
+            sample_R[offsets[i] : offsets[i + 1]], step_R[offsets[i] : offsets[i + 1]] = row_index(
+                r.selection
+            )
         return step_R[: window.rows]
 
-    def _producer(self, start: Position, epochs: int | None, slots: list[_Slot], free: queue.Queue,
-                  out: queue.Queue, stop: threading.Event) -> None:
+    def _load(
+        self, epoch: int, w: Window, slot: _Slot, i: int, free: queue.Queue, pool: ThreadPoolExecutor
+    ) -> _Loaded:
+        step_R = self._read_window(slot, w, pool)
+        order_R = self._order(epoch, w, step_R)
+        if self.device.type == "cuda":
+            return _Loaded(
+                epoch,
+                w,
+                slot.x_ARD[:, : w.rows],
+                slot.step_R[: w.rows],
+                slot.sample_R[: w.rows],
+                torch.from_numpy(order_R),
+                i,
+            )
+        # On CPU the permutation is applied here, off the training thread, into fresh arrays, so that batches
+        # are plain slices of them (no copy, no torch op in the consumer) and stay valid after the slot is reused.
+        x = slot.x_ARD.numpy()
+        loaded = _Loaded(
+            epoch,
+            w,
+            torch.from_numpy(np.take(x[:, : w.rows], order_R, axis=1)),
+            torch.from_numpy(step_R[order_R]),
+            slot.sample_R[: w.rows][order_R].clone(),
+            None,
+            i,
+        )
+        free.put(i)
+        return loaded
+
+    def _producer(
+        self,
+        start: Position,
+        epochs: int | None,
+        slots: list[_Slot],
+        free: queue.Queue,
+        out: queue.Queue,
+        stop: threading.Event,
+    ) -> None:
         def put(item) -> bool:
             while not stop.is_set():
                 try:
@@ -276,9 +323,7 @@ class ActivationLoader:
                                 pass
                         if slots[i].ready is not None:
                             slots[i].ready.synchronize()
-                        step_R = self._read_window(slots[i], w, pool)
-                        order = torch.from_numpy(self._order(epoch, w, step_R))
-                        if not put(_Loaded(epoch, w, i, order)):
+                        if not put(self._load(epoch, w, slots[i], i, free, pool)):
                             return
                     epoch += 1
             put(None)
@@ -292,14 +337,21 @@ class ActivationLoader:
         max_rows = self.window_rows + max(sum(r.rows for r in u) for u in self._units())
         cuda = self.device.type == "cuda"
         # Two windows in use (a batch may straddle them) plus the ones read ahead.
-        slots = [_Slot(len(self.arrays), max_rows, self.layout.d_model, self._dtype, cuda) for _ in range(2 + self.prefetch)]
+        slots = [
+            _Slot(len(self.arrays), max_rows, self.layout.d_model, self._dtype, cuda)
+            for _ in range(2 + self.prefetch)
+        ]
         free: queue.Queue[int] = queue.Queue()
         for i in range(len(slots)):
             free.put(i)
         loaded: queue.Queue = queue.Queue(self.prefetch)
         stop = threading.Event()
-        thread = threading.Thread(target=self._producer, args=(start, epochs, slots, free, loaded, stop),
-                                  name="tide-loader", daemon=True)
+        thread = threading.Thread(
+            target=self._producer,
+            args=(start, epochs, slots, free, loaded, stop),
+            name="tide-loader",
+            daemon=True,
+        )
         thread.start()
         try:
             yield from self._assemble(start, slots, free, loaded)
@@ -307,40 +359,48 @@ class ActivationLoader:
             stop.set()
             thread.join()
 
-    def _assemble(self, start: Position, slots: list[_Slot], free: queue.Queue, loaded: queue.Queue) -> Iterator[Batch]:
-        B, dev = self.batch_size, self.device
+    def _assemble(
+        self, start: Position, slots: list[_Slot], free: queue.Queue, loaded: queue.Queue
+    ) -> Iterator[Batch]:
+        B = self.batch_size
         parts: list[tuple[Tensor, Tensor, Tensor]] = []  # rows of a batch not yet complete
-        first = True
+        have, first = 0, True
         while (item := loaded.get()) is not None:
             if isinstance(item, BaseException):
                 raise RuntimeError(f"reading {self.store.path} failed: {item}") from item
-            epoch, w, slot = item.epoch, item.window, slots[item.slot]
-            x_ARD, step_R, sample_R, release = self._to_device(slot, w.rows, item.slot, free)
-            order_R = item.order_R.to(dev, non_blocking=True)
-            pos = start.rows - w.start if first and epoch == start.epoch else 0
+            w = item.window
+            take = self._taker(item, slots, free)
+            pos = start.rows - w.start if first and item.epoch == start.epoch else 0
             first = False
             while pos < w.rows:
-                idx = order_R[pos : pos + B - sum(len(p[1]) for p in parts)]
-                pos += len(idx)
-                parts.append((x_ARD.index_select(1, idx), step_R[idx], sample_R[idx]))
-                if sum(len(p[1]) for p in parts) == B:
-                    yield self._batch(parts, Position(epoch, w.start + pos))
-                    parts = []
-            release()
+                n = min(B - have, w.rows - pos)
+                parts.append(take(pos, pos + n))
+                pos, have = pos + n, have + n
+                if have == B:
+                    yield self._batch(parts, Position(item.epoch, w.start + pos))
+                    parts, have = [], 0
             if w.start + w.rows == self.rows_per_epoch:  # the epoch's last window
                 if parts and not self.drop_last:
-                    yield self._batch(parts, Position(epoch, self.rows_per_epoch))
-                parts = []
+                    yield self._batch(parts, Position(item.epoch, self.rows_per_epoch))
+                parts, have = [], 0
 
-    def _to_device(self, slot: _Slot, rows: int, i: int, free: queue.Queue) -> tuple[Tensor, Tensor, Tensor, Callable[[], None]]:
-        x_ARD, step_R, sample_R = slot.x_ARD[:, :rows], slot.step_R[:rows], slot.sample_R[:rows]
-        if self.device.type != "cuda":
-            return x_ARD, step_R, sample_R, lambda: free.put(i)
-        x_ARD, step_R, sample_R = (v.to(self.device, non_blocking=True) for v in (x_ARD, step_R, sample_R))
+    def _taker(
+        self, item: _Loaded, slots: list[_Slot], free: queue.Queue
+    ) -> Callable[[int, int], tuple[Tensor, Tensor, Tensor]]:
+        """rows(lo, hi): (x_ABD, step_B, sample_B) of stream rows [lo, hi) of a loaded window."""
+        if item.order_R is None:
+            return lambda lo, hi: (item.x_ARD[:, lo:hi], item.step_R[lo:hi], item.sample_R[lo:hi])
+        dev, slot = self.device, slots[item.slot]
+        x_ARD, step_R, sample_R, order_R = (v.to(dev, non_blocking=True) for v in item[2:6])
         slot.ready = torch.cuda.Event()
         slot.ready.record()
-        free.put(i)  # the producer waits on slot.ready before refilling it
-        return x_ARD, step_R, sample_R, lambda: None
+        free.put(item.slot)  # the producer waits on slot.ready before refilling it
+
+        def take(lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor]:
+            idx = order_R[lo:hi]
+            return x_ARD.index_select(1, idx), step_R[idx], sample_R[idx]
+
+        return take
 
     def _batch(self, parts: list[tuple[Tensor, Tensor, Tensor]], position: Position) -> Batch:
         if len(parts) == 1:

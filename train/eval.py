@@ -63,8 +63,12 @@ class EvalResult(NamedTuple):
         def group(g: Group) -> dict[str, Any]:
             return {"steps": list(g.steps), "t": list(g.t), **g.metrics._asdict()}
 
-        return {"name": self.name, "overall": self.overall._asdict(), "buckets": [group(g) for g in self.buckets],
-                "per_step": [group(g) for g in self.per_step]}
+        return {
+            "name": self.name,
+            "overall": self.overall._asdict(),
+            "buckets": [group(g) for g in self.buckets],
+            "per_step": [group(g) for g in self.per_step],
+        }
 
 
 class _Sums:
@@ -81,10 +85,17 @@ class _Sums:
         r_BD = x_BD - x_hat_BD
         self.n_S.index_add_(0, step_B, torch.ones_like(x_BD[:, 0]))
         self.se_S.index_add_(0, step_B, r_BD.pow(2).sum(-1))
-        self.cos_S.index_add_(0, step_B, torch.nn.functional.cosine_similarity(x_BD, x_hat_BD, dim=-1, eps=1e-12))
+        self.cos_S.index_add_(
+            0, step_B, torch.nn.functional.cosine_similarity(x_BD, x_hat_BD, dim=-1, eps=1e-12)
+        )
         fired_BF = z_BF > 0
         self.l0_S.index_add_(0, step_B, fired_BF.sum(-1).double())
-        for acc, v in ((self.sx_SD, x_BD), (self.sxx_SD, x_BD**2), (self.sr_SD, r_BD), (self.srr_SD, r_BD**2)):
+        for acc, v in (
+            (self.sx_SD, x_BD),
+            (self.sxx_SD, x_BD**2),
+            (self.sr_SD, r_BD),
+            (self.srr_SD, r_BD**2),
+        ):
             acc.index_add_(0, step_B, v)
         self.fire_SF.index_add_(0, step_B, fired_BF.long())
 
@@ -101,21 +112,34 @@ class _Sums:
         se, var_x = float(self.se_S[steps].sum()), var_sum(self.sx_SD, self.sxx_SD)
         fires_F = self.fire_SF[steps].sum(0).double()
         return Metrics(
-            rows=int(n), mse=se / (n * D), fvu=se / max(var_x, 1e-300),
+            rows=int(n),
+            mse=se / (n * D),
+            fvu=se / max(var_x, 1e-300),
             explained_variance=1 - var_sum(self.sr_SD, self.srr_SD) / max(var_x, 1e-300),
-            cosine=float(self.cos_S[steps].sum()) / n, l0=float(self.l0_S[steps].sum()) / n,
+            cosine=float(self.cos_S[steps].sum()) / n,
+            l0=float(self.l0_S[steps].sum()) / n,
             dead_fraction=float((fires_F == 0).double().mean()),
             dense_fraction=float((fires_F > dense_threshold * n).double().mean()),
         )
 
 
 def _groups(lo: int, hi: int, buckets: int) -> list[slice]:
-    return [slice(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(lo, hi), min(buckets, hi - lo))]
+    return [
+        slice(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(lo, hi), min(buckets, hi - lo))
+    ]
 
 
 @torch.no_grad()
-def evaluate(saes: Sequence[LoadedSAE], store: Store, *, buckets: int = 10, batch_size: int = 4096,
-             device: str | torch.device = "cpu", dense_threshold: float = 0.1, read_threads: int = 4) -> list[EvalResult]:
+def evaluate(
+    saes: Sequence[LoadedSAE],
+    store: Store,
+    *,
+    buckets: int = 10,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+    dense_threshold: float = 0.1,
+    read_threads: int = 4,
+) -> list[EvalResult]:
     """Held-out metrics of each SAE. SAEs with the same held-out samples and steps share one read."""
     device = torch.device(device)
     for s in saes:
@@ -125,16 +149,29 @@ def evaluate(saes: Sequence[LoadedSAE], store: Store, *, buckets: int = 10, batc
                 f"but {store.path} has identity {store.identity()}; evaluate it on the store it was trained on"
             )
         if not s.meta.split.val_chunks:
-            raise ValueError(f"{s.folder} was trained with val_fraction=0: it has no held-out samples to evaluate on")
+            raise ValueError(
+                f"{s.folder} was trained with val_fraction=0: it has no held-out samples to evaluate on"
+            )
     results: dict[str, EvalResult] = {}
     keys = list(dict.fromkeys((tuple(s.meta.split.val_chunks), s.meta.step_range) for s in saes))
     t_S = store.timesteps
     for chunks, (lo, hi) in keys:
         group = [s for s in saes if (tuple(s.meta.split.val_chunks), s.meta.step_range) == (chunks, (lo, hi))]
         arrays = list(dict.fromkeys(s.meta.array for s in group))
-        loader = ActivationLoader(store, arrays, list(chunks), batch_size, shuffle=False, drop_last=False,
-                                  step_range=(lo, hi), read_threads=read_threads, device=device)
-        sums = [_Sums(store.layout.num_steps, store.meta.d_model, s.sae.cfg.num_latents, device) for s in group]
+        loader = ActivationLoader(
+            store,
+            arrays,
+            list(chunks),
+            batch_size,
+            shuffle=False,
+            drop_last=False,
+            step_range=(lo, hi),
+            read_threads=read_threads,
+            device=device,
+        )
+        sums = [
+            _Sums(store.layout.num_steps, store.meta.d_model, s.sae.cfg.num_latents, device) for s in group
+        ]
         for s in group:
             s.sae.to(device).eval()
         for batch in loader.batches(epochs=1):
@@ -143,12 +180,21 @@ def evaluate(saes: Sequence[LoadedSAE], store: Store, *, buckets: int = 10, batc
                 out = s.sae.forward_raw(x_BD, batch.t_B)
                 acc.add(x_BD, out.x_hat_BD, out.z_BF, batch.step_B)
         for s, acc in zip(group, sums, strict=True):
+
             def groups(slices: list[slice], acc=acc) -> list[Group]:
-                return [Group((g.start, g.stop), (float(t_S[g.start]), float(t_S[g.stop - 1])),
-                              acc.metrics(g, dense_threshold)) for g in slices]
+                return [
+                    Group(
+                        (g.start, g.stop),
+                        (float(t_S[g.start]), float(t_S[g.stop - 1])),
+                        acc.metrics(g, dense_threshold),
+                    )
+                    for g in slices
+                ]
 
             results[s.meta.name] = EvalResult(
-                s.meta.name, acc.metrics(slice(lo, hi), dense_threshold), groups(_groups(lo, hi, buckets)),
+                s.meta.name,
+                acc.metrics(slice(lo, hi), dense_threshold),
+                groups(_groups(lo, hi, buckets)),
                 groups(_groups(lo, hi, hi - lo)),
             )
     return [results[s.meta.name] for s in saes]
@@ -161,7 +207,9 @@ def evaluate_folders(paths: Sequence[Path], store: Path | None = None, **kwargs:
     loaded = [load_sae(f, device) for f in folders]
     stores = {s.meta.store.path for s in loaded}
     if store is None and len(stores) > 1:
-        raise ValueError(f"the SAEs come from {len(stores)} stores ({', '.join(sorted(stores))}); evaluate them apart")
+        raise ValueError(
+            f"the SAEs come from {len(stores)} stores ({', '.join(sorted(stores))}); evaluate them apart"
+        )
     opened = open_store(store if store is not None else next(iter(stores)))
     results = evaluate(loaded, opened, **kwargs)
     for s, r in zip(loaded, results, strict=True):
@@ -174,9 +222,20 @@ def format_table(result: EvalResult) -> str:
     head = f"{'steps':>9} {'t':>13} {'rows':>8} {'fvu':>7} {'ev':>7} {'cos':>6} {'mse':>9} {'L0':>6} {'dead':>6} {'dense':>6}"
 
     def line(label: str, t: str, m: Metrics) -> str:
-        return (f"{label:>9} {t:>13} {m.rows:>8} {m.fvu:>7.4f} {m.explained_variance:>7.4f} {m.cosine:>6.3f} "
-                f"{m.mse:>9.3g} {m.l0:>6.1f} {m.dead_fraction:>6.3f} {m.dense_fraction:>6.3f}")
+        return (
+            f"{label:>9} {t:>13} {m.rows:>8} {m.fvu:>7.4f} {m.explained_variance:>7.4f} {m.cosine:>6.3f} "
+            f"{m.mse:>9.3g} {m.l0:>6.1f} {m.dead_fraction:>6.3f} {m.dense_fraction:>6.3f}"
+        )
 
-    rows = [line(f"{g.steps[0]}-{g.steps[1] - 1}", f"{g.t[0]:.0f}..{g.t[1]:.0f}", g.metrics) for g in result.buckets]
-    return "\n".join([f"{result.name} (held-out samples; raw activation space)", head, *rows,
-                      line("all", "", result.overall)])
+    rows = [
+        line(f"{g.steps[0]}-{g.steps[1] - 1}", f"{g.t[0]:.0f}..{g.t[1]:.0f}", g.metrics)
+        for g in result.buckets
+    ]
+    return "\n".join(
+        [
+            f"{result.name} (held-out samples; raw activation space)",
+            head,
+            *rows,
+            line("all", "", result.overall),
+        ]
+    )

@@ -107,7 +107,9 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
 
-def normalization(store: Store, array: str, chunks: list[int], step_range: tuple[int, int]) -> tuple[torch.Tensor, float]:
+def normalization(
+    store: Store, array: str, chunks: list[int], step_range: tuple[int, int]
+) -> tuple[torch.Tensor, float]:
     """(per-step mean (S, D), scalar s) over the training rows, so that E||(x - mean[step]) / s||^2 = D."""
     st = store.stats(array, chunks)
     lo, hi = step_range
@@ -132,10 +134,13 @@ def _prepare_out(cfg: TrainConfig, store: Store, device: torch.device) -> dict[s
                 "(or another --out) to start a new run"
             )
         old = state["config"]
-        diffs = [f"{k}: {old.get(k)!r} in {out}, {v!r} now" for k, v in cfg.identity().items() if old.get(k) != v]
+        diffs = [
+            f"{k}: {old.get(k)!r} in {out}, {v!r} now" for k, v in cfg.identity().items() if old.get(k) != v
+        ]
         if diffs:
             raise TrainError(
-                f"{out} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
+                f"{out} holds a run with a different configuration:\n  "
+                + "\n  ".join(diffs)
                 + "\nPass --overwrite to replace it, or choose another --out."
             )
         return state
@@ -143,7 +148,9 @@ def _prepare_out(cfg: TrainConfig, store: Store, device: torch.device) -> dict[s
         # A run killed before its first checkpoint left only its config and metrics: nothing to keep.
         unstarted = (out / "train_config.json").is_file() and not any(p.is_dir() for p in out.iterdir())
         if not (cfg.overwrite or unstarted):
-            raise TrainError(f"--out {out} exists and holds no resumable tide training run; pass --overwrite to replace it")
+            raise TrainError(
+                f"--out {out} exists and holds no resumable tide training run; pass --overwrite to replace it"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
@@ -154,8 +161,10 @@ def _build(cfg: TrainConfig, store: Store, device: torch.device) -> tuple[Run, A
         specs = cfg.specs(store.meta)
         step_range = cfg.step_range(store.layout.num_steps)
         state = _prepare_out(cfg, store, device)
-        split = Split(**state["split"]) if state else split_samples(
-            store.layout, store.done_chunks(), cfg.val_fraction, cfg.split_seed
+        split = (
+            Split(**state["split"])
+            if state
+            else split_samples(store.layout, store.done_chunks(), cfg.val_fraction, cfg.split_seed)
         )
     except TrainError:
         raise
@@ -163,8 +172,16 @@ def _build(cfg: TrainConfig, store: Store, device: torch.device) -> tuple[Run, A
         raise TrainError(str(e)) from None
     arrays = list(dict.fromkeys(s.array for s in specs))
     loader = ActivationLoader(
-        store, arrays, split.train_chunks, cfg.batch_size, window_rows=cfg.window_rows, seed=cfg.seed,
-        stratify_steps=cfg.stratify_steps, step_range=step_range, read_threads=cfg.read_threads, device=device,
+        store,
+        arrays,
+        split.train_chunks,
+        cfg.batch_size,
+        window_rows=cfg.window_rows,
+        seed=cfg.seed,
+        stratify_steps=cfg.stratify_steps,
+        step_range=step_range,
+        read_threads=cfg.read_threads,
+        device=device,
     )
     if loader.batches_per_epoch == 0:
         raise TrainError(
@@ -172,13 +189,13 @@ def _build(cfg: TrainConfig, store: Store, device: torch.device) -> tuple[Run, A
             "lower --batch-size or harvest more samples"
         )
     total = cfg.max_steps or cfg.epochs * loader.batches_per_epoch
-    timesteps = torch.as_tensor(store.timesteps[step_range[0]:step_range[1]])
+    timesteps = torch.as_tensor(store.timesteps[step_range[0] : step_range[1]])
     members = []
     for i, spec in enumerate(specs):
         torch.manual_seed(cfg.seed * 1000 + i)  # each SAE's initial weights depend on the seed and its place
         sae = build_sae(spec.sae).to(device)
         mean_SD, scale = normalization(store, spec.array, split.train_chunks, step_range)
-        sae.set_input_normalization(mean_SD[step_range[0]:step_range[1]], scale, timesteps)
+        sae.set_input_normalization(mean_SD[step_range[0] : step_range[1]], scale, timesteps)
         opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
     store_ref = StoreRef(path=str(store.path.resolve()), identity=store.identity())
@@ -261,8 +278,12 @@ def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
     now = time.perf_counter()
     rate = (run.rows - run.clock[1]) / max(now - run.clock[0], 1e-9)
     run.clock = (now, run.rows)
-    line: dict[str, Any] = {"step": run.step, "rows": run.rows, "lr": lr_at(run.step - 1, cfg, run.total_steps),
-                            "rows_per_s": round(rate, 1)}
+    line: dict[str, Any] = {
+        "step": run.step,
+        "rows": run.rows,
+        "lr": lr_at(run.step - 1, cfg, run.total_steps),
+        "rows_per_s": round(rate, 1),
+    }
     for m, loss in zip(run.members, run.last, strict=True):
         values = {k: float(v) for k, v in loss._asdict().items()}
         values["dead_fraction"] = float(m.sae.dead_mask().float().mean())
@@ -277,18 +298,34 @@ def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
 def _maybe_checkpoint(run: Run, cfg: TrainConfig) -> None:
     if run.step % cfg.checkpoint_every and run.step != run.total_steps:
         return
-    save_state(cfg.out, {
-        "step": run.step, "rows": run.rows, "position": list(run.position), "rng": torch.get_rng_state(),
-        "saes": {m.spec.name: m.sae.state_dict() for m in run.members},
-        "optims": {m.spec.name: m.opt.state_dict() for m in run.members},
-        "config": cfg.identity(), "store": run.store_ref.model_dump(), "split": run.split.model_dump(),
-        "finished": run.step == run.total_steps,
-    })
+    save_state(
+        cfg.out,
+        {
+            "step": run.step,
+            "rows": run.rows,
+            "position": list(run.position),
+            "rng": torch.get_rng_state(),
+            "saes": {m.spec.name: m.sae.state_dict() for m in run.members},
+            "optims": {m.spec.name: m.opt.state_dict() for m in run.members},
+            "config": cfg.identity(),
+            "store": run.store_ref.model_dump(),
+            "split": run.split.model_dump(),
+            "finished": run.step == run.total_steps,
+        },
+    )
     for m in run.members:
         meta = SAEMeta(
-            name=m.spec.name, array=m.spec.array, sae=m.spec.sae, store=run.store_ref, split=run.split,
-            step_range=run.step_range, normalization=NORMALIZATION, input_scale=m.scale, trained_steps=run.step,
-            trained_rows=run.rows, train_config=cfg.model_dump(mode="json"),
+            name=m.spec.name,
+            array=m.spec.array,
+            sae=m.spec.sae,
+            store=run.store_ref,
+            split=run.split,
+            step_range=run.step_range,
+            normalization=NORMALIZATION,
+            input_scale=m.scale,
+            trained_steps=run.step,
+            trained_rows=run.rows,
+            train_config=cfg.model_dump(mode="json"),
         )
         save_sae(cfg.out / m.spec.name, m.sae, meta)
 
