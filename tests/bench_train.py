@@ -7,7 +7,9 @@
   batch) fed from the Zarr store, divided by the same training fed from the rows held in memory. Aim >= 0.9.
 
 Runs alternate (store, baseline, store, baseline, ...) and each figure is a ratio of medians, so that
-load from the rest of the machine falls on both sides alike. `synthetic_store` is also what the tests use
+load from the rest of the machine falls on both sides alike. torch runs on one thread unless --threads says
+otherwise: on a 2-core machine shared with other work, OpenMP's two threads wait on each other at every
+small op (measured 10x slower elementwise ops), so two-thread figures swing with the neighbours' load. `synthetic_store` is also what the tests use
 to make stores without running a diffusion model.
 """
 
@@ -218,9 +220,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--store", type=Path, default=None, help="Reuse this store (its first array) instead."
     )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (see the module docstring)."
+    )
     # parse_known_args: tests/bench.py calls main() under its own command line.
     args, _ = parser.parse_known_args(argv)
     configure_read_threads(4)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.store is not None:
@@ -248,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_memory_rows_per_s",
     ):
         print(f"{key}: {figures[key]:.4g}")
+    print(f"torch_threads: {torch.get_num_threads()}")
     print(f"reader_vs_memmap_ratio: {figures['reader_vs_memmap_ratio']:.3f}")
     print(f"train_cache_vs_memory_ratio: {figures['train_cache_vs_memory_ratio']:.3f}")
 

@@ -224,3 +224,32 @@ def test_store_stats_errors_name_the_fix(dit_store):
     except ImportError:
         with pytest.raises(StoreError, match="pip install distributed"):
             recompute_sums(dit_store, "resid_l00", scheduler="tcp://127.0.0.1:8786")
+
+
+@pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
+def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
+    from store.reader import _direct_codec, chunk_reads, read_into
+
+    store = synthetic_store(
+        tmp_path / "s.zarr",
+        num_samples=7,
+        num_steps=5,
+        tokens=4,
+        d_model=8,
+        batch_size=3,
+        steps_per_chunk=2,
+        tokens_per_chunk=2,
+        codec=codec,
+        values="random",
+    )
+    arr, lay = store.array("resid_l00"), store.layout
+    assert _direct_codec(arr) is not False  # the fast path is the one under test
+    (tmp_path / "s.zarr/resid_l00/c/1/1/1/0").unlink()  # a missing chunk reads as the fill value
+    reads = chunk_reads(lay, [0, 1, 2], (1, 5))
+    assert any(r.selection[0].stop - r.selection[0].start == 1 for r in reads)  # the edge sample chunk
+    for r in reads:
+        shape = tuple(s.stop - s.start for s in r.selection[:3]) + (lay.d_model,)
+        fast, slow = np.full(shape, np.nan, np.float16), np.full(shape, np.nan, np.float16)
+        read_into(arr, r.selection, fast)
+        read_into(arr, r.selection, slow, direct=False)
+        np.testing.assert_array_equal(fast, slow, err_msg=str(r.chunk))
