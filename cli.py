@@ -204,7 +204,7 @@ def train(
     val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of sample chunks held out (default 0.1).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the SAEs' weights and the data order.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (default 200).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (default 50).")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a run with another configuration in --out.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out evaluation at the end.")] = False,
@@ -250,9 +250,10 @@ def eval_(
     """
     import json
 
-    from store.reader import StoreError
+    from store.reader import StoreError, configure_read_threads
     from train.eval import evaluate_folders
 
+    configure_read_threads(4)
     try:
         results = evaluate_folders(checkpoints, store, buckets=buckets, batch_size=batch_size, device=device)
     except (StoreError, ValueError) as e:

@@ -111,10 +111,8 @@ def test_specs_cover_layers_archs_and_ks(store):
         "resid_l02-relu",
     ]
     assert {s.sae.num_latents for s in cfg.specs(store.meta)} == {32}
-    assert [s.array for s in TrainConfig().specs(store.meta)] == [
-        "resid_l00",
-        "resid_l00",
-    ]  # middle of [0, 2]
+    middle = [s.array for s in TrainConfig().specs(store.meta)]
+    assert middle == ["resid_l02", "resid_l02"]  # the middle of the stored layers [0, 2]
 
 
 def _train_cmd(store, out):
@@ -256,7 +254,7 @@ def test_config_file_with_flag_overrides(store, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    meta = load_sae(out / "resid_l00-topk-k4").meta
+    meta = load_sae(out / "resid_l02-topk-k4").meta
     assert meta.trained_steps == 3 and meta.sae.num_latents == 32 and meta.train_config["archs"] == ["topk"]
     again = runner.invoke(
         app,

@@ -103,7 +103,7 @@ class TrainConfig(BaseModel):
     """bfloat16 autocast on CUDA (ignored on CPU)."""
     log_every: int = Field(20, gt=0)
     """Optimiser steps between metrics lines (and progress-bar updates)."""
-    checkpoint_every: int = Field(200, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
     """Optimiser steps between checkpoints (one is also written at the end)."""
     eval_buckets: int = Field(10, gt=0)
     """Per-timestep evaluation after training: stored steps grouped into at most this many buckets."""
@@ -175,7 +175,7 @@ class TrainConfig(BaseModel):
         if self.layers == "all":
             return list(meta.layers)
         if self.layers == "middle":
-            return [meta.layers[(len(meta.layers) - 1) // 2]]
+            return [meta.layers[len(meta.layers) // 2]]  # of 6 blocks, block 3; of 12, block 6
         want = [int(p) for p in self.layers.split(",")]
         missing = [layer for layer in want if layer not in meta.layers]
         if missing:

@@ -281,7 +281,7 @@ class ActivationLoader:
             w,
             torch.from_numpy(np.take(x[:, : w.rows], order_R, axis=1)),
             torch.from_numpy(step_R[order_R]),
-            slot.sample_R[: w.rows][order_R].clone(),
+            torch.from_numpy(slot.sample_R.numpy()[: w.rows][order_R]),
             None,
             i,
         )

@@ -67,7 +67,6 @@ class Member:
 class Run:
     """The mutable state of a run: what fit() advances."""
 
-    cfg: TrainConfig
     members: list[Member]
     total_steps: int
     store_ref: StoreRef
@@ -199,7 +198,7 @@ def _build(cfg: TrainConfig, store: Store, device: torch.device) -> tuple[Run, A
         opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
     store_ref = StoreRef(path=str(store.path.resolve()), identity=store.identity())
-    run = Run(cfg, members, total, store_ref, split, step_range)
+    run = Run(members, total, store_ref, split, step_range)
     if state is not None:
         for m in members:
             m.sae.load_state_dict(state["saes"][m.spec.name])
