@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (see the module docstring)."
     )
-    # parse_known_args: tests/bench.py calls main() under its own command line.
-    args, _ = parser.parse_known_args(argv)
+    # tests/bench.py calls main() with no arguments under its own command line: defaults, not its flags.
+    args = parser.parse_args(argv or [])
     configure_read_threads(4)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -260,4 +261,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

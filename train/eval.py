@@ -210,6 +210,11 @@ def evaluate_folders(paths: Sequence[Path], store: Path | None = None, **kwargs:
         raise ValueError(
             f"the SAEs come from {len(stores)} stores ({', '.join(sorted(stores))}); evaluate them apart"
         )
+    if store is None and not Path(next(iter(stores))).exists():
+        raise ValueError(
+            f"the store these SAEs were trained on, {next(iter(stores))} (recorded in their sae.json), is not "
+            "there any more; pass --store PATH to the same store's new location"
+        )
     opened = open_store(store if store is not None else next(iter(stores)))
     results = evaluate(loaded, opened, **kwargs)
     for s, r in zip(loaded, results, strict=True):
