@@ -74,6 +74,7 @@ class LoadedSAE(NamedTuple):
     """In eval mode; `sae.forward_raw(x, t)` takes raw activations."""
     meta: SAEMeta
     folder: Path
+    """Where it was loaded from (eval.json goes there)."""
 
 
 NORMALIZATION = (

@@ -23,8 +23,13 @@ the window's steps in proportion to its share of the window, to within one row. 
 step in a batch varies with which chunks landed in the window.
 
 Reading: a background thread reads the next windows while batches are drawn from the current one; each
-window's chunks are decoded by a thread pool straight into a preallocated buffer (pinned on CUDA, then
-copied with non_blocking=True and permuted on the device).
+window's chunks are decoded by a thread pool straight into a preallocated buffer (store.reader.read_into).
+On CPU the same thread then permutes the window into arrays of its own, so a batch is a slice (no copy and
+no torch op on the training thread). On CUDA the buffer is pinned, copied with non_blocking=True, and
+permuted on the device.
+
+A "chunks consumed" count and a saved RNG state would say the same as Position: the chunks consumed are
+those of the windows before `rows`, and every generator is re-made from (seed, epoch, window).
 """
 
 from __future__ import annotations
@@ -89,7 +94,9 @@ class Position(NamedTuple):
     """Where a loader is in its data: the next row to yield is row `rows` of epoch `epoch`'s stream."""
 
     epoch: int
+    """Epochs count from 0; each has its own chunk order and permutations."""
     rows: int
+    """Rows of this epoch's stream already yielded (a batch boundary)."""
 
 
 class Batch(NamedTuple):
@@ -106,7 +113,10 @@ class Batch(NamedTuple):
 
 
 class Window(NamedTuple):
+    """Chunks read and permuted together."""
+
     index: int
+    """Position in the epoch's plan; with (seed, epoch) it keys the window's permutation."""
     reads: list[ChunkRead]
     start: int
     """Offset of the window's first row in the epoch's stream."""

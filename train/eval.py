@@ -32,15 +32,23 @@ from train.data import ActivationLoader
 
 
 class Metrics(NamedTuple):
+    """Metrics of one group of held-out rows; the module docstring defines each."""
+
     rows: int
     mse: float
+    """Mean squared error per element, raw space."""
     fvu: float
     """Normalised MSE: the fraction of the group's variance left unexplained."""
     explained_variance: float
+    """1 - residual variance / variance, per channel summed (ignores a constant offset)."""
     cosine: float
+    """Mean cosine similarity of x and x_hat."""
     l0: float
+    """Mean active latents per row."""
     dead_fraction: float
+    """Latents that never fire on the group."""
     dense_fraction: float
+    """Latents that fire on more than dense_threshold of the group's rows."""
 
 
 class Group(NamedTuple):
