@@ -192,6 +192,7 @@ def train(
     branch: Annotated[Optional[str], typer.Option(help="CFG branch: cond (default) or uncond.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")] = None,
     k: Annotated[Optional[str], typer.Option(help="Active latents per row; a comma list sweeps (default 16).")] = None,
+    init_modulation: Annotated[Optional[str], typer.Option(help="tide modulation at step 0: zero (default; starts as topk) or adaln (copy the store's DiT's adaLN that reads the layer).")] = None,
     expansion: Annotated[Optional[int], typer.Option(help="Width = expansion x d_model (default 8).")] = None,
     num_latents: Annotated[Optional[int], typer.Option(help="Width, overriding --expansion.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per optimiser step (default 4096).")] = None,

@@ -32,6 +32,8 @@ class SAESpec(NamedTuple):
     array: str
     """Activation array it trains on, e.g. resid_l03."""
     sae: SAEConfig
+    layer: int
+    """Block index of the array (for --init-modulation adaln: which adaLN reads it)."""
 
 
 def _comma_list(v: Any) -> Any:
@@ -63,6 +65,10 @@ class TrainConfig(BaseModel):
     """Width F, overriding expansion."""
     aux_coeff: float = Field(1 / 32, ge=0)
     """Weight of the AuxK dead-latent loss (TopK archs)."""
+    init_modulation: Literal["zero", "adaln"] = "zero"
+    """tide SAEs' timestep modulation at step 0: 'zero' (its last layer is zero, so a tide SAE starts as the
+    topk SAE) or 'adaln' (copied from the source DiT's adaLN that reads the activations, loaded from the
+    store's recorded model folder; train/adaln.py). train/RESULTS.md measures both on the demo model."""
     l1_coeff: float = Field(3e-2, ge=0)
     """relu: weight of the L1 penalty."""
     dead_after_rows: int = Field(250_000, gt=0)
@@ -152,6 +158,11 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross(self) -> TrainConfig:
+        if self.init_modulation == "adaln" and "tide" not in self.archs:
+            raise ValueError(
+                f"init_modulation='adaln' initialises tide SAEs, but archs={list(self.archs)} has none; add "
+                "tide to archs or leave init_modulation at 'zero'"
+            )
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be below max_steps={self.max_steps}; lower warmup_steps"
@@ -218,7 +229,7 @@ class TrainConfig(BaseModel):
                         dead_steps_threshold=math.ceil(self.dead_after_rows / self.batch_size),
                         num_train_timesteps=_num_train_timesteps(meta),
                     )
-                    specs.append(SAESpec(name, array, sae))
+                    specs.append(SAESpec(name, array, sae, layer))
         return specs
 
     def identity(self) -> dict[str, Any]:

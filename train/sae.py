@@ -8,8 +8,9 @@ Every architecture computes
 with x_in = x - b_dec for `topk`, `batchtopk`, `relu`, and for `tide` the timestep-modulated
     x_mod = (x - b_dec) * (1 + scale(t)) + shift(t),
 where (shift, scale) come from an MLP over a sinusoidal embedding of t laid out like diffusers' DiT adaLN
-path, so `init_modulation_from_adaln` can copy a trained DiT's own modulation into it. The last layer is
-zero-initialised, so an untrained `tide` SAE is exactly a `topk` SAE.
+path, so `init_modulation_from_adaln` can copy a trained DiT's own modulation into it (train/adaln.py does
+so for `tide train --init-modulation adaln`). By default the MLP's last layer is zero-initialised, so an
+untrained `tide` SAE is exactly a `topk` SAE.
 
 Decoder target: `tide` encodes x_mod but decodes straight to x, never to x_mod. Dictionary atoms then live
 in the model's activation space whatever t is, so one feature means one direction at every timestep and a
@@ -331,19 +332,24 @@ def build_sae(cfg: SAEConfig) -> SAE:
 
 
 @torch.no_grad()
-def init_modulation_from_adaln(sae: SAE, block: nn.Module, class_emb_D: Tensor | None = None) -> None:
-    """Copy a diffusers DiT block's timestep adaLN (shift_msa, scale_msa) into a tide SAE's modulation.
+def init_modulation_from_adaln(
+    sae: SAE,
+    block: nn.Module,
+    class_emb_D: Tensor | None = None,
+    *,
+    rows: Literal["msa", "mlp"] = "msa",
+) -> None:
+    """Copy a diffusers DiT block's timestep adaLN (shift, scale) into a tide SAE's modulation.
 
-    Use the block that READS the captured residual: block l+1 for the output of block l, since its adaLN
-    is the model's own modulation of that residual at t (the last block's output has no such block: keep
-    the zero init). The class embedding is added before the SiLU in DiT, so it is left out by default,
-    giving the timestep-only part; pass `class_emb_D` (e.g. the null-label row of
+    Use the modulation that READS the captured activations. rows="msa" (shift_msa, scale_msa) modulates
+    LayerNorm of the block's input: use block l+1 for the output of block l (the last block's output is
+    read by the model's output layer instead: `init_modulation_from_final_adaln`). rows="mlp"
+    (shift_mlp, scale_mlp) modulates LayerNorm of the residual after the block's attention is added: use
+    block l for block l's attention output. The class embedding is added before the SiLU in DiT, so it is
+    left out by default, giving the timestep-only part; pass `class_emb_D` (e.g. the null-label row of
     `block.norm1.emb.class_embedder.embedding_table`) to fold a fixed class into linear_2's bias.
     The DiT modulates LayerNorm(x); the SAE modulates x - b_dec, so this is a starting point, not identity.
     """
-    m, D, E, H = sae.modulation, sae.cfg.d_model, sae.cfg.t_embed_dim, sae.cfg.effective_t_hidden
-    if m is None:
-        raise ValueError(f"SAE arch={sae.cfg.arch!r} has no timestep modulation; build it with arch='tide'")
     norm1 = getattr(block, "norm1", None)
     emb = getattr(norm1, "emb", None)
     if not (hasattr(emb, "timestep_embedder") and hasattr(emb, "time_proj") and hasattr(norm1, "linear")):
@@ -351,20 +357,54 @@ def init_modulation_from_adaln(sae: SAE, block: nn.Module, class_emb_D: Tensor |
             f"expected a DiT BasicTransformerBlock with norm_type='ada_norm_zero' (norm1 = AdaLayerNormZero "
             f"with a timestep embedding), got {type(block).__name__} with norm1 {type(norm1).__name__}"
         )
+    D_block = norm1.linear.out_features // 6
+    first = {"msa": 0, "mlp": 3}[rows]  # chunk(6) order: shift_msa, scale_msa, gate_msa, shift_mlp, ...
+    _copy_adaln(sae, emb, norm1.linear, slice(first * D_block, (first + 2) * D_block), class_emb_D, block)
+
+
+@torch.no_grad()
+def init_modulation_from_final_adaln(
+    sae: SAE, transformer: nn.Module, class_emb_D: Tensor | None = None
+) -> None:
+    """Copy a DiTTransformer2DModel's output adaLN into a tide SAE's modulation: for the last block's output.
+
+    diffusers' DiT ends with norm_out(x) * (1 + scale) + shift, (shift, scale) = proj_out_1(SiLU(c)), where c
+    is block 0's norm1.emb of (t, class): the model's own modulation of the last residual at t.
+    `class_emb_D` as in `init_modulation_from_adaln`.
+    """
+    blocks = getattr(transformer, "transformer_blocks", None)
+    proj = getattr(transformer, "proj_out_1", None)
+    emb = getattr(getattr(blocks[0], "norm1", None), "emb", None) if blocks else None
+    if not (isinstance(proj, nn.Linear) and hasattr(emb, "timestep_embedder") and hasattr(emb, "time_proj")):
+        raise ValueError(
+            f"expected a DiTTransformer2DModel with norm_type='ada_norm_zero' (an output adaLN proj_out_1 fed "
+            f"by transformer_blocks[0].norm1.emb), got {type(transformer).__name__}"
+        )
+    # proj_out_1's rows are chunk(2) order: shift, scale
+    _copy_adaln(sae, emb, proj, slice(0, proj.out_features), class_emb_D, transformer)
+
+
+def _copy_adaln(
+    sae: SAE, emb: nn.Module, linear: nn.Linear, rows: slice, class_emb_D: Tensor | None, source: nn.Module
+) -> None:
+    """Copy timestep_embedder's two linears and `linear`'s rows (shift then scale, D each) into sae.modulation."""
+    m, D, E, H = sae.modulation, sae.cfg.d_model, sae.cfg.t_embed_dim, sae.cfg.effective_t_hidden
+    if m is None:
+        raise ValueError(f"SAE arch={sae.cfg.arch!r} has no timestep modulation; build it with arch='tide'")
     proj, te = emb.time_proj, emb.timestep_embedder
-    D_block, H_block = norm1.linear.out_features // 6, te.linear_1.out_features
+    D_src, H_src = (rows.stop - rows.start) // 2, te.linear_1.out_features
     proj_args = (proj.num_channels, proj.flip_sin_to_cos, proj.downscale_freq_shift)
     for ok, problem in [
         (proj_args == (E, True, 1), f"block's Timesteps{proj_args} != SAE's ({E}, True, 1): set t_embed_dim"),
-        (D_block == D, f"block width {D_block} != SAE d_model={D}: build the SAE for this block's width"),
-        (H_block == H == norm1.linear.in_features, f"MLP width {H_block} != {H}: set t_hidden={H_block}"),
+        (D_src == D, f"block width {D_src} != SAE d_model={D}: build the SAE for this block's width"),
+        (H_src == H == linear.in_features, f"MLP width {H_src} != {H}: set t_hidden={H_src}"),
         (isinstance(te.act, nn.SiLU) and not (te.post_act or te.cond_proj), "not Linear-SiLU-Linear"),
     ]:
         if not ok:
-            raise ValueError(f"cannot initialise from {type(block).__name__}: {problem}")
+            raise ValueError(f"cannot initialise from {type(source).__name__}: {problem}")
     m.linear_1.load_state_dict(te.linear_1.state_dict())
     m.linear_2.load_state_dict(te.linear_2.state_dict())
-    m.linear.weight.copy_(norm1.linear.weight[: 2 * D])  # chunk(6) order: shift_msa, scale_msa, gate_msa, ...
-    m.linear.bias.copy_(norm1.linear.bias[: 2 * D])
+    m.linear.weight.copy_(linear.weight[rows])
+    m.linear.bias.copy_(linear.bias[rows])
     if class_emb_D is not None:
         m.linear_2.bias += class_emb_D.to(m.linear_2.bias)

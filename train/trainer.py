@@ -8,7 +8,9 @@ training split (from the writer's sums, `Store.stats`) and one scalar s with E||
 the per-step mean keeps the latents from spending themselves on "which timestep is this", which the
 residual's mean drifts with; one scalar s, not one per step, keeps the steps' relative magnitudes, so the
 loss weighs them as the model does. Every SAE, tide or baseline, sees identical inputs, so a tide-vs-topk
-difference is the timestep modulation alone. The normalisation is stored in the SAE's buffers
+difference is the timestep modulation alone. With `init_modulation="adaln"` a fresh run starts every tide
+SAE's modulation from the source DiT's adaLN (train/adaln.py); a resume takes it from its state instead,
+so it never needs the model. The normalisation is stored in the SAE's buffers
 (`set_input_normalization`), so `sae.forward_raw(x, t)` works on raw activations.
 
 A run in `cfg.out` left by a kill is resumed exactly (CPU): weights, optimiser states, step, data position
@@ -26,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from store.reader import Store, configure_read_threads, open_store
+from train.adaln import AdaLNInitError, init_from_dit, load_transformer
 from train.checkpoint import (
     NORMALIZATION,
     SAEMeta,
@@ -155,7 +159,25 @@ def _prepare_out(cfg: TrainConfig, store: Store, device: torch.device) -> dict[s
     return None
 
 
-def _build(cfg: TrainConfig, store: Store, device: torch.device) -> tuple[Run, ActivationLoader]:
+def _init_modulation(members: list[Member], cfg: TrainConfig, store: Store, split: Split, log) -> None:
+    """--init-modulation adaln: copy the source DiT's adaLN into every tide SAE (fresh runs only)."""
+    tide = [m for m in members if m.sae.modulation is not None]
+    labels_N = None
+    if store.meta.conditioning == "class" and "label" in store.root:
+        label_N, lay = store.root["label"][:], store.layout
+        labels_N = np.concatenate([label_N[lay.sample_chunk(c)] for c in split.train_chunks])
+    try:
+        transformer = load_transformer(store.meta)
+        for m in tide:
+            source = init_from_dit(m.sae, transformer, cfg.site, m.spec.layer, cfg.branch, labels_N)
+            log(f"{m.spec.name}: modulation initialised from {store.meta.model.transformer_class} {source}")
+    except AdaLNInitError as e:
+        raise TrainError(str(e)) from e
+
+
+def _build(
+    cfg: TrainConfig, store: Store, device: torch.device, log: Callable[[str], None]
+) -> tuple[Run, ActivationLoader]:
     try:
         specs = cfg.specs(store.meta)
         step_range = cfg.step_range(store.layout.num_steps)
@@ -197,6 +219,8 @@ def _build(cfg: TrainConfig, store: Store, device: torch.device) -> tuple[Run, A
         sae.set_input_normalization(mean_SD[step_range[0] : step_range[1]], scale, timesteps)
         opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
+    if state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state instead
+        _init_modulation(members, cfg, store, split, log)
     store_ref = StoreRef(path=str(store.path.resolve()), identity=store.identity())
     run = Run(members, total, store_ref, split, step_range)
     if state is not None:
@@ -214,7 +238,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     configure_read_threads(cfg.read_threads)
     device = resolve_device(cfg.device)
     store = open_store(cfg.store)
-    run, loader = _build(cfg, store, device)
+    run, loader = _build(cfg, store, device, log)
     write_json(cfg.out / "train_config.json", cfg.model_dump(mode="json"))
     names = ", ".join(m.spec.name for m in run.members)
     log(
