@@ -191,3 +191,29 @@ def test_eval_errors(dit_store, tmp_path):
     )
     result = runner.invoke(app, ["eval", str(tmp_path)])
     assert result.exit_code == 2 and "neither an SAE folder" in result.output
+
+
+def test_same_sae_names_from_two_runs_keep_their_own_results(tmp_path):
+    store = synthetic_store(
+        tmp_path / "s.zarr", num_samples=8, num_steps=4, tokens=8, d_model=8, batch_size=2, values="random"
+    )
+    folders = []
+    for seed in (0, 1):
+        cfg = TrainConfig(
+            store=store.path,
+            out=tmp_path / f"run{seed}",
+            archs=("topk",),
+            k=(2,),
+            expansion=2,
+            batch_size=16,
+            max_steps=3,
+            warmup_steps=1,
+            val_fraction=0.25,
+            seed=seed,
+            progress=False,
+        )
+        folders += train(cfg, log=lambda m: None).saes
+    together = evaluate_folders(folders, batch_size=16)
+    apart = [evaluate_folders([f], batch_size=16)[0] for f in folders]
+    assert together[0].name == together[1].name and together[0].overall != together[1].overall
+    assert [r.overall for r in together] == [r.overall for r in apart]

@@ -160,7 +160,7 @@ def evaluate(
             raise ValueError(
                 f"{s.folder} was trained with val_fraction=0: it has no held-out samples to evaluate on"
             )
-    results: dict[str, EvalResult] = {}
+    results: dict[int, EvalResult] = {}  # by id(sae): runs in different folders reuse SAE names
     keys = list(dict.fromkeys((tuple(s.meta.split.val_chunks), s.meta.step_range) for s in saes))
     t_S = store.timesteps
     for chunks, (lo, hi) in keys:
@@ -199,13 +199,13 @@ def evaluate(
                     for g in slices
                 ]
 
-            results[s.meta.name] = EvalResult(
+            results[id(s)] = EvalResult(
                 s.meta.name,
                 acc.metrics(slice(lo, hi), dense_threshold),
                 groups(_groups(lo, hi, buckets)),
                 groups(_groups(lo, hi, hi - lo)),
             )
-    return [results[s.meta.name] for s in saes]
+    return [results[id(s)] for s in saes]
 
 
 def evaluate_folders(paths: Sequence[Path], store: Path | None = None, **kwargs: Any) -> list[EvalResult]:
