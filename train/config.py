@@ -68,7 +68,8 @@ class TrainConfig(BaseModel):
     init_modulation: Literal["zero", "adaln"] = "zero"
     """tide SAEs' timestep modulation at step 0: 'zero' (its last layer is zero, so a tide SAE starts as the
     topk SAE) or 'adaln' (copied from the source DiT's adaLN that reads the activations, loaded from the
-    store's recorded model folder; train/adaln.py). train/RESULTS.md measures both on the demo model."""
+    store's recorded model folder; train/adaln.py). 'zero' is the default because on the demo model 'adaln'
+    reconstructs no better (worse on the middle layer) and it needs the model folder (train/RESULTS.md)."""
     l1_coeff: float = Field(3e-2, ge=0)
     """relu: weight of the L1 penalty."""
     dead_after_rows: int = Field(250_000, gt=0)
