@@ -6,7 +6,7 @@ torch and diffusers are imported inside the commands so that `tide --help` is in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,7 +17,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 store_app = typer.Typer(help="Inspect, verify and summarise activation stores.", no_args_is_help=True)
-demo_app = typer.Typer(help="The shipped demo model: a small class-conditional DiT on digits.", no_args_is_help=True)
+demo_app = typer.Typer(
+    help="The shipped demo model: a small class-conditional DiT on digits.", no_args_is_help=True
+)
 app.add_typer(store_app, name="store")
 app.add_typer(demo_app, name="demo-model")
 
@@ -31,7 +33,7 @@ def _fail(message: str) -> None:
 # --- harvest ---------------------------------------------------------------------------------------
 
 
-def _build_config(model_cls, config: Optional[Path], overrides: dict):
+def _build_config(model_cls, config: Path | None, overrides: dict):
     """Config file values, then every flag the user actually gave, validated by the stage's pydantic model."""
     from pydantic import ValidationError
 
@@ -42,7 +44,10 @@ def _build_config(model_cls, config: Optional[Path], overrides: dict):
         values.update({k: v for k, v in overrides.items() if v is not None})
         return model_cls(**values)
     except ValidationError as e:
-        msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+        msgs = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
         _fail(msgs)
     except ValueError as e:
         _fail(str(e))
@@ -50,29 +55,53 @@ def _build_config(model_cls, config: Optional[Path], overrides: dict):
 
 @app.command()
 def harvest(
-    model: Annotated[Optional[str], typer.Option(help="Diffusers pipeline folder or hub id (default: the shipped digits DiT).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Store folder to write (default runs/digits.zarr).")] = None,
-    num_samples: Annotated[Optional[int], typer.Option(help="Images to generate (default 500).")] = None,
-    num_steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default 50).")] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Steps to store: all, '0,10,49' or a stride '::5'.")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="Blocks to capture: all, or '0,5,-1'.")] = None,
-    sites: Annotated[Optional[str], typer.Option(help="Comma list of resid, delta, attn, mlp, or all (default resid).")] = None,
-    token_fraction: Annotated[Optional[float], typer.Option(help="Fraction of tokens kept per (sample, step), in (0, 1] (default 0.25).")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's).")] = None,
-    cfg_branch: Annotated[Optional[str], typer.Option(help="CFG branch to store: cond, uncond or both.")] = None,
-    labels: Annotated[Optional[str], typer.Option(help="Class labels: cycle, random, '3,5,7' or '0-9'.")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="Text models: file with one prompt a line.")] = None,
-    prompt_embeds: Annotated[Optional[Path], typer.Option(help="Text models: precomputed prompt embeddings (safetensors).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Base seed; sample i uses seed + i.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Samples per forward pass and per chunk (default 50).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Stored dtype: float16, float32 or bfloat16.")] = None,
-    codec: Annotated[Optional[str], typer.Option(help="Compression: blosc-zstd, zstd or none.")] = None,
-    model_dtype: Annotated[Optional[str], typer.Option(help="Dtype the transformer runs in.")] = None,
-    save_images: Annotated[Optional[bool], typer.Option("--save-images", help="Also store the final images.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing store with another configuration.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Diffusers pipeline folder or hub id (default: the shipped digits DiT)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Store folder to write (default runs/digits.zarr).")
+    ] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Images to generate (default 500).")] = None,
+    num_steps: Annotated[int | None, typer.Option(help="Denoising steps (default 50).")] = None,
+    steps: Annotated[
+        str | None, typer.Option(help="Steps to store: all, '0,10,49' or a stride '::5'.")
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="Blocks to capture: all, or '0,5,-1'.")] = None,
+    sites: Annotated[
+        str | None, typer.Option(help="Comma list of resid, delta, attn, mlp, or all (default resid).")
+    ] = None,
+    token_fraction: Annotated[
+        float | None,
+        typer.Option(help="Fraction of tokens kept per (sample, step), in (0, 1] (default 0.25)."),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default: the model's).")
+    ] = None,
+    cfg_branch: Annotated[str | None, typer.Option(help="CFG branch to store: cond, uncond or both.")] = None,
+    labels: Annotated[str | None, typer.Option(help="Class labels: cycle, random, '3,5,7' or '0-9'.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Text models: file with one prompt a line.")] = None,
+    prompt_embeds: Annotated[
+        Path | None, typer.Option(help="Text models: precomputed prompt embeddings (safetensors).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Samples per forward pass and per chunk (default 50).")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Stored dtype: float16, float32 or bfloat16.")] = None,
+    codec: Annotated[str | None, typer.Option(help="Compression: blosc-zstd, zstd or none.")] = None,
+    model_dtype: Annotated[str | None, typer.Option(help="Dtype the transformer runs in.")] = None,
+    save_images: Annotated[
+        bool | None, typer.Option("--save-images", help="Also store the final images.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite", help="Replace an existing store with another configuration.")
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file of these options; flags override it.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML or TOML file of these options; flags override it.")
+    ] = None,
 ) -> None:
     """Run a DiT over its denoising steps and store chosen activations in a Zarr v3 cache.
 
@@ -83,7 +112,8 @@ def harvest(
     from harvest.config import HarvestConfig
 
     cfg = _build_config(HarvestConfig, config, overrides)
-    from harvest.run import HarvestError, harvest as run_harvest
+    from harvest.run import HarvestError
+    from harvest.run import harvest as run_harvest
     from store.reader import StoreError
 
     try:
@@ -123,7 +153,9 @@ def store_info(
 @store_app.command("verify")
 def store_verify(
     path: Annotated[Path, typer.Argument(help="A tide store folder.")],
-    quick: Annotated[bool, typer.Option("--quick", help="Check metadata and shapes only, not every value.")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Check metadata and shapes only, not every value.")
+    ] = False,
 ) -> None:
     """Check a store's integrity; exits non-zero naming every problem found."""
     from store.inspect import verify
@@ -139,9 +171,15 @@ def store_verify(
 @store_app.command("stats")
 def store_stats(
     path: Annotated[Path, typer.Argument(help="A tide store folder.")],
-    array: Annotated[Optional[str], typer.Option(help="Activation array, e.g. resid_l03 (default: all).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786.")] = None,
-    write: Annotated[bool, typer.Option("--write", help="Rewrite the stored sums with the recomputed ones.")] = False,
+    array: Annotated[
+        str | None, typer.Option(help="Activation array, e.g. resid_l03 (default: all).")
+    ] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="dask.distributed scheduler address, e.g. tcp://host:8786.")
+    ] = None,
+    write: Annotated[
+        bool, typer.Option("--write", help="Rewrite the stored sums with the recomputed ones.")
+    ] = False,
 ) -> None:
     """Recompute per-step statistics with dask, print them, and check (or --write) the writer's stored sums."""
     from store.reader import StoreError, open_store
@@ -154,10 +192,14 @@ def store_stats(
         for name in names:
             sums = recompute_sums(store, name, scheduler=scheduler)
             typer.echo(f"{name}: {len(sums.chunks)} sample chunks")
-            typer.echo(f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}")
+            typer.echo(
+                f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}"
+            )
             for r in step_table(store, sums):
-                typer.echo(f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
-                           f"{r['channel_std']:>12.4g}")
+                typer.echo(
+                    f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
+                    f"{r['channel_std']:>12.4g}"
+                )
             diff = difference(sums, stored_sums(store, name, sums.chunks))
             if write:
                 write_sums(store, name, sums)
@@ -169,7 +211,9 @@ def store_stats(
     except StoreError as e:
         _fail(str(e))
     if mismatched:
-        _fail(f"stored sums disagree with the activations for {', '.join(mismatched)}; rewrite them with --write")
+        _fail(
+            f"stored sums disagree with the activations for {', '.join(mismatched)}; rewrite them with --write"
+        )
 
 
 # --- train / eval ----------------------------------------------------------------------------------
@@ -185,37 +229,68 @@ def _print_evals(results) -> None:
 
 @app.command()
 def train(
-    store: Annotated[Optional[Path], typer.Option(help="Tide store to train on (default runs/digits.zarr).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the SAEs (default runs/saes).")] = None,
-    site: Annotated[Optional[str], typer.Option(help="Capture site: resid, delta, attn or mlp (default resid).")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="Stored layers: middle (default), all, or '2,3'.")] = None,
-    branch: Annotated[Optional[str], typer.Option(help="CFG branch: cond (default) or uncond.")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")] = None,
-    k: Annotated[Optional[str], typer.Option(help="Active latents per row; a comma list sweeps (default 16).")] = None,
-    init_modulation: Annotated[Optional[str], typer.Option(help="tide modulation at step 0: zero (default; starts as topk) or adaln (copy the store's DiT's adaLN that reads the layer).")] = None,
-    expansion: Annotated[Optional[int], typer.Option(help="Width = expansion x d_model (default 8).")] = None,
-    num_latents: Annotated[Optional[int], typer.Option(help="Width, overriding --expansion.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Rows per optimiser step (default 4096).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak AdamW learning rate (default 1e-3).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training split (default 2).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps instead.")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear learning-rate warm-up steps (default 50).")] = None,
-    steps: Annotated[Optional[str], typer.Option(help="Stored steps to train on: all or 'start:stop'.")] = None,
-    stratify_steps: Annotated[Optional[bool], typer.Option("--stratify-steps", help="Equal share of every step in each batch.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of sample chunks held out (default 0.1).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the SAEs' weights and the data order.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints (default 50).")] = None,
-    overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace a run with another configuration in --out.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Tide store to train on (default runs/digits.zarr).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the SAEs (default runs/saes).")] = None,
+    site: Annotated[
+        str | None, typer.Option(help="Capture site: resid, delta, attn or mlp (default resid).")
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Stored layers: middle (default), all, or '2,3'.")
+    ] = None,
+    branch: Annotated[str | None, typer.Option(help="CFG branch: cond (default) or uncond.")] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")
+    ] = None,
+    k: Annotated[
+        str | None, typer.Option(help="Active latents per row; a comma list sweeps (default 16).")
+    ] = None,
+    init_modulation: Annotated[
+        str | None,
+        typer.Option(
+            help="tide modulation at step 0: zero (default; starts as topk) or adaln (copy the store's DiT's adaLN that reads the layer)."
+        ),
+    ] = None,
+    expansion: Annotated[int | None, typer.Option(help="Width = expansion x d_model (default 8).")] = None,
+    num_latents: Annotated[int | None, typer.Option(help="Width, overriding --expansion.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per optimiser step (default 4096).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 1e-3).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training split (default 2).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps instead.")] = None,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Linear learning-rate warm-up steps (default 50).")
+    ] = None,
+    steps: Annotated[str | None, typer.Option(help="Stored steps to train on: all or 'start:stop'.")] = None,
+    stratify_steps: Annotated[
+        bool | None, typer.Option("--stratify-steps", help="Equal share of every step in each batch.")
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of sample chunks held out (default 0.1).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the SAEs' weights and the data order.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(help="Steps between checkpoints (default 50).")
+    ] = None,
+    overwrite: Annotated[
+        bool | None, typer.Option("--overwrite", help="Replace a run with another configuration in --out.")
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the held-out evaluation at the end.")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="YAML or TOML file of TrainConfig fields; flags override it.")] = None,
+    no_eval: Annotated[
+        bool, typer.Option("--no-eval", help="Skip the held-out evaluation at the end.")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option(help="YAML or TOML file of TrainConfig fields; flags override it.")
+    ] = None,
 ) -> None:
     """Train SAEs (default: a tide and a topk SAE on the middle layer) and print their held-out metrics per timestep.
 
     Re-running the same command after an interruption resumes it exactly where its last checkpoint was.
     """
-    overrides = {k_: v for k_, v in locals().items() if k_ not in ("config", "no_progress", "no_eval", "arch")}
+    overrides = {
+        k_: v for k_, v in locals().items() if k_ not in ("config", "no_progress", "no_eval", "arch")
+    }
     overrides["archs"] = arch
     overrides["progress"] = False if no_progress else None
     from train.config import TrainConfig
@@ -230,20 +305,35 @@ def train(
         result = run_train(cfg, log=lambda m: typer.echo(m, err=True))
         typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
         if not no_eval and cfg.val_fraction > 0:
-            _print_evals(evaluate_folders(result.saes, cfg.store, batch_size=cfg.batch_size,
-                                          buckets=cfg.eval_buckets, read_threads=cfg.read_threads))
+            _print_evals(
+                evaluate_folders(
+                    result.saes,
+                    cfg.store,
+                    batch_size=cfg.batch_size,
+                    buckets=cfg.eval_buckets,
+                    read_threads=cfg.read_threads,
+                )
+            )
     except (TrainError, StoreError, ValueError) as e:
         _fail(str(e))
 
 
 @app.command("eval")
 def eval_(
-    checkpoints: Annotated[list[Path], typer.Argument(help="SAE folders, or `tide train --out` folders holding them.")],
-    store: Annotated[Optional[Path], typer.Option(help="The store (default: the path recorded at training).")] = None,
-    buckets: Annotated[int, typer.Option(min=1, help="Timestep buckets in the table (JSON has every step too).")] = 10,
+    checkpoints: Annotated[
+        list[Path], typer.Argument(help="SAE folders, or `tide train --out` folders holding them.")
+    ],
+    store: Annotated[
+        Path | None, typer.Option(help="The store (default: the path recorded at training).")
+    ] = None,
+    buckets: Annotated[
+        int, typer.Option(min=1, help="Timestep buckets in the table (JSON has every step too).")
+    ] = 10,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward pass.")] = 4096,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")] = "cpu",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write all results to this JSON file.")] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write all results to this JSON file.")
+    ] = None,
 ) -> None:
     """Held-out metrics (MSE, FVU, explained variance, cosine, L0, dead, dense), overall and per timestep.
 
@@ -264,7 +354,6 @@ def eval_(
         json_out.write_text(json.dumps([r.to_json() for r in results], indent=2))
 
 
-
 # --- demo model ------------------------------------------------------------------------------------
 
 _DEMO_DEFAULT = "harvest/demo/digits-dit (shipped)"
@@ -272,9 +361,13 @@ _DEMO_DEFAULT = "harvest/demo/digits-dit (shipped)"
 
 @demo_app.command("train")
 def demo_train(
-    out: Annotated[Optional[Path], typer.Option(help=f"Pipeline folder to write (default {_DEMO_DEFAULT}).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: the shipped model's).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, data order, noise and label dropout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help=f"Pipeline folder to write (default {_DEMO_DEFAULT}).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (default: the shipped model's).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of weights, data order, noise and label dropout.")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing folder.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
 ) -> None:
@@ -299,10 +392,12 @@ def demo_train(
 
 @demo_app.command("eval")
 def demo_eval(
-    model: Annotated[Optional[Path], typer.Option(help=f"Demo pipeline folder (default {_DEMO_DEFAULT}).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help=f"Demo pipeline folder (default {_DEMO_DEFAULT}).")
+    ] = None,
     per_class: Annotated[int, typer.Option(min=1, help="Samples generated per class.")] = 50,
     num_steps: Annotated[int, typer.Option(min=1, help="Denoising steps.")] = 50,
-    guidance_scale: Annotated[Optional[float], typer.Option(help="CFG scale (default: the model's).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="CFG scale (default: the model's).")] = None,
     seed: Annotated[int, typer.Option(help="Sample i uses seed + i; also seeds the classifier's split.")] = 0,
 ) -> None:
     """Generate samples of every digit and score them with a classifier trained only on real digits."""
@@ -320,7 +415,9 @@ def demo_eval(
 
 @demo_app.command("grid")
 def demo_grid(
-    model: Annotated[Optional[Path], typer.Option(help=f"Demo pipeline folder (default {_DEMO_DEFAULT}).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help=f"Demo pipeline folder (default {_DEMO_DEFAULT}).")
+    ] = None,
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("docs/digits_grid.png"),
     per_row: Annotated[int, typer.Option(min=1, help="Samples per class (one row per class).")] = 8,
     seed: Annotated[int, typer.Option(help="Sample i uses seed + i.")] = 0,
