@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from tqdm.auto import tqdm
 
 from harvest.capture import Conditioning, capture
@@ -239,7 +240,7 @@ def open_or_create(cfg: HarvestConfig, meta: StoreMeta, arrays: dict[str, Any], 
             diffs = _differences(old.meta, meta)
             if not diffs:
                 # Keep the original metadata (creation time included): this is the same store, resumed.
-                root = __import__("zarr").open_group(str(out), mode="r+", zarr_format=3)
+                root = zarr.open_group(str(out), mode="r+", zarr_format=3)
                 return root, old.meta
             if not cfg.overwrite:
                 raise HarvestError(

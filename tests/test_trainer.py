@@ -237,39 +237,11 @@ def test_config_file_with_flag_overrides(store, tmp_path):
     cfg_file = tmp_path / "train.yaml"
     cfg_file.write_text("k: [4]\nexpansion: 2\nbatch_size: 64\nmax_steps: 5\nwarmup_steps: 1\narchs: topk\n")
     out = tmp_path / "o"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--config",
-            str(cfg_file),
-            "--store",
-            str(store.path),
-            "--out",
-            str(out),
-            "--max-steps",
-            "3",
-            "--no-progress",
-            "--no-eval",
-        ],
-    )
+    args = ["train", "--config", str(cfg_file), "--store", str(store.path), "--out", str(out)]
+    args += ["--max-steps", "3", "--no-progress", "--no-eval"]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     meta = load_sae(out / "resid_l02-topk-k4").meta
     assert meta.trained_steps == 3 and meta.sae.num_latents == 32 and meta.train_config["archs"] == ["topk"]
-    again = runner.invoke(
-        app,
-        [
-            "train",
-            "--config",
-            str(cfg_file),
-            "--store",
-            str(store.path),
-            "--out",
-            str(out),
-            "--max-steps",
-            "3",
-            "--no-progress",
-            "--no-eval",
-        ],
-    )
+    again = runner.invoke(app, args)  # the same command again
     assert again.exit_code == 0 and "resuming at step 3" in again.output  # finished: nothing left to train
