@@ -20,6 +20,7 @@ from harvest.capture import Conditioning, capture
 from harvest.config import HarvestConfig
 from harvest.model import LoadedModel, load_model
 from harvest.sampler import denoise, make_generators, to_images
+from store.device import resolve_device
 from store.reader import StoreError, open_store
 from store.schema import (
     StoreMeta,
@@ -28,6 +29,7 @@ from store.schema import (
     choose_chunks,
     kept_tokens,
     numpy_storage_dtype,
+    to_stored,
     token_subset,
 )
 from store.writer import StoreWriter, create_store, free_bytes
@@ -37,14 +39,6 @@ _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16":
 
 class HarvestError(ValueError):
     """Bad input to a harvest: the message says what and how to fix it."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HarvestError(f"device={device!r} but CUDA is not available here; use --device cpu (or auto)")
-    return torch.device(device)
 
 
 def _labels(cfg: HarvestConfig, num_classes: int) -> np.ndarray:
@@ -218,7 +212,7 @@ def estimate_bytes(meta: StoreMeta, num_samples: int) -> int:
     lay = meta.layout()
     per_sample = lay.num_steps * lay.tokens * lay.d_model * numpy_storage_dtype(meta.dtype).itemsize
     per_sample *= len(meta.act_names())
-    if meta.tokens.kept < meta.tokens.num_tokens:
+    if meta.tokens.subsampled:
         per_sample += lay.num_steps * lay.tokens * 4
     return per_sample * num_samples
 
@@ -336,7 +330,7 @@ def _harvest_chunk(
     seeds = arrays["seeds"][samples]
     b, device = len(seeds), model.transformer.device
     cond, uncond = _batch_conditioning(meta, arrays, samples, device)
-    subsample = meta.tokens.kept < meta.tokens.num_tokens
+    subsample = meta.tokens.subsampled
     index_BST = np.stack(
         [
             np.stack([token_subset(int(s), i, meta.tokens.num_tokens, lay.tokens) for i in meta.step_indices])
@@ -374,15 +368,9 @@ def _harvest_chunk(
         if j == next(iter(buffers.values())).shape[1] - 1:
             steps = slice(p - j, p + 1)
             for name, buf in buffers.items():
-                writer.submit(writer.write_block, name, c, steps, _to_numpy(buf, meta.dtype))
+                writer.submit(writer.write_block, name, c, steps, to_stored(buf))
             if subsample:
                 writer.submit(writer.write_token_index, c, steps, index_BST[:, steps])
     if save_images:
         writer.submit(writer.write_images, c, to_images(model, latents).numpy())
     writer.submit(writer.mark_done, c)
-
-
-def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return t.view(torch.int16).cpu().numpy().view(np.uint16)
-    return t.cpu().numpy()

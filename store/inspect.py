@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 
 from store.reader import Store, open_store
-from store.schema import ACT_DIMS, numpy_storage_dtype
-from store.writer import as_float, block_stats
+from store.schema import ACT_DIMS, as_float, numpy_storage_dtype
+from store.writer import block_stats
 
 
 def disk_bytes(path: Path) -> int:
@@ -63,7 +63,7 @@ def verify(path: Path, check_values: bool = True) -> list[str]:
         "done": (lay.num_samples,),
     }
     expected["label" if meta.conditioning == "class" else "prompt_index"] = (lay.num_samples,)
-    if meta.tokens.kept < meta.tokens.num_tokens:
+    if meta.tokens.subsampled:
         expected["token_index"] = (lay.num_samples, lay.num_steps, lay.tokens)
     for name in meta.act_names():
         expected[name] = lay.act_shape
@@ -107,7 +107,7 @@ def verify(path: Path, check_values: bool = True) -> list[str]:
             stats.mean * count[:, None], total, rtol=1e-6, atol=1e-6
         ):
             problems.append(f"stats/{name} disagree with the stored activations")
-    if meta.tokens.kept < meta.tokens.num_tokens and done_chunks:
+    if meta.tokens.subsampled and done_chunks:
         idx = root["token_index"][lay.sample_chunk(done_chunks[0])]
         if idx.min() < 0 or idx.max() >= meta.tokens.num_tokens:
             problems.append("token_index holds positions outside the image's tokens")

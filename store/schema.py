@@ -33,10 +33,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "tide.activations"
 FORMAT_VERSION = 1
@@ -99,6 +102,11 @@ class TokenSampling(_Frozen):
     """Requested fraction in (0, 1]; 1 keeps every token in order and stores no token_index."""
     kept: int
     """T: tokens stored per (sample, step)."""
+
+    @property
+    def subsampled(self) -> bool:
+        """Only some tokens are stored; the token_index array says which."""
+        return self.kept < self.num_tokens
 
 
 class StoreMeta(_Frozen):
@@ -163,9 +171,37 @@ def act_name(site: str, layer: int, branch: str = "cond") -> str:
     return f"{site}_l{layer:02d}" + ("" if branch == "cond" else f"_{branch}")
 
 
+# --- storage dtypes: zarr has no bfloat16, so its raw bits are stored as uint16 ----------------------
+
+
 def numpy_storage_dtype(dtype: str) -> np.dtype:
-    """The dtype zarr stores for a logical dtype (zarr has no bfloat16: its bits go in uint16)."""
+    """The dtype zarr stores for a logical dtype."""
     return np.dtype({"float16": "float16", "float32": "float32", "bfloat16": "uint16"}[dtype])
+
+
+def as_float(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as numbers: bfloat16 bits (uint16) become float32, others pass through."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values
+
+
+def to_stored(t: torch.Tensor) -> np.ndarray:
+    """A float16, float32 or bfloat16 tensor as the numpy array zarr stores (on the CPU)."""
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.cpu().numpy()
+
+
+def torch_storage_dtypes(dtype: str) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of a torch buffer that zarr's stored values are copied into, dtype to view it as)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return torch.int16, torch.bfloat16
+    return getattr(torch, dtype), getattr(torch, dtype)
 
 
 def choose_chunks(
@@ -184,10 +220,13 @@ def choose_chunks(
             tokens_per_chunk += 1
         return 1, min(tokens_per_chunk, tokens)
     steps_per_chunk = min(num_steps, max(1, math.ceil(rows / (batch_size * tokens))))
-    # Even out the step chunks: zarr stores a partial edge chunk at full size, so 50 steps in chunks of
-    # 11 would waste 10% of the disk where chunks of 10 waste nothing.
-    steps_per_chunk = math.ceil(num_steps / math.ceil(num_steps / steps_per_chunk))
-    return steps_per_chunk, tokens
+    # No partial edge chunk where a divisor of num_steps is at least half the target: zarr stores an edge
+    # chunk at full size, and a reader decodes all of it to keep part (50 steps in chunks of 13 would make a
+    # quarter of the chunks partial; chunks of 10 tile them exactly). Otherwise even the step chunks out.
+    divisors = [n for n in range(math.ceil(steps_per_chunk / 2), steps_per_chunk + 1) if num_steps % n == 0]
+    if divisors:
+        return divisors[-1], tokens
+    return math.ceil(num_steps / math.ceil(num_steps / steps_per_chunk)), tokens
 
 
 def kept_tokens(num_tokens: int, fraction: float) -> int:
@@ -201,6 +240,31 @@ def token_subset(seed: int, step_index: int, num_tokens: int, kept: int) -> np.n
         return np.arange(num_tokens, dtype=np.int32)
     perm = np.random.default_rng([seed, step_index]).permutation(num_tokens)
     return np.sort(perm[:kept]).astype(np.int32)
+
+
+class ChunkRead(NamedTuple):
+    """One whole chunk of an activation array (optionally cut to a step range), read as rows."""
+
+    chunk: tuple[int, int, int]
+    """(sample chunk, step chunk, token chunk), as Layout.chunks() lists them."""
+    selection: tuple[slice, slice, slice, slice]
+    """(samples, steps, tokens, d) of the array; rows are the C-order flattening of the first three."""
+    rows: int
+    """Rows in the selection: samples * steps * tokens."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(samples, steps, tokens) of the selection."""
+        return tuple(s.stop - s.start for s in self.selection[:3])  # type: ignore[return-value]
+
+
+def row_index(selection: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(sample, step) of every row of a selection, in the C order in which its rows are read."""
+    samples, steps, tokens = selection[:3]
+    b, s, t = samples.stop - samples.start, steps.stop - steps.start, tokens.stop - tokens.start
+    sample = np.repeat(np.arange(samples.start, samples.stop, dtype=np.int64), s * t)
+    step = np.tile(np.repeat(np.arange(steps.start, steps.stop, dtype=np.int64), t), b)
+    return sample, step
 
 
 @dataclass(frozen=True)
@@ -262,3 +326,19 @@ class Layout:
     def chunk_rows(self, chunk: tuple[int, int, int]) -> int:
         s, t, k, _ = self.chunk_selection(chunk)
         return (s.stop - s.start) * (t.stop - t.start) * (k.stop - k.start)
+
+    def chunk_reads(
+        self, sample_chunks: list[int], step_range: tuple[int, int] | None = None
+    ) -> list[ChunkRead]:
+        """The chunks of `sample_chunks`, cut to stored steps [start, stop); chunks outside it are left out."""
+        lo, hi = step_range if step_range is not None else (0, self.num_steps)
+        reads = []
+        for chunk in self.chunks(sample_chunks):
+            samples, steps, tokens, d = self.chunk_selection(chunk)
+            steps = slice(max(steps.start, lo), min(steps.stop, hi))
+            if steps.stop > steps.start:
+                rows = (
+                    (samples.stop - samples.start) * (steps.stop - steps.start) * (tokens.stop - tokens.start)
+                )
+                reads.append(ChunkRead(chunk, (samples, steps, tokens, d), rows))
+        return reads

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from store.reader import Store, StoreError, moments
-from store.writer import as_float
+from store.schema import as_float
 
 
 class ChunkSums(NamedTuple):

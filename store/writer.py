@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 
-from store.schema import ACT_DIMS, StoreMeta, numpy_storage_dtype
+from store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 
 # Measured on synthetic and demo float16 activations (README, "Compression"): level 1 with byte shuffle
 # gains most of what zstd can, and a 256 KB block keeps decompression parallel within a chunk.
@@ -82,7 +82,7 @@ def create_store(
         fill_value=False,
         dimension_names=["sample"],
     )
-    if meta.tokens.kept < meta.tokens.num_tokens:
+    if meta.tokens.subsampled:
         root.create_array(
             "token_index",
             shape=(n, s, lay.tokens),
@@ -141,13 +141,6 @@ def block_stats(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, 
     x = as_float(block, dtype).astype(np.float64)
     b, s, t, _ = x.shape
     return np.full(s, b * t, dtype=np.int64), x.sum(axis=(0, 2)), np.square(x).sum(axis=(0, 2))
-
-
-def as_float(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as numbers: bfloat16 bits (uint16) become float32, others pass through."""
-    if dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values
 
 
 class StoreWriter:

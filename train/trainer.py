@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from store.device import resolve_device
 from store.reader import Store, configure_read_threads, open_store
 from train.adaln import AdaLNInitError, init_from_dit, load_transformer
 from train.checkpoint import (
@@ -91,14 +92,6 @@ class TrainResult(NamedTuple):
     """One folder per SAE, in spec order."""
     steps: int
     """Optimiser steps trained in total."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"device={device!r} but CUDA is not available here; use --device cpu (or auto)")
-    return torch.device(device)
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -233,13 +226,32 @@ def _build(
     return run, loader
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are."""
+class Prepared(NamedTuple):
+    """A run ready for its first (or resumed) step."""
+
+    run: Run
+    """What `fit` advances: the SAEs, their optimisers, the step and the data position."""
+    loader: ActivationLoader
+    """The training split's batches: `loader.batches(run.position)` continues where the run stands."""
+    device: torch.device
+
+
+def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
+    """Open the store, set up cfg.out (resuming a run left there), and build every SAE and the loader.
+
+    `train` is `prepare` then `fit`; call the two yourself to feed `fit` other batches (make bench does).
+    """
     configure_read_threads(cfg.read_threads)
     device = resolve_device(cfg.device)
     store = open_store(cfg.store)
     run, loader = _build(cfg, store, device, log)
     write_json(cfg.out / "train_config.json", cfg.model_dump(mode="json"))
+    return Prepared(run, loader, device)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
+    """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are."""
+    run, loader, device = prepare(cfg, log)
     names = ", ".join(m.spec.name for m in run.members)
     log(
         f"{cfg.out}: {names} on {loader.rows_per_epoch} training rows ({len(run.split.train_chunks)} sample chunks; "
