@@ -118,42 +118,7 @@ def open_store(path: str | Path) -> Store:
     return Store(path=path, root=root, meta=meta)
 
 
-# --- chunk reads for training (appended for train/data.py) ----------------------------------------
-
-
-class ChunkRead(NamedTuple):
-    """One whole chunk of an activation array (optionally cut to a step range), read as rows."""
-
-    chunk: tuple[int, int, int]
-    """(sample chunk, step chunk, token chunk), as Layout.chunks() lists them."""
-    selection: tuple[slice, slice, slice, slice]
-    """(samples, steps, tokens, d) of the array; rows are the C-order flattening of the first three."""
-    rows: int
-    """Rows in the selection: samples * steps * tokens."""
-
-
-def chunk_reads(
-    layout: Layout, sample_chunks: list[int], step_range: tuple[int, int] | None = None
-) -> list[ChunkRead]:
-    """The chunks of `sample_chunks`, cut to stored steps [start, stop); chunks outside the range are left out."""
-    lo, hi = step_range if step_range is not None else (0, layout.num_steps)
-    reads = []
-    for chunk in layout.chunks(sample_chunks):
-        samples, steps, tokens, d = layout.chunk_selection(chunk)
-        steps = slice(max(steps.start, lo), min(steps.stop, hi))
-        if steps.stop > steps.start:
-            rows = (samples.stop - samples.start) * (steps.stop - steps.start) * (tokens.stop - tokens.start)
-            reads.append(ChunkRead(chunk, (samples, steps, tokens, d), rows))
-    return reads
-
-
-def row_index(selection: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(sample, step) of every row of a selection, in the C order in which its rows are read."""
-    samples, steps, tokens = selection[:3]
-    b, s, t = samples.stop - samples.start, steps.stop - steps.start, tokens.stop - tokens.start
-    sample = np.repeat(np.arange(samples.start, samples.stop, dtype=np.int64), s * t)
-    step = np.tile(np.repeat(np.arange(steps.start, steps.stop, dtype=np.int64), t), b)
-    return sample, step
+# --- reading whole chunks (the training loader's path) ---------------------------------------------
 
 
 def read_into(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, direct: bool = True) -> None:
@@ -204,7 +169,13 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
     if any((s.stop - 1) // c != i for s, c, i in zip(selection, shape, coords, strict=True)):
         return False
     path = Path(arr.store.root) / arr.path / arr.metadata.encode_chunk_key(coords)
+    whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
     try:
+        if whole and codec is None and out.flags.c_contiguous:
+            with open(path, "rb", buffering=0) as f:  # an uncompressed chunk is its bytes: one copy
+                if f.readinto(memoryview(out).cast("B")) == out.nbytes:
+                    return True
+            raise ValueError(f"chunk file {path} is shorter than the {out.nbytes} bytes of a chunk")
         data = path.read_bytes()
     except FileNotFoundError:  # zarr does not write chunks that are all fill value
         out[...] = arr.metadata.fill_value
@@ -212,7 +183,6 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
     inner = tuple(
         slice(s.start - i * c, s.stop - i * c) for s, c, i in zip(selection, shape, coords, strict=True)
     )
-    whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
     if whole and codec is not None:
         codec.decode(data, out=out)  # straight into the caller's buffer
         return True

@@ -228,7 +228,7 @@ def test_store_stats_errors_name_the_fix(dit_store):
 
 @pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
 def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
-    from store.reader import _direct_codec, chunk_reads, read_into
+    from store.reader import _direct_codec, read_into
 
     store = synthetic_store(
         tmp_path / "s.zarr",
@@ -245,7 +245,7 @@ def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
     arr, lay = store.array("resid_l00"), store.layout
     assert _direct_codec(arr) is not False  # the fast path is the one under test
     (tmp_path / "s.zarr/resid_l00/c/1/1/1/0").unlink()  # a missing chunk reads as the fill value
-    reads = chunk_reads(lay, [0, 1, 2], (1, 5))
+    reads = lay.chunk_reads([0, 1, 2], (1, 5))
     assert any(r.selection[0].stop - r.selection[0].start == 1 for r in reads)  # the edge sample chunk
     for r in reads:
         shape = tuple(s.stop - s.start for s in r.selection[:3]) + (lay.d_model,)
@@ -253,3 +253,20 @@ def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
         read_into(arr, r.selection, fast)
         read_into(arr, r.selection, slow, direct=False)
         np.testing.assert_array_equal(fast, slow, err_msg=str(r.chunk))
+
+
+def test_window_arrays_are_reused_only_when_no_batch_holds_them(index_store):
+    """Streamed batches (dropped at once, so window arrays are recycled) equal batches all kept at once, and
+    a batch kept while the loader goes on keeps its values."""
+    loader = _loader(index_store, [0, 1, 2, 3], window_rows=20)
+    kept = list(loader.batches(epochs=3))
+    frozen = [b.x_ABD.clone() for b in kept]
+    streamed, held = [], None
+    for b in loader.batches(epochs=3):
+        streamed.append(b.x_ABD.clone())
+        held = held if held is not None else b  # the first batch stays referenced throughout
+    assert len(loader._recycled) <= 3 + loader.prefetch  # arrays were reused, not one per window
+    assert len(streamed) == len(kept) > 3 * len(loader.plan(0))
+    assert all(torch.equal(a, b) for a, b in zip(streamed, frozen, strict=True))
+    assert all(torch.equal(a.x_ABD, b) for a, b in zip(kept, frozen, strict=True))
+    assert torch.equal(held.x_ABD, frozen[0])

@@ -23,10 +23,11 @@ the window's steps in proportion to its share of the window, to within one row. 
 step in a batch varies with which chunks landed in the window.
 
 Reading: a background thread reads the next windows while batches are drawn from the current one; each
-window's chunks are decoded by a thread pool straight into a preallocated buffer (store.reader.read_into).
-On CPU the same thread then permutes the window into arrays of its own, so a batch is a slice (no copy and
-no torch op on the training thread). On CUDA the buffer is pinned, copied with non_blocking=True, and
-permuted on the device.
+window's chunks are decoded by a thread pool (store.reader.read_into). On CPU each read thread decodes a
+chunk into a small scratch buffer and scatters its rows straight to their shuffled places in the window's
+own arrays, so the shuffle is no extra pass and a batch is a slice (no copy and no torch op on the
+training thread). On CUDA chunks are decoded in order into a pinned buffer, copied with
+non_blocking=True, and permuted on the device.
 
 A "chunks consumed" count and a saved RNG state would say the same as Position: the chunks consumed are
 those of the windows before `rows`, and every generator is re-made from (seed, epoch, window).
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import math
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,10 +48,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from store.reader import ChunkRead, Store, chunk_reads, read_into, row_index
-from store.schema import Layout
-
-_TORCH_STORAGE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.int16}
+from store.reader import Store, read_into
+from store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 
 
 class Split(BaseModel):
@@ -137,7 +137,8 @@ class _Loaded(NamedTuple):
 
 
 class _Slot:
-    """A preallocated window buffer: rows of every array, with each row's step and sample."""
+    """A preallocated window buffer: rows of every array, with each row's step and sample (empty on CPU,
+    where every window gets arrays of its own)."""
 
     def __init__(self, num_arrays: int, rows: int, d: int, dtype: torch.dtype, pin: bool):
         self.x_ARD = torch.empty((num_arrays, rows, d), dtype=dtype, pin_memory=pin)
@@ -181,13 +182,14 @@ class ActivationLoader:
         self.shuffle, self.stratify_steps, self.drop_last = shuffle, stratify_steps, drop_last
         self.read_threads, self.prefetch, self.device = read_threads, prefetch, torch.device(device)
         self.step_range = step_range or (0, self.layout.num_steps)
-        self.reads = chunk_reads(self.layout, list(sample_chunks), self.step_range)
+        self.reads = self.layout.chunk_reads(list(sample_chunks), self.step_range)
         if not self.reads:
             raise ValueError(f"no rows to read: sample chunks {list(sample_chunks)}, steps {self.step_range}")
         self.rows_per_epoch = sum(r.rows for r in self.reads)
+        self._max_chunk_rows = max(r.rows for r in self.reads)
+        self._recycled: list[np.ndarray] = []
         self.timesteps_S = torch.as_tensor(store.timesteps, dtype=torch.float32).to(self.device)
-        self._dtype = _TORCH_STORAGE[store.meta.dtype]
-        self._view = torch.bfloat16 if store.meta.dtype == "bfloat16" else self._dtype
+        self._dtype, self._view = torch_storage_dtypes(store.meta.dtype)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -241,62 +243,95 @@ class ActivationLoader:
         key = (rank + rng.random(R)) / counts[s_R]
         return perm[np.argsort(key, kind="stable")]
 
-    def _read_window(self, slot: _Slot, window: Window, pool: ThreadPoolExecutor) -> np.ndarray:
-        """Decode a window's chunks of every array into `slot`; returns its rows' steps."""
-        offsets = np.cumsum([0] + [r.rows for r in window.reads])
-        x = slot.x_ARD.numpy()
-        if self.store.meta.dtype == "bfloat16":
-            x = x.view(np.uint16)  # zarr holds bfloat16 as its uint16 bits
+    def _rows_of(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(sample_R, step_R) of a window's rows in read order: known before anything is read."""
+        index = [row_index(r.selection) for r in window.reads]
+        return np.concatenate([s for s, _ in index]), np.concatenate([t for _, t in index])
+
+    def _read_window(
+        self, window: Window, x_ARD: np.ndarray, rows: Sequence[slice | np.ndarray], pool: ThreadPoolExecutor
+    ) -> None:
+        """Decode read i of a window, for every array, into x_ARD[a, rows[i]].
+
+        rows[i] is a slice (rows land in read order) or an index array (rows land where the shuffle puts
+        them: decoded into a per-thread scratch chunk, then scattered, so the permutation costs no pass of
+        its own and runs on every read thread).
+        """
+        scratch = threading.local()
 
         def read(job: tuple[int, int]) -> None:
             a, i = job
-            r = window.reads[i]
-            shape = tuple(s.stop - s.start for s in r.selection[:3]) + (self.layout.d_model,)
-            out = x[a, offsets[i] : offsets[i + 1]].reshape(shape)
-            if self._source is None:
-                read_into(self._zarr[a], r.selection, out)
-            else:
-                np.copyto(out, self._source[a][r.selection])
+            r, dest = window.reads[i], rows[i]
+            shape = (*r.shape, self.layout.d_model)
+            if isinstance(dest, slice):
+                self._read_chunk(a, r, x_ARD[a, dest].reshape(shape))
+                return
+            if getattr(scratch, "buf", None) is None:
+                scratch.buf = np.empty(self._max_chunk_rows * self.layout.d_model, x_ARD.dtype)
+            out = scratch.buf[: r.rows * self.layout.d_model].reshape(shape)
+            self._read_chunk(a, r, out)
+            x_ARD[a][dest] = out.reshape(r.rows, -1)
 
         jobs = [(a, i) for i in range(len(window.reads)) for a in range(len(self.arrays))]
         for _ in pool.map(read, jobs):
             pass
-        step_R, sample_R = slot.step_R.numpy(), slot.sample_R.numpy()
-        for i, r in enumerate(window.reads):
-            sample_R[offsets[i] : offsets[i + 1]], step_R[offsets[i] : offsets[i + 1]] = row_index(
-                r.selection
-            )
-        return step_R[: window.rows]
+
+    def _window_array(self, rows: int, dtype: np.dtype) -> np.ndarray:
+        """An (A, rows, D) array for a window's shuffled rows: a recycled one that no batch refers to any more,
+        else a new one. Reuse matters: a new array of a few hundred MB page-faults on every first write,
+        which measured as much as the decoding itself. A batch a caller keeps keeps its array out of reuse."""
+        for base in self._recycled:
+            if sys.getrefcount(base) == 3:  # held only by this list, the loop variable and the call
+                return base[:, :rows]
+        base = np.empty((len(self.arrays), self._max_window_rows, self.layout.d_model), dtype)
+        if len(self._recycled) < 3 + self.prefetch:  # the windows that can be in use at once, and one more
+            self._recycled.append(base)
+        return base[:, :rows]
+
+    @property
+    def _max_window_rows(self) -> int:
+        """A window exceeds window_rows by less than one unit."""
+        return self.window_rows + max(sum(r.rows for r in u) for u in self._units())
+
+    def _read_chunk(self, a: int, r: ChunkRead, out: np.ndarray) -> None:
+        if self._source is None:
+            read_into(self._zarr[a], r.selection, out)
+        else:
+            np.copyto(out, self._source[a][r.selection])
 
     def _load(
         self, epoch: int, w: Window, slot: _Slot, i: int, free: queue.Queue, pool: ThreadPoolExecutor
     ) -> _Loaded:
-        step_R = self._read_window(slot, w, pool)
+        sample_R, step_R = self._rows_of(w)
         order_R = self._order(epoch, w, step_R)
-        if self.device.type == "cuda":
+        offsets = np.cumsum([0] + [r.rows for r in w.reads])
+        storage = numpy_storage_dtype(self.store.meta.dtype)
+        if self.device.type == "cuda":  # read in order into the pinned slot; the device applies order_R
+            x = slot.x_ARD.numpy().view(storage)
+            self._read_window(w, x, [slice(offsets[j], offsets[j + 1]) for j in range(len(w.reads))], pool)
+            slot.step_R[: w.rows] = torch.from_numpy(step_R)
+            slot.sample_R[: w.rows] = torch.from_numpy(sample_R)
+            x_ARD = slot.x_ARD[:, : w.rows]
             return _Loaded(
-                epoch,
-                w,
-                slot.x_ARD[:, : w.rows],
-                slot.step_R[: w.rows],
-                slot.sample_R[: w.rows],
-                torch.from_numpy(order_R),
-                i,
+                epoch, w, x_ARD, slot.step_R[: w.rows], slot.sample_R[: w.rows], torch.from_numpy(order_R), i
             )
-        # On CPU the permutation is applied here, off the training thread, into fresh arrays, so that batches
-        # are plain slices of them (no copy, no torch op in the consumer) and stay valid after the slot is reused.
-        x = slot.x_ARD.numpy()
-        loaded = _Loaded(
+        # On CPU every row is decoded straight to its shuffled place in an array of the window's own, so
+        # batches are plain slices of it (no copy, no torch op in the consumer) that stay valid as long as
+        # they are held.
+        free.put(i)
+        dest_R = np.empty_like(order_R)
+        dest_R[order_R] = np.arange(w.rows)
+        x = self._window_array(w.rows, storage)
+        self._read_window(w, x, [dest_R[offsets[j] : offsets[j + 1]] for j in range(len(w.reads))], pool)
+        return _Loaded(
             epoch,
             w,
-            torch.from_numpy(np.take(x[:, : w.rows], order_R, axis=1)),
+            torch.from_numpy(x).view(self._dtype),
             torch.from_numpy(step_R[order_R]),
-            torch.from_numpy(slot.sample_R.numpy()[: w.rows][order_R]),
+            torch.from_numpy(sample_R[order_R]),
             None,
             i,
         )
-        free.put(i)
-        return loaded
 
     def _producer(
         self,
@@ -344,11 +379,11 @@ class ActivationLoader:
         """Batches from `start` on, for `epochs` epochs (counting start's) or forever; close() it to stop early."""
         if start.rows >= self.rows_per_epoch:
             start = Position(start.epoch + 1, 0)
-        max_rows = self.window_rows + max(sum(r.rows for r in u) for u in self._units())
+        max_rows = self._max_window_rows
         cuda = self.device.type == "cuda"
         # Two windows in use (a batch may straddle them) plus the ones read ahead.
         slots = [
-            _Slot(len(self.arrays), max_rows, self.layout.d_model, self._dtype, cuda)
+            _Slot(len(self.arrays), max_rows if cuda else 0, self.layout.d_model, self._dtype, cuda)
             for _ in range(2 + self.prefetch)
         ]
         free: queue.Queue[int] = queue.Queue()
