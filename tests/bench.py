@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from harvest.capture import Conditioning
@@ -50,8 +49,12 @@ def _harvest(cfg: HarvestConfig) -> float:
     return time.perf_counter() - start
 
 
-def bench_harvest(num_samples: int, repeats: int, work: Path, model: str | None = None) -> dict[str, float]:
+def bench_harvest(
+    num_samples: int, repeats: int, work: Path, model: str | None = None, num_steps: int | None = None
+) -> dict[str, float]:
     extra = {"model": model} if model else {}
+    if num_steps is not None:
+        extra["num_steps"] = num_steps
     cfg = HarvestConfig(
         out=work / "bench.zarr", num_samples=num_samples, progress=False, overwrite=True, **extra
     )
@@ -115,26 +118,41 @@ def bench_codecs(store_path: Path, work: Path, repeats: int = 3) -> dict[str, fl
     return out
 
 
-def main() -> None:
+# Every benchmark at tiny sizes: the smoke test in `make test` runs this, so a change that breaks
+# `make bench` fails CI. Its figures mean nothing.
+QUICK = {"num_samples": 2, "num_steps": 4, "repeats": 1}
+QUICK_TRAIN = ["--num-samples", "4", "--num-samples-d1152", "2", "--epochs", "1", "--batch-size", "256"]
+QUICK_TRAIN += ["--train-steps", "2", "--repeats", "1"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=100)
+    parser.add_argument(
+        "--num-steps", type=int, default=None, help="Denoising steps (default: the harvest's)."
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--model", default=None, help="Pipeline folder (default: the shipped model).")
     parser.add_argument("--skip-train", action="store_true", help="Only the harvest figures.")
-    args = parser.parse_args()
-    np.set_printoptions(precision=3)
+    parser.add_argument("--quick", action="store_true", help="Every benchmark at tiny sizes (a smoke test).")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, value in bench_harvest(args.num_samples, args.repeats, Path(tmp), args.model).items():
+        work = Path(tmp)
+        figures |= bench_harvest(args.num_samples, args.repeats, work, args.model, args.num_steps)
+        for name, value in figures.items():
             print(f"{name}: {value:.4g}", flush=True)
-        for name, value in bench_codecs(Path(tmp) / "bench.zarr", Path(tmp)).items():
+        codecs = bench_codecs(work / "bench.zarr", work, repeats=args.repeats)
+        for name, value in codecs.items():
             print(f"{name}: {value:.4g}", flush=True)
+        figures |= codecs
     if not args.skip_train:
-        try:
-            from tests import bench_train
-        except ImportError:
-            print("bench_train: not available")
-        else:
-            bench_train.main()
+        from tests import bench_train
+
+        figures |= bench_train.main(QUICK_TRAIN if args.quick else [])
+    return figures
 
 
 if __name__ == "__main__":

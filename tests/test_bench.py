@@ -1,0 +1,25 @@
+"""`make bench` keeps running: every benchmark function, at tiny sizes, prints every figure."""
+
+from __future__ import annotations
+
+import math
+
+from tests import bench
+
+HARVEST = ["harvest_plain_sampling_s", "harvest_wall_s", "harvest_overhead_ratio", "bytes_per_value"]
+CODECS = [f"codec_{k}_{c}" for k in ("ratio", "read_slowdown") for c in ("none", "blosc_zstd1_shuffle")]
+READER = [
+    f"reader_{k}{case}"
+    for k in ("rows_per_s", "memmap_rows_per_s", "vs_memmap_ratio")
+    for case in ("", "_d1152", "_d1152_codec_none")
+]
+TRAIN = ["train_cache_rows_per_s", "train_memory_rows_per_s", "train_cache_vs_memory_ratio"]
+
+
+def test_bench_prints_every_figure(capsys):
+    figures = bench.main(["--quick"])
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
+    for name in HARVEST + CODECS + READER + TRAIN:
+        assert name in printed, f"make bench no longer prints {name}"
+        assert math.isfinite(float(printed[name])) and figures[name] > 0, (name, printed[name])
+    assert printed["device"] in ("cpu", "cuda")
