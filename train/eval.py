@@ -14,6 +14,8 @@ consecutive steps):
     dead_fraction      = fraction of latents that never fire on G's rows
     dense_fraction     = fraction of latents that fire on more than `dense_threshold` of G's rows
 Dead and dense are per group, so a latent that only fires at high noise is alive in the high-noise bucket.
+Two overall figures: `overall` ("pooled", G = every held-out row, whose fvu divides by the variance around
+the mean of all steps) and `step_mean` (the mean over steps of each step's own figure, comparable with them).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class EvalResult(NamedTuple):
     name: str
     overall: Metrics
     """Pooled: every held-out row at once. Its fvu divides by the variance around the mean of all steps,
-    which includes the spread between the steps' means, so it is lower than the steps' own fvus."""
+    which includes the spread between the steps' means, so it is usually lower than the steps' own fvus."""
     buckets: list[Group]
     """Consecutive steps in at most `buckets` groups, for the table."""
     per_step: list[Group]
