@@ -6,22 +6,33 @@ torch and diffusers are imported inside the commands so that `tide --help` is in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+# rich_markup_mode=None: plain click help. Typer's rich panels print a type after every on/off flag
+# (`--overwrite <bool>`, even `--help <bool>`), which reads as if the flag took a value.
 app = typer.Typer(
     help="tide: temporal-aware sparse autoencoders for diffusion transformers.\n\n"
     "Harvest a DiT's activations across denoising steps into a Zarr v3 cache, then train SAEs on it.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-store_app = typer.Typer(help="Inspect, verify and summarise activation stores.", no_args_is_help=True)
+store_app = typer.Typer(
+    help="Inspect, verify and summarise activation stores.", no_args_is_help=True, rich_markup_mode=None
+)
 demo_app = typer.Typer(
-    help="The shipped demo model: a small class-conditional DiT on digits.", no_args_is_help=True
+    help="The shipped demo model: a small class-conditional DiT on digits.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(store_app, name="store")
 app.add_typer(demo_app, name="demo-model")
+
+REPO = Path(__file__).resolve().parent
+REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+"""README.md holds `tide config-reference`'s output between these lines."""
 
 
 def _fail(message: str) -> None:
@@ -30,34 +41,104 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-# --- harvest ---------------------------------------------------------------------------------------
+# --- configs: file + flags -> pydantic -------------------------------------------------------------
 
 
-def _build_config(model_cls, config: Path | None, overrides: dict):
-    """Config file values, then every flag the user actually gave, validated by the stage's pydantic model."""
+def default_text(value: Any) -> str:
+    """A config default as `--help` and the README's reference table write it: `(default <this>)`."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list):
+        return ",".join(default_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str | Path) and Path(value).is_absolute() and Path(value).is_relative_to(REPO):
+        return Path(value).relative_to(REPO).as_posix()  # the shipped model, not this machine's path
+    return str(value)
+
+
+def _keys(model_cls) -> dict[str, str]:
+    """Every name a config file may use for a field (its validation aliases, then its own name) -> field."""
+    from pydantic import AliasChoices
+
+    names = {}
+    for field_name, field in model_cls.model_fields.items():
+        alias = field.validation_alias
+        aliases = (
+            alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+        )
+        names |= {str(a): field_name for a in aliases} | {field_name: field_name}
+    return names
+
+
+def config_key(model_cls, field_name: str) -> str:
+    """The key a config file should use for a field: its option's name (`arch` for TrainConfig.archs)."""
+    return next(key for key, name in _keys(model_cls).items() if name == field_name)
+
+
+def _explain(err: dict, model_cls, flags: dict, config: Path | None) -> str:
+    """One pydantic error as `where: what`, where is the flag or the config file's key."""
+    import difflib
+
+    loc = [str(p) for p in err["loc"]]
+    if not loc:
+        return err["msg"].removeprefix("Value error, ")
+    key, item = loc[0], "".join(f"[{p}]" for p in loc[1:])
+    if err["type"] == "extra_forbidden":
+        keys = _keys(model_cls)
+        if key in keys:  # two names of one setting, e.g. arch and archs
+            return f"{key} in {config} sets {keys[key]} again; keep one of its names"
+        close = difflib.get_close_matches(key, list(keys), n=1)
+        return (
+            f"{key} in {config} is not a setting of {model_cls.__name__}"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + "; `tide config-reference` lists every key"
+        )
+    where = f"--{key.replace('_', '-')}" if key in flags else f"{key} in {config}" if config else key
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error":  # pydantic's own messages do not show the value; ours do
+        msg = f"got {err['input']!r}; {msg[0].lower()}{msg[1:]}"
+    return f"{where}{item}: {msg}"
+
+
+def _build_config(model_cls, config: Path | None, overrides: dict) -> tuple[Any, set[str]]:
+    """Config file values, then every flag the user actually gave, validated by the stage's pydantic model.
+
+    Returns the config and the fields the user set (in the file or by a flag); flags left at None are unset.
+    """
     from pydantic import ValidationError
 
     from harvest.config import load_config_file
 
+    flags = {k: v for k, v in overrides.items() if v is not None}
     try:
         values = load_config_file(config) if config is not None else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return model_cls(**values)
-    except ValidationError as e:
-        msgs = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )
-        _fail(msgs)
     except ValueError as e:
         _fail(str(e))
+    keys = _keys(model_cls)
+    for key in flags:  # a flag replaces the file's value under any name of the setting (--arch over archs:)
+        for other in [k for k in values if k != key and keys.get(k) == keys.get(key)]:
+            del values[other]
+    values.update(flags)
+    try:
+        cfg = model_cls(**values)
+    except ValidationError as e:
+        _fail("; ".join(_explain(err, model_cls, flags, config) for err in e.errors()))
+    return cfg, {keys.get(k, k) for k in values}
 
 
-@app.command()
+# --- harvest ---------------------------------------------------------------------------------------
+
+
+@app.command(epilog="Every setting, with the config-file keys that have no flag: `tide config-reference`.")
 def harvest(
     model: Annotated[
         str | None,
-        typer.Option(help="Diffusers pipeline folder or hub id (default: the shipped digits DiT)."),
+        typer.Option(
+            help="Diffusers pipeline folder or hub id (default harvest/demo/digits-dit, the shipped digits DiT)."
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Store folder to write (default runs/digits.zarr).")
@@ -65,9 +146,14 @@ def harvest(
     num_samples: Annotated[int | None, typer.Option(help="Images to generate (default 500).")] = None,
     num_steps: Annotated[int | None, typer.Option(help="Denoising steps (default 50).")] = None,
     steps: Annotated[
-        str | None, typer.Option(help="Steps to store: all, '0,10,49' or a stride '::5'.")
+        str | None,
+        typer.Option(
+            help="Steps to store: all, a list '0,10,49' or a slice like '::5' or '10:40' (default all)."
+        ),
     ] = None,
-    layers: Annotated[str | None, typer.Option(help="Blocks to capture: all, or '0,5,-1'.")] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="Blocks to capture: all, or indices like '0,5,-1' (default all).")
+    ] = None,
     sites: Annotated[
         str | None, typer.Option(help="Comma list of resid, delta, attn, mlp, or all (default resid).")
     ] = None,
@@ -76,31 +162,47 @@ def harvest(
         typer.Option(help="Fraction of tokens kept per (sample, step), in (0, 1] (default 0.25)."),
     ] = None,
     guidance_scale: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance scale (default: the model's).")
+        float | None,
+        typer.Option(help="Classifier-free guidance scale, >= 1; 1 means no CFG (default: the model's)."),
     ] = None,
-    cfg_branch: Annotated[str | None, typer.Option(help="CFG branch to store: cond, uncond or both.")] = None,
-    labels: Annotated[str | None, typer.Option(help="Class labels: cycle, random, '3,5,7' or '0-9'.")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Text models: file with one prompt a line.")] = None,
+    cfg_branch: Annotated[
+        str | None, typer.Option(help="CFG branch to store: cond, uncond or both (default cond).")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Class labels: cycle, random, '3,5,7' or '0-9' (default cycle).")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="Text models: file with one prompt a line (default none).")
+    ] = None,
     prompt_embeds: Annotated[
-        Path | None, typer.Option(help="Text models: precomputed prompt embeddings (safetensors).")
+        Path | None,
+        typer.Option(
+            help="Text models: precomputed prompt embeddings, safetensors (default none: the text encoder)."
+        ),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i (default 0).")] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Samples per forward pass and per chunk (default 50).")
     ] = None,
-    dtype: Annotated[str | None, typer.Option(help="Stored dtype: float16, float32 or bfloat16.")] = None,
-    codec: Annotated[str | None, typer.Option(help="Compression: blosc-zstd, zstd or none.")] = None,
-    model_dtype: Annotated[str | None, typer.Option(help="Dtype the transformer runs in.")] = None,
-    save_images: Annotated[
-        bool | None, typer.Option("--save-images", help="Also store the final images.")
+    dtype: Annotated[
+        str | None, typer.Option(help="Stored dtype: float16, float32 or bfloat16 (default float16).")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    codec: Annotated[
+        str | None, typer.Option(help="Compression: blosc-zstd, zstd or none (default blosc-zstd).")
+    ] = None,
+    model_dtype: Annotated[
+        str | None,
+        typer.Option(help="Dtype the transformer runs in: float32, float16 or bfloat16 (default float32)."),
+    ] = None,
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also store the final images.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (default auto).")] = None,
     overwrite: Annotated[
-        bool | None, typer.Option("--overwrite", help="Replace an existing store with another configuration.")
-    ] = None,
+        bool, typer.Option("--overwrite", help="Replace an existing store with another configuration.")
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
     config: Annotated[
-        Path | None, typer.Option(help="YAML or TOML file of these options; flags override it.")
+        Path | None,
+        typer.Option(help="YAML or TOML file of settings, keys named as the options; flags override it."),
     ] = None,
 ) -> None:
     """Run a DiT over its denoising steps and store chosen activations in a Zarr v3 cache.
@@ -108,10 +210,12 @@ def harvest(
     Re-running the same command after an interruption resumes it: finished samples are kept.
     """
     overrides = {k: v for k, v in locals().items() if k not in ("config", "no_progress")}
+    # An on/off flag that is not given is None, like every other option, so a config file can set it.
+    overrides |= {"save_images": save_images or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
     from harvest.config import HarvestConfig
 
-    cfg = _build_config(HarvestConfig, config, overrides)
+    cfg, _ = _build_config(HarvestConfig, config, overrides)
     from harvest.run import HarvestError
     from harvest.run import harvest as run_harvest
     from store.reader import StoreError
@@ -227,7 +331,11 @@ def _print_evals(results) -> None:
         typer.echo(format_table(r))
 
 
-@app.command()
+def _log(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command(epilog="Every setting, with the config-file keys that have no flag: `tide config-reference`.")
 def train(
     store: Annotated[
         Path | None, typer.Option(help="Tide store to train on (default runs/digits.zarr).")
@@ -237,9 +345,10 @@ def train(
         str | None, typer.Option(help="Capture site: resid, delta, attn or mlp (default resid).")
     ] = None,
     layers: Annotated[
-        str | None, typer.Option(help="Stored layers: middle (default), all, or '2,3'.")
+        str | None,
+        typer.Option(help="Stored layers: middle (the middle stored one), all, or '2,3' (default middle)."),
     ] = None,
-    branch: Annotated[str | None, typer.Option(help="CFG branch: cond (default) or uncond.")] = None,
+    branch: Annotated[str | None, typer.Option(help="CFG branch: cond or uncond (default cond).")] = None,
     arch: Annotated[
         str | None, typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")
     ] = None,
@@ -249,60 +358,77 @@ def train(
     init_modulation: Annotated[
         str | None,
         typer.Option(
-            help="tide modulation at step 0: zero (default; starts as topk) or adaln (copy the store's DiT's adaLN that reads the layer)."
+            help="tide modulation at step 0: zero (starts as topk) or adaln (copy the store's DiT's adaLN "
+            "that reads the layer) (default zero)."
         ),
     ] = None,
     expansion: Annotated[int | None, typer.Option(help="Width = expansion x d_model (default 8).")] = None,
-    num_latents: Annotated[int | None, typer.Option(help="Width, overriding --expansion.")] = None,
+    num_latents: Annotated[
+        int | None, typer.Option(help="Width, overriding --expansion (default none: use --expansion).")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per optimiser step (default 4096).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 1e-3).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 0.001).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training split (default 2).")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps instead.")] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps instead (default none: --epochs decides).")
+    ] = None,
     warmup_steps: Annotated[
-        int | None, typer.Option(help="Linear learning-rate warm-up steps (default 50).")
+        int | None,
+        typer.Option(
+            help="Linear learning-rate warm-up steps (default 50, or max_steps // 10 when --max-steps <= 50)."
+        ),
     ] = None,
-    steps: Annotated[str | None, typer.Option(help="Stored steps to train on: all or 'start:stop'.")] = None,
+    steps: Annotated[
+        str | None, typer.Option(help="Stored steps to train on: all or 'start:stop' (default all).")
+    ] = None,
     stratify_steps: Annotated[
-        bool | None, typer.Option("--stratify-steps", help="Equal share of every step in each batch.")
-    ] = None,
+        bool, typer.Option("--stratify-steps", help="Equal share of every step in each batch.")
+    ] = False,
     val_fraction: Annotated[
         float | None, typer.Option(help="Fraction of sample chunks held out (default 0.1).")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of the SAEs' weights and the data order.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the SAEs' weights and the data order (default 0).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (default auto).")] = None,
     checkpoint_every: Annotated[
         int | None, typer.Option(help="Steps between checkpoints (default 50).")
     ] = None,
     overwrite: Annotated[
-        bool | None, typer.Option("--overwrite", help="Replace a run with another configuration in --out.")
-    ] = None,
+        bool, typer.Option("--overwrite", help="Replace a run with another configuration in --out.")
+    ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip the held-out evaluation at the end.")
     ] = False,
     config: Annotated[
-        Path | None, typer.Option(help="YAML or TOML file of TrainConfig fields; flags override it.")
+        Path | None,
+        typer.Option(help="YAML or TOML file of settings, keys named as the options; flags override it."),
     ] = None,
 ) -> None:
     """Train SAEs (default: a tide and a topk SAE on the middle layer) and print their held-out metrics per timestep.
 
     Re-running the same command after an interruption resumes it exactly where its last checkpoint was.
     """
-    overrides = {
-        k_: v for k_, v in locals().items() if k_ not in ("config", "no_progress", "no_eval", "arch")
-    }
-    overrides["archs"] = arch
+    overrides = {k_: v for k_, v in locals().items() if k_ not in ("config", "no_progress", "no_eval")}
+    # An on/off flag that is not given is None, like every other option, so a config file can set it.
+    overrides |= {"stratify_steps": stratify_steps or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
-    from train.config import TrainConfig
+    from train.config import DEFAULT_WARMUP, TrainConfig
 
-    cfg = _build_config(TrainConfig, config, overrides)
+    cfg, given = _build_config(TrainConfig, config, overrides)
+    if "warmup_steps" not in given and cfg.warmup_steps != DEFAULT_WARMUP:
+        _log(
+            f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does "
+            f"not fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
+        )
     from store.reader import StoreError
     from train.eval import evaluate_folders
     from train.trainer import TrainError
     from train.trainer import train as run_train
 
     try:
-        result = run_train(cfg, log=lambda m: typer.echo(m, err=True))
+        result = run_train(cfg, log=_log)
         typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
         if not no_eval and cfg.val_fraction > 0:
             _print_evals(
@@ -312,6 +438,7 @@ def train(
                     batch_size=cfg.batch_size,
                     buckets=cfg.eval_buckets,
                     read_threads=cfg.read_threads,
+                    log=_log,
                 )
             )
     except (TrainError, StoreError, ValueError) as e:
@@ -337,7 +464,8 @@ def eval_(
 ) -> None:
     """Held-out metrics (MSE, FVU, explained variance, cosine, L0, dead, dense), overall and per timestep.
 
-    Each SAE folder also gets an eval.json.
+    Each SAE folder also gets the results: eval.json for the default 10 buckets, eval_bN.json for
+    --buckets N, so that one bucketing never replaces another's.
     """
     import json
 
@@ -346,12 +474,71 @@ def eval_(
 
     configure_read_threads(4)
     try:
-        results = evaluate_folders(checkpoints, store, buckets=buckets, batch_size=batch_size, device=device)
+        results = evaluate_folders(
+            checkpoints, store, buckets=buckets, batch_size=batch_size, device=device, log=_log
+        )
     except (StoreError, ValueError) as e:
         _fail(str(e))
     _print_evals(results)
     if json_out is not None:
         json_out.write_text(json.dumps([r.to_json() for r in results], indent=2))
+
+
+# --- every setting -------------------------------------------------------------------------------
+
+
+def setting_options(command: str, model_cls) -> dict[str, str]:
+    """Config field -> the `tide COMMAND` option that sets it (`--no-progress` for progress)."""
+    from typer.main import get_command
+
+    keys = _keys(model_cls)
+    found = {}
+    for param in get_command(app).commands[command].params:
+        name = param.name.removeprefix("no_")  # --no-progress sets progress
+        if name in keys:
+            found[keys[name]] = param.opts[0]
+    return found
+
+
+def config_reference() -> str:
+    """Markdown tables of every HarvestConfig and TrainConfig field: key, option, default, docstring."""
+    from harvest.config import HarvestConfig
+    from train.config import TrainConfig
+
+    parts = []
+    for command, model_cls in (("harvest", HarvestConfig), ("train", TrainConfig)):
+        options = setting_options(command, model_cls)
+        rows = ["| key | option | default | meaning |", "| --- | --- | --- | --- |"]
+        for name, field in model_cls.model_fields.items():
+            key = config_key(model_cls, name)
+            option = f"`{options[name]}`" if name in options else "file only"
+            meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+            if key != name:
+                meaning += f" Older files may call it `{name}`."
+            rows.append(f"| `{key}` | {option} | `{default_text(field.default)}` | {meaning} |")
+        parts.append(f"`tide {command}` ({model_cls.__name__}):\n\n" + "\n".join(rows))
+    return "\n\n".join(parts) + "\n"
+
+
+@app.command("config-reference")
+def config_reference_(
+    readme: Annotated[
+        Path | None,
+        typer.Option(help="Rewrite the table between the config-reference markers of this file instead."),
+    ] = None,
+) -> None:
+    """Print every config-file key of `tide harvest` and `tide train`, with its option, default and meaning."""
+    text = config_reference()
+    if readme is None:
+        typer.echo(text, nl=False)
+        return
+    start, end = REFERENCE_MARKERS
+    old = readme.read_text()
+    if start not in old or end not in old:
+        _fail(f"{readme} has no {start} ... {end} lines to put the reference between; add them")
+    head, rest = old.split(start, 1)
+    readme.write_text(f"{head}{start}\n{text}{end}{rest.split(end, 1)[1]}")
+    typer.echo(f"wrote the config reference into {readme}")
 
 
 # --- demo model ------------------------------------------------------------------------------------
@@ -380,7 +567,7 @@ def demo_train(
     from harvest.config import DEMO_MODEL
     from harvest.demo_model import DemoTrainConfig, train_demo
 
-    cfg = _build_config(DemoTrainConfig, None, {"steps": steps, "seed": seed})
+    cfg, _ = _build_config(DemoTrainConfig, None, {"steps": steps, "seed": seed})
     try:
         quality = train_demo(cfg, out or DEMO_MODEL, overwrite=overwrite, progress=not no_progress,
                              log=lambda m: typer.echo(m, err=True))  # fmt: skip

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from store.schema import SITES
 
@@ -24,7 +25,8 @@ RUN_ONLY_FIELDS = frozenset({"out", "overwrite", "device", "progress", "writer_q
 class HarvestConfig(BaseModel):
     """Everything that defines a harvest. Stored in the cache; a resume must match it field by field."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # use_attribute_docstrings: the docstring under each field is its description (README's reference table).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     model: str = str(DEMO_MODEL)
     """A diffusers pipeline folder, or a hub id such as facebook/DiT-XL-2-256 (needs network)."""
@@ -37,7 +39,8 @@ class HarvestConfig(BaseModel):
     num_steps: int = Field(50, gt=0)
     """Denoising steps of the sampling schedule."""
     steps: str = "all"
-    """Which steps to store: 'all', a comma list of step indices ('0,10,49'), or a stride ('::5')."""
+    """Which steps to store: 'all', a comma list of step indices ('0,10,49'), or a Python-style slice
+    'start:stop:stride' of the num_steps steps ('::5', '10:20', '10:40:2')."""
     layers: str = "all"
     """Which blocks to capture: 'all' or a comma list of indices (negative counts from the end)."""
     sites: tuple[str, ...] = ("resid",)
@@ -46,7 +49,7 @@ class HarvestConfig(BaseModel):
     """Fraction of image tokens stored per (sample, step), drawn at random; 1 keeps all.
     TIDE kept 1/16 of PixArt's 256 tokens (16); 0.25 of the demo model's 64 tokens is the same 16."""
     guidance_scale: float | None = None
-    """Classifier-free guidance scale; default: the model's recommended value (1 disables CFG)."""
+    """Classifier-free guidance scale, >= 1; default: the model's recommended value (1 disables CFG)."""
     cfg_branch: Literal["cond", "uncond", "both"] = "cond"
     """Which CFG branch's activations to store."""
     labels: str = "cycle"
@@ -86,6 +89,16 @@ class HarvestConfig(BaseModel):
             raise ValueError(f"token_fraction={v} is outside (0, 1]; use e.g. 0.0625 for 1/16 of the tokens")
         return v
 
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v >= 1):
+            raise ValueError(
+                f"guidance_scale={v} is not a CFG scale: it must be a finite number >= 1, where 1 means no "
+                "classifier-free guidance; use e.g. 4, or 1 to sample without guidance"
+            )
+        return v
+
     @field_validator("sites", mode="before")
     @classmethod
     def _sites(cls, v: Any) -> tuple[str, ...]:
@@ -99,10 +112,21 @@ class HarvestConfig(BaseModel):
 
     @field_validator("steps")
     @classmethod
-    def _steps(cls, v: str) -> str:
-        if v != "all" and not re.fullmatch(r"\d+(,\d+)*|(\d*):(\d*):(\d+)|::\d+", v.replace(" ", "")):
-            raise ValueError(f"steps={v!r} is not 'all', a comma list like '0,10,49', or a stride like '::5'")
-        return v.replace(" ", "")
+    def _steps(cls, v: str, info: ValidationInfo) -> str:
+        v = v.replace(" ", "")
+        m = re.fullmatch(r"(\d*):(\d*)(?::(\d*))?", v)
+        if v != "all" and m is None and not re.fullmatch(r"\d+(,\d+)*", v):
+            raise ValueError(
+                f"steps={v!r} is not 'all', a comma list like '0,10,49', or a slice 'start:stop:stride' "
+                "like '::5' or '10:40'"
+            )
+        if m is not None and m[3] not in (None, "") and int(m[3]) == 0:
+            raise ValueError(
+                f"steps={v!r} has stride 0; the stride after the second ':' must be >= 1, e.g. '::5'"
+            )
+        if "num_steps" in info.data:  # num_steps is declared first, so it is validated by now (if valid)
+            cls.step_indices_of(v, info.data["num_steps"])  # refuses an empty selection or a step too far
+        return v
 
     @field_validator("layers")
     @classmethod
@@ -124,14 +148,27 @@ class HarvestConfig(BaseModel):
 
     def step_indices(self, num_steps: int) -> list[int]:
         """Positions in the schedule to store."""
-        if self.steps == "all":
+        return self.step_indices_of(self.steps, num_steps)
+
+    @staticmethod
+    def step_indices_of(steps: str, num_steps: int) -> list[int]:
+        """Positions in a schedule of num_steps that a `steps` value selects; never empty."""
+        if steps == "all":
             return list(range(num_steps))
-        if ":" in self.steps:
-            start, stop, stride = (int(p) if p else None for p in self.steps.split(":"))
-            return list(range(num_steps))[slice(start, stop, stride)]
-        idx = sorted({int(p) for p in self.steps.split(",")})
+        if ":" in steps:
+            start, stop, stride = (int(p) if p else None for p in (steps.split(":") + [""])[:3])
+            idx = list(range(num_steps))[slice(start, stop, stride)]
+            if not idx:
+                raise ValueError(
+                    f"steps={steps!r} selects no step of num_steps={num_steps} (steps 0..{num_steps - 1}); "
+                    "give a start below num_steps and a stop above it, e.g. '::5' or '0:10'"
+                )
+            return idx
+        idx = sorted({int(p) for p in steps.split(",")})
         if idx[-1] >= num_steps:
-            raise ValueError(f"steps={self.steps!r} asks for step {idx[-1]} but num_steps={num_steps}")
+            raise ValueError(
+                f"steps={steps!r} asks for step {idx[-1]} but num_steps={num_steps} (steps 0..{num_steps - 1})"
+            )
         return idx
 
     def layer_indices(self, num_layers: int) -> list[int]:
@@ -153,17 +190,24 @@ class HarvestConfig(BaseModel):
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML or TOML harvest/train config into a plain dict."""
+    """Read a YAML or TOML harvest/train config into a plain dict; syntax errors name the file and line."""
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist (or is not a file)")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
     text = path.read_text()
-    if path.suffix == ".toml":
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
-        if not isinstance(data, dict):
-            raise ValueError(
-                f"config file {path} must hold a mapping of field: value, not {type(data).__name__}"
-            )
-        return data
-    raise ValueError(f"config file {path} must end in .toml, .yaml or .yml")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        kind, example = (
+            ("TOML", "num_samples = 100") if path.suffix == ".toml" else ("YAML", "num_samples: 100")
+        )
+        # YAML's messages span lines and call the text "<unicode string>"; keep the error one paragraph.
+        detail = " ".join(str(e).replace('in "<unicode string>", ', "at ").split())
+        raise ValueError(
+            f"config file {path} is not valid {kind}: {detail}. Fix that line; keys are option names with "
+            f"underscores, one `{example}` a line"
+        ) from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of field: value, not {type(data).__name__}")
+    return data

@@ -185,8 +185,8 @@ def test_moved_model_is_a_clear_error_but_a_resume_does_not_need_it(dit, tmp_pat
 
 def test_other_errors(dit, tiny_pixart, tmp_path):
     _, store = dit
-    _fails([*_args(store, tmp_path / "a"), "--arch", "topk"], "init_modulation='adaln'", "archs=['topk']")
-    _fails([*_args(store, tmp_path / "b"), "--init-modulation", "dit"], "init_modulation")
+    _fails([*_args(store, tmp_path / "a"), "--arch", "topk"], "init_modulation='adaln'", "arch=['topk']")
+    _fails([*_args(store, tmp_path / "b"), "--init-modulation", "dit"], "--init-modulation: got 'dit'")
     cfg = HarvestConfig(
         model=str(tiny_pixart),
         out=tmp_path / "p.zarr",

@@ -1,4 +1,5 @@
-"""Held-out evaluation (train/eval.py) against a plain numpy computation, and `tide train` + `tide eval` end to end."""
+"""Held-out evaluation (train/eval.py) against a plain numpy computation, `tide train` + `tide eval` end
+to end, and the texts of the table and the progress bar."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from harvest.run import harvest
 from tests.bench_train import synthetic_store
 from train.checkpoint import load_sae
 from train.config import TrainConfig
-from train.eval import evaluate_folders
+from train.eval import EvalResult, Group, Metrics, evaluate_folders, format_table, progress_text
 from train.trainer import train
 
 runner = CliRunner()
@@ -93,9 +94,21 @@ def test_metrics_equal_a_numpy_computation(tmp_path):
                     list(steps),
                     key,
                 )
-        assert json.loads((folder / "eval.json").read_text())["overall"]["fvu"] == pytest.approx(
-            res.overall.fvu
-        )
+        per_step = [
+            _numpy_metrics(
+                x_hat=x_hat[:, s].reshape(-1, 16),
+                x=xs[:, s].reshape(-1, 16),
+                z=z[:, s].reshape(-1, z.shape[-1]),
+            )
+            for s in range(5)
+        ]
+        for key in ("fvu", "explained_variance", "l0", "dead_fraction"):  # the table's `step mean` line
+            want = np.mean([m[key] for m in per_step])
+            assert getattr(res.step_mean, key) == pytest.approx(want, rel=1e-6, abs=1e-9), key
+        saved = json.loads((folder / "eval_b2.json").read_text())  # 2 buckets: not the default eval.json
+        assert saved["overall"]["fvu"] == pytest.approx(res.overall.fvu)
+        assert saved["step_mean"]["fvu"] == pytest.approx(res.step_mean.fvu)
+        assert not (folder / "eval.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +155,7 @@ def test_tide_train_then_tide_eval(dit_store, tmp_path):
     for name in ("resid_l01-tide-k4", "resid_l01-topk-k4"):  # the middle of the stored layers 0, 1, 2
         assert f"{name} (held-out samples" in result.output
         assert (out / name / "eval.json").is_file()
-    assert result.output.count("\n      all ") == 2
+    assert result.output.count("\n   pooled ") == 2 and result.output.count("\nstep mean ") == 2
     report = tmp_path / "eval.json"
     result = runner.invoke(app, ["eval", str(out), "--buckets", "3", "--json", str(report)])
     assert result.exit_code == 0, result.output
@@ -217,3 +230,31 @@ def test_same_sae_names_from_two_runs_keep_their_own_results(tmp_path):
     apart = [evaluate_folders([f], batch_size=16)[0] for f in folders]
     assert together[0].name == together[1].name and together[0].overall != together[1].overall
     assert [r.overall for r in together] == [r.overall for r in apart]
+
+
+def _metrics(rows: int, fvu: float, l0: float) -> Metrics:
+    return Metrics(rows, 0.5 * fvu, fvu, 1 - fvu, 0.9, l0, 0.25, 0.0)
+
+
+def test_eval_table_shows_pooled_and_step_mean():
+    fvus, l0s = [0.10, 0.20, 0.36], [4.0, 5.0, 9.0]
+    per_step = [Group((s, s + 1), (900.0 - 400 * s, 900.0 - 400 * s), _metrics(10, f, l0))
+                for s, (f, l0) in enumerate(zip(fvus, l0s, strict=True))]  # fmt: skip
+    result = EvalResult("x-topk-k2", _metrics(30, 0.1417, 6.0), per_step, per_step)
+    lines = format_table(result).splitlines()
+    pooled = next(ln for ln in lines if ln.split()[0] == "pooled").split()
+    mean = next(ln for ln in lines if ln.startswith("step mean")).split()
+    assert pooled[1:4] == ["900..100", "30", "0.1417"]
+    assert mean[2:5] == ["900..100", "30", f"{np.mean(fvus):.4f}"] and mean[-3] == f"{np.mean(l0s):.1f}"
+    legend = " ".join(lines[-2:])
+    for word in ("pooled:", "step mean:", "fvu:", "ev:", "L0:", "dense", ">10% of rows"):
+        assert word in legend, legend
+    assert result.to_json()["step_mean"]["fvu"] == pytest.approx(np.mean(fvus))
+
+
+def test_progress_text_names_each_sae():
+    text = progress_text(["resid_l03-tide-k16", "resid_l03-topk-k16"], [0.1449, 0.155], [16, 15.96])
+    assert text == "tide-k16 fvu .145 L0 16.0 | topk-k16 fvu .155 L0 16.0"
+    sweep = progress_text(["resid_l01-tide-k16", "resid_l03-tide-k16"], [1.5, 0.2], [3, 4])
+    assert sweep == "resid_l01-tide-k16 fvu 1.500 L0 3.0 | resid_l03-tide-k16 fvu .200 L0 4.0"
+    assert progress_text(["resid_l03-relu"], [0.3], [12.0]) == "resid_l03-relu fvu .300 L0 12.0"

@@ -316,7 +316,7 @@ def test_init_modulation_from_adaln_rejects_mismatches(tiny_dit):
 def test_safetensors_roundtrip(arch):
     sae = randomize(make(arch))
     sae.set_input_normalization(torch.randn(3, D), 2.5, timesteps=torch.tensor([900.0, 500.0, 100.0]))
-    x_BD, t_B = torch.randn(B, D), torch.rand(B) * 1000
+    x_BD, t_B = torch.randn(B, D), 100 + torch.rand(B) * 800  # inside the recorded timesteps 100..900
     sae(x_BD, t_B)  # moves steps_since_fired and the batchtopk threshold
     blob = save(sae.state_dict())
     cfg = SAEConfig.model_validate_json(json.dumps(sae.cfg.model_dump()))
@@ -363,6 +363,48 @@ def test_bfloat16_forward_and_loss(arch):
     loss.total.backward()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(sae_loss(sae, x_BD, sae(x_BD, torch.rand(B) * 1000)).total)
+
+
+def test_timesteps_are_scheduler_values_and_step_indices_are_refused():
+    """An SAE trained on the demo store's 50 DDPM timesteps 999..19 refuses step indices 0..49 in eval mode."""
+    t_S = torch.arange(999, 0, -20).float()  # 999, 979, ..., 19
+    x_BD = torch.randn(50, D)
+    tide = randomize(make("tide"))
+    tide.set_input_normalization(torch.randn(50, D), 2.0, timesteps=t_S)
+    tide.eval()
+    steps = torch.arange(50)
+    with pytest.raises(ValueError, match=r"t_B spans 0\.\.49, but .* timesteps 19\.\.999.*not step indices"):
+        tide.forward_raw(x_BD, steps)
+    with pytest.raises(ValueError, match=r"t_B spans 5\.\.5"):
+        tide.encode(x_BD, 5.0)  # a float, the normalised-input entry point
+    assert tide.timestep_range() == (19.0, 999.0)
+    # The scheduler's values pass, as a tensor, a float, an int, with rounding inside the tolerance.
+    ok = tide.forward_raw(x_BD, t_S).x_hat_BD
+    torch.testing.assert_close(tide.forward_raw(x_BD[:1], 999.0).x_hat_BD, ok[:1])
+    tide.forward_raw(x_BD[:1], 19)
+    tide.forward_raw(x_BD[:1], torch.tensor(18.6))
+    with pytest.raises(ValueError, match="t_B spans 18.4..18.4"):
+        tide.forward_raw(x_BD[:1], 18.4)
+    with pytest.raises(ValueError, match="t_B spans 19..1010"):
+        tide(x_BD[:2], torch.tensor([19.0, 1010.0]))
+    tide.train()  # training mode is not checked: the trainer feeds the store's own timesteps
+    tide(x_BD, steps)
+
+    # topk with per-step means (as `tide train` writes) needs t in forward_raw, for the mean only.
+    topk = randomize(make("topk"))
+    topk.set_input_normalization(torch.randn(50, D), 2.0, timesteps=t_S)
+    topk.eval()
+    with pytest.raises(ValueError, match=r"topk SAE needs timesteps t_B for its per-timestep input means"):
+        topk.forward_raw(x_BD)
+    with pytest.raises(ValueError, match="not step indices"):
+        topk.forward_raw(x_BD, steps)
+    torch.testing.assert_close(topk(x_BD).x_hat_BD, topk(x_BD, steps).x_hat_BD)  # forward ignores t
+    # One mean and no modulation: t is not used at all, so it may be None (or anything).
+    plain = randomize(make("topk"))
+    plain.set_input_normalization(torch.randn(D), 2.0)
+    plain.eval()
+    assert plain.timestep_range() is None
+    torch.testing.assert_close(plain.forward_raw(x_BD).x_hat_BD, plain.forward_raw(x_BD, steps).x_hat_BD)
 
 
 def test_errors_name_the_bad_value():

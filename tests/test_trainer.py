@@ -211,7 +211,7 @@ def test_bad_inputs_are_one_paragraph_errors(store, tmp_path):
         "k=[100] exceeds the SAE width num_latents=32",
         "--expansion",
     )
-    _fails([*base, "--arch", "tide,gated"], "archs")
+    _fails([*base, "--arch", "tide,gated"], "--arch[1]: got 'gated'")
     assert runner.invoke(app, [*base, "--no-eval"]).exit_code == 0
     other = synthetic_store(
         tmp_path / "other.zarr",

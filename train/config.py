@@ -11,12 +11,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from store.schema import StoreMeta, act_name
 from train.sae import Arch, SAEConfig
 
 ARCHS = ("tide", "topk", "batchtopk", "relu")
+
+DEFAULT_WARMUP = 50
+"""warmup_steps when not given, unless max_steps is this or less (then max_steps // 10)."""
 
 # Fields that say how a run goes, not what it computes: they may change between a kill and its resume.
 RUN_ONLY_FIELDS = frozenset(
@@ -43,7 +46,8 @@ def _comma_list(v: Any) -> Any:
 class TrainConfig(BaseModel):
     """Everything that defines a training run. Saved next to the SAEs; a resume must match it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # use_attribute_docstrings: the docstring under each field is its description (README's reference table).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     store: Path = Path("runs/digits.zarr")
     """The tide store to train on (`tide harvest --out`)."""
@@ -55,7 +59,9 @@ class TrainConfig(BaseModel):
     """Which stored layers get SAEs: 'middle' (the middle one of those stored), 'all', or a comma list."""
     branch: Literal["cond", "uncond"] = "cond"
     """Classifier-free-guidance branch, for stores that hold both."""
-    archs: tuple[Arch, ...] = ("tide", "topk")
+    # Read as `arch`, the option's name (`--arch`), or as `archs`, the field's name, which saved
+    # train_config.json files, sae.json and the resume identity keep using.
+    archs: tuple[Arch, ...] = Field(("tide", "topk"), validation_alias=AliasChoices("arch", "archs"))
     """Architectures trained side by side (comma list): tide, topk, batchtopk, relu."""
     k: tuple[int, ...] = (16,)
     """Active latents per row (comma list for a sweep); every arch but relu gets one SAE per k."""
@@ -78,8 +84,9 @@ class TrainConfig(BaseModel):
     """Rows (tokens) per optimiser step."""
     lr: float = Field(1e-3, gt=0)
     """Peak AdamW learning rate."""
-    warmup_steps: int = Field(50, ge=0)
-    """Linear warm-up from 0 to lr."""
+    warmup_steps: int = Field(DEFAULT_WARMUP, ge=0)
+    """Optimiser steps of linear warm-up from 0 to lr. When not given and max_steps is 50 or less, it is
+    max_steps // 10, so that a short run gets the steps it asked for."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Learning-rate decay after warm-up, down to min_lr_ratio * lr at the last step."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -119,6 +126,18 @@ class TrainConfig(BaseModel):
     overwrite: bool = False
     """Replace a finished run, or one with another configuration, in out."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _short_run_warmup(cls, data: Any) -> Any:
+        # Only where the default would be refused below (warmup_steps >= max_steps), so the warm-up of every
+        # configuration that was valid before, and with it the resume identity of saved runs, is unchanged.
+        # An explicit warmup_steps is never replaced: given both, an inconsistency stays an error.
+        if isinstance(data, dict) and "warmup_steps" not in data:
+            max_steps = data.get("max_steps")
+            if type(max_steps) is int and 0 < max_steps <= DEFAULT_WARMUP:
+                data = {**data, "warmup_steps": max_steps // 10}
+        return data
+
     @field_validator("archs", "k", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
@@ -128,7 +147,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _archs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
-            raise ValueError(f"archs is empty; choose from {', '.join(ARCHS)}")
+            raise ValueError(f"arch is empty; choose from {', '.join(ARCHS)}")
         return tuple(dict.fromkeys(v))
 
     @field_validator("k")
@@ -161,8 +180,8 @@ class TrainConfig(BaseModel):
     def _cross(self) -> TrainConfig:
         if self.init_modulation == "adaln" and "tide" not in self.archs:
             raise ValueError(
-                f"init_modulation='adaln' initialises tide SAEs, but archs={list(self.archs)} has none; add "
-                "tide to archs or leave init_modulation at 'zero'"
+                f"init_modulation='adaln' initialises tide SAEs, but arch={list(self.archs)} has none; add "
+                "tide to arch or leave init_modulation at 'zero'"
             )
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(

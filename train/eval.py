@@ -14,11 +14,13 @@ consecutive steps):
     dead_fraction      = fraction of latents that never fire on G's rows
     dense_fraction     = fraction of latents that fire on more than `dense_threshold` of G's rows
 Dead and dense are per group, so a latent that only fires at high noise is alive in the high-noise bucket.
+Two overall figures: `overall` ("pooled", G = every held-out row, whose fvu divides by the variance around
+the mean of all steps) and `step_mean` (the mean over steps of each step's own figure, comparable with them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,13 +61,30 @@ class Group(NamedTuple):
     metrics: Metrics
 
 
+DEFAULT_BUCKETS = 10
+"""Timestep buckets of `tide eval` and of the evaluation after `tide train`, unless told otherwise."""
+
+
 class EvalResult(NamedTuple):
     name: str
     overall: Metrics
+    """Pooled: every held-out row at once. Its fvu divides by the variance around the mean of all steps,
+    which includes the spread between the steps' means, so it is usually lower than the steps' own fvus."""
     buckets: list[Group]
     """Consecutive steps in at most `buckets` groups, for the table."""
     per_step: list[Group]
     """Every stored step on its own."""
+    dense_threshold: float = 0.1
+    """A latent is dense in a group when it fires on more than this fraction of the group's rows."""
+
+    @property
+    def step_mean(self) -> Metrics:
+        """The mean over stored steps of each per-step metric (rows: their sum), comparable with the steps'."""
+        steps = [g.metrics for g in self.per_step if g.metrics.rows > 0]
+        if not steps:
+            return Metrics(0, *([float("nan")] * 7))
+        values_SM = np.array(steps, dtype=np.float64)  # (S, 8): one row of Metrics per step
+        return Metrics(int(values_SM[:, 0].sum()), *map(float, values_SM[:, 1:].mean(0)))
 
     def to_json(self) -> dict[str, Any]:
         def group(g: Group) -> dict[str, Any]:
@@ -74,6 +93,8 @@ class EvalResult(NamedTuple):
         return {
             "name": self.name,
             "overall": self.overall._asdict(),
+            "step_mean": self.step_mean._asdict(),
+            "dense_threshold": self.dense_threshold,
             "buckets": [group(g) for g in self.buckets],
             "per_step": [group(g) for g in self.per_step],
         }
@@ -142,7 +163,7 @@ def evaluate(
     saes: Sequence[LoadedSAE],
     store: Store,
     *,
-    buckets: int = 10,
+    buckets: int = DEFAULT_BUCKETS,
     batch_size: int = 4096,
     device: str | torch.device = "cpu",
     dense_threshold: float = 0.1,
@@ -204,12 +225,24 @@ def evaluate(
                 acc.metrics(slice(lo, hi), dense_threshold),
                 groups(_groups(lo, hi, buckets)),
                 groups(_groups(lo, hi, hi - lo)),
+                dense_threshold,
             )
     return [results[id(s)] for s in saes]
 
 
-def evaluate_folders(paths: Sequence[Path], store: Path | None = None, **kwargs: Any) -> list[EvalResult]:
-    """Evaluate SAE folders (or run folders holding them) and write each one's eval.json."""
+def eval_file(buckets: int) -> str:
+    """Where an SAE folder keeps its results: eval.json for the default bucketing, eval_bN.json for N buckets,
+    so that evaluating with other buckets never replaces the results of another bucketing."""
+    return "eval.json" if buckets == DEFAULT_BUCKETS else f"eval_b{buckets}.json"
+
+
+def evaluate_folders(
+    paths: Sequence[Path],
+    store: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> list[EvalResult]:
+    """Evaluate SAE folders (or run folders holding them) and write each one's `eval_file(buckets)`."""
     folders = sae_folders(list(paths))
     device = kwargs.get("device", "cpu")
     loaded = [load_sae(f, device) for f in folders]
@@ -225,13 +258,16 @@ def evaluate_folders(paths: Sequence[Path], store: Path | None = None, **kwargs:
         )
     opened = open_store(store if store is not None else next(iter(stores)))
     results = evaluate(loaded, opened, **kwargs)
+    name = eval_file(kwargs.get("buckets", DEFAULT_BUCKETS))
     for s, r in zip(loaded, results, strict=True):
-        write_json(s.folder / "eval.json", r.to_json())
+        write_json(s.folder / name, r.to_json())
+        if log is not None:
+            log(f"wrote {s.folder / name}")
     return results
 
 
 def format_table(result: EvalResult) -> str:
-    """A plain-text table: one line per timestep bucket, then the overall line."""
+    """A plain-text table: one line per timestep bucket, the two overall lines, and a legend."""
     head = f"{'steps':>9} {'t':>13} {'rows':>8} {'fvu':>7} {'ev':>7} {'cos':>6} {'mse':>9} {'L0':>6} {'dead':>6} {'dense':>6}"
 
     def line(label: str, t: str, m: Metrics) -> str:
@@ -244,11 +280,37 @@ def format_table(result: EvalResult) -> str:
         line(f"{g.steps[0]}-{g.steps[1] - 1}", f"{g.t[0]:.0f}..{g.t[1]:.0f}", g.metrics)
         for g in result.buckets
     ]
+    first, last = result.per_step[0], result.per_step[-1]
+    span = f"{first.t[0]:.0f}..{last.t[1]:.0f}"
     return "\n".join(
         [
             f"{result.name} (held-out samples; raw activation space)",
             head,
             *rows,
-            line("all", "", result.overall),
+            line("pooled", span, result.overall),
+            line("step mean", span, result.step_mean),
+            "pooled: all rows at once (fvu against the variance of all steps together); step mean: mean over steps",
+            "fvu: unexplained variance; ev: explained variance (offset-blind); L0: latents/row; "
+            f"dead, dense: latents firing on no row, on >{result.dense_threshold:.0%} of rows",
         ]
+    )
+
+
+def progress_text(names: Sequence[str], fvus: Sequence[float], l0s: Sequence[float]) -> str:
+    """The training progress bar's figures, e.g. `tide-k16 fvu .145 L0 16.0 | topk-k16 fvu .155 L0 16.0`.
+
+    Names lose the leading '-' parts every SAE of the run shares (resid_l03-tide-k16 -> tide-k16).
+    """
+    parts = [n.split("-") for n in names]
+    common = 0
+    while len(parts) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+
+    def short(x: float, fmt: str) -> str:
+        text = format(x, fmt)
+        return text[1:] if text.startswith("0.") else text
+
+    return " | ".join(
+        f"{'-'.join(p[common:])} fvu {short(f, '.3f')} L0 {l0:.1f}"
+        for p, f, l0 in zip(parts, fvus, l0s, strict=True)
     )

@@ -35,6 +35,13 @@ Input normalisation: the trainer feeds x_n = (x - mu(t)) / s. `set_input_normali
 row, or one row per timestep, looked up at the nearest stored timestep) and s as buffers, and
 `forward_raw` takes RAW activations and returns raw-space reconstructions. It is not folded into the
 weights because a per-timestep mean cannot be folded into the t-independent decoder bias.
+
+Timesteps: every `t_B` is the scheduler's timestep VALUE of each row (the store's `timesteps` array, e.g.
+999, 979, ..., 19 for 50 DDPM steps), as the DiT itself sees it, never a step index 0..S-1. Outside
+training mode (`load_sae` returns an SAE in eval mode), an SAE that uses t refuses values outside the
+timesteps its normalisation was recorded at (`timestep_range`), which catches step indices passed by
+mistake. t is used by `tide` (the modulation) and by any SAE with per-timestep input means (every SAE
+that `tide train` writes, in `forward_raw`); elsewhere it is ignored and may be None.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ from torch import Tensor, nn
 
 Arch = Literal["tide", "topk", "batchtopk", "relu"]
 TOPK_ARCHS = ("tide", "topk", "batchtopk")
+
+T_TOLERANCE = 0.5
+"""How far (in timestep units) t may stray outside the recorded range: float rounding, not extrapolation."""
 
 
 class SAEConfig(BaseModel):
@@ -187,19 +197,50 @@ class SAE(nn.Module):
     def from_config(cls, cfg: SAEConfig) -> SAE:
         return cls(cfg)
 
-    def _timesteps(self, t_B: Tensor | float | None, B: int, device: torch.device) -> Tensor:
+    def timestep_range(self) -> tuple[float, float] | None:
+        """(lowest, highest) scheduler timestep the input normalisation was recorded at; None if unknown.
+
+        A single mean at t = 0 is the placeholder `set_input_normalization` stores when given no timesteps,
+        so it counts as unknown (an SAE really trained on t = 0 alone is then simply not range-checked).
+        """
+        t_S = self.input_mean_t
+        if t_S.numel() == 1 and float(t_S[0]) == 0:
+            return None
+        lo, hi = torch.aminmax(t_S.float())
+        return float(lo), float(hi)
+
+    def _timesteps(self, t_B: Tensor | float | None, B: int, device: torch.device, use: str) -> Tensor:
+        """t_B as a (B,) tensor; outside training mode, checked against `timestep_range`.
+
+        Step indices are refused rather than offered through a keyword of their own: the SAE knows only the
+        timesteps of the steps it trained on, not the store's step numbering, so it could not map them.
+        Training mode is not checked: the trainer feeds the store's own timesteps, and a check costs a
+        device sync per step.
+        """
         if t_B is None:
-            raise ValueError(f"arch={self.cfg.arch!r} needs timesteps t_B, got None; pass one t per row")
+            raise ValueError(
+                f"this {self.cfg.arch} SAE needs timesteps t_B for {use}, got None; pass the scheduler's "
+                "timestep value of each row (the store's `timesteps` array), one per row or one for all"
+            )
         t_B = torch.as_tensor(t_B, device=device)
         t_B = t_B.expand(B) if t_B.ndim == 0 else t_B
         if t_B.shape != (B,):
             raise ValueError(f"t_B has shape {tuple(t_B.shape)}, expected ({B},) or a scalar: one t per row")
+        expected = None if self.training else self.timestep_range()
+        if expected is not None:
+            lo, hi = torch.stack(torch.aminmax(t_B.float())).tolist()
+            if lo < expected[0] - T_TOLERANCE or hi > expected[1] + T_TOLERANCE:
+                raise ValueError(
+                    f"t_B spans {lo:g}..{hi:g}, but this SAE was trained on scheduler timesteps "
+                    f"{expected[0]:g}..{expected[1]:g}; pass the scheduler's timestep values (the store's "
+                    "`timesteps` array, store.timesteps[step]), not step indices 0, 1, 2, ..."
+                )
         return t_B
 
     def pre_activations(
         self, x_BD: Tensor, t_B: Tensor | float | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """(pre_BF, x_mod_BD or None); t_B is ignored except by tide."""
+        """(pre_BF, x_mod_BD or None) of NORMALISED x_BD; t_B (scheduler timestep values) is used by tide only."""
         if x_BD.ndim != 2 or x_BD.shape[-1] != self.cfg.d_model:
             raise ValueError(
                 f"x has shape {tuple(x_BD.shape)}, expected (B, {self.cfg.d_model}); flatten tokens first"
@@ -207,7 +248,8 @@ class SAE(nn.Module):
         x_in_BD = x_BD - self.b_dec
         x_mod_BD = None
         if self.modulation is not None:
-            shift_BD, scale_BD = self.modulation(self._timesteps(t_B, x_BD.shape[0], x_BD.device))
+            t_B = self._timesteps(t_B, x_BD.shape[0], x_BD.device, "its timestep modulation")
+            shift_BD, scale_BD = self.modulation(t_B)
             x_in_BD = x_mod_BD = x_in_BD * (1 + scale_BD) + shift_BD
         return x_in_BD @ self.W_enc + self.b_enc, x_mod_BD
 
@@ -236,7 +278,11 @@ class SAE(nn.Module):
         self.threshold.copy_(torch.where(torch.isfinite(low), ema, self.threshold))
 
     def encode(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> Tensor:
-        """Sparse latents z_BF."""
+        """Sparse latents z_BF of NORMALISED x_BD (as `forward`; for raw activations use `forward_raw(x, t).z_BF`).
+
+        t_B: the scheduler's timestep value of each row, (B,) or a scalar (not a step index); used by tide
+        (refused outside the trained range in eval mode), ignored and optional for the other architectures.
+        """
         return self.activate(self.pre_activations(x_BD, t_B)[0])
 
     def decode(self, z_BF: Tensor) -> Tensor:
@@ -244,7 +290,11 @@ class SAE(nn.Module):
         return z_BF @ self.W_dec + self.b_dec
 
     def forward(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> ForwardOutput:
-        """Reconstruct x_BD; t_B (B,) or scalar timesteps are needed by tide and ignored otherwise."""
+        """Reconstruct NORMALISED x_BD (the trainer's inputs; raw activations go to `forward_raw`).
+
+        t_B: the scheduler's timestep value of each row, (B,) or a scalar (not a step index); needed by tide
+        (refused outside the trained range in eval mode), ignored and optional for the other architectures.
+        """
         pre_BF, x_mod_BD = self.pre_activations(x_BD, t_B)
         z_BF = self.activate(pre_BF)
         if self.training:
@@ -302,7 +352,7 @@ class SAE(nn.Module):
     def _mean_BD(self, t_B: Tensor | float | None, B: int, device: torch.device) -> Tensor:
         if self.input_mean.shape[0] == 1:
             return self.input_mean
-        t_B = self._timesteps(t_B, B, device)
+        t_B = self._timesteps(t_B, B, device, "its per-timestep input means (set_input_normalization)")
         nearest_B = (t_B.float()[:, None] - self.input_mean_t.float()[None, :]).abs().argmin(dim=-1)
         return self.input_mean[nearest_B]
 
@@ -313,7 +363,13 @@ class SAE(nn.Module):
         return x_BD * self.input_scale + self._mean_BD(t_B, x_BD.shape[0], x_BD.device)
 
     def forward_raw(self, x_raw_BD: Tensor, t_B: Tensor | float | None = None) -> ForwardOutput:
-        """forward on RAW activations: x_hat_BD comes back in raw space; z, pre, x_mod stay normalised."""
+        """forward on RAW activations: x_hat_BD comes back in raw space; z, pre, x_mod stay normalised.
+
+        t_B: the scheduler's timestep value of each row, (B,) or a scalar, e.g. `store.timesteps[step]`
+        (999..19 for the demo store), never a step index. Needed by tide and by any SAE with per-timestep
+        input means (all that `tide train` writes); optional only for an SAE with one mean and no modulation.
+        In eval mode, values outside the timesteps the SAE was trained on are refused with a ValueError.
+        """
         out = self(self.normalize_input(x_raw_BD, t_B), t_B)
         return out._replace(x_hat_BD=self.denormalize(out.x_hat_BD, t_B))
 

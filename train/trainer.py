@@ -46,6 +46,7 @@ from train.checkpoint import (
 )
 from train.config import SAESpec, TrainConfig
 from train.data import ActivationLoader, Batch, Position, Split, split_samples
+from train.eval import progress_text
 from train.loss import LossOutput, sae_loss
 from train.sae import SAE, build_sae
 
@@ -325,9 +326,9 @@ def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
         line[m.spec.name] = values
     with open(cfg.out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(line) + "\n")
-    fvu = "/".join(f"{line[m.spec.name]['fvu']:.3f}" for m in run.members)
-    l0 = "/".join(f"{line[m.spec.name]['l0']:.1f}" for m in run.members)
-    bar.set_postfix_str(f"fvu {fvu} L0 {l0} {rate:,.0f} rows/s", refresh=False)
+    names = [m.spec.name for m in run.members]
+    text = progress_text(names, [line[n]["fvu"] for n in names], [line[n]["l0"] for n in names])
+    bar.set_postfix_str(f"{text} | {rate:,.0f} rows/s", refresh=False)
 
 
 def _maybe_checkpoint(run: Run, cfg: TrainConfig) -> None:
