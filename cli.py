@@ -117,10 +117,15 @@ def harvest(
     from store.reader import StoreError
 
     try:
-        path = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
+        result = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
     except (HarvestError, StoreError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"wrote {path}")
+    if result.written:
+        typer.echo(f"wrote {result.out}")
+    else:
+        typer.echo(
+            f"already complete: {result.out} holds all {result.num_samples} samples; nothing was written"
+        )
 
 
 # --- store -----------------------------------------------------------------------------------------
