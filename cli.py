@@ -221,10 +221,15 @@ def harvest(
     from store.reader import StoreError
 
     try:
-        path = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
+        result = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
     except (HarvestError, StoreError, ValueError) as e:
         _fail(str(e))
-    typer.echo(f"wrote {path}")
+    if result.written:
+        typer.echo(f"wrote {result.out}")
+    else:
+        typer.echo(
+            f"already complete: {result.out} holds all {result.num_samples} samples; nothing was written"
+        )
 
 
 # --- store -----------------------------------------------------------------------------------------
@@ -430,7 +435,13 @@ def train(
     try:
         result = run_train(cfg, log=_log)
         typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
-        if not no_eval and cfg.val_fraction > 0:
+        if not no_eval and cfg.val_fraction > 0 and not result.split.val_chunks:
+            typer.echo(
+                f"note: no held-out samples (the store has {len(result.split.train_chunks)} done sample chunk(s), "
+                "all used for training), so the evaluation is skipped; harvest more samples to evaluate",
+                err=True,
+            )
+        elif not no_eval and cfg.val_fraction > 0:
             _print_evals(
                 evaluate_folders(
                     result.saes,

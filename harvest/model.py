@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from harvest.capture import REGISTRY, Arch, arch_for
+from store.fingerprint import fingerprint
 from store.schema import ModelInfo, SchedulerInfo
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -164,6 +165,7 @@ def load_model(
         revision=revision,
         transformer_class=t_cls,
         transformer_config=_jsonable(dict(transformer.config)),
+        fingerprint=fingerprint(transformer, dtype),
     )
     return LoadedModel(
         transformer=transformer,

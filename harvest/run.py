@@ -5,23 +5,21 @@ Shape key: B batch of samples, S stored steps, T kept tokens, N image tokens, D 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 
 from harvest.capture import Conditioning, capture
 from harvest.config import HarvestConfig
 from harvest.model import LoadedModel, load_model
 from harvest.sampler import denoise, make_generators, to_images
+from harvest.target import HarvestError, Target, inspect_out, locked, open_target, os_error, write_failure
 from store.device import resolve_device
-from store.reader import StoreError, open_store
 from store.schema import (
     StoreMeta,
     TokenSampling,
@@ -32,13 +30,9 @@ from store.schema import (
     to_stored,
     token_subset,
 )
-from store.writer import StoreWriter, create_store, free_bytes
+from store.writer import StoreWriter, block_bytes, disk_bound, free_bytes
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-class HarvestError(ValueError):
-    """Bad input to a harvest: the message says what and how to fix it."""
 
 
 def _labels(cfg: HarvestConfig, num_classes: int) -> np.ndarray:
@@ -193,102 +187,111 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _differences(old: StoreMeta, new: StoreMeta) -> list[str]:
-    """Fields that make two stores' contents differ."""
-    diffs = []
-    a, b = old.harvest_config, new.harvest_config
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            diffs.append(f"{key}: {a.get(key)!r} in the store, {b.get(key)!r} now")
-    if old.model.transformer_config != new.model.transformer_config:
-        diffs.append("model.transformer_config")
-    if old.scheduler != new.scheduler:
-        diffs.append("scheduler")
-    return diffs
+class HarvestResult(NamedTuple):
+    out: Path
+    """The store."""
+    written: int
+    """Samples this run wrote; 0 when the store was already complete (nothing was written then)."""
+    num_samples: int
+    """Samples in the store, all of them done now."""
 
 
-def estimate_bytes(meta: StoreMeta, num_samples: int) -> int:
-    """Uncompressed bytes that `num_samples` more samples add: an upper bound on disk use."""
-    lay = meta.layout()
-    per_sample = lay.num_steps * lay.tokens * lay.d_model * numpy_storage_dtype(meta.dtype).itemsize
-    per_sample *= len(meta.act_names())
-    if meta.tokens.subsampled:
-        per_sample += lay.num_steps * lay.tokens * 4
-    return per_sample * num_samples
+def format_bytes(n: float) -> str:
+    """A byte count for people: 512 B, 3.5 KiB, 12.0 MiB, 1.25 GiB."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
 
 
-def open_or_create(cfg: HarvestConfig, meta: StoreMeta, arrays: dict[str, Any], log: Callable[[str], None]):
-    """The store to write to: a new one, or an existing one with the same configuration (a resume)."""
-    out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise HarvestError(f"--out {out} is a file; give a folder path for the Zarr store")
-    if out.exists() and any(out.iterdir()):
-        try:
-            old = open_store(out)
-        except StoreError as e:
-            if not cfg.overwrite:
-                raise HarvestError(
-                    f"--out {out} exists and is not a tide store ({e}); pass --overwrite to replace it"
-                ) from None
-        else:
-            diffs = _differences(old.meta, meta)
-            if not diffs:
-                # Keep the original metadata (creation time included): this is the same store, resumed.
-                root = zarr.open_group(str(out), mode="r+", zarr_format=3)
-                return root, old.meta
-            if not cfg.overwrite:
-                raise HarvestError(
-                    f"--out {out} holds a store made with a different configuration:\n  "
-                    + "\n  ".join(diffs)
-                    + "\nPass --overwrite to replace it, or choose another --out."
-                )
-        log(f"overwriting {out}")
-        shutil.rmtree(out)
-    shape = None
-    if cfg.save_images:
-        c, h, w = arrays["image_shape"]
-        shape = (h, w, c)
-    root = create_store(
-        out, meta, arrays["timesteps"], arrays["seeds"], arrays["labels"], arrays["prompt_index"], shape
+def _check_space(cfg: HarvestConfig, target: Target, arrays: dict[str, Any], log) -> None:
+    """Refuse, before anything is written, a harvest whose upper bound on disk use exceeds the free space."""
+    lay = target.meta.layout()
+    todo_samples = sum(lay.sample_chunk(c).stop - lay.sample_chunk(c).start for c in target.todo)
+    image = arrays.get("image_shape")
+    need = disk_bound(
+        target.meta,
+        len(target.todo),
+        create=not target.resume,
+        images_shape=None if image is None else (image[1], image[2], image[0]),
+        block=block_bytes(cfg.out),
     )
-    return root, meta
+    free = free_bytes(cfg.out)
+    if log is not None:
+        log(
+            f"{cfg.out}: {lay.num_samples} samples x {lay.num_steps} steps x {lay.tokens} tokens x {lay.d_model} d, "
+            f"{len(target.meta.act_names())} arrays; {lay.num_samples - todo_samples} samples already done; "
+            f"at most {format_bytes(need)} to write ({format_bytes(free)} free)"
+        )
+    if target.todo and need > free:
+        raise HarvestError(
+            f"the harvest of {todo_samples} samples needs up to {format_bytes(need)} of disk (uncompressed, "
+            f"with metadata and filesystem blocks) but only {format_bytes(free)} is free at {cfg.out}; nothing "
+            "was written. Lower --num-samples, --layers, --sites or --token-fraction, free space, or choose an "
+            "--out on another disk"
+        )
 
 
-def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> Path:
-    """Run the harvest described by `cfg`, resuming a store left by an interrupted run. Returns the path."""
+def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> HarvestResult:
+    """Run the harvest described by `cfg`, resuming a store left by an interrupted run.
+
+    Every refusal (another configuration, a folder that is not a tide store, too little disk) comes before
+    anything is written. A full disk or an unwritable folder met later ends in a HarvestError that says
+    what to do; the store stays resumable.
+    """
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, cfg.revision, device=device, dtype=_TORCH_DTYPES[cfg.model_dtype])
     meta, arrays = plan(cfg, model)
     if cfg.save_images:
         arrays["image_shape"] = _image_shape(model)
-    root, meta = open_or_create(cfg, meta, arrays, log)
+    n = meta.num_samples
+    _check_space(cfg, inspect_out(cfg, meta), arrays, None)
+    try:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        with locked(cfg.out):
+            # Again under the lock: another harvest may have changed --out since the check above.
+            target = inspect_out(cfg, meta)
+            _check_space(cfg, target, arrays, log)
+            if not target.todo:
+                log(f"{cfg.out} is already complete: all {n} samples are done; nothing to write")
+                return HarvestResult(cfg.out, 0, n)
+            root, meta = open_target(cfg, target, arrays, log)
+            written = _write(cfg, model, meta, arrays, root, target.todo)
+    except OSError as e:  # making the folder, the lock or the store; _write reports its own
+        raise write_failure(cfg.out, e, n, creating=True) from e
+    return HarvestResult(cfg.out, written, n)
+
+
+def _write(cfg: HarvestConfig, model: LoadedModel, meta: StoreMeta, arrays, root, todo: list[int]) -> int:
+    """Generate and write sample chunks `todo` (returns their sample count); a write error becomes a
+    HarvestError naming what was kept."""
     lay = meta.layout()
-    done = root["done"][:]
-    todo = [c for c in range(lay.num_sample_chunks) if not done[lay.sample_chunk(c)].all()]
     todo_samples = sum(lay.sample_chunk(c).stop - lay.sample_chunk(c).start for c in todo)
-    need, free = estimate_bytes(meta, todo_samples), free_bytes(cfg.out)
-    log(
-        f"{cfg.out}: {lay.num_samples} samples x {lay.num_steps} steps x {lay.tokens} tokens x {lay.d_model} d, "
-        f"{len(meta.act_names())} arrays; {lay.num_samples - todo_samples} samples already done; "
-        f"at most {need / 2**30:.2f} GiB to write ({free / 2**30:.1f} GiB free)"
-    )
-    if need > free:
-        raise HarvestError(
-            f"the harvest needs up to {need / 2**30:.2f} GiB (uncompressed) but only {free / 2**30:.2f} GiB is free "
-            f"at {cfg.out}; lower --num-samples, --layers, --sites or --token-fraction, or free space"
-        )
     writer = StoreWriter(root, meta, max_pending=cfg.writer_queue)
     try:
-        with capture(model.transformer, model.arch, list(meta.sites), list(meta.layers)) as acts:
-            bar = tqdm(
-                total=todo_samples * cfg.num_steps, unit="img-step", disable=not cfg.progress, smoothing=0.1
-            )
-            for c in todo:
-                _harvest_chunk(c, model, meta, arrays, acts, writer, bar, cfg.save_images)
-            bar.close()
-    finally:
-        writer.close()
-    return cfg.out
+        try:
+            with capture(model.transformer, model.arch, list(meta.sites), list(meta.layers)) as acts:
+                bar = tqdm(
+                    total=todo_samples * cfg.num_steps,
+                    unit="img-step",
+                    disable=not cfg.progress,
+                    smoothing=0.1,
+                )
+                for c in todo:
+                    _harvest_chunk(c, model, meta, arrays, acts, writer, bar, cfg.save_images)
+                bar.close()
+        finally:
+            writer.close()
+    except (OSError, RuntimeError) as e:
+        err = os_error(e)
+        if err is None:
+            raise
+        try:
+            done = int(root["done"][:].sum())
+        except Exception:  # the done flags could not be read back: say nothing rather than a wrong number
+            done = None
+        raise write_failure(cfg.out, err, lay.num_samples, done) from e
+    return todo_samples
 
 
 def _image_shape(model: LoadedModel) -> tuple[int, int, int]:

@@ -84,6 +84,9 @@ class ModelInfo(_Frozen):
     """diffusers class name of the transformer, e.g. DiTTransformer2DModel."""
     transformer_config: dict[str, Any]
     """The transformer's config as saved by diffusers."""
+    fingerprint: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    """`sha256:...` of the transformer's config and weights (store/fingerprint.py); absent in stores made
+    before it was recorded (left out of the metadata when None, so those stores keep their identity)."""
 
 
 class SchedulerInfo(_Frozen):

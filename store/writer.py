@@ -7,6 +7,9 @@ only complete samples where `done` says so.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import queue
 import shutil
 import threading
@@ -206,9 +209,85 @@ class StoreWriter:
         self.root["done"][samples] = np.ones(samples.stop - samples.start, dtype=bool)
 
 
-def free_bytes(path: Path) -> int:
-    """Free space on the filesystem that will hold `path` (its nearest existing ancestor)."""
+def _existing(path: Path) -> Path:
     p = path.resolve()
     while not p.exists():
         p = p.parent
-    return shutil.disk_usage(p).free
+    return p
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that will hold `path` (its nearest existing ancestor)."""
+    return shutil.disk_usage(_existing(path)).free
+
+
+def block_bytes(path: Path) -> int:
+    """The allocation unit of the filesystem that will hold `path`: every file takes whole ones (4 KiB at least)."""
+    try:
+        return max(4096, os.statvfs(_existing(path)).f_frsize)
+    except (AttributeError, OSError):  # no statvfs (Windows)
+        return 4096
+
+
+# Upper bounds of what one file costs beyond its data: zstd's and blosc's worst case on incompressible
+# data (zstd adds about 1/256 plus a frame header, blosc 16 bytes), a directory entry, and a zarr.json.
+_DIRENT = 64
+_NODE_METADATA = 4096
+
+
+def _chunk_file(nbytes: int, block: int) -> int:
+    """Disk use of one chunk file holding `nbytes` before compression, in whole blocks, with its entry."""
+    bound = nbytes + nbytes // 128 + 1024
+    return -(-bound // block) * block + _DIRENT
+
+
+def _chunked(grid: tuple[int, ...], chunk_bytes: int, sample_chunks: int, block: int) -> int:
+    """Chunk files (and the folders zarr nests them in, `c/i/j/...`) of `sample_chunks` slices along axis 0
+    of an array whose chunk grid is `grid` and whose chunks hold `chunk_bytes` each (edge chunks too)."""
+    if sample_chunks == 0:
+        return 0
+    files = sample_chunks * math.prod(grid[1:])
+    folders = 1 + sum(sample_chunks * math.prod(grid[1:i]) for i in range(1, len(grid)))  # c/ and c/i/...
+    return files * _chunk_file(chunk_bytes, block) + folders * (block + _DIRENT)
+
+
+def disk_bound(
+    meta: StoreMeta,
+    sample_chunks: int,
+    *,
+    create: bool,
+    images_shape: tuple[int, int, int] | None = None,
+    block: int = 4096,
+) -> int:
+    """An upper bound on the bytes of disk that writing `sample_chunks` sample chunks takes: every array's
+    chunk files (activations, statistics, done, token_index, images) uncompressed plus the codecs' worst
+    case, each rounded up to whole filesystem blocks, with the folders holding them; and with `create`,
+    the metadata of every node and the arrays create_store fills (timesteps, seed, label, ...)."""
+    lay = meta.layout()
+    k, c, s = sample_chunks, lay.num_sample_chunks, lay.num_steps
+    grid = (c, lay.num_step_chunks, lay.num_token_chunks, 1)
+    act_chunk = math.prod(lay.act_chunks) * numpy_storage_dtype(meta.dtype).itemsize
+    total = 0
+    for _ in meta.act_names():
+        total += _chunked(grid, act_chunk, k, block)
+        total += _chunked((c, 1), s * 8, k, block)  # stats count
+        total += 2 * _chunked((c, 1, 1), s * lay.d_model * 8, k, block)  # stats sum, sumsq
+    total += _chunked((c,), lay.batch_size, k, block)  # done
+    if meta.tokens.subsampled:
+        total += _chunked(
+            (c, lay.num_step_chunks, 1), lay.batch_size * lay.steps_per_chunk * lay.tokens * 4, k, block
+        )
+    if images_shape is not None:
+        total += _chunked((c, 1, 1, 1), lay.batch_size * math.prod(images_shape), k, block)
+    if create:
+        names = meta.act_names()
+        samples = 3 if meta.conditioning != "none" else 2  # seed, label or prompt_index, done
+        # Every node but the root: a folder with a zarr.json (the stats group, timesteps, step_index, the
+        # per-sample arrays, token_index, images, and per activation array itself, its stats group and 3 sums).
+        nodes = 1 + 2 + samples + meta.tokens.subsampled + (images_shape is not None) + 5 * len(names)
+        node = -(-_NODE_METADATA // block) * block + block + 2 * _DIRENT
+        root = len(json.dumps(meta.model_dump(mode="json"))) + _NODE_METADATA
+        total += block + -(-root // block) * block + nodes * node
+        total += 2 * _chunked((1,), s * 8, 1, block)  # timesteps, step_index: one chunk each
+        total += (samples - 1) * _chunked((c,), lay.batch_size * 8, c, block)  # seed, label / prompt_index
+    return total

@@ -340,8 +340,9 @@ def test_refuses_when_disk_is_too_small(tiny_dit, tmp_path, monkeypatch):
     cfg = HarvestConfig(
         model=str(tiny_dit), out=tmp_path / "s.zarr", num_samples=4, num_steps=2, batch_size=2, progress=False
     )
-    with pytest.raises(HarvestError, match=r"needs up to .* GiB .* but only .* GiB is free"):
+    with pytest.raises(HarvestError, match=r"needs up to [\d.]+ KiB .* but only 1000 B is free"):
         harvest(cfg, log=lambda m: None)
+    assert not cfg.out.exists() and list(tmp_path.iterdir()) == []  # refused before writing anything
 
 
 def test_format_doc_recipe_reads_with_plain_zarr(tiny_dit, tmp_path):

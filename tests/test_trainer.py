@@ -228,9 +228,7 @@ def test_bad_inputs_are_one_paragraph_errors(store, tmp_path):
     _fails([*base, "--lr", "0.5"], "different configuration", "lr: 0.001")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
-    _fails(
-        [*base[:4], str(tmp_path / "junk"), *base[5:]], "holds no resumable tide training run", "--overwrite"
-    )
+    _fails([*base[:4], str(tmp_path / "junk"), *base[5:]], "is not a tide training run", "holds notes.txt")
 
 
 def test_config_file_with_flag_overrides(store, tmp_path):

@@ -35,12 +35,14 @@ harvest/.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from store.fingerprint import fingerprint
 from store.schema import StoreMeta
 from train.sae import SAE, init_modulation_from_adaln, init_modulation_from_final_adaln
 
@@ -49,8 +51,12 @@ class AdaLNInitError(ValueError):
     """The store's source DiT cannot be loaded or has no adaLN-zero modulation to copy."""
 
 
-def load_transformer(meta: StoreMeta) -> nn.Module:
-    """The transformer the store was harvested from: diffusers, the recorded local folder, float32, eval mode."""
+def load_transformer(meta: StoreMeta, log: Callable[[str], None] = print) -> nn.Module:
+    """The transformer the store was harvested from: diffusers, the recorded local folder, float32, eval mode.
+
+    Its fingerprint must be the one the store recorded: the folder may hold other weights by now. A store
+    made before fingerprints were recorded cannot be checked; `log` gets a warning and loading goes on.
+    """
     import diffusers
 
     folder = Path(meta.model.path)
@@ -74,6 +80,21 @@ def load_transformer(meta: StoreMeta) -> nn.Module:
                 f"could not load {meta.model.transformer_class} from {folder / 'transformer'}: {e}; "
                 "fix the model folder or train with --init-modulation zero"
             ) from e
+    recorded = meta.model.fingerprint
+    if recorded is None:
+        log(
+            f"warning: the store records no fingerprint of its model (it predates them), so tide cannot check "
+            f"that {folder / 'transformer'} still holds the weights that made it; copying its adaLN anyway"
+        )
+        return model.eval()
+    dtype = getattr(torch, str(meta.harvest_config.get("model_dtype", "float32")), torch.float32)
+    found = fingerprint(model, dtype)
+    if found != recorded:
+        raise AdaLNInitError(
+            f"the model at {folder} is not the one that made this store: its fingerprint is {found}, the "
+            f"store recorded {recorded} (the weights or config there changed since the harvest). Put the "
+            "original model back at that path, or train with --init-modulation zero"
+        )
     return model.eval()
 
 

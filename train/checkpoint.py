@@ -13,6 +13,9 @@
 at any instant leaves either the old state or the new one, never a mixture), every SAE's state dict, every
 optimiser's state, the step and row counters, the loader's Position, the torch RNG state, the split and
 the store's identity. The SAE folders are exports of the same step, for users; resume never reads them.
+
+`prepare_out` readies a run's --out: it resumes the run there, or replaces it only when it is a tide
+training run with nothing else in it (store/outputs.py), and never when it holds the store or lies in it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from store.outputs import check_replaceable, nested, replace
 from train.data import Split
 from train.sae import SAE, SAEConfig, build_sae
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
 
 SAE_FORMAT = "tide.sae"
 STATE_FILE = "trainer_state.pt"
@@ -145,12 +152,83 @@ def save_state(out: Path, state: dict[str, Any]) -> None:
     _atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
 
 
+STATE_KEYS = frozenset({"step", "rows", "position", "rng", "saes", "optims", "config", "store", "split"})
+
+
+class CheckpointError(ValueError):
+    """A run folder or resume state that cannot be used: the message says why and how to go on."""
+
+
 def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
-    """The resume state in `out`, or None when there is none."""
+    """The resume state in `out`, or None when there is none; CheckpointError when it is damaged."""
     path = out / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except PermissionError:  # unreadable, not damaged: the caller reports it
+        raise
+    except Exception as e:  # torch raises RuntimeError, EOFError or UnpicklingError on a cut or garbled file
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+    else:
+        if isinstance(state, dict) and STATE_KEYS <= state.keys():
+            return state
+        missing = sorted(STATE_KEYS - state.keys()) if isinstance(state, dict) else "everything"
+        problem = f"it lacks {missing}"
+    raise CheckpointError(
+        f"the resume state {path} is damaged ({problem}), so the run in {out} cannot be resumed. Its SAE "
+        "folders, if any, hold the weights of the last checkpoint that was written completely (load them with "
+        "train.checkpoint.load_sae; copy them elsewhere to keep them). To train from the start, run the same "
+        "command with --overwrite, which replaces the whole run, or choose another --out"
+    )
+
+
+def prepare_out(cfg: TrainConfig, store_identity: str, device: torch.device) -> dict[str, Any] | None:
+    """The resume state in cfg.out if it is a resumable run of this config and store; else a fresh folder.
+
+    Only a tide training run is ever replaced (store/outputs.py), and never a folder holding the store or
+    inside it."""
+    out = cfg.out
+    if nested(out, cfg.store):
+        raise CheckpointError(
+            f"--out {out} and --store {cfg.store} are the same folder or one holds the other: the SAEs need a "
+            "folder of their own (replacing the run would delete the store). Choose another --out, such as "
+            f"{cfg.store.resolve().parent / 'saes'}"
+        )
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; give a folder for the SAEs")
+    state = None if cfg.overwrite else load_state(out, device)
+    if state is not None:
+        if state["store"]["identity"] != store_identity:
+            raise CheckpointError(
+                f"{out} holds a run trained on the store {state['store']['path']} (identity "
+                f"{state['store']['identity']}), but --store {cfg.store} is a different store (identity "
+                f"{store_identity}); point --store at the original store to resume, or pass --overwrite "
+                "(or another --out) to start a new run"
+            )
+        old = state["config"]
+        diffs = [
+            f"{k}: {old.get(k)!r} in {out}, {v!r} now" for k, v in cfg.identity().items() if old.get(k) != v
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"{out} holds a run with a different configuration:\n  "
+                + "\n  ".join(diffs)
+                + "\nPass --overwrite to replace it, or choose another --out."
+            )
+        return state
+    if out.exists() and any(out.iterdir()):
+        check_replaceable(out, "run")  # refuses anything but a tide training run, naming what is there
+        # A run killed before its first checkpoint left only its config and metrics: nothing to keep.
+        unstarted = not any(p.is_dir() for p in out.iterdir())
+        if not (cfg.overwrite or unstarted):
+            raise CheckpointError(
+                f"--out {out} holds a tide training run with no resume state; pass --overwrite to replace it, "
+                "or choose another --out"
+            )
+        replace(out, "run")
+    out.mkdir(parents=True, exist_ok=True)
+    return None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -75,11 +75,17 @@ def split_samples(layout: Layout, done_chunks: Sequence[int], val_fraction: floa
     """Hold out round(val_fraction * C) sample chunks (at least one when val_fraction > 0), chosen by seed.
 
     The choice is made over all C chunks of the store, not over the done ones, so that a store that is still
-    being harvested keeps its held-out samples as it grows.
+    being harvested keeps its held-out samples as it grows. When none of them is done yet (a harvest stopped
+    early) and two or more chunks are, the done chunk that comes first in the same seeded order is held out
+    as well, so that a partial store still has samples to evaluate on.
     """
     n = layout.num_sample_chunks
     n_val = max(1, round(val_fraction * n)) if val_fraction > 0 else 0
-    held = set(np.random.default_rng([split_seed, 7]).permutation(n)[:n_val].tolist())
+    order = np.random.default_rng([split_seed, 7]).permutation(n).tolist()
+    held = set(order[:n_val])
+    done = set(done_chunks)
+    if n_val and len(done) >= 2 and not held & done:
+        held.add(next(c for c in order if c in done))
     train = [c for c in done_chunks if c not in held]
     val = [c for c in done_chunks if c in held]
     if not train:

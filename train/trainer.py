@@ -19,9 +19,9 @@ and RNG come from trainer_state.pt (train/checkpoint.py), so the final weights e
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,13 +33,14 @@ import torch
 from tqdm.auto import tqdm
 
 from store.device import resolve_device
+from store.outputs import nested
 from store.reader import Store, configure_read_threads, open_store
 from train.adaln import AdaLNInitError, init_from_dit, load_transformer
 from train.checkpoint import (
     NORMALIZATION,
     SAEMeta,
     StoreRef,
-    load_state,
+    prepare_out,
     save_sae,
     save_state,
     write_json,
@@ -93,6 +94,8 @@ class TrainResult(NamedTuple):
     """One folder per SAE, in spec order."""
     steps: int
     """Optimiser steps trained in total."""
+    split: Split
+    """The sample chunks trained on and held out (none held out: nothing to evaluate on)."""
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -116,41 +119,46 @@ def normalization(
     return torch.as_tensor(st.mean, dtype=torch.float32), scale
 
 
-def _prepare_out(cfg: TrainConfig, store: Store, device: torch.device) -> dict[str, Any] | None:
-    """The resume state in cfg.out if it is a resumable run of this config and store; else a fresh folder."""
-    out = cfg.out
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out} is a file; give a folder for the SAEs")
-    state = None if cfg.overwrite else load_state(out, device)
-    if state is not None:
-        if state["store"]["identity"] != store.identity():
+def _check_arrays(store: Store, arrays: list[str]) -> None:
+    """Every array the run reads has the shape and chunks the store's metadata says (an edited or damaged
+    zarr.json would otherwise surface deep in the loader as numpy's 'could not broadcast')."""
+    lay, c, s = store.layout, store.layout.num_sample_chunks, store.layout.num_steps
+    want = {"done": ((lay.num_samples,), None), "timesteps": ((s,), None)}
+    for name in arrays:
+        want[name] = (lay.act_shape, lay.act_chunks)
+        want[f"stats/{name}/count"] = ((c, s), None)
+        for stat in ("sum", "sumsq"):
+            want[f"stats/{name}/{stat}"] = ((c, s, lay.d_model), None)
+    what = f"{lay.num_samples} samples x {s} steps x {lay.tokens} tokens x {lay.d_model} d"
+    for name, (shape, chunks) in want.items():
+        try:
+            arr = store.root[name]
+        except KeyError:
             raise TrainError(
-                f"{out} holds a run trained on the store {state['store']['path']} (identity "
-                f"{state['store']['identity']}), but --store {cfg.store} is a different store (identity "
-                f"{store.identity()}); point --store at the original store to resume, or pass --overwrite "
-                "(or another --out) to start a new run"
-            )
-        old = state["config"]
-        diffs = [
-            f"{k}: {old.get(k)!r} in {out}, {v!r} now" for k, v in cfg.identity().items() if old.get(k) != v
-        ]
-        if diffs:
-            raise TrainError(
-                f"{out} holds a run with a different configuration:\n  "
-                + "\n  ".join(diffs)
-                + "\nPass --overwrite to replace it, or choose another --out."
-            )
-        return state
-    if out.exists() and any(out.iterdir()):
-        # A run killed before its first checkpoint left only its config and metrics: nothing to keep.
-        unstarted = (out / "train_config.json").is_file() and not any(p.is_dir() for p in out.iterdir())
-        if not (cfg.overwrite or unstarted):
-            raise TrainError(
-                f"--out {out} exists and holds no resumable tide training run; pass --overwrite to replace it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+                f"{store.path} has no array {name!r}, which its metadata implies; the store is damaged or was "
+                f"not written to the end: run `tide store verify {store.path}` to see what is wrong"
+            ) from None
+        found = [("shape", tuple(arr.shape), shape)]
+        if chunks is not None:
+            found.append(("chunk shape", tuple(arr.chunks), chunks))
+        for label, got, expected in found:
+            if got != tuple(expected):
+                raise TrainError(
+                    f"array {name!r} of {store.path} has {label} {got} in its zarr.json, but the store's metadata "
+                    f"({what}) says {tuple(expected)}; the store is damaged or was edited: run "
+                    f"`tide store verify {store.path}` to see everything wrong with it"
+                )
+
+
+def _warn_partial(store: Store, split: Split, log: Callable[[str], None]) -> None:
+    done, lay = int(store.done().sum()), store.layout
+    if done < lay.num_samples:
+        log(
+            f"warning: {store.path} is an unfinished harvest: {done} of {lay.num_samples} samples are done "
+            f"({len(split.train_chunks) + len(split.val_chunks)} of {lay.num_sample_chunks} sample chunks); "
+            f"training uses those only. To finish it, run the same `tide harvest ... --out {store.path}` command "
+            "again: it resumes where it stopped"
+        )
 
 
 def _init_modulation(members: list[Member], cfg: TrainConfig, store: Store, split: Split, log) -> None:
@@ -161,7 +169,7 @@ def _init_modulation(members: list[Member], cfg: TrainConfig, store: Store, spli
         label_N, lay = store.root["label"][:], store.layout
         labels_N = np.concatenate([label_N[lay.sample_chunk(c)] for c in split.train_chunks])
     try:
-        transformer = load_transformer(store.meta)
+        transformer = load_transformer(store.meta, log)
         for m in tide:
             source = init_from_dit(m.sae, transformer, cfg.site, m.spec.layer, cfg.branch, labels_N)
             log(f"{m.spec.name}: modulation initialised from {store.meta.model.transformer_class} {source}")
@@ -175,7 +183,9 @@ def _build(
     try:
         specs = cfg.specs(store.meta)
         step_range = cfg.step_range(store.layout.num_steps)
-        state = _prepare_out(cfg, store, device)
+        arrays = list(dict.fromkeys(s.array for s in specs))
+        _check_arrays(store, arrays)  # before anything is written to cfg.out
+        state = prepare_out(cfg, store.identity(), device)
         split = (
             Split(**state["split"])
             if state
@@ -185,7 +195,7 @@ def _build(
         raise
     except ValueError as e:
         raise TrainError(str(e)) from None
-    arrays = list(dict.fromkeys(s.array for s in specs))
+    _warn_partial(store, split, log)
     loader = ActivationLoader(
         store,
         arrays,
@@ -251,7 +261,34 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are."""
+    """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are.
+
+    A folder that cannot be written (read-only, no permission, a full disk) ends in a TrainError that says
+    what to do; a run stopped by a full disk resumes from its last checkpoint."""
+    try:
+        return _train(cfg, log)
+    except OSError as e:
+        path = Path(e.filename) if e.filename else cfg.out
+        if not nested(path, cfg.out):  # not the run folder: the store, read
+            raise TrainError(
+                f"cannot read {path}: {e.strerror or e}; check the store with `tide store verify`"
+            ) from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            why = "the filesystem is read-only" if e.errno == errno.EROFS else "permission denied"
+            at = f" (at {path})" if path != cfg.out else ""
+            raise TrainError(
+                f"cannot write to {cfg.out}: {why}{at}. Choose an --out in a folder you can write to, or change "
+                "the folder's permissions"
+            ) from e
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TrainError(
+                f"the disk holding {cfg.out} is full ({e.strerror}); free some space and run the same command "
+                "again: it resumes from the run's last checkpoint"
+            ) from e
+        raise
+
+
+def _train(cfg: TrainConfig, log: Callable[[str], None]) -> TrainResult:
     run, loader, device = prepare(cfg, log)
     names = ", ".join(m.spec.name for m in run.members)
     log(
@@ -265,7 +302,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
             fit(run, batches, cfg)
         finally:
             batches.close()
-    return TrainResult(cfg.out, [cfg.out / m.spec.name for m in run.members], run.step)
+    return TrainResult(cfg.out, [cfg.out / m.spec.name for m in run.members], run.step, run.split)
 
 
 def fit(run: Run, batches: Iterable[Batch], cfg: TrainConfig) -> Run:

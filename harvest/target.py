@@ -1,0 +1,236 @@
+"""Where a harvest writes: its --out folder, locked, inspected, then created, resumed or replaced.
+
+`harvest()` inspects --out before writing anything (a new store, a resume of the same configuration, or a
+replacement with --overwrite, which store/outputs.py allows only for a tide store), checks the disk, and
+only then takes the lock and acts. While it writes, a hidden lock file beside the store (`.NAME.lock`,
+holding the harvest's pid, removed at the end) keeps a second harvest of the same --out from writing into
+it at the same time. OS errors (a full disk, a read-only or forbidden folder) become messages that say
+what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import zarr
+
+from harvest.config import HarvestConfig
+from store.outputs import check_replaceable, is_tide_store, replace
+from store.reader import StoreError, open_store
+from store.schema import StoreMeta
+from store.writer import create_store
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; a second harvest of one --out is then not stopped
+    fcntl = None  # type: ignore[assignment]
+
+
+class HarvestError(ValueError):
+    """Bad input to a harvest: the message says what and how to fix it."""
+
+
+class Target(NamedTuple):
+    """What a harvest will do with its --out."""
+
+    meta: StoreMeta
+    """The store's metadata: the existing store's when resuming (its creation time included)."""
+    resume: bool
+    """--out holds this configuration's store: keep its done samples."""
+    replace: bool
+    """--out holds a tide store that --overwrite replaces."""
+    todo: list[int]
+    """Sample chunks still to write."""
+
+
+def differences(old: StoreMeta, new: StoreMeta) -> list[str]:
+    """Fields that make two stores' contents differ."""
+    diffs = []
+    a, b = old.harvest_config, new.harvest_config
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}: {a.get(key)!r} in the store, {b.get(key)!r} now")
+    if old.model.transformer_config != new.model.transformer_config:
+        diffs.append("model.transformer_config")
+    elif old.model.fingerprint and new.model.fingerprint and old.model.fingerprint != new.model.fingerprint:
+        diffs.append(
+            f"model weights: fingerprint {old.model.fingerprint[:19]}... in the store, "
+            f"{new.model.fingerprint[:19]}... now (the model folder holds other weights)"
+        )
+    if old.scheduler != new.scheduler:
+        diffs.append("scheduler")
+    return diffs
+
+
+def _complete(root: zarr.Group, meta: StoreMeta) -> bool:
+    """Every node create_store makes is there (a run killed while creating the store leaves some out)."""
+    names = ["timesteps", "step_index", "seed", "done", *meta.act_names()]
+    names += [f"stats/{n}/{s}" for n in meta.act_names() for s in ("count", "sum", "sumsq")]
+    names += ["token_index"] if meta.tokens.subsampled else []
+    try:
+        for name in names:
+            root[name]
+    except KeyError:
+        return False
+    return True
+
+
+def inspect_out(cfg: HarvestConfig, meta: StoreMeta) -> Target:
+    """Decide, reading only, what the harvest does with cfg.out; raise HarvestError when it must not write."""
+    out, every = cfg.out, list(range(meta.layout().num_sample_chunks))
+    if out.exists() and (not out.is_dir() or out.is_symlink()):
+        raise HarvestError(f"--out {out} is a file; give a folder path for the Zarr store")
+    if not out.exists() or not any(out.iterdir()):
+        return Target(meta, resume=False, replace=False, todo=every)
+    if not is_tide_store(out):
+        check_replaceable(out, "store")  # raises, naming what the folder holds
+    try:
+        old = open_store(out)
+    except StoreError as e:
+        if not cfg.overwrite:
+            raise HarvestError(
+                f"--out {out} holds a tide store this tide cannot resume ({e}); pass --overwrite to replace "
+                "it, or choose another --out"
+            ) from None
+    else:
+        diffs = differences(old.meta, meta)
+        if not diffs:
+            if not _complete(old.root, old.meta):  # its creation was cut short: no sample is in it
+                check_replaceable(out, "store")
+                return Target(meta, resume=False, replace=True, todo=every)
+            done, lay = old.done(), old.layout
+            todo = [c for c in every if not done[lay.sample_chunk(c)].all()]
+            return Target(old.meta, resume=True, replace=False, todo=todo)
+        if not cfg.overwrite:
+            raise HarvestError(
+                f"--out {out} holds a store made with a different configuration:\n  "
+                + "\n  ".join(diffs)
+                + "\nPass --overwrite to replace it, or choose another --out."
+            )
+    check_replaceable(out, "store")  # only a tide store, with nothing else in its folder, is replaced
+    return Target(meta, resume=False, replace=True, todo=every)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        pid = os.read(fd, 32).decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold the harvest lock of `out` (a hidden `.NAME.lock` beside it, which must exist) for the block."""
+    if fcntl is None:
+        yield
+        return
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise HarvestError(
+                f"another tide harvest{holder} is writing {out} (it holds the lock {lock}); wait for it to "
+                "finish, or stop it and run this command again: it resumes where that one stopped"
+            ) from None
+        try:  # a holder removes the file when it ends: make sure the locked file is still the one at `lock`
+            current = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still holding it: nobody can lock a file about to vanish
+        os.close(fd)
+
+
+def open_target(
+    cfg: HarvestConfig, target: Target, arrays: dict[str, Any], log
+) -> tuple[zarr.Group, StoreMeta]:
+    """The open store to write into: resumed, or (re)created; a creation that fails leaves no store behind."""
+    out = cfg.out
+    if target.resume:
+        return zarr.open_group(str(out), mode="r+", zarr_format=3), target.meta
+    if target.replace:
+        log(f"overwriting {out}")
+        replace(out, "store")
+    existed = out.exists()
+    shape = None
+    if cfg.save_images:
+        c, h, w = arrays["image_shape"]
+        shape = (h, w, c)
+    try:
+        root = create_store(
+            out,
+            target.meta,
+            arrays["timesteps"],
+            arrays["seeds"],
+            arrays["labels"],
+            arrays["prompt_index"],
+            shape,
+        )
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # a half-made store holds no sample: nothing is lost
+        if existed:
+            out.mkdir(exist_ok=True)
+        raise
+    return root, target.meta
+
+
+def os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (the writer thread re-raises its errors wrapped), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_failure(
+    out: Path, e: OSError, total: int, done: int | None = None, creating: bool = False
+) -> HarvestError:
+    """A one-paragraph error for an OSError met while creating (`creating`) or filling the store at `out`;
+    `done` is how many of its `total` samples are complete, when known."""
+    where = e.filename or out
+    reason = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if creating:
+            return HarvestError(
+                f"the disk holding {out} filled up while the store was being created ({reason}); nothing was "
+                "kept. Free some space (or choose an --out on another disk) and run the command again"
+            )
+        kept = (
+            f"{done} of {total} samples had been written completely"
+            if done is not None
+            else "the samples done so far are kept"
+        )
+        return HarvestError(
+            f"the disk holding {out} is full ({reason}): {kept}. The store is resumable: free some space and "
+            "run the same command again; it keeps the done samples and writes the rest"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the filesystem is read-only" if e.errno == errno.EROFS else "permission denied"
+        at = f" (at {e.filename})" if e.filename and Path(e.filename) != out else ""
+        return HarvestError(
+            f"cannot write to {out}: {why}{at}. Choose an --out in a folder you can write to, or change the "
+            "folder's permissions"
+        )
+    return HarvestError(f"writing the store at {out} failed at {where}: {reason} (errno {e.errno})")
