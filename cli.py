@@ -263,18 +263,58 @@ def store_info(
 def store_verify(
     path: Annotated[Path, typer.Argument(help="A tide store folder.")],
     quick: Annotated[
-        bool, typer.Option("--quick", help="Check metadata and shapes only, not every value.")
+        bool,
+        typer.Option(
+            "--quick",
+            help="Check metadata, shapes and that every chunk file is there with a plausible size only.",
+        ),
+    ] = False,
+    reset_damaged: Annotated[
+        bool,
+        typer.Option(
+            "--reset-damaged",
+            help="Mark the samples of missing or unreadable chunks not done, so that re-running the store's "
+            "`tide harvest --out PATH` command writes them again.",
+        ),
     ] = False,
 ) -> None:
-    """Check a store's integrity; exits non-zero naming every problem found."""
+    """Check a store's integrity; exits non-zero naming every problem found (every damaged chunk by its file)."""
+    from store.inspect import reset_damaged as reset
     from store.inspect import verify
 
-    problems = verify(path, check_values=not quick)
-    if problems:
-        for p in problems:
+    verdict = verify(path, check_values=not quick)
+    if verdict.problems:
+        for p in verdict.problems:
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+        if verdict.damaged and reset_damaged:
+            ranges = reset(path, verdict.damaged)
+            samples = ", ".join(f"{r.start}..{r.stop - 1}" for r in ranges)
+            typer.echo(
+                f"marked samples {samples} not done; run the `tide harvest --out {path}` command that made this "
+                "store again to write them anew, then verify again",
+                err=True,
+            )
+        elif verdict.damaged:
+            typer.echo(
+                f"{len(verdict.damaged)} chunk(s) are missing or unreadable: restore them from a copy of the store, "
+                f"or run `tide store verify {path} --reset-damaged` and then the store's `tide harvest --out "
+                f"{path}` command again to write their samples anew",
+                err=True,
+            )
         raise typer.Exit(code=1)
-    typer.echo(f"ok: {path} is a sound tide store")
+    if quick:
+        typer.echo(
+            f"ok: {path} is a sound tide store as far as --quick checks (metadata, shapes, and every chunk file "
+            "of the done samples there with a plausible size); without --quick every chunk is also read and "
+            "its checksum verified"
+        )
+    else:
+        typer.echo(f"ok: {path} is a sound tide store")
+    if verdict.samples_done < verdict.num_samples:
+        typer.echo(
+            f"incomplete: {verdict.samples_done} of {verdict.num_samples} samples done; re-run the same "
+            f"`tide harvest --out {path}` command to finish it (finished samples are kept)"
+        )
 
 
 @store_app.command("stats")
@@ -320,9 +360,16 @@ def store_stats(
     except StoreError as e:
         _fail(str(e))
     if mismatched:
-        _fail(
-            f"stored sums disagree with the activations for {', '.join(mismatched)}; rewrite them with --write"
-        )
+        if store.meta.format_version >= 2:
+            why = (
+                "every chunk passed its checksum, so the stored sums are at fault: rewrite them with --write"
+            )
+        else:
+            why = (
+                f"this version-1 store has no checksums, so damaged activations could explain it too: run "
+                f"`tide store verify {path}`, and rewrite the sums with --write only if it finds nothing else"
+            )
+        _fail(f"stored sums disagree with the activations for {', '.join(mismatched)}; {why}")
 
 
 # --- train / eval ----------------------------------------------------------------------------------

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import google_crc32c  # zarr's crc32c codec uses it too
 import numpy as np
 import zarr
 from pydantic import ValidationError
 
-from store.schema import FORMAT, FORMAT_VERSION, Layout, StoreMeta
+from store.schema import (
+    ACT_DIMS,
+    CHECKSUM_BYTES,
+    FORMAT,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    Layout,
+    StoreMeta,
+    chunk_region,
+    chunks_touched,
+)
 
 
 class StoreError(ValueError):
@@ -107,9 +120,12 @@ def open_store(path: str | Path) -> Store:
         raise StoreError(
             f"{path} is a Zarr group but not a tide store (format={attrs.get('format')!r}, expected {FORMAT!r})"
         )
-    if attrs.get("format_version") != FORMAT_VERSION:
+    version = attrs.get("format_version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
         raise StoreError(
-            f"{path} has format_version {attrs.get('format_version')}; this tide reads version {FORMAT_VERSION}"
+            f"{path} has format_version {version!r}; this tide reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}" + ("; upgrade tide to read it" if newer else "")
         )
     try:
         meta = StoreMeta.model_validate(attrs)
@@ -121,46 +137,167 @@ def open_store(path: str | Path) -> Store:
 # --- reading whole chunks (the training loader's path) ---------------------------------------------
 
 
+class ChunkError(StoreError):
+    """A chunk of a done sample that is missing, fails its checksum, or does not decode.
+
+    `where` names the array, the chunk file and the samples, steps and tokens it holds; `problem` says what is
+    wrong with it; the message adds what to do.
+    """
+
+    def __init__(self, message: str, *, where: str = "", problem: str = "", samples: slice | None = None):
+        super().__init__(message)
+        self.where, self.problem, self.samples = where, problem, samples
+
+
+def chunk_error(arr: zarr.Array, coords: tuple[int, ...], problem: str) -> ChunkError:
+    """A ChunkError for chunk `coords` of `arr`."""
+    region = chunk_region(coords, arr.shape, arr.metadata.chunk_grid.chunk_shape)
+    dims = arr.metadata.dimension_names or ACT_DIMS[: len(region)]
+    span = ", ".join(
+        f"{dim}s {s.start}..{s.stop - 1}" for dim, s in zip(dims, region, strict=True) if dim != "d"
+    )
+    where = f"{arr.basename}: chunk file {chunk_file(arr, coords)} ({span})"
+    store = _store_root(arr) or "PATH"
+    return ChunkError(
+        f"{where} {problem}. The store is damaged: `tide store verify {store}` lists every damaged chunk; "
+        f"restore the file from a copy of the store, or run `tide store verify {store} --reset-damaged` and "
+        f"then the store's `tide harvest --out {store}` command again to write those samples anew",
+        where=where,
+        problem=problem,
+        samples=region[0],
+    )
+
+
+class MissingChunkWarning(UserWarning):
+    """A version-1 store lacks a chunk file: it reads as zeros, which is right only if the chunk was all zero."""
+
+
+def chunk_file(arr: zarr.Array, coords: tuple[int, ...]) -> str:
+    """Where chunk `coords` of `arr` lives: a file path for a local store, else the store key."""
+    key = arr.metadata.encode_chunk_key(coords)
+    key = f"{arr.path}/{key}" if arr.path else key
+    root = _store_root(arr)
+    return str(Path(root) / key) if root is not None else key
+
+
+def _store_root(arr: zarr.Array) -> Path | None:
+    from zarr.storage import LocalStore
+
+    return Path(arr.store.root) if isinstance(arr.store, LocalStore) else None
+
+
+def checksummed(arr: zarr.Array) -> bool:
+    """Whether the array's chunks end with a crc32c (format version 2): then every chunk is written, and a
+    missing one is lost, not all zero."""
+    from zarr.codecs import Crc32cCodec
+
+    return any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs)
+
+
+def missing_problem(arr: zarr.Array) -> str:
+    """What a missing chunk file of `arr` means, as the end of a sentence naming it."""
+    if checksummed(arr):
+        return "is missing"
+    return (
+        "is missing (a version-1 store leaves out chunks that are all zero, so it reads as zeros: "
+        "lost unless these activations really are all zero)"
+    )
+
+
+def _missing(arr: zarr.Array, coords: tuple[int, ...]) -> None:
+    """Refuse a missing chunk of a checksummed array; warn about one of a version-1 array (reads as zeros)."""
+    if checksummed(arr):
+        raise chunk_error(arr, coords, "is missing")
+    warnings.warn(
+        MissingChunkWarning(
+            f"{arr.basename}: chunk file {chunk_file(arr, coords)} is missing and reads as zeros; a version-1 "
+            "store leaves out all-zero chunks, so it may be one, or it may be lost; "
+            f"`tide store verify {_store_root(arr) or 'PATH'}` lists every missing chunk"
+        ),
+        stacklevel=3,
+    )
+
+
 def read_into(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, direct: bool = True) -> None:
     """Decode `arr[selection]` straight into `out` (a C-contiguous array shaped like the selection).
 
     A selection inside one chunk of a local store is decoded by `_decode_chunk` without zarr's async
     pipeline, which on a 2-core machine costs as much again as the decompression itself; anything else
-    (and direct=False, the reference the fast path is tested against) goes through zarr.
+    (and direct=False, the reference the fast path is tested against) goes through zarr. Either way every
+    chunk's checksum is verified (version 2), and a chunk that is missing, fails its checksum or does not
+    decode raises ChunkError naming its file.
     """
     if not (direct and _decode_chunk(arr, selection, out)):
-        from zarr.core.buffer import cpu
+        _read_with_zarr(arr, selection, out)
 
+
+def _read_with_zarr(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> None:
+    from zarr.core.buffer import cpu
+    from zarr.core.sync import sync
+
+    grid = arr.metadata.chunk_grid.chunk_shape
+    touched = chunks_touched(selection, arr.shape, grid)
+    # zarr reads a missing chunk as the fill value, without a word.
+    prefix = f"{arr.path}/" if arr.path else ""
+    for coords in touched:
+        if not sync(arr.store.exists(prefix + arr.metadata.encode_chunk_key(coords))):
+            _missing(arr, coords)
+    try:
         arr.get_basic_selection(selection, out=cpu.NDBuffer.from_numpy_array(out))
+    except Exception as e:
+        # zarr's error names no chunk: find the one that fails on its own.
+        for coords in touched:
+            try:
+                arr.get_basic_selection(chunk_region(coords, arr.shape, grid))
+            except Exception as bad:
+                raise chunk_error(arr, coords, f"could not be read ({_describe(bad)})") from bad
+        raise StoreError(f"reading {arr.basename}[{selection}] failed: {e}") from e
 
 
-def _direct_codec(arr: zarr.Array):
-    """The numcodecs codec that undoes `arr`'s chunk encoding, False if there is none; cached per array."""
+def _describe(e: Exception) -> str:
+    if "checksum" in str(e).lower():
+        return "its crc32c checksum does not match its bytes"
+    return f"{type(e).__name__}: {e}"
+
+
+class _Direct(NamedTuple):
+    codec: Any
+    """numcodecs codec of the payload, or None when it is the raw bytes."""
+    checksum: bool
+    """The file ends with a crc32c of the bytes before it."""
+
+
+def _direct_codec(arr: zarr.Array) -> _Direct | bool:
+    """How to decode `arr`'s chunk files directly, or False when they cannot be; cached per array."""
     cached = getattr(arr, "_tide_direct_codec", None)
     if cached is not None:
         return cached[0]
     from numcodecs import Blosc, Zstd
-    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
     from zarr.storage import LocalStore
 
-    codecs, codec = list(arr.metadata.codecs), False
+    codecs, direct = list(arr.metadata.codecs), False
+    checksum = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
+    if checksum:
+        codecs = codecs[:-1]
     little = np.dtype(arr.dtype).byteorder in "<|=" and np.little_endian
     if isinstance(arr.store, LocalStore) and codecs and isinstance(codecs[0], BytesCodec) and little:
         if len(codecs) == 1:
-            codec = None
+            direct = _Direct(None, checksum)
         elif len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
-            codec = Blosc()  # a blosc frame carries its own parameters
+            direct = _Direct(Blosc(), checksum)  # a blosc frame carries its own parameters
         elif len(codecs) == 2 and isinstance(codecs[1], ZstdCodec):
-            codec = Zstd()
-    object.__setattr__(arr, "_tide_direct_codec", (codec,))  # zarr.Array is a frozen dataclass
-    return codec
+            direct = _Direct(Zstd(), checksum)
+    object.__setattr__(arr, "_tide_direct_codec", (direct,))  # zarr.Array is a frozen dataclass
+    return direct
 
 
 def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> bool:
     """Read a selection that lies inside one chunk by decoding the chunk's file; False if not applicable."""
-    codec = _direct_codec(arr)
-    if codec is False:
+    direct = _direct_codec(arr)
+    if direct is False:
         return False
+    codec, checksum = direct
     shape = arr.metadata.chunk_grid.chunk_shape
     selection = tuple(slice(*s.indices(n)) for s, n in zip(selection, arr.shape, strict=True))
     if any(s.step != 1 or s.stop <= s.start for s in selection):
@@ -170,25 +307,55 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
         return False
     path = Path(arr.store.root) / arr.path / arr.metadata.encode_chunk_key(coords)
     whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
+    trailer = CHECKSUM_BYTES if checksum else 0
+    raw_bytes = math.prod(shape) * out.itemsize
     try:
         if whole and codec is None and out.flags.c_contiguous:
             with open(path, "rb", buffering=0) as f:  # an uncompressed chunk is its bytes: one copy
-                if f.readinto(memoryview(out).cast("B")) == out.nbytes:
-                    return True
-            raise ValueError(f"chunk file {path} is shorter than the {out.nbytes} bytes of a chunk")
+                n = f.readinto(memoryview(out).cast("B"))
+                rest = f.read(trailer + 1)
+            if n != out.nbytes or len(rest) != trailer:
+                size = path.stat().st_size
+                raise chunk_error(arr, coords, f"has {size} bytes, expected {out.nbytes + trailer}")
+            if checksum:
+                _check(arr, coords, out.reshape(-1).view(np.uint8), rest)
+            return True
         data = path.read_bytes()
-    except FileNotFoundError:  # zarr does not write chunks that are all fill value
+    except FileNotFoundError:
+        _missing(arr, coords)
         out[...] = arr.metadata.fill_value
         return True
+    if len(data) < trailer:
+        raise chunk_error(arr, coords, f"has {len(data)} bytes, fewer than its {trailer}-byte checksum")
+    payload = np.frombuffer(data, np.uint8, count=len(data) - trailer)
+    if checksum:
+        _check(arr, coords, payload, data[-trailer:])
     inner = tuple(
         slice(s.start - i * c, s.stop - i * c) for s, c, i in zip(selection, shape, coords, strict=True)
     )
-    if whole and codec is not None:
-        codec.decode(data, out=out)  # straight into the caller's buffer
-        return True
-    raw = np.frombuffer(data if codec is None else codec.decode(data), dtype=arr.dtype).reshape(shape)
-    out[...] = raw[inner]
+    try:
+        if whole and codec is not None:
+            codec.decode(payload, out=out)  # straight into the caller's buffer
+            return True
+        if codec is None and payload.nbytes != raw_bytes:
+            raise ValueError(f"{payload.nbytes} bytes of values, expected {raw_bytes}")
+        raw = np.frombuffer(payload if codec is None else codec.decode(payload), dtype=arr.dtype)
+        out[...] = raw.reshape(shape)[inner]
+    except Exception as e:
+        raise chunk_error(arr, coords, f"could not be decoded ({type(e).__name__}: {e})") from e
     return True
+
+
+def _check(arr: zarr.Array, coords: tuple[int, ...], payload: np.ndarray, stored: bytes) -> None:
+    """Compare a chunk's crc32c trailer with its payload."""
+    computed = google_crc32c.value(payload)
+    if computed != int.from_bytes(stored, "little"):
+        raise chunk_error(
+            arr,
+            coords,
+            f"fails its checksum (crc32c {computed:#010x} of its bytes, "
+            f"{int.from_bytes(stored, 'little'):#010x} stored): its bytes changed (or were cut short) after it was written",
+        )
 
 
 def configure_read_threads(max_workers: int) -> bool:

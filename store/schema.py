@@ -25,12 +25,15 @@ C sample chunks (= ceil(N / batch_size)).
 
 Every activation array has `dimension_names = ["sample", "step", "token", "d"]` and a chunk of shape
 `(batch_size, steps_per_chunk, tokens_per_chunk, D)`: one harvest write fills whole chunks, so no chunk
-is ever written by two writers, and a crash loses at most the batch in flight. Statistics are kept per
+is ever written by two writers, and a crash loses at most the batch in flight. Since format version 2
+every chunk of an activation array (and of token_index) ends with a crc32c checksum and is written even
+when all zero, so a missing chunk file of a done sample is always a lost one. Statistics are kept per
 sample chunk so that they are exact and independent of how a harvest was interrupted and resumed.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -42,7 +45,16 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = "tide.activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 ends every activation chunk with a crc32c checksum and writes every chunk, even an all-zero one,
+so that a missing chunk file always means a lost one. Version 1 stores have neither and are still read."""
+READABLE_VERSIONS = (1, 2)
+
+CHECKSUM_BYTES = 4
+"""The crc32c trailer (little-endian uint32 of the bytes before it) that ends a version-2 chunk."""
+# Worst case a compressor adds to incompressible data: a blosc frame stores it verbatim after a 16-byte
+# header (plus 4 bytes of block offset per block when split); zstd adds about 1/256 plus a frame header.
+_COMPRESSED_OVERHEAD_BYTES = 1024
 
 SITES = ("resid", "delta", "attn", "mlp")
 """Capture sites per block: block output; block output minus block input; attention output; MLP output."""
@@ -230,6 +242,36 @@ def choose_chunks(
     if divisors:
         return divisors[-1], tokens
     return math.ceil(num_steps / math.ceil(num_steps / steps_per_chunk)), tokens
+
+
+def chunk_size_bounds(raw_bytes: int, codec: str, checksummed: bool) -> tuple[int, int]:
+    """(smallest, largest) plausible size in bytes of a chunk file that holds `raw_bytes` of values.
+
+    A file outside these bounds is truncated or not a chunk. Inside them it may still be damaged: only
+    decoding it (and its checksum) tells.
+    """
+    trailer = CHECKSUM_BYTES if checksummed else 0
+    if codec == "none":
+        return raw_bytes + trailer, raw_bytes + trailer
+    return trailer + 1, raw_bytes + raw_bytes // 128 + _COMPRESSED_OVERHEAD_BYTES + trailer
+
+
+def chunks_touched(
+    selection: tuple[slice, ...], shape: tuple[int, ...], chunks: tuple[int, ...]
+) -> list[tuple[int, ...]]:
+    """Coordinates of every chunk of a regular chunk grid that a basic selection touches (C order)."""
+    ranges = []
+    for s, n, c in zip(selection, shape, chunks, strict=True):
+        start, stop, _ = s.indices(n)
+        ranges.append(range(start // c, (stop - 1) // c + 1) if stop > start else range(0))
+    return [tuple(x) for x in itertools.product(*ranges)]
+
+
+def chunk_region(
+    coords: tuple[int, ...], shape: tuple[int, ...], chunks: tuple[int, ...]
+) -> tuple[slice, ...]:
+    """The part of an array that the chunk at `coords` holds (cut at the array's edge)."""
+    return tuple(slice(i * c, min((i + 1) * c, n)) for i, n, c in zip(coords, shape, chunks, strict=True))
 
 
 def kept_tokens(num_tokens: int, fraction: float) -> int:

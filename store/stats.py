@@ -2,9 +2,10 @@
 
 The writer keeps, per (sample chunk, step), the row count and the per-channel sum and sum of squares of
 what it wrote (store/writer.py); `Store.stats` turns them into per-step moments, which the trainer uses to
-normalise. This module computes the same sums again from the activations themselves, chunk by chunk
-(`dask.array.from_zarr`, nothing larger than a chunk in memory), to check the stored ones or to rebuild
-them. On a cluster (`scheduler="tcp://host:8786"`) the workers must see the store at the same path.
+normalise. This module computes the same sums again from the activations themselves, one dask task per
+chunk (nothing larger than a chunk in memory), to check the stored ones or to rebuild them. Chunks are read
+as the trainer reads them, checksums verified: a missing or damaged chunk stops the computation with a
+ChunkError rather than becoming part of statistics that a rewrite would then make look right. On a cluster (`scheduler="tcp://host:8786"`) the workers must see the store at the same path.
 
 Shape key: C sample chunks, S stored steps, D model width.
 """
@@ -12,12 +13,21 @@ Shape key: C sample chunks, S stored steps, D model width.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import zarr
 
-from store.reader import Store, StoreError, moments
+from store.reader import (
+    Store,
+    StoreError,
+    chunk_error,
+    chunk_file,
+    missing_problem,
+    moments,
+    read_into,
+)
 from store.schema import as_float
 
 
@@ -34,41 +44,61 @@ class ChunkSums(NamedTuple):
     """(C, S, D) float64 per-channel sums of squares."""
 
 
-def _block_sums(block: np.ndarray, dtype: str, square: bool) -> np.ndarray:
-    """(1, s, 1, D) sums over the samples and tokens of one (b, s, t, D) chunk, in float64."""
+def _chunk_sums(arr: zarr.Array, selection: tuple[slice, ...], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(sum (s, D), sumsq (s, D)) over the samples and tokens of one chunk, in float64.
+
+    Read like the trainer reads it (store.reader.read_into): a chunk that is missing, fails its checksum or
+    does not decode raises ChunkError instead of adding zeros or garbage to the sums.
+    """
+    shape = tuple(s.stop - s.start for s in selection[:3]) + (arr.shape[3],)
+    block = np.empty(shape, dtype=arr.dtype)
+    read_into(arr, selection, block)
     x = as_float(block, dtype).astype(np.float64)
-    return (np.square(x) if square else x).sum(axis=(0, 2), keepdims=True)
+    return x.sum(axis=(0, 2)), np.square(x).sum(axis=(0, 2))
 
 
 def recompute_sums(
     store: Store, name: str, sample_chunks: list[int] | None = None, scheduler: str | None = None
 ) -> ChunkSums:
-    """Count, sum and sum of squares per (sample chunk, step) of array `name`, over done (or the given) chunks."""
-    import dask
-    import dask.array as da
+    """Count, sum and sum of squares per (sample chunk, step) of array `name`, over done (or the given) chunks.
 
-    store.array(name)  # names the arrays there are if `name` is not one of them
+    Raises ChunkError at the first chunk that is missing or unreadable, so that damage never becomes statistics.
+    """
+    import dask
+
+    arr = store.array(name)  # names the arrays there are if `name` is not one of them
     lay, dtype = store.layout, store.meta.dtype
     chunks = store.done_chunks() if sample_chunks is None else list(sample_chunks)
     if not chunks:
         raise StoreError(f"{store.path} has no finished sample chunk to compute statistics over")
-    x = da.from_zarr(str(store.path), component=name)
-    x = da.concatenate(
-        [x[lay.sample_chunk(c)] for c in chunks], axis=0
-    )  # whole chunks, so blocks stay aligned
-    out_chunks = ((1,) * len(chunks), x.chunks[1], (1,) * len(x.chunks[2]), x.chunks[3])
-    s, sq = (
-        x.map_blocks(_block_sums, dtype, square, chunks=out_chunks, dtype=np.float64).sum(axis=2)
-        for square in (False, True)
-    )
+    missing = missing_chunks(store, name, chunks)
+    if missing:  # named before anything is read; a version-1 store would read them as zeros
+        more = f" (and {len(missing) - 1} more chunk files of {name})" if len(missing) > 1 else ""
+        raise chunk_error(arr, missing[0], missing_problem(arr) + more)
+    reads = lay.chunk_reads(chunks)
+    tasks = [dask.delayed(_chunk_sums)(arr, r.selection, dtype) for r in reads]
     if scheduler is None:
-        total, sumsq = dask.compute(s, sq)
+        sums = dask.compute(*tasks, scheduler="threads")
     else:
         with _client(scheduler):
-            total, sumsq = dask.compute(s, sq)
+            sums = dask.compute(*tasks)
+    position = {c: i for i, c in enumerate(chunks)}
+    total = np.zeros((len(chunks), lay.num_steps, lay.d_model))
+    sumsq = np.zeros_like(total)
+    for r, (s, sq) in zip(reads, sums, strict=True):
+        i, steps = position[r.chunk[0]], r.selection[1]
+        total[i, steps] += s
+        sumsq[i, steps] += sq
     rows = np.asarray([lay.sample_chunk(c).stop - lay.sample_chunk(c).start for c in chunks]) * lay.tokens
     count = np.repeat(rows[:, None], lay.num_steps, axis=1).astype(np.int64)
     return ChunkSums(chunks, count, total, sumsq)
+
+
+def missing_chunks(store: Store, name: str, sample_chunks: list[int]) -> list[tuple[int, ...]]:
+    """Chunks of `name` in `sample_chunks` whose files are not there."""
+    arr = store.array(name)
+    coords = [(*chunk, 0) for chunk in store.layout.chunks(sample_chunks)]
+    return [c for c in coords if not Path(chunk_file(arr, c)).is_file()]
 
 
 def _client(address: str):

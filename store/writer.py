@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
 from store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 
@@ -28,7 +28,18 @@ from store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 BLOSC_BLOCKSIZE = 256 * 1024
 
 
-def compressors(codec: str, itemsize: int) -> Any:
+# Every chunk of a data array is written, even one that is all zero (zarr leaves those out by default), so
+# that a missing chunk file always means a lost one. Not stored in the metadata: each write sets it.
+WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
+
+
+def compressors(codec: str, itemsize: int) -> list[Any]:
+    """The bytes-to-bytes codecs of a data array: the compressor named on the command line, then a crc32c
+    checksum of the compressed bytes, which readers verify on every read (format version 2)."""
+    return [*_compressor(codec, itemsize), Crc32cCodec()]
+
+
+def _compressor(codec: str, itemsize: int) -> list[Any]:
     if codec == "blosc-zstd":
         return [
             BloscCodec(
@@ -42,7 +53,7 @@ def compressors(codec: str, itemsize: int) -> Any:
     if codec == "zstd":
         return [ZstdCodec(level=3)]
     if codec == "none":
-        return None
+        return []
     raise ValueError(f"codec={codec!r} is unknown; choose blosc-zstd, zstd or none")
 
 
@@ -93,6 +104,7 @@ def create_store(
             chunks=(lay.batch_size, lay.steps_per_chunk, lay.tokens),
             fill_value=-1,
             compressors=compressors(meta.codec, 4),
+            config=WRITE_EVERY_CHUNK,
             dimension_names=["sample", "step", "token"],
         )
     if save_images_shape is not None:
@@ -114,6 +126,7 @@ def create_store(
             chunks=lay.act_chunks,
             fill_value=0,
             compressors=compressors(meta.codec, dtype.itemsize),
+            config=WRITE_EVERY_CHUNK,
             dimension_names=list(ACT_DIMS),
             attributes={"logical_dtype": meta.dtype, "coordinates": "timesteps step_index"},
         )
@@ -191,7 +204,7 @@ class StoreWriter:
     def write_block(self, name: str, sample_chunk: int, steps: slice, block: np.ndarray) -> None:
         """Write a (b, s, T, D) block of stored values and its statistics."""
         samples = self.layout.sample_chunk(sample_chunk)
-        self.root[name][samples, steps] = block
+        self.root[name].with_config(WRITE_EVERY_CHUNK)[samples, steps] = block
         count, total, sumsq = block_stats(block, self.meta.dtype)
         g = self.root["stats"][name]
         g["count"][sample_chunk, steps] = count
@@ -199,7 +212,8 @@ class StoreWriter:
         g["sumsq"][sample_chunk, steps] = sumsq
 
     def write_token_index(self, sample_chunk: int, steps: slice, index: np.ndarray) -> None:
-        self.root["token_index"][self.layout.sample_chunk(sample_chunk), steps] = index
+        arr = self.root["token_index"].with_config(WRITE_EVERY_CHUNK)
+        arr[self.layout.sample_chunk(sample_chunk), steps] = index
 
     def write_images(self, sample_chunk: int, images: np.ndarray) -> None:
         self.root["images"][self.layout.sample_chunk(sample_chunk)] = images

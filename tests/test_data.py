@@ -228,7 +228,7 @@ def test_store_stats_errors_name_the_fix(dit_store):
 
 @pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
 def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
-    from store.reader import _direct_codec, read_into
+    from store.reader import ChunkError, _direct_codec, read_into
 
     store = synthetic_store(
         tmp_path / "s.zarr",
@@ -244,12 +244,18 @@ def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
     )
     arr, lay = store.array("resid_l00"), store.layout
     assert _direct_codec(arr) is not False  # the fast path is the one under test
-    (tmp_path / "s.zarr/resid_l00/c/1/1/1/0").unlink()  # a missing chunk reads as the fill value
+    lost = (1, 1, 1)
+    (tmp_path / "s.zarr/resid_l00/c/1/1/1/0").unlink()  # a missing chunk is an error on both paths
     reads = lay.chunk_reads([0, 1, 2], (1, 5))
     assert any(r.selection[0].stop - r.selection[0].start == 1 for r in reads)  # the edge sample chunk
     for r in reads:
         shape = tuple(s.stop - s.start for s in r.selection[:3]) + (lay.d_model,)
         fast, slow = np.full(shape, np.nan, np.float16), np.full(shape, np.nan, np.float16)
+        if r.chunk == lost:
+            for direct in (True, False):
+                with pytest.raises(ChunkError, match="resid_l00/c/1/1/1/0 .* is missing"):
+                    read_into(arr, r.selection, fast, direct=direct)
+            continue
         read_into(arr, r.selection, fast)
         read_into(arr, r.selection, slow, direct=False)
         np.testing.assert_array_equal(fast, slow, err_msg=str(r.chunk))

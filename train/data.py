@@ -48,7 +48,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from store.reader import Store, read_into
+from store.reader import Store, StoreError, read_into
 from store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 
 
@@ -417,6 +417,8 @@ class ActivationLoader:
         parts: list[tuple[Tensor, Tensor, Tensor]] = []  # rows of a batch not yet complete
         have, first = 0, True
         while (item := loaded.get()) is not None:
+            if isinstance(item, StoreError):  # a damaged chunk: its message names the file and the fix
+                raise item
             if isinstance(item, BaseException):
                 raise RuntimeError(f"reading {self.store.path} failed: {item}") from item
             w = item.window
