@@ -109,8 +109,7 @@ def _build_config(model_cls, config: Path | None, overrides: dict) -> tuple[Any,
     Returns the config and the fields the user set (in the file or by a flag); flags left at None are unset.
     """
     from pydantic import ValidationError
-
-    from harvest.config import load_config_file
+    from tide.harvest.config import load_config_file
 
     flags = {k: v for k, v in overrides.items() if v is not None}
     try:
@@ -213,12 +212,12 @@ def harvest(
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"save_images": save_images or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
-    from harvest.config import HarvestConfig
+    from tide.harvest.config import HarvestConfig
 
     cfg, _ = _build_config(HarvestConfig, config, overrides)
-    from harvest.run import HarvestError
-    from harvest.run import harvest as run_harvest
-    from store.reader import StoreError
+    from tide.harvest.run import HarvestError
+    from tide.harvest.run import harvest as run_harvest
+    from tide.store.reader import StoreError
 
     try:
         result = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
@@ -243,8 +242,8 @@ def store_info(
     """Summarise a store: model, steps, layers, sites, samples done, bytes on disk, compression."""
     import json
 
-    from store.inspect import summary
-    from store.reader import StoreError, open_store
+    from tide.store.inspect import summary
+    from tide.store.reader import StoreError, open_store
 
     try:
         info = summary(open_store(path))
@@ -279,8 +278,8 @@ def store_verify(
     ] = False,
 ) -> None:
     """Check a store's integrity; exits non-zero naming every problem found (every damaged chunk by its file)."""
-    from store.inspect import reset_damaged as reset
-    from store.inspect import verify
+    from tide.store.inspect import reset_damaged as reset
+    from tide.store.inspect import verify
 
     verdict = verify(path, check_values=not quick)
     if verdict.problems:
@@ -331,8 +330,8 @@ def store_stats(
     ] = False,
 ) -> None:
     """Recompute per-step statistics with dask, print them, and check (or --write) the writer's stored sums."""
-    from store.reader import StoreError, open_store
-    from store.stats import difference, recompute_sums, step_table, stored_sums, write_sums
+    from tide.store.reader import StoreError, open_store
+    from tide.store.stats import difference, recompute_sums, step_table, stored_sums, write_sums
 
     try:
         store = open_store(path)
@@ -376,7 +375,7 @@ def store_stats(
 
 
 def _print_evals(results) -> None:
-    from train.eval import format_table
+    from tide.train.eval import format_table
 
     for r in results:
         typer.echo("")
@@ -466,7 +465,7 @@ def train(
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"stratify_steps": stratify_steps or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
-    from train.config import DEFAULT_WARMUP, TrainConfig
+    from tide.train.config import DEFAULT_WARMUP, TrainConfig
 
     cfg, given = _build_config(TrainConfig, config, overrides)
     if "warmup_steps" not in given and cfg.warmup_steps != DEFAULT_WARMUP:
@@ -474,10 +473,10 @@ def train(
             f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does "
             f"not fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
         )
-    from store.reader import StoreError
-    from train.eval import evaluate_folders
-    from train.trainer import TrainError
-    from train.trainer import train as run_train
+    from tide.store.reader import StoreError
+    from tide.train.eval import evaluate_folders
+    from tide.train.trainer import TrainError
+    from tide.train.trainer import train as run_train
 
     try:
         result = run_train(cfg, log=_log)
@@ -527,8 +526,8 @@ def eval_(
     """
     import json
 
-    from store.reader import StoreError, configure_read_threads
-    from train.eval import evaluate_folders
+    from tide.store.reader import StoreError, configure_read_threads
+    from tide.train.eval import evaluate_folders
 
     configure_read_threads(4)
     try:
@@ -560,8 +559,8 @@ def setting_options(command: str, model_cls) -> dict[str, str]:
 
 def config_reference() -> str:
     """Markdown tables of every HarvestConfig and TrainConfig field: key, option, default, docstring."""
-    from harvest.config import HarvestConfig
-    from train.config import TrainConfig
+    from tide.harvest.config import HarvestConfig
+    from tide.train.config import TrainConfig
 
     parts = []
     for command, model_cls in (("harvest", HarvestConfig), ("train", TrainConfig)):
@@ -622,8 +621,8 @@ def demo_train(
     # Set before torch loads OpenMP: spinning worker threads halve the speed when the cores are shared with
     # other jobs (measured 2.4 s vs 4.5 s a step). It changes scheduling only, never the numbers.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from harvest.config import DEMO_MODEL
-    from harvest.demo_model import DemoTrainConfig, train_demo
+    from tide.harvest.config import DEMO_MODEL
+    from tide.harvest.demo_model import DemoTrainConfig, train_demo
 
     cfg, _ = _build_config(DemoTrainConfig, None, {"steps": steps, "seed": seed})
     try:
@@ -646,8 +645,8 @@ def demo_eval(
     seed: Annotated[int, typer.Option(help="Sample i uses seed + i; also seeds the classifier's split.")] = 0,
 ) -> None:
     """Generate samples of every digit and score them with a classifier trained only on real digits."""
-    from harvest.config import DEMO_MODEL
-    from harvest.demo_model import evaluate
+    from tide.harvest.config import DEMO_MODEL
+    from tide.harvest.demo_model import evaluate
 
     try:
         quality = evaluate(model or DEMO_MODEL, per_class, num_steps, guidance_scale, seed)
@@ -668,8 +667,8 @@ def demo_grid(
     seed: Annotated[int, typer.Option(help="Sample i uses seed + i.")] = 0,
 ) -> None:
     """Render a grid of samples, one row per digit, to a PNG."""
-    from harvest.config import DEMO_MODEL
-    from harvest.demo_model import render_grid
+    from tide.harvest.config import DEMO_MODEL
+    from tide.harvest.demo_model import render_grid
 
     try:
         path = render_grid(model or DEMO_MODEL, out, per_row=per_row, seed=seed)

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from tide.store.schema import SITES
 from torch import nn
-
-from store.schema import SITES
 
 
 @dataclass(frozen=True)

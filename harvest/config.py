@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
-from store.schema import SITES
+from tide.store.schema import SITES
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "digits-dit"
 """The shipped default model: a small class-conditional DiT trained on digits (see its README)."""

@@ -22,8 +22,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from harvest.config import DEMO_MODEL
+from tide.harvest.config import DEMO_MODEL
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # diffusers' LabelEmbedding keeps its classifier-free "no class" row at num_classes
@@ -210,9 +209,9 @@ def generate(folder: Path | str, per_class: int, num_steps: int, guidance_scale:
     Sampled by tide's own harvest loop (harvest.sampler), so the figures describe what a harvest sees;
     sample i is seeded seed + i, as in a harvest.
     """
-    from harvest.capture import Conditioning
-    from harvest.model import load_model
-    from harvest.sampler import generate as sample
+    from tide.harvest.capture import Conditioning
+    from tide.harvest.model import load_model
+    from tide.harvest.sampler import generate as sample
 
     model = load_model(str(folder))
     g = model.default_guidance_scale if guidance_scale is None else guidance_scale

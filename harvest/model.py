@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tide.harvest.capture import REGISTRY, Arch, arch_for
+from tide.store.fingerprint import fingerprint
+from tide.store.schema import ModelInfo, SchedulerInfo
 from torch import nn
-
-from harvest.capture import REGISTRY, Arch, arch_for
-from store.fingerprint import fingerprint
-from store.schema import ModelInfo, SchedulerInfo
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMPONENTS = ["model_index.json", "transformer/*", "scheduler/*", "vae/*", "text_encoder/*", "tokenizer/*"]

@@ -12,15 +12,21 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from harvest.capture import Conditioning, capture
-from harvest.config import HarvestConfig
-from harvest.model import LoadedModel, load_model
-from harvest.sampler import denoise, make_generators, to_images
-from harvest.target import HarvestError, Target, inspect_out, locked, open_target, os_error, write_failure
-from store.device import resolve_device
-from store.schema import (
+from tide.harvest.capture import Conditioning, capture
+from tide.harvest.config import HarvestConfig
+from tide.harvest.model import LoadedModel, load_model
+from tide.harvest.sampler import denoise, make_generators, to_images
+from tide.harvest.target import (
+    HarvestError,
+    Target,
+    inspect_out,
+    locked,
+    open_target,
+    os_error,
+    write_failure,
+)
+from tide.store.device import resolve_device
+from tide.store.schema import (
     StoreMeta,
     TokenSampling,
     act_name,
@@ -30,7 +36,8 @@ from store.schema import (
     to_stored,
     token_subset,
 )
-from store.writer import StoreWriter, block_bytes, disk_bound, free_bytes
+from tide.store.writer import StoreWriter, block_bytes, disk_bound, free_bytes
+from tqdm.auto import tqdm
 
 _TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 

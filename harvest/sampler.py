@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-
-from harvest.capture import Conditioning
-from harvest.model import LoadedModel
+from tide.harvest.capture import Conditioning
+from tide.harvest.model import LoadedModel
 
 
 class StepRecord(NamedTuple):

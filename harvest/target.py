@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import zarr
-
-from harvest.config import HarvestConfig
-from store.outputs import check_replaceable, is_tide_store, replace
-from store.reader import StoreError, open_store
-from store.schema import StoreMeta
-from store.writer import create_store
+from tide.harvest.config import HarvestConfig
+from tide.store.outputs import check_replaceable, is_tide_store, replace
+from tide.store.reader import StoreError, open_store
+from tide.store.schema import StoreMeta
+from tide.store.writer import create_store
 
 try:
     import fcntl

@@ -13,8 +13,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
-
-from store.reader import (
+from tide.store.reader import (
     ChunkError,
     Store,
     checksummed,
@@ -24,7 +23,7 @@ from store.reader import (
     open_store,
     read_into,
 )
-from store.schema import (
+from tide.store.schema import (
     ACT_DIMS,
     CHECKSUM_BYTES,
     Layout,

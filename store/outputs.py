@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from store.schema import FORMAT
+from tide.store.schema import FORMAT
 
 Kind = Literal["store", "run"]
 

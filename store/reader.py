@@ -14,8 +14,7 @@ import google_crc32c  # zarr's crc32c codec uses it too
 import numpy as np
 import zarr
 from pydantic import ValidationError
-
-from store.schema import (
+from tide.store.schema import (
     ACT_DIMS,
     CHECKSUM_BYTES,
     FORMAT,

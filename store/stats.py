@@ -18,8 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 import zarr
-
-from store.reader import (
+from tide.store.reader import (
     Store,
     StoreError,
     chunk_error,
@@ -28,7 +27,7 @@ from store.reader import (
     moments,
     read_into,
 )
-from store.schema import as_float
+from tide.store.schema import as_float
 
 
 class ChunkSums(NamedTuple):

@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+from tide.store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
-
-from store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 
 # Measured on synthetic and demo float16 activations (README, "Compression"): level 1 with byte shuffle
 # gains most of what zstd can, and a 256 KB block keeps decompression parallel within a chunk.

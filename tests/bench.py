@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-
-from harvest.capture import Conditioning
-from harvest.config import HarvestConfig
-from harvest.model import load_model
-from harvest.run import harvest, plan
-from harvest.sampler import generate
-from store.inspect import disk_bytes
-from store.reader import open_store
+from tide.harvest.capture import Conditioning
+from tide.harvest.config import HarvestConfig
+from tide.harvest.model import load_model
+from tide.harvest.run import harvest, plan
+from tide.harvest.sampler import generate
+from tide.store.inspect import disk_bytes
+from tide.store.reader import open_store
 
 
 def _plain_sampling(cfg: HarvestConfig) -> float:

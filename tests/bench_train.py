@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from store.reader import Store, configure_read_threads, open_store
-from store.schema import (
+from tide.store.reader import Store, configure_read_threads, open_store
+from tide.store.schema import (
     ModelInfo,
     SchedulerInfo,
     StoreMeta,
@@ -36,7 +35,7 @@ from store.schema import (
     numpy_storage_dtype,
     to_stored,
 )
-from store.writer import StoreWriter, create_store
+from tide.store.writer import StoreWriter, create_store
 
 
 def synthetic_store(
@@ -126,7 +125,7 @@ def bench_reader(store: Store, batch_size: int, repeats: int, epochs: int, work:
     chunk's bytes come from differs. Each rate is all rows over the time from asking for batches to the
     last one, start-up included, over `epochs` epochs of many windows: nothing read ahead is left out.
     """
-    from train.data import ActivationLoader
+    from tide.train.data import ActivationLoader
 
     name = store.meta.act_names()[0]
     np.save(work / "rows.npy", store.root[name][:])
@@ -153,7 +152,7 @@ def bench_reader(store: Store, batch_size: int, repeats: int, epochs: int, work:
 def _memory_batches(x_ND: torch.Tensor, step_N: torch.Tensor, t_S: torch.Tensor, batch_size: int, steps: int):
     """The ideal feed: rows already in memory (on the SAEs' device) as one tensor, each batch one gather of a
     random permutation."""
-    from train.data import Batch, Position
+    from tide.train.data import Batch, Position
 
     perm = torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(0)).to(x_ND.device)
     for i in range(steps):
@@ -163,8 +162,8 @@ def _memory_batches(x_ND: torch.Tensor, step_N: torch.Tensor, t_S: torch.Tensor,
 
 def bench_train(store: Store, work: Path, steps: int, batch_size: int, repeats: int) -> dict[str, float]:
     """Training rows/s (a tide and a topk SAE, on CUDA when present) fed from the store, and from memory."""
-    from train.config import TrainConfig
-    from train.trainer import fit, prepare
+    from tide.train.config import TrainConfig
+    from tide.train.trainer import fit, prepare
 
     # Windows of a few batches, so that chunks are read (and decompressed) while the SAEs train.
     cfg = TrainConfig(

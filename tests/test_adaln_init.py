@@ -11,15 +11,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tide.cli import app
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import harvest
+from tide.store.reader import open_store
+from tide.train.checkpoint import load_sae
+from tide.train.config import TrainConfig
+from tide.train.trainer import TrainError, train
 from typer.testing import CliRunner
-
-from cli import app
-from harvest.config import HarvestConfig
-from harvest.run import harvest
-from store.reader import open_store
-from train.checkpoint import load_sae
-from train.config import TrainConfig
-from train.trainer import TrainError, train
 
 runner = CliRunner()
 T = torch.tensor([999.0, 640.5, 250.0, 3.0])

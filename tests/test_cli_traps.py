@@ -9,13 +9,13 @@ import re
 import numpy as np
 import pytest
 import typer.main
+from tide.cli import REFERENCE_MARKERS, REPO, app, config_reference, default_text
+from tide.harvest.config import HarvestConfig
+from tide.train.checkpoint import load_sae
+from tide.train.config import TrainConfig
 from typer.testing import CliRunner
 
-from cli import REFERENCE_MARKERS, REPO, app, config_reference, default_text
-from harvest.config import HarvestConfig
 from tests.bench_train import synthetic_store
-from train.checkpoint import load_sae
-from train.config import TrainConfig
 
 runner = CliRunner()
 

@@ -7,15 +7,15 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from tide.cli import app
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import harvest
+from tide.store.reader import StoreError, open_store
+from tide.store.stats import difference, recompute_sums, stored_sums
+from tide.train.data import ActivationLoader, Position, split_samples
 from typer.testing import CliRunner
 
-from cli import app
-from harvest.config import HarvestConfig
-from harvest.run import harvest
-from store.reader import StoreError, open_store
-from store.stats import difference, recompute_sums, stored_sums
 from tests.bench_train import synthetic_store
-from train.data import ActivationLoader, Position, split_samples
 
 runner = CliRunner()
 
@@ -133,7 +133,7 @@ def _rows_1(batches):
 
 
 def test_split_is_seeded_and_stable_as_the_store_grows():
-    from store.schema import Layout
+    from tide.store.schema import Layout
 
     lay = Layout(
         num_samples=100,
@@ -228,7 +228,7 @@ def test_store_stats_errors_name_the_fix(dit_store):
 
 @pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
 def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
-    from store.reader import ChunkError, _direct_codec, read_into
+    from tide.store.reader import ChunkError, _direct_codec, read_into
 
     store = synthetic_store(
         tmp_path / "s.zarr",

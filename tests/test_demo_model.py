@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-
-from harvest.config import DEMO_MODEL
-from harvest.demo_model import (
+from tide.harvest.config import DEMO_MODEL
+from tide.harvest.demo_model import (
     DEFAULT_GUIDANCE_SCALE,
     NULL_LABEL,
     NUM_CLASSES,
@@ -51,7 +50,7 @@ def test_shipped_folder_loads_with_plain_from_pretrained():
 
 
 def test_shipped_folder_loads_in_the_harvester():
-    from harvest.model import load_model
+    from tide.harvest.model import load_model
 
     model = load_model(str(DEMO_MODEL))
     assert (model.num_classes, model.num_layers, model.num_tokens, model.d_model) == (NUM_CLASSES, 6, 64, 128)
@@ -114,9 +113,8 @@ def test_config_refuses_sizes_the_classifier_cannot_read():
 
 
 def test_cli_refuses_to_overwrite(tmp_path):
+    from tide.cli import app
     from typer.testing import CliRunner
-
-    from cli import app
 
     (tmp_path / "m").mkdir()
     result = CliRunner().invoke(app, ["demo-model", "train", "--out", str(tmp_path / "m"), "--steps", "1"])

@@ -8,16 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from tide.cli import app
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import harvest
+from tide.train.checkpoint import load_sae
+from tide.train.config import TrainConfig
+from tide.train.eval import EvalResult, Group, Metrics, evaluate_folders, format_table, progress_text
+from tide.train.trainer import train
 from typer.testing import CliRunner
 
-from cli import app
-from harvest.config import HarvestConfig
-from harvest.run import harvest
 from tests.bench_train import synthetic_store
-from train.checkpoint import load_sae
-from train.config import TrainConfig
-from train.eval import EvalResult, Group, Metrics, evaluate_folders, format_table, progress_text
-from train.trainer import train
 
 runner = CliRunner()
 

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from tide.cli import app
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import HarvestError, harvest
+from tide.store.reader import open_store
+from tide.store.schema import token_subset
 from typer.testing import CliRunner
-
-from cli import app
-from harvest.config import HarvestConfig
-from harvest.run import HarvestError, harvest
-from store.reader import open_store
-from store.schema import token_subset
 
 
 def _reference_dit(folder, seed, label, null, num_steps, guidance, step, layer):
@@ -334,7 +333,7 @@ def test_pixart_text_encoder_path_equals_precomputed_embeddings(tmp_path):
 
 
 def test_refuses_when_disk_is_too_small(tiny_dit, tmp_path, monkeypatch):
-    import harvest.run as run
+    import tide.harvest.run as run
 
     monkeypatch.setattr(run, "free_bytes", lambda path: 1000)
     cfg = HarvestConfig(

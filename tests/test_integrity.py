@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from tide.cli import app
+from tide.store.reader import ChunkError, MissingChunkWarning, StoreError, open_store, read_into
+from tide.store.schema import FORMAT_VERSION
+from tide.store.stats import recompute_sums
+from tide.train.config import TrainConfig
+from tide.train.data import ActivationLoader
+from tide.train.trainer import train
 from typer.testing import CliRunner
 from zarr.codecs import Crc32cCodec
 
-from cli import app
-from store.reader import ChunkError, MissingChunkWarning, StoreError, open_store, read_into
-from store.schema import FORMAT_VERSION
-from store.stats import recompute_sums
 from tests.bench_train import synthetic_store
-from train.config import TrainConfig
-from train.data import ActivationLoader
-from train.trainer import train
 
 runner = CliRunner()
 
@@ -87,7 +87,7 @@ def test_new_stores_are_version_2_with_a_checksum_and_every_chunk_written(tmp_pa
     assert json.loads(info.output)["format_version"] == 2
     # A chunk of zeros (the fill value) is still written: a missing file must always mean a lost one.
     root = zarr.open_group(str(store.path), mode="r+", zarr_format=3)
-    from store.writer import StoreWriter
+    from tide.store.writer import StoreWriter
 
     writer = StoreWriter(root, store.meta)
     writer.submit(writer.write_block, "resid_l00", 1, slice(0, 5), np.zeros((3, 5, 4, 8), np.float16))
@@ -294,8 +294,8 @@ def test_train_and_eval_on_a_damaged_store_fail_with_one_paragraph(tmp_path):
 
 
 def test_reset_damaged_then_the_same_harvest_writes_those_samples_again(tiny_dit, tmp_path):
-    from harvest.config import HarvestConfig
-    from harvest.run import harvest
+    from tide.harvest.config import HarvestConfig
+    from tide.harvest.run import harvest
 
     cfg = HarvestConfig(
         model=str(tiny_dit),

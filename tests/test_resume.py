@@ -10,8 +10,7 @@ import time
 
 import numpy as np
 import zarr
-
-from store.reader import open_store
+from tide.store.reader import open_store
 
 
 def _cmd(model, out):
@@ -37,7 +36,7 @@ def _cmd(model, out):
         "cpu",
         "--no-progress",
     ]
-    return [sys.executable, "-c", "from cli import app; app()", *args]
+    return [sys.executable, "-c", "from tide.cli import app; app()", *args]
 
 
 def _done(out) -> np.ndarray | None:

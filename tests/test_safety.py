@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from tide.cli import app
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import HarvestError, harvest
+from tide.store.reader import open_store
+from tide.store.schema import Layout
+from tide.train.checkpoint import load_sae
+from tide.train.data import split_samples
 from typer.testing import CliRunner
 
-from cli import app
-from harvest.config import HarvestConfig
-from harvest.run import HarvestError, harvest
-from store.reader import open_store
-from store.schema import Layout
 from tests.bench_train import synthetic_store
-from train.checkpoint import load_sae
-from train.data import split_samples
 
 runner = CliRunner()
 
@@ -194,7 +194,7 @@ def test_train_out_and_store_never_nest(tmp_path):
 
 
 def test_space_refusal_comes_before_anything_is_written(tiny_dit, tmp_path, monkeypatch):
-    import harvest.run as run
+    import tide.harvest.run as run
 
     monkeypatch.setattr(run, "free_bytes", lambda path: 1000)
     out = tmp_path / "new" / "s.zarr"
@@ -214,7 +214,7 @@ def test_space_refusal_comes_before_anything_is_written(tiny_dit, tmp_path, monk
     ],
 )
 def test_disk_estimate_is_an_upper_bound(tiny_dit, tmp_path, monkeypatch, extra):
-    import harvest.run as run
+    import tide.harvest.run as run
 
     bounds, real = [], run.disk_bound
     monkeypatch.setattr(run, "disk_bound", lambda *a, **k: bounds.append(real(*a, **k)) or bounds[-1])
@@ -226,7 +226,7 @@ def test_disk_estimate_is_an_upper_bound(tiny_dit, tmp_path, monkeypatch, extra)
 
 
 def test_full_disk_mid_run_ends_in_a_message_and_a_resumable_store(tiny_dit, clean, tmp_path, monkeypatch):
-    from store.writer import StoreWriter
+    from tide.store.writer import StoreWriter
 
     real = StoreWriter.write_block
 
@@ -290,7 +290,7 @@ def test_unwritable_out_is_one_paragraph_error(tiny_dit, syn, tmp_path):
     "code, words", [(errno.EROFS, "the filesystem is read-only"), (errno.EACCES, "permission denied")]
 )
 def test_store_that_turns_unwritable_mid_run(tiny_dit, tmp_path, monkeypatch, code, words):
-    from store.writer import StoreWriter
+    from tide.store.writer import StoreWriter
 
     def write_block(self, name, c, steps, block):
         raise OSError(
@@ -308,7 +308,7 @@ def test_store_that_turns_unwritable_mid_run(tiny_dit, tmp_path, monkeypatch, co
     "code, words", [(errno.EROFS, "the filesystem is read-only"), (errno.EACCES, "permission denied")]
 )
 def test_run_folder_that_turns_unwritable_mid_run(syn, tmp_path, monkeypatch, code, words):
-    import train.trainer as trainer
+    import tide.train.trainer as trainer
 
     def save_state(out, state):
         raise OSError(code, os.strerror(code), str(out / "trainer_state.pt"))

@@ -10,12 +10,11 @@ import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tide.cli import app
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import harvest
+from tide.store.schema import Layout, choose_chunks, token_subset
 from typer.testing import CliRunner
-
-from cli import app
-from harvest.config import HarvestConfig
-from harvest.run import harvest
-from store.schema import Layout, choose_chunks, token_subset
 
 runner = CliRunner()
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tide.cli import app
+from tide.train.checkpoint import load_sae, load_state
+from tide.train.config import TrainConfig
+from tide.train.trainer import lr_at, train
 from typer.testing import CliRunner
 
-from cli import app
 from tests.bench_train import synthetic_store
-from train.checkpoint import load_sae, load_state
-from train.config import TrainConfig
-from train.trainer import lr_at, train
 
 runner = CliRunner()
 
@@ -141,7 +141,7 @@ def _train_cmd(store, out):
         "--no-progress",
         "--no-eval",
     ]
-    return [sys.executable, "-c", "from cli import app; app()", *args]
+    return [sys.executable, "-c", "from tide.cli import app; app()", *args]
 
 
 def test_kill_and_resume_equals_uninterrupted(store, tmp_path):

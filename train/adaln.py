@@ -40,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tide.store.fingerprint import fingerprint
+from tide.store.schema import StoreMeta
+from tide.train.sae import SAE, init_modulation_from_adaln, init_modulation_from_final_adaln
 from torch import Tensor, nn
-
-from store.fingerprint import fingerprint
-from store.schema import StoreMeta
-from train.sae import SAE, init_modulation_from_adaln, init_modulation_from_final_adaln
 
 
 class AdaLNInitError(ValueError):

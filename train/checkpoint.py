@@ -27,13 +27,12 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
-
-from store.outputs import check_replaceable, nested, replace
-from train.data import Split
-from train.sae import SAE, SAEConfig, build_sae
+from tide.store.outputs import check_replaceable, nested, replace
+from tide.train.data import Split
+from tide.train.sae import SAE, SAEConfig, build_sae
 
 if TYPE_CHECKING:
-    from train.config import TrainConfig
+    from tide.train.config import TrainConfig
 
 SAE_FORMAT = "tide.sae"
 STATE_FILE = "trainer_state.pt"

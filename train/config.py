@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from store.schema import StoreMeta, act_name
-from train.sae import Arch, SAEConfig
+from tide.store.schema import StoreMeta, act_name
+from tide.train.sae import Arch, SAEConfig
 
 ARCHS = ("tide", "topk", "batchtopk", "relu")
 

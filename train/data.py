@@ -46,10 +46,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+from tide.store.reader import Store, StoreError, read_into
+from tide.store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 from torch import Tensor
-
-from store.reader import Store, StoreError, read_into
-from store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 
 
 class Split(BaseModel):

@@ -26,11 +26,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tide.store.reader import Store, open_store
+from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
+from tide.train.data import ActivationLoader
 from torch import Tensor
-
-from store.reader import Store, open_store
-from train.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
-from train.data import ActivationLoader
 
 
 class Metrics(NamedTuple):

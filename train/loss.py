@@ -15,9 +15,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from tide.train.sae import SAE, ForwardOutput
 from torch import Tensor
-
-from train.sae import SAE, ForwardOutput
 
 
 class LossOutput(NamedTuple):

@@ -30,13 +30,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from store.device import resolve_device
-from store.outputs import nested
-from store.reader import Store, configure_read_threads, open_store
-from train.adaln import AdaLNInitError, init_from_dit, load_transformer
-from train.checkpoint import (
+from tide.store.device import resolve_device
+from tide.store.outputs import nested
+from tide.store.reader import Store, configure_read_threads, open_store
+from tide.train.adaln import AdaLNInitError, init_from_dit, load_transformer
+from tide.train.checkpoint import (
     NORMALIZATION,
     SAEMeta,
     StoreRef,
@@ -45,11 +43,12 @@ from train.checkpoint import (
     save_state,
     write_json,
 )
-from train.config import SAESpec, TrainConfig
-from train.data import ActivationLoader, Batch, Position, Split, split_samples
-from train.eval import progress_text
-from train.loss import LossOutput, sae_loss
-from train.sae import SAE, build_sae
+from tide.train.config import SAESpec, TrainConfig
+from tide.train.data import ActivationLoader, Batch, Position, Split, split_samples
+from tide.train.eval import progress_text
+from tide.train.loss import LossOutput, sae_loss
+from tide.train.sae import SAE, build_sae
+from tqdm.auto import tqdm
 
 
 class TrainError(ValueError):
