@@ -381,6 +381,9 @@ def test_one_done_chunk_skips_the_evaluation_with_a_note(tmp_path):
     result = runner.invoke(app, _train_args(store.path, tmp_path / "saes"))
     assert result.exit_code == 0, result.output
     assert "3 of 12 samples are done" in result.output and "evaluation is skipped" in result.output
+    evaluated = runner.invoke(app, ["eval", str(tmp_path / "saes")])
+    assert evaluated.exit_code == 2 and "held out no sample chunk" in evaluated.output
+    assert "val_fraction=0" not in evaluated.output  # it was trained with the default 0.1
 
 
 def test_split_holds_out_a_done_chunk_and_keeps_its_choice():

@@ -177,8 +177,15 @@ def evaluate(
                 f"but {store.path} has identity {store.identity()}; evaluate it on the store it was trained on"
             )
         if not s.meta.split.val_chunks:
+            split = s.meta.split
+            why = (
+                "was trained with val_fraction=0"
+                if split.val_fraction == 0
+                else f"held out no sample chunk (only {len(split.train_chunks)} were done when it was trained)"
+            )
             raise ValueError(
-                f"{s.folder} was trained with val_fraction=0: it has no held-out samples to evaluate on"
+                f"{s.folder} {why}: it has no held-out samples to evaluate on; train again with "
+                "--val-fraction > 0 once the store has two or more done sample chunks"
             )
     results: dict[int, EvalResult] = {}  # by id(sae): runs in different folders reuse SAE names
     keys = list(dict.fromkeys((tuple(s.meta.split.val_chunks), s.meta.step_range) for s in saes))
