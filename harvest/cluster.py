@@ -102,11 +102,20 @@ def connect(
 def local_cluster(n: int) -> Any:
     """N worker processes on this machine: one per GPU, each pinned to its own device by
     CUDA_VISIBLE_DEVICES (dask-cuda's LocalCUDACluster when installed), or N single-threaded processes."""
+    import logging
+
     import torch
     from distributed import LocalCluster
 
     if not torch.cuda.is_available():
-        return LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        # silence_logs: a failed task reaches the user once, as the client's one-paragraph error.
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -189,7 +198,7 @@ def _run_tasks(client: Any, job: ClusterJob, todo: list[int], progress: bool) ->
     try:
         for f in as_completed(futures):
             if f.status != "finished":
-                raise _failure(f, job)
+                raise _failure(f, job) from None  # the worker's message says it all; no remote traceback
             summary: ChunkSummary = f.result()
             bar.update(summary.img_steps)
             bar.set_postfix(workers=len(client.nthreads()), refresh=False)
