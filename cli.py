@@ -223,8 +223,10 @@ def harvest(
     Re-running the same command after an interruption resumes it: finished samples are kept. With
     --scheduler or --workers, dask workers each write whole sample chunks; the store is the same.
     """
-    run_options = ("config", "no_progress", "scheduler", "workers")
-    overrides = {k: v for k, v in locals().items() if k not in run_options}
+    # Where it runs is no setting of the store: --scheduler and --workers stay out of the config.
+    overrides = {
+        k: v for k, v in locals().items() if k not in ("config", "no_progress", "scheduler", "workers")
+    }
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"save_images": save_images or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None

@@ -193,3 +193,63 @@ def test_both_or_neither_of_scheduler_and_workers():
     with pytest.raises(HarvestError, match="either --scheduler"):
         with connect(scheduler="tcp://127.0.0.1:1", workers=2):
             pass
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from tide.cli import app; app()", "harvest", *args]
+
+
+def test_by_hand_cluster_with_a_worker_killed(reference, tmp_path):
+    """`dask scheduler` + 2 `dask worker`s on 127.0.0.1, as the README starts them; one worker is SIGKILLed
+    while it writes; `tide harvest --scheduler` still makes the single-process store."""
+    dask = str(Path(sys.executable).parent / "dask")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        procs += [
+            subprocess.Popen(
+                [dask, "worker", address, "--nthreads", "1", "--no-dashboard"], stderr=subprocess.DEVNULL
+            )
+            for _ in range(2)
+        ]
+        flag, out = tmp_path / "killed", tmp_path / "by-hand.zarr"
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+            c.register_plugin(KillFirstWriter(str(flag)))
+        args = ["--num-samples", "6", "--num-steps", "6", "--batch-size", "2", "--sites", "resid,mlp"]
+        run = subprocess.run(
+            _cli(*args, "--device", "cpu", "--no-progress", "--out", str(out), "--scheduler", address),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert run.returncode == 0, run.stderr
+        assert flag.exists(), "no worker was killed"
+        assert_same_store(out, reference)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_cli_unreachable_scheduler_in_one_paragraph(tmp_path):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    run = subprocess.run(
+        _cli("--out", str(tmp_path / "x.zarr"), "--scheduler", address),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and time.monotonic() - start < 30
+    assert run.stderr.startswith("error: ") and address in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x.zarr").exists()
