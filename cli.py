@@ -203,12 +203,30 @@ def harvest(
         Path | None,
         typer.Option(help="YAML or TOML file of settings, keys named as the options; flags override it."),
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Run on the dask.distributed cluster at this address, tcp://HOST:PORT; its workers must see "
+            "--out at the same path (default none: this process)."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Start a local dask cluster of N worker processes and run on it: one per GPU, or N "
+            "single-threaded CPU processes (default none: this process)."
+        ),
+    ] = None,
 ) -> None:
     """Run a DiT over its denoising steps and store chosen activations in a Zarr v3 cache.
 
-    Re-running the same command after an interruption resumes it: finished samples are kept.
+    Re-running the same command after an interruption resumes it: finished samples are kept. With
+    --scheduler or --workers, dask workers each write whole sample chunks; the store is the same.
     """
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "no_progress")}
+    # Where it runs is no setting of the store: --scheduler and --workers stay out of the config.
+    overrides = {
+        k: v for k, v in locals().items() if k not in ("config", "no_progress", "scheduler", "workers")
+    }
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"save_images": save_images or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
@@ -219,8 +237,16 @@ def harvest(
     from tide.harvest.run import harvest as run_harvest
     from tide.store.reader import StoreError
 
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        result = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
+        if scheduler is None and workers is None:
+            result = run_harvest(cfg, log=log)
+        else:
+            from tide.harvest.cluster import connect, harvest_on_cluster
+
+            with connect(scheduler, workers) as client:
+                log(f"dask cluster at {client.scheduler.address}: {len(client.nthreads())} workers")
+                result = harvest_on_cluster(cfg, client, log=log)
     except (HarvestError, StoreError, ValueError) as e:
         _fail(str(e))
     if result.written:

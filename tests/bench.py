@@ -2,6 +2,8 @@
 
 - harvest_overhead_ratio: harvest wall time / plain sampling wall time (same model, samples, steps, no
   capture, no writes), default harvest settings on the shipped model. Aim: <= 1.10.
+- harvest_cluster_speedup: wall time of that harvest (4 sample chunks) in this process / on a local dask
+  cluster of 2 single-threaded worker processes (`--workers 2`), one run each, cluster start-up excluded.
 - bytes_per_value: bytes on disk per stored activation value of that harvest (float16 is 2 uncompressed).
 - the training-side ratios of tests/bench_train.py.
 
@@ -75,6 +77,42 @@ def bench_harvest(
     }
 
 
+def bench_cluster(
+    num_samples: int, work: Path, model: str | None = None, num_steps: int | None = None
+) -> dict[str, float]:
+    """The same harvest by this process and by a local dask cluster of 2 single-threaded worker processes
+    (harvest/cluster.py), one run each; the cluster's start-up is timed apart, its workers' model loading is
+    not (that is part of a cluster harvest)."""
+    from tide.harvest.cluster import connect, harvest_on_cluster
+
+    extra = {"model": model} if model else {}
+    if num_steps is not None:
+        extra["num_steps"] = num_steps
+    # Four sample chunks, so that both workers have work.
+    cfg = HarvestConfig(
+        out=work / "cluster.zarr",
+        num_samples=num_samples,
+        batch_size=max(1, num_samples // 4),
+        progress=False,
+        overwrite=True,
+        **extra,
+    )
+    single = _harvest(cfg)
+    shutil.rmtree(cfg.out)
+    start = time.perf_counter()
+    with connect(workers=2) as client:
+        up = time.perf_counter() - start
+        start = time.perf_counter()
+        harvest_on_cluster(cfg, client, log=lambda m: None)
+        two = time.perf_counter() - start
+    return {
+        "harvest_cluster_single_s": single,
+        "harvest_cluster_2_workers_s": two,
+        "harvest_cluster_startup_s": up,
+        "harvest_cluster_speedup": single / two,
+    }
+
+
 def bench_codecs(store_path: Path, work: Path, repeats: int = 3) -> dict[str, float]:
     """Compression ratio and read speed (relative to uncompressed) of candidate codecs on real activations."""
     import zarr
@@ -143,6 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         figures |= bench_harvest(args.num_samples, args.repeats, work, args.model, args.num_steps)
         for name, value in figures.items():
             print(f"{name}: {value:.4g}", flush=True)
+        cluster = bench_cluster(args.num_samples, work, args.model, args.num_steps)
+        for name, value in cluster.items():
+            print(f"{name}: {value:.4g}", flush=True)
+        figures |= cluster
         codecs = bench_codecs(work / "bench.zarr", work, repeats=args.repeats)
         for name, value in codecs.items():
             print(f"{name}: {value:.4g}", flush=True)

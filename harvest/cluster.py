@@ -1,0 +1,304 @@
+"""Harvest on a dask.distributed cluster: one task per sample chunk, many workers filling one store.
+
+The client plans the store and creates it once (harvest/run.py's `opened`: the same inspection, lock and
+refusals as a local harvest), then submits one task per unfinished sample chunk. A task runs
+`harvest_chunk` (harvest/chunk.py, the function the local loop calls) on its worker, which loads the model
+once and keeps it, and writes whole chunks of every array straight into the store, its stats sums and
+then its `done` flags; only a ChunkSummary travels back. The workers must see the store at the same path
+(a shared filesystem). A worker that dies mid-task (SIGKILL, lost node) has its task rerun elsewhere by
+dask; the rerun overwrites the same whole chunks, so the store is byte for byte what one process makes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tide.harvest.chunk import ChunkSummary, harvest_chunk
+from tide.harvest.config import HarvestConfig
+from tide.harvest.model import LoadedModel
+from tide.harvest.run import HarvestResult, chunk_samples, load_for_harvest, opened
+from tide.harvest.target import HarvestError, os_error, write_failure
+from tide.store.schema import StoreMeta
+
+START_SCHEDULER = (
+    "start one with `dask scheduler` (it prints its address, tcp://HOST:8786) and give it workers with "
+    "`dask worker tcp://HOST:8786 --nthreads 1` on machines that see the store's folder"
+)
+
+
+class ClusterJob(NamedTuple):
+    """What every chunk task of one harvest needs; sent to each worker once."""
+
+    model: str
+    """The model folder (absolute) or hub id, as the workers load it."""
+    revision: str | None
+    """Hub revision."""
+    device: str
+    """cfg.device, resolved on the worker ('auto': its GPU when it has one)."""
+    model_dtype: str
+    """Dtype the transformer runs in."""
+    out: str
+    """The store, an absolute path that every worker must see."""
+    meta: StoreMeta
+    """The store's metadata."""
+    arrays: dict[str, Any]
+    """The plan's per-sample arrays, on the CPU."""
+    save_images: bool
+    """Also write the final images."""
+    writer_queue: int
+    """Pending writes a worker's writer thread holds."""
+
+
+class ChunkFailed(HarvestError):
+    """A chunk task failed for a real reason; the message names the chunk, the worker and what to do."""
+
+
+# --- the client --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def connect(
+    scheduler: str | None = None, workers: int | None = None, timeout: float = 10, wait: float = 60
+) -> Iterator[Any]:
+    """A dask Client of the cluster at `scheduler`, or of a local cluster of `workers` processes started
+    (and closed) here. Fails within `timeout` seconds when the scheduler cannot be reached, and after
+    `wait` seconds when it has no worker."""
+    from distributed import Client
+
+    if (scheduler is None) == (workers is None):
+        raise HarvestError("pass either --scheduler tcp://HOST:PORT or --workers N, not both")
+    if workers is not None and workers < 1:
+        raise HarvestError(f"--workers {workers}: give 1 or more worker processes")
+    cluster = local_cluster(workers) if workers is not None else None
+    try:
+        try:
+            client = Client(cluster if cluster is not None else scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as e:
+            raise HarvestError(
+                f"cannot reach the dask scheduler at {scheduler} within {timeout:g} s ({e}); is it running "
+                f"and is the address right? {START_SCHEDULER}"
+            ) from None
+        try:
+            try:
+                client.wait_for_workers(1, timeout=wait)
+            except TimeoutError:
+                raise HarvestError(
+                    f"the dask scheduler at {client.scheduler.address} has no worker after {wait:g} s; start "
+                    f"some with `dask worker {client.scheduler.address} --nthreads 1`"
+                ) from None
+            yield client
+        finally:
+            client.close()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def local_cluster(n: int) -> Any:
+    """N worker processes on this machine: one per GPU, each pinned to its own device by
+    CUDA_VISIBLE_DEVICES (dask-cuda's LocalCUDACluster when installed), or N single-threaded processes."""
+    import logging
+
+    import torch
+    from distributed import LocalCluster
+
+    if not torch.cuda.is_available():
+        # silence_logs: a failed task reaches the user once, as the client's one-paragraph error.
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        return _pinned_cluster(n, torch.cuda.device_count())
+    return LocalCUDACluster(n_workers=n, threads_per_worker=1, dashboard_address=None)
+
+
+def _pinned_cluster(n: int, gpus: int) -> Any:
+    """What dask-cuda does, without it: worker i sees GPU i first (CUDA_VISIBLE_DEVICES rotated)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    def visible(i: int) -> str:
+        return ",".join(str((i + k) % gpus) for k in range(gpus))
+
+    specs = {
+        i: {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": visible(i)}}}
+        for i in range(n)
+    }
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
+
+
+def harvest_on_cluster(cfg: HarvestConfig, client: Any, log: Callable[[str], None] = print) -> HarvestResult:
+    """Run the harvest of `cfg` as one dask task per unfinished sample chunk on `client`'s cluster.
+
+    The store equals a local `harvest(cfg)`'s, byte for byte, whatever the workers and the order tasks
+    finish in; re-running resumes. The client plans on its CPU (the model is loaded there once to read its
+    shapes and scheduler) and holds the harvest lock while the workers write.
+    """
+    model = load_for_harvest(cfg, device="cpu")
+    with opened(cfg, model, log) as store:
+        del model  # the workers load their own
+        if not store.todo:
+            return HarvestResult(cfg.out, 0, store.meta.num_samples)
+        job = _job(cfg, store.meta, store.arrays)
+        _check_workers_see(client, job.out)
+        _run_tasks(client, job, store.todo, cfg.progress)
+    return HarvestResult(cfg.out, chunk_samples(store.meta, store.todo), store.meta.num_samples)
+
+
+def _job(cfg: HarvestConfig, meta: StoreMeta, arrays: dict[str, Any]) -> ClusterJob:
+    model = Path(cfg.model)
+    # A relative model folder or --out means the client's working directory, not the workers'.
+    model_ref = str(model.resolve()) if model.exists() else cfg.model
+    cpu = {k: v for k, v in arrays.items() if k != "prompt_embeds"}
+    if arrays.get("prompt_embeds") is not None:
+        cpu["prompt_embeds"] = {k: v.cpu() for k, v in arrays["prompt_embeds"].items()}
+    return ClusterJob(
+        model_ref,
+        cfg.revision,
+        cfg.device,
+        cfg.model_dtype,
+        str(cfg.out.resolve()),
+        meta,
+        cpu,
+        cfg.save_images,
+        cfg.writer_queue,
+    )
+
+
+def _check_workers_see(client: Any, out: str) -> None:
+    seen = client.run(_sees_store, out)
+    blind = [f"{addr} (host {host})" for addr, (ok, host) in seen.items() if not ok]
+    if blind:
+        raise HarvestError(
+            f"dask worker(s) {', '.join(blind)} cannot see the store {out}; the workers write into it "
+            "directly, so they must share the client's filesystem at the same path (run them on machines "
+            "that mount it, or choose an --out on a shared filesystem); nothing but the empty store was written"
+        )
+
+
+def _run_tasks(client: Any, job: ClusterJob, todo: list[int], progress: bool) -> None:
+    """Submit a task per chunk of `todo`, feed the bar as they finish, stop at the first failure."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    [job_f] = client.scatter([job], broadcast=True)
+    futures = [client.submit(_chunk_task, job_f, c, pure=False) for c in todo]
+    total = chunk_samples(job.meta, todo) * job.meta.num_inference_steps
+    bar = tqdm(total=total, unit="img-step", disable=not progress, smoothing=0.1)
+    try:
+        for f in as_completed(futures):
+            if f.status != "finished":
+                raise _failure(f, job) from None  # the worker's message says it all; no remote traceback
+            summary: ChunkSummary = f.result()
+            bar.update(summary.img_steps)
+            bar.set_postfix(workers=len(client.nthreads()), refresh=False)
+    finally:
+        bar.close()
+        client.cancel(futures)
+
+
+def _failure(future: Any, job: ClusterJob) -> HarvestError:
+    """A one-paragraph HarvestError for a failed chunk future, without the remote traceback."""
+    from distributed.scheduler import KilledWorker
+
+    e = future.exception()
+    if isinstance(e, HarvestError):
+        return HarvestError(str(e))
+    if isinstance(e, KilledWorker):
+        return HarvestError(
+            f"a chunk task of the harvest of {job.out} killed every worker that ran it ({e}); a worker "
+            "process dies like this when it runs out of memory: lower --batch-size or give workers more "
+            "memory, then run the same command again (it resumes)"
+        )
+    return HarvestError(f"a chunk task of the harvest of {job.out} failed: {type(e).__name__}: {e}")
+
+
+# --- the workers -------------------------------------------------------------------------------------
+
+
+def _sees_store(out: str) -> tuple[bool, str]:
+    return (Path(out, "zarr.json").is_file(), socket.gethostname())
+
+
+_LOADED: dict[tuple, LoadedModel] = {}
+"""The model each worker process loaded, kept for its later tasks."""
+
+
+def _worker_model(job: ClusterJob) -> LoadedModel:
+    key = (job.model, job.revision, job.device, job.model_dtype)
+    if key not in _LOADED:
+        _LOADED.clear()  # one model at a time: a worker reused by another harvest frees the last one
+        cfg = HarvestConfig(model=job.model, revision=job.revision, model_dtype=job.model_dtype)
+        _LOADED[key] = load_for_harvest(cfg, device=job.device)
+    model = _LOADED[key]
+    if job.meta.model.fingerprint and model.info.fingerprint != job.meta.model.fingerprint:
+        raise HarvestError(
+            f"the model {job.model} this worker loaded has other weights than the client's (fingerprint "
+            f"{str(model.info.fingerprint)[:19]}..., the store's {job.meta.model.fingerprint[:19]}...); "
+            "give every machine the same model folder"
+        )
+    return model
+
+
+def _chunk_task(job: ClusterJob, c: int) -> ChunkSummary:
+    """The dask task: write sample chunk `c`; any failure becomes one ChunkFailed paragraph naming the
+    chunk and this worker."""
+    try:
+        return _write_chunk(job, c)
+    except Exception as e:
+        raise ChunkFailed(f"sample chunk {c} failed on dask worker {_where()}: {_reason(e, job)}") from None
+
+
+def _write_chunk(job: ClusterJob, c: int) -> ChunkSummary:
+    import zarr
+    from tide.store.writer import StoreWriter
+
+    if not _sees_store(job.out)[0]:
+        raise HarvestError(
+            f"this worker cannot see the store {job.out}; workers must share the client's filesystem at the "
+            "same path"
+        )
+    model = _worker_model(job)
+    arrays = dict(job.arrays)
+    if "prompt_embeds" in arrays:
+        arrays["prompt_embeds"] = {
+            k: v.to(model.transformer.device) for k, v in arrays["prompt_embeds"].items()
+        }
+    root = zarr.open_group(job.out, mode="r+", zarr_format=3)
+    writer = StoreWriter(root, job.meta, max_pending=job.writer_queue)
+    try:
+        summary = harvest_chunk(c, model, job.meta, arrays, writer, job.save_images)
+    finally:
+        writer.close()
+    return summary
+
+
+def _where() -> str:
+    try:
+        from distributed import get_worker
+
+        address = get_worker().address
+    except ValueError:  # not in a worker (a direct call)
+        address = "(none)"
+    return f"{address} (host {socket.gethostname()}, pid {os.getpid()})"
+
+
+def _reason(e: BaseException, job: ClusterJob) -> str:
+    err = os_error(e)
+    if err is not None:
+        return str(write_failure(Path(job.out), err, job.meta.num_samples))
+    if isinstance(e, HarvestError):
+        return str(e)
+    if type(e).__name__ == "OutOfMemoryError":
+        return f"{e} Lower --batch-size, or use workers with more GPU memory; re-running resumes."
+    return f"{type(e).__name__}: {e}"

@@ -1,0 +1,176 @@
+"""What a harvest will store: the store's metadata and per-sample arrays (labels, seeds, prompt
+embeddings), planned from a configuration and a loaded model, with every input checked before anything runs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from tide.harvest.config import HarvestConfig
+from tide.harvest.model import LoadedModel
+from tide.harvest.target import HarvestError
+from tide.store.schema import StoreMeta, TokenSampling, choose_chunks, kept_tokens, numpy_storage_dtype
+
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _labels(cfg: HarvestConfig, num_classes: int) -> np.ndarray:
+    n = cfg.num_samples
+    if cfg.labels == "cycle":
+        return np.arange(n) % num_classes
+    if cfg.labels == "random":
+        return np.random.default_rng(cfg.seed).integers(0, num_classes, size=n)
+    try:
+        if "-" in cfg.labels and "," not in cfg.labels:
+            lo, hi = (int(p) for p in cfg.labels.split("-"))
+            pool = np.arange(lo, hi + 1)
+        else:
+            pool = np.asarray([int(p) for p in cfg.labels.split(",")])
+    except ValueError:
+        raise HarvestError(
+            f"labels={cfg.labels!r} is not 'cycle', 'random', a list like '3,5,7' or a range like '0-9'"
+        ) from None
+    bad = pool[(pool < 0) | (pool >= num_classes)]
+    if len(pool) == 0 or len(bad):
+        raise HarvestError(f"labels {bad.tolist()} out of range: the model has classes 0..{num_classes - 1}")
+    return pool[np.arange(n) % len(pool)]
+
+
+def _prompt_conditioning(
+    cfg: HarvestConfig, model: LoadedModel, device: torch.device
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    if cfg.prompts is None:
+        raise HarvestError(
+            f"{model.info.transformer_class} is text-conditional: pass --prompts FILE (one prompt a line)"
+        )
+    if not cfg.prompts.is_file():
+        raise HarvestError(f"prompts file {cfg.prompts} does not exist")
+    prompts = [p for p in cfg.prompts.read_text().splitlines() if p.strip()]
+    if not prompts:
+        raise HarvestError(f"prompts file {cfg.prompts} has no prompts")
+    if cfg.prompt_embeds is not None:
+        from safetensors.torch import load_file
+
+        emb = load_file(str(cfg.prompt_embeds))
+        need = {
+            "prompt_embeds",
+            "prompt_attention_mask",
+            "negative_prompt_embeds",
+            "negative_prompt_attention_mask",
+        }
+        if need - emb.keys():
+            raise HarvestError(f"{cfg.prompt_embeds} lacks {sorted(need - emb.keys())}")
+        if emb["prompt_embeds"].shape[0] != len(prompts):
+            raise HarvestError(
+                f"{cfg.prompt_embeds} holds {emb['prompt_embeds'].shape[0]} prompt embeddings but {cfg.prompts} "
+                f"has {len(prompts)} prompts; they must match line for line"
+            )
+    elif model.text_encoder is not None:
+        emb = _encode_prompts(model, prompts, device)
+    else:
+        raise HarvestError(f"{model.info.path} has no text_encoder/; pass precomputed --prompt-embeds FILE")
+    return prompts, {k: v.to(device) for k, v in emb.items()}
+
+
+@torch.no_grad()
+def _encode_prompts(model: LoadedModel, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """T5 prompt states as PixArt's pipeline makes them (max 120 tokens, negative prompt "")."""
+
+    def enc(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = model.tokenizer(
+            texts, padding="max_length", max_length=120, truncation=True, return_tensors="pt"
+        )
+        mask = tok.attention_mask.to(device)
+        return model.text_encoder(tok.input_ids.to(device), attention_mask=mask)[0], mask
+
+    e, m = enc(prompts)
+    ne, nm = enc([""])
+    return {
+        "prompt_embeds": e,
+        "prompt_attention_mask": m,
+        "negative_prompt_embeds": ne,
+        "negative_prompt_attention_mask": nm,
+    }
+
+
+def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, Any]]:
+    """The store's metadata and per-sample arrays for `cfg` on `model`, with every input checked."""
+    guidance = cfg.guidance_scale if cfg.guidance_scale is not None else model.default_guidance_scale
+    if guidance <= 1 and cfg.cfg_branch != "cond":
+        raise HarvestError(
+            f"cfg_branch={cfg.cfg_branch!r} needs guidance_scale > 1 (the model default is {guidance})"
+        )
+    try:
+        layers = cfg.layer_indices(model.num_layers)
+        step_indices = cfg.step_indices(cfg.num_steps)
+    except ValueError as e:
+        raise HarvestError(str(e)) from None
+    model.scheduler.set_timesteps(cfg.num_steps)
+    timesteps = model.scheduler.timesteps.cpu().numpy().astype(np.float64)
+    if len(timesteps) != cfg.num_steps:
+        raise HarvestError(f"the scheduler made {len(timesteps)} steps for num_steps={cfg.num_steps}")
+    itemsize = numpy_storage_dtype(cfg.dtype).itemsize
+    kept = kept_tokens(model.num_tokens, cfg.token_fraction)
+    steps_per_chunk, tokens_per_chunk = choose_chunks(
+        cfg.batch_size, len(step_indices), kept, model.d_model, itemsize
+    )
+    arrays: dict[str, Any] = {
+        "timesteps": timesteps[step_indices],
+        "seeds": cfg.seed + np.arange(cfg.num_samples),
+        "labels": None,
+        "prompt_index": None,
+    }
+    prompts = None
+    if model.arch.conditioning == "class":
+        if cfg.prompts is not None:
+            raise HarvestError(
+                f"{model.info.transformer_class} is class-conditional; use --labels, not --prompts"
+            )
+        arrays["labels"] = _labels(cfg, model.num_classes)
+    else:
+        prompts, arrays["prompt_embeds"] = _prompt_conditioning(cfg, model, model.transformer.device)
+        arrays["prompt_index"] = np.arange(cfg.num_samples) % len(prompts)
+    meta = StoreMeta(
+        tide_version=_version(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=model.info,
+        scheduler=model.scheduler_info(),
+        num_inference_steps=cfg.num_steps,
+        step_indices=step_indices,
+        guidance_scale=guidance,
+        cfg_branch=cfg.cfg_branch,
+        conditioning=model.arch.conditioning,
+        prompts=prompts,
+        sites=list(cfg.sites),
+        layers=layers,
+        num_layers=model.num_layers,
+        d_model=model.d_model,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        steps_per_chunk=steps_per_chunk,
+        tokens_per_chunk=tokens_per_chunk,
+        tokens=TokenSampling(num_tokens=model.num_tokens, fraction=cfg.token_fraction, kept=kept),
+        dtype=cfg.dtype,
+        codec=cfg.codec,
+        harvest_config=cfg.identity(),
+    )
+    return meta, arrays
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tide")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def image_shape(model: LoadedModel) -> tuple[int, int, int]:
+    c, h, w = model.latent_shape
+    if model.vae is None:
+        return (c, h, w)
+    f = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    return (model.vae.config.out_channels, h * f, w * f)

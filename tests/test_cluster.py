@@ -1,0 +1,255 @@
+"""Harvest on a dask.distributed cluster (issue 9): the store equals a single-process run's byte for byte,
+also when a worker is SIGKILLed mid-task; failures read as one paragraph.
+
+The reference is `harvest(cfg)` in this process; stores are compared file by file (every chunk's bytes,
+the stats, every zarr.json), the root metadata's creation time excepted. Faults are injected by worker
+plugins registered from the test, never by production flags.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
+from tide.harvest.cluster import ClusterJob, _check_workers_see, _chunk_task, connect, harvest_on_cluster
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import HarvestError, harvest
+from tide.harvest.target import HarvestError as TargetError
+
+# The plugins below are defined here; workers (other processes, maybe started by hand) unpickle them by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SETTINGS = dict(
+    num_samples=6, num_steps=6, batch_size=2, sites=("resid", "mlp"), device="cpu", progress=False
+)
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path; the root zarr.json without its creation time."""
+    files = {}
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            data = f.read_bytes()
+            if f.relative_to(path).as_posix() == "zarr.json":
+                meta = json.loads(data)
+                del meta["attributes"]["created"]
+                data = json.dumps(meta, sort_keys=True).encode()
+            files[f.relative_to(path).as_posix()] = data
+    return files
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    fa, fb = store_files(a), store_files(b)
+    assert fa.keys() == fb.keys()
+    differ = [name for name in fa if fa[name] != fb[name]]
+    assert not differ, f"files that differ: {differ}"
+    assert any(name.startswith("stats/") for name in fa) and len(fa) > 50
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    harvest(HarvestConfig(out=out, **SETTINGS), log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client():
+    # Worker processes inherit os.environ (PYTHONPATH included), so they import this checkout's tide.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as c:
+            yield c
+
+
+class KillFirstWriter(WorkerPlugin):
+    """SIGKILLs its worker process right after the first activation block it writes, once across the
+    cluster (the flag file says it happened): the chunk's other blocks and its done flag are never written."""
+
+    name = "kill-first-writer"
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def setup(self, worker):
+        from tide.store.writer import StoreWriter
+
+        flag, real = Path(self.flag), StoreWriter.write_block
+
+        def write_block(writer, *args):
+            real(writer, *args)
+            if not flag.exists():
+                flag.write_text(str(os.getpid()))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        StoreWriter.write_block = write_block
+
+
+class DiskFull(WorkerPlugin):
+    """Every activation block write fails as on a full disk."""
+
+    name = "disk-full"
+
+    def setup(self, worker):
+        from tide.store.writer import StoreWriter
+
+        self.real = StoreWriter.write_block
+
+        def write_block(writer, *args):
+            raise OSError(errno.ENOSPC, "No space left on device", "/some/chunk")
+
+        StoreWriter.write_block = write_block
+
+    def teardown(self, worker):
+        from tide.store.writer import StoreWriter
+
+        StoreWriter.write_block = self.real
+
+
+def test_two_workers_equal_one_process(client, reference, tmp_path):
+    out = tmp_path / "cluster.zarr"
+    result = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
+    assert result.written == 6
+    assert_same_store(out, reference)
+    again = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
+    assert again.written == 0  # complete: a re-run resumes, and here has nothing left
+
+
+def test_worker_killed_mid_task_still_equal(client, reference, tmp_path):
+    flag = tmp_path / "killed"
+    client.register_plugin(KillFirstWriter(str(flag)))
+    try:
+        out = tmp_path / "cluster.zarr"
+        harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
+    finally:
+        client.unregister_worker_plugin(KillFirstWriter.name)
+    assert flag.exists(), "no worker was killed"
+    assert_same_store(out, reference)
+
+
+def test_failing_task_stops_the_run_in_one_paragraph(client, tmp_path):
+    client.register_plugin(DiskFull())
+    try:
+        with pytest.raises(HarvestError) as e:
+            harvest_on_cluster(
+                HarvestConfig(out=tmp_path / "full.zarr", **SETTINGS), client, log=lambda m: None
+            )
+    finally:
+        client.unregister_worker_plugin(DiskFull.name)
+    msg = str(e.value)
+    assert "failed on dask worker tcp://" in msg and "is full" in msg and "run the same command again" in msg
+    assert "Traceback" not in msg and "\n" not in msg
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def test_bad_model_folder_on_a_worker(client, reference, tmp_path):
+    from tide.store.reader import open_store
+
+    store = open_store(reference)
+    job = ClusterJob(
+        str(tmp_path / "no-model"), None, "cpu", "float32", str(reference), store.meta, {}, False, 2
+    )
+    with pytest.raises(TargetError) as e:
+        client.submit(_chunk_task, job, 0, pure=False).result()
+    assert "sample chunk 0 failed on dask worker tcp://" in str(e.value)
+    assert str(tmp_path / "no-model") in str(e.value)
+
+
+def test_workers_that_cannot_see_the_store(client, tmp_path):
+    elsewhere = tmp_path / "not-shared.zarr"  # no store there: as a worker without the shared mount sees it
+    with pytest.raises(HarvestError, match="cannot see the store") as e:
+        _check_workers_see(client, str(elsewhere))
+    assert str(elsewhere) in str(e.value)
+    assert all(addr in str(e.value) for addr in client.nthreads())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_scheduler_fails_fast():
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    with pytest.raises(HarvestError) as e:
+        with connect(scheduler=address, timeout=2):
+            pass
+    assert time.monotonic() - start < 10
+    assert address in str(e.value) and "dask scheduler" in str(e.value) and "dask worker" in str(e.value)
+
+
+def test_both_or_neither_of_scheduler_and_workers():
+    with pytest.raises(HarvestError, match="either --scheduler"):
+        with connect(scheduler="tcp://127.0.0.1:1", workers=2):
+            pass
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from tide.cli import app; app()", "harvest", *args]
+
+
+def test_by_hand_cluster_with_a_worker_killed(reference, tmp_path):
+    """`dask scheduler` + 2 `dask worker`s on 127.0.0.1, as the README starts them; one worker is SIGKILLed
+    while it writes; `tide harvest --scheduler` still makes the single-process store."""
+    dask = str(Path(sys.executable).parent / "dask")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        procs += [
+            subprocess.Popen(
+                [dask, "worker", address, "--nthreads", "1", "--no-dashboard"], stderr=subprocess.DEVNULL
+            )
+            for _ in range(2)
+        ]
+        flag, out = tmp_path / "killed", tmp_path / "by-hand.zarr"
+        with Client(address, timeout=30) as c:
+            c.wait_for_workers(2, timeout=60)
+            c.register_plugin(KillFirstWriter(str(flag)))
+        args = ["--num-samples", "6", "--num-steps", "6", "--batch-size", "2", "--sites", "resid,mlp"]
+        run = subprocess.run(
+            _cli(*args, "--device", "cpu", "--no-progress", "--out", str(out), "--scheduler", address),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert run.returncode == 0, run.stderr
+        assert flag.exists(), "no worker was killed"
+        assert_same_store(out, reference)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_cli_unreachable_scheduler_in_one_paragraph(tmp_path):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    run = subprocess.run(
+        _cli("--out", str(tmp_path / "x.zarr"), "--scheduler", address),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and time.monotonic() - start < 30
+    assert run.stderr.startswith("error: ") and address in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x.zarr").exists()
