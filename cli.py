@@ -35,6 +35,17 @@ REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:e
 """README.md holds `tide config-reference`'s output between these lines."""
 
 
+STORE_HELP = "A tide store: a folder, s3://, gs://, http(s)://, hf://datasets/ORG/NAME/PATH, or a .zarr.zip."
+
+StorageOptions = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON of fsspec storage options for a URL store, e.g. '{\"anon\": true}' or "
+        '\'{"endpoint_url": "http://host:9000"}\' (default: from AWS_* and the like in the environment).'
+    ),
+]
+
+
 def _fail(message: str) -> None:
     """Print a one-paragraph error and exit non-zero, without a traceback."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -140,7 +151,10 @@ def harvest(
         ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Store folder to write (default runs/digits.zarr).")
+        str | None,
+        typer.Option(
+            help="Store to write: a folder, or s3://BUCKET/PATH, gs://... (default runs/digits.zarr)."
+        ),
     ] = None,
     num_samples: Annotated[int | None, typer.Option(help="Images to generate (default 500).")] = None,
     num_steps: Annotated[int | None, typer.Option(help="Denoising steps (default 50).")] = None,
@@ -199,6 +213,7 @@ def harvest(
         bool, typer.Option("--overwrite", help="Replace an existing store with another configuration.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    storage_options: StorageOptions = None,
     config: Annotated[
         Path | None,
         typer.Option(help="YAML or TOML file of settings, keys named as the options; flags override it."),
@@ -208,7 +223,7 @@ def harvest(
 
     Re-running the same command after an interruption resumes it: finished samples are kept.
     """
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "no_progress")}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "no_progress", "storage_options")}
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"save_images": save_images or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
@@ -217,10 +232,12 @@ def harvest(
     cfg, _ = _build_config(HarvestConfig, config, overrides)
     from tide.harvest.run import HarvestError
     from tide.harvest.run import harvest as run_harvest
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError
 
     try:
-        result = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
+        with scoped(storage_options):
+            result = run_harvest(cfg, log=lambda m: typer.echo(m, err=True))
     except (HarvestError, StoreError, ValueError) as e:
         _fail(str(e))
     if result.written:
@@ -236,31 +253,34 @@ def harvest(
 
 @store_app.command("info")
 def store_info(
-    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Summarise a store: model, steps, layers, sites, samples done, bytes on disk, compression."""
     import json
 
     from tide.store.inspect import summary
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError, open_store
 
     try:
-        info = summary(open_store(path))
+        with scoped(storage_options):
+            info = summary(open_store(path))
     except StoreError as e:
         _fail(str(e))
     if json_out:
         typer.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        if key == "bytes_on_disk":
+        if key == "bytes_on_disk" and value is not None:
             value = f"{value / 2**20:.1f} MiB"
         typer.echo(f"{key:>18}  {value}")
 
 
 @store_app.command("verify")
 def store_verify(
-    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
     quick: Annotated[
         bool,
         typer.Option(
@@ -276,12 +296,15 @@ def store_verify(
             "`tide harvest --out PATH` command writes them again.",
         ),
     ] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Check a store's integrity; exits non-zero naming every problem found (every damaged chunk by its file)."""
     from tide.store.inspect import reset_damaged as reset
     from tide.store.inspect import verify
+    from tide.store.open import storage_options as scoped
 
-    verdict = verify(path, check_values=not quick)
+    with scoped(storage_options):
+        verdict = verify(path, check_values=not quick)
     if verdict.problems:
         for p in verdict.problems:
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
@@ -318,7 +341,7 @@ def store_verify(
 
 @store_app.command("stats")
 def store_stats(
-    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
     array: Annotated[
         str | None, typer.Option(help="Activation array, e.g. resid_l03 (default: all).")
     ] = None,
@@ -389,7 +412,10 @@ def _log(message: str) -> None:
 @app.command(epilog="Every setting, with the config-file keys that have no flag: `tide config-reference`.")
 def train(
     store: Annotated[
-        Path | None, typer.Option(help="Tide store to train on (default runs/digits.zarr).")
+        str | None,
+        typer.Option(
+            help="Tide store to train on: a folder, a URL or a .zarr.zip (default runs/digits.zarr)."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the SAEs (default runs/saes).")] = None,
     site: Annotated[
@@ -452,6 +478,7 @@ def train(
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip the held-out evaluation at the end.")
     ] = False,
+    storage_options: StorageOptions = None,
     config: Annotated[
         Path | None,
         typer.Option(help="YAML or TOML file of settings, keys named as the options; flags override it."),
@@ -461,7 +488,11 @@ def train(
 
     Re-running the same command after an interruption resumes it exactly where its last checkpoint was.
     """
-    overrides = {k_: v for k_, v in locals().items() if k_ not in ("config", "no_progress", "no_eval")}
+    overrides = {
+        k_: v
+        for k_, v in locals().items()
+        if k_ not in ("config", "no_progress", "no_eval", "storage_options")
+    }
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"stratify_steps": stratify_steps or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
@@ -473,33 +504,40 @@ def train(
             f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does "
             f"not fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
         )
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError
     from tide.train.eval import evaluate_folders
     from tide.train.trainer import TrainError
     from tide.train.trainer import train as run_train
 
     try:
-        result = run_train(cfg, log=_log)
-        typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
-        if not no_eval and cfg.val_fraction > 0 and not result.split.val_chunks:
-            typer.echo(
-                f"note: no held-out samples (the store has {len(result.split.train_chunks)} done sample chunk(s), "
-                "all used for training), so the evaluation is skipped; harvest more samples to evaluate",
-                err=True,
-            )
-        elif not no_eval and cfg.val_fraction > 0:
-            _print_evals(
-                evaluate_folders(
-                    result.saes,
-                    cfg.store,
-                    batch_size=cfg.batch_size,
-                    buckets=cfg.eval_buckets,
-                    read_threads=cfg.read_threads,
-                    log=_log,
-                )
-            )
+        with scoped(storage_options):
+            _train_and_eval(cfg, run_train, evaluate_folders, no_eval)
     except (TrainError, StoreError, ValueError) as e:
         _fail(str(e))
+
+
+def _train_and_eval(cfg, run_train, evaluate_folders, no_eval: bool) -> None:
+    """Train, then evaluate on the held-out split unless there is none or --no-eval."""
+    result = run_train(cfg, log=_log)
+    typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
+    if not no_eval and cfg.val_fraction > 0 and not result.split.val_chunks:
+        typer.echo(
+            f"note: no held-out samples (the store has {len(result.split.train_chunks)} done sample chunk(s), "
+            "all used for training), so the evaluation is skipped; harvest more samples to evaluate",
+            err=True,
+        )
+    elif not no_eval and cfg.val_fraction > 0:
+        _print_evals(
+            evaluate_folders(
+                result.saes,
+                cfg.store,
+                batch_size=cfg.batch_size,
+                buckets=cfg.eval_buckets,
+                read_threads=cfg.read_threads,
+                log=_log,
+            )
+        )
 
 
 @app.command("eval")
@@ -508,7 +546,7 @@ def eval_(
         list[Path], typer.Argument(help="SAE folders, or `tide train --out` folders holding them.")
     ],
     store: Annotated[
-        Path | None, typer.Option(help="The store (default: the path recorded at training).")
+        str | None, typer.Option(help="The store, a folder or a URL (default: the one recorded at training).")
     ] = None,
     buckets: Annotated[
         int, typer.Option(min=1, help="Timestep buckets in the table (JSON has every step too).")
@@ -518,6 +556,7 @@ def eval_(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write all results to this JSON file.")
     ] = None,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Held-out metrics (MSE, FVU, explained variance, cosine, L0, dead, dense), overall and per timestep.
 
@@ -526,14 +565,16 @@ def eval_(
     """
     import json
 
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError, configure_read_threads
     from tide.train.eval import evaluate_folders
 
     configure_read_threads(4)
     try:
-        results = evaluate_folders(
-            checkpoints, store, buckets=buckets, batch_size=batch_size, device=device, log=_log
-        )
+        with scoped(storage_options):
+            results = evaluate_folders(
+                checkpoints, store, buckets=buckets, batch_size=batch_size, device=device, log=_log
+            )
     except (StoreError, ValueError) as e:
         _fail(str(e))
     _print_evals(results)

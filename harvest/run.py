@@ -26,6 +26,7 @@ from tide.harvest.target import (
     write_failure,
 )
 from tide.store.device import resolve_device
+from tide.store.open import where
 from tide.store.schema import (
     StoreMeta,
     TokenSampling,
@@ -215,6 +216,13 @@ def _check_space(cfg: HarvestConfig, target: Target, arrays: dict[str, Any], log
     """Refuse, before anything is written, a harvest whose upper bound on disk use exceeds the free space."""
     lay = target.meta.layout()
     todo_samples = sum(lay.sample_chunk(c).stop - lay.sample_chunk(c).start for c in target.todo)
+    if not where(cfg.out).local:
+        if log is not None:
+            log(
+                f"{cfg.out}: {lay.num_samples} samples, {lay.num_samples - todo_samples} already done; the free-disk "
+                "check is skipped for an object store (its capacity is the provider's)"
+            )
+        return
     image = arrays.get("image_shape")
     need = disk_bound(
         target.meta,
@@ -254,7 +262,8 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> HarvestRe
     n = meta.num_samples
     _check_space(cfg, inspect_out(cfg, meta), arrays, None)
     try:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        if where(cfg.out).local:
+            cfg.out.parent.mkdir(parents=True, exist_ok=True)
         with locked(cfg.out):
             # Again under the lock: another harvest may have changed --out since the check above.
             target = inspect_out(cfg, meta)

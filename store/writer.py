@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from tide.store.open import where, zarr_store
 from tide.store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
@@ -57,7 +58,7 @@ def _compressor(codec: str, itemsize: int) -> list[Any]:
 
 
 def create_store(
-    path: Path,
+    path: Path | str,
     meta: StoreMeta,
     timesteps: np.ndarray,
     seeds: np.ndarray,
@@ -65,9 +66,12 @@ def create_store(
     prompt_index: np.ndarray | None,
     save_images_shape: tuple[int, int, int] | None = None,
 ) -> zarr.Group:
-    """Create every array of a new store (empty where data comes later) and write the metadata."""
+    """Create every array of a new store (empty where data comes later) at a folder or s3/gs URL, and write
+    the metadata."""
     lay = meta.layout()
-    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json"))
+    root = zarr.open_group(
+        zarr_store(where(path), "w"), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json")
+    )
     n, s = lay.num_samples, lay.num_steps
     root.create_array("timesteps", data=timesteps.astype(np.float64), dimension_names=["step"])
     root.create_array(
