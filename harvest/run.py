@@ -23,6 +23,7 @@ from tide.harvest.target import (
     locked,
     open_target,
     os_error,
+    writable_out,
     write_failure,
 )
 from tide.store.device import resolve_device
@@ -254,6 +255,7 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> HarvestRe
     anything is written. A full disk or an unwritable folder met later ends in a HarvestError that says
     what to do; the store stays resumable.
     """
+    writable_out(cfg.out)  # a read-only URL or an unknown scheme, before loading the model
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, cfg.revision, device=device, dtype=_TORCH_DTYPES[cfg.model_dtype])
     meta, arrays = plan(cfg, model)

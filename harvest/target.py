@@ -94,7 +94,7 @@ def _complete(root: zarr.Group, meta: StoreMeta) -> bool:
 def inspect_out(cfg: HarvestConfig, meta: StoreMeta) -> Target:
     """Decide, reading only, what the harvest does with cfg.out; raise HarvestError when it must not write."""
     out, every = cfg.out, list(range(meta.layout().num_sample_chunks))
-    loc = _where(out)
+    loc = writable_out(out)
     if not loc.local:
         return _inspect_remote(cfg, meta, loc)
     if out.exists() and (not out.is_dir() or out.is_symlink()):
@@ -106,13 +106,13 @@ def inspect_out(cfg: HarvestConfig, meta: StoreMeta) -> Target:
     return _inspect_store(cfg, meta, lambda: check_replaceable(out, "store"))
 
 
-def _where(out: Path | str) -> Where:
+def writable_out(out: Path | str) -> Where:
     """--out classified; a read-only location (http, zip, hf) or an unknown scheme is refused here."""
     try:
         loc = where(out)
     except LocationError as e:
         raise HarvestError(f"--out {e}") from None
-    if loc.scheme == "zip" or not loc.writable:
+    if not loc.writable:
         raise HarvestError(f"--out {read_only(loc)}")
     return loc
 
