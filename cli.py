@@ -339,6 +339,27 @@ def store_verify(
         )
 
 
+@store_app.command("pack")
+def store_pack(
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
+    out: Annotated[Path, typer.Argument(help="The zip file to write, e.g. h.zarr.zip.")],
+    storage_options: StorageOptions = None,
+) -> None:
+    """Pack a store into one zip file (entries stored, not deflated) that tide, zarr and xarray open directly."""
+    from tide.store.open import storage_options as scoped
+    from tide.store.pack import pack
+    from tide.store.reader import StoreError
+
+    try:
+        with scoped(storage_options):
+            n = pack(path, out)
+    except (StoreError, ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(
+        f"wrote {out} ({n} entries); `tide store verify {out}` checks it, `tide train --store {out}` reads it"
+    )
+
+
 @store_app.command("stats")
 def store_stats(
     path: Annotated[str, typer.Argument(help=STORE_HELP)],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -132,7 +133,12 @@ def zarr_store(loc: Where, mode: str = "r") -> Any:
             raise LocationError(
                 f"store {loc.text} does not exist; make one with `tide store pack STORE {loc.text}`"
             )
-        return ZipStore(loc.path, mode="r")
+        store = ZipStore(loc.path, mode="r")
+        try:
+            store._sync_open()  # zarr opens it on first use through its own API; tide also reads keys directly
+        except zipfile.BadZipFile as e:
+            raise LocationError(f"{loc.text} is not a zip file ({e}); make one with `tide store pack`") from e
+        return store
     try:
         return FsspecStore.from_url(loc.text, storage_options=_OPTIONS.get() or {}, read_only=mode == "r")
     except ImportError as e:

@@ -296,3 +296,21 @@ def test_http_404(small, serve):
 def test_read_only_url_as_out(out):
     # Refused before the model is loaded or anything is written.
     _one_line_error(demo_args(out), out, "tide only reads", "s3://")
+
+
+def test_hf_url_reaches_huggingface_hubs_filesystem(monkeypatch):
+    # The hub cannot be reached from the test machine: check the URL handling up to the filesystem call.
+    from zarr.storage import FsspecStore
+
+    seen = {}
+
+    def from_url(url, storage_options=None, read_only=False):
+        seen.update(url=url, read_only=read_only)
+        raise ImportError("no network in tests")
+
+    monkeypatch.setattr(FsspecStore, "from_url", from_url)
+    url = "hf://datasets/org/name/h.zarr"
+    assert where(url).scheme == "hf" and not where(url).writable
+    _one_line_error(["store", "info", url + "/"], url, "pip install huggingface_hub")
+    assert seen == {"url": url, "read_only": True}
+    _one_line_error(["store", "info", "hf://org/name/h.zarr"], "hf://datasets/ORG/NAME/PATH.zarr")
