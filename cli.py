@@ -360,6 +360,23 @@ def store_pack(
     )
 
 
+@store_app.command("card")
+def store_card(
+    path: Annotated[str, typer.Argument(help="A tide store: a folder, or s3:// or gs://.")],
+    storage_options: StorageOptions = None,
+) -> None:
+    """Write README.md into the store: a Hugging Face dataset card (what it holds, how to load it)."""
+    from tide.store.card import write_card
+    from tide.store.open import storage_options as scoped
+    from tide.store.reader import StoreError
+
+    try:
+        with scoped(storage_options):
+            typer.echo(f"wrote {write_card(path)}")
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+
+
 @store_app.command("stats")
 def store_stats(
     path: Annotated[str, typer.Argument(help=STORE_HELP)],

@@ -26,6 +26,7 @@ from tide.harvest.target import (
     writable_out,
     write_failure,
 )
+from tide.store.card import write_card
 from tide.store.device import resolve_device
 from tide.store.open import where
 from tide.store.schema import (
@@ -272,9 +273,11 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> HarvestRe
             _check_space(cfg, target, arrays, log)
             if not target.todo:
                 log(f"{cfg.out} is already complete: all {n} samples are done; nothing to write")
+                write_card(cfg.out)
                 return HarvestResult(cfg.out, 0, n)
             root, meta = open_target(cfg, target, arrays, log)
             written = _write(cfg, model, meta, arrays, root, target.todo)
+            write_card(cfg.out)  # the dataset card (README.md) describes the finished store
     except OSError as e:  # making the folder, the lock or the store; _write reports its own
         raise write_failure(cfg.out, e, n, creating=True) from e
     return HarvestResult(cfg.out, written, n)

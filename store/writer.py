@@ -119,6 +119,12 @@ def create_store(
             fill_value=0,
             dimension_names=["sample", "height", "width", "channel"],
         )
+    # The CF `coordinates` attribute: xarray makes these coordinates of every activation array (not data
+    # variables), so `ds.set_xindex("timesteps").sel(timesteps=...)` and `ds.where(ds.label == 3)` work.
+    per_sample = ["seed", "label" if labels is not None else "prompt_index", "done"]
+    coordinates = " ".join(
+        ["timesteps", "step_index", *per_sample, *(["token_index"] if meta.tokens.subsampled else [])]
+    )
     dtype = numpy_storage_dtype(meta.dtype)
     stats = root.create_group("stats")
     for name in meta.act_names():
@@ -131,7 +137,7 @@ def create_store(
             compressors=compressors(meta.codec, dtype.itemsize),
             config=WRITE_EVERY_CHUNK,
             dimension_names=list(ACT_DIMS),
-            attributes={"logical_dtype": meta.dtype, "coordinates": "timesteps step_index"},
+            attributes={"logical_dtype": meta.dtype, "coordinates": coordinates},
         )
         g = stats.create_group(name)
         c = lay.num_sample_chunks

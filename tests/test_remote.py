@@ -129,6 +129,7 @@ def test_harvest_into_s3_equals_local_bitwise(s3, tmp_path, monkeypatch):
     assert remote.exit_code == 0, remote.output
     assert "free-disk check is skipped for an object store" in remote.output
     assert not (tmp_path / "s3:").exists()
+    assert sync(zarr_store(where(url)).exists("README.md")), "the harvest writes the dataset card"
     local = runner.invoke(app, demo_args(tmp_path / "demo.zarr"))
     assert local.exit_code == 0, local.output
     a, b = arrays(open_store(url).root), arrays(open_store(tmp_path / "demo.zarr").root)

@@ -60,3 +60,28 @@ def test_pack_refuses_an_existing_file_and_a_name_without_zip(small, tmp_path):
     assert taken.exit_code != 0 and "already exists" in taken.output
     plain = runner.invoke(app, ["store", "pack", str(small), str(tmp_path / "s.zarr2")])
     assert plain.exit_code != 0 and "ends in .zip" in plain.output
+
+
+def test_card_and_xarray_coordinates(small, tmp_path):
+    xr = pytest.importorskip("xarray")
+    yaml = pytest.importorskip("yaml")
+    result = runner.invoke(app, ["store", "card", str(small)])
+    assert result.exit_code == 0, result.output
+    text = (small / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert set(front["tags"]) == {"tide", "sparse-autoencoders", "diffusion-transformer", "zarr"}
+    assert "license" in front and "synthetic" in text and "set_xindex" in text
+    # The card is tide's own: verify and --overwrite's check still see a tide store and nothing foreign.
+    from tide.store.outputs import foreign_entries
+
+    assert foreign_entries(small, "store") == []
+
+    ds = xr.open_zarr(small, consolidated=False)
+    assert {"timesteps", "step_index", "seed", "label", "done"} <= set(ds["resid_l00"].coords)
+    assert list(ds.data_vars) == ["resid_l00"]
+    t = float(ds.timesteps[2])
+    one = ds.set_xindex("timesteps").sel(timesteps=t)["resid_l00"]
+    np.testing.assert_array_equal(one.values, open_store(small).root["resid_l00"][:, 2])
+    labels = open_store(small).root["label"][:]
+    threes = ds.set_xindex("label").sel(label=int(labels[0]))["resid_l00"]
+    np.testing.assert_array_equal(threes.values, open_store(small).root["resid_l00"][:][labels == labels[0]])
