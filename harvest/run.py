@@ -273,7 +273,6 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> HarvestRe
             _check_space(cfg, target, arrays, log)
             if not target.todo:
                 log(f"{cfg.out} is already complete: all {n} samples are done; nothing to write")
-                write_card(cfg.out)
                 return HarvestResult(cfg.out, 0, n)
             root, meta = open_target(cfg, target, arrays, log)
             written = _write(cfg, model, meta, arrays, root, target.todo)

@@ -50,6 +50,7 @@ def s3():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    clear_s3fs_cache()  # fsspec caches filesystems, and the endpoint from the environment is not in its key
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
     try:
         yield env
@@ -60,6 +61,15 @@ def s3():
             else:
                 os.environ[k] = v
         server.stop()
+        clear_s3fs_cache()
+
+
+def clear_s3fs_cache() -> None:
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
