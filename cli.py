@@ -35,6 +35,17 @@ REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:e
 """README.md holds `tide config-reference`'s output between these lines."""
 
 
+STORE_HELP = "A tide store: a folder, s3://, gs://, http(s)://, hf://datasets/ORG/NAME/PATH, or a .zarr.zip."
+
+StorageOptions = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON of fsspec storage options for a URL store, e.g. '{\"anon\": true}' or "
+        '\'{"endpoint_url": "http://host:9000"}\' (default: from AWS_* and the like in the environment).'
+    ),
+]
+
+
 def _fail(message: str) -> None:
     """Print a one-paragraph error and exit non-zero, without a traceback."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -140,7 +151,10 @@ def harvest(
         ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Store folder to write (default runs/digits.zarr).")
+        str | None,
+        typer.Option(
+            help="Store to write: a folder, or s3://BUCKET/PATH, gs://... (default runs/digits.zarr)."
+        ),
     ] = None,
     num_samples: Annotated[int | None, typer.Option(help="Images to generate (default 500).")] = None,
     num_steps: Annotated[int | None, typer.Option(help="Denoising steps (default 50).")] = None,
@@ -199,6 +213,7 @@ def harvest(
         bool, typer.Option("--overwrite", help="Replace an existing store with another configuration.")
     ] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    storage_options: StorageOptions = None,
     config: Annotated[
         Path | None,
         typer.Option(help="YAML or TOML file of settings, keys named as the options; flags override it."),
@@ -223,9 +238,11 @@ def harvest(
     Re-running the same command after an interruption resumes it: finished samples are kept. With
     --scheduler or --workers, dask workers each write whole sample chunks; the store is the same.
     """
-    # Where it runs is no setting of the store: --scheduler and --workers stay out of the config.
+    # Where it runs is no setting of the store: --scheduler, --workers and --storage-options stay out of it.
     overrides = {
-        k: v for k, v in locals().items() if k not in ("config", "no_progress", "scheduler", "workers")
+        k: v
+        for k, v in locals().items()
+        if k not in ("config", "no_progress", "scheduler", "workers", "storage_options")
     }
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"save_images": save_images or None, "overwrite": overwrite or None}
@@ -235,18 +252,20 @@ def harvest(
     cfg, _ = _build_config(HarvestConfig, config, overrides)
     from tide.harvest.run import HarvestError
     from tide.harvest.run import harvest as run_harvest
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError
 
     log = lambda m: typer.echo(m, err=True)  # noqa: E731
     try:
-        if scheduler is None and workers is None:
-            result = run_harvest(cfg, log=log)
-        else:
-            from tide.harvest.cluster import connect, harvest_on_cluster
+        with scoped(storage_options):
+            if scheduler is None and workers is None:
+                result = run_harvest(cfg, log=log)
+            else:
+                from tide.harvest.cluster import connect, harvest_on_cluster
 
-            with connect(scheduler, workers) as client:
-                log(f"dask cluster at {client.scheduler.address}: {len(client.nthreads())} workers")
-                result = harvest_on_cluster(cfg, client, log=log)
+                with connect(scheduler, workers) as client:
+                    log(f"dask cluster at {client.scheduler.address}: {len(client.nthreads())} workers")
+                    result = harvest_on_cluster(cfg, client, log=log)
     except (HarvestError, StoreError, ValueError) as e:
         _fail(str(e))
     if result.written:
@@ -262,31 +281,34 @@ def harvest(
 
 @store_app.command("info")
 def store_info(
-    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Summarise a store: model, steps, layers, sites, samples done, bytes on disk, compression."""
     import json
 
     from tide.store.inspect import summary
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError, open_store
 
     try:
-        info = summary(open_store(path))
+        with scoped(storage_options):
+            info = summary(open_store(path))
     except StoreError as e:
         _fail(str(e))
     if json_out:
         typer.echo(json.dumps(info, indent=2))
         return
     for key, value in info.items():
-        if key == "bytes_on_disk":
+        if key == "bytes_on_disk" and value is not None:
             value = f"{value / 2**20:.1f} MiB"
         typer.echo(f"{key:>18}  {value}")
 
 
 @store_app.command("verify")
 def store_verify(
-    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
     quick: Annotated[
         bool,
         typer.Option(
@@ -302,12 +324,15 @@ def store_verify(
             "`tide harvest --out PATH` command writes them again.",
         ),
     ] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Check a store's integrity; exits non-zero naming every problem found (every damaged chunk by its file)."""
     from tide.store.inspect import reset_damaged as reset
     from tide.store.inspect import verify
+    from tide.store.open import storage_options as scoped
 
-    verdict = verify(path, check_values=not quick)
+    with scoped(storage_options):
+        verdict = verify(path, check_values=not quick)
     if verdict.problems:
         for p in verdict.problems:
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
@@ -342,9 +367,47 @@ def store_verify(
         )
 
 
+@store_app.command("pack")
+def store_pack(
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
+    out: Annotated[Path, typer.Argument(help="The zip file to write, e.g. h.zarr.zip.")],
+    storage_options: StorageOptions = None,
+) -> None:
+    """Pack a store into one zip file (entries stored, not deflated) that tide, zarr and xarray open directly."""
+    from tide.store.open import storage_options as scoped
+    from tide.store.pack import pack
+    from tide.store.reader import StoreError
+
+    try:
+        with scoped(storage_options):
+            n = pack(path, out)
+    except (StoreError, ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(
+        f"wrote {out} ({n} entries); `tide store verify {out}` checks it, `tide train --store {out}` reads it"
+    )
+
+
+@store_app.command("card")
+def store_card(
+    path: Annotated[str, typer.Argument(help="A tide store: a folder, or s3:// or gs://.")],
+    storage_options: StorageOptions = None,
+) -> None:
+    """Write README.md into the store: a Hugging Face dataset card (what it holds, how to load it)."""
+    from tide.store.card import write_card
+    from tide.store.open import storage_options as scoped
+    from tide.store.reader import StoreError
+
+    try:
+        with scoped(storage_options):
+            typer.echo(f"wrote {write_card(path)}")
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+
+
 @store_app.command("stats")
 def store_stats(
-    path: Annotated[Path, typer.Argument(help="A tide store folder.")],
+    path: Annotated[str, typer.Argument(help=STORE_HELP)],
     array: Annotated[
         str | None, typer.Option(help="Activation array, e.g. resid_l03 (default: all).")
     ] = None,
@@ -415,7 +478,10 @@ def _log(message: str) -> None:
 @app.command(epilog="Every setting, with the config-file keys that have no flag: `tide config-reference`.")
 def train(
     store: Annotated[
-        Path | None, typer.Option(help="Tide store to train on (default runs/digits.zarr).")
+        str | None,
+        typer.Option(
+            help="Tide store to train on: a folder, a URL or a .zarr.zip (default runs/digits.zarr)."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for the SAEs (default runs/saes).")] = None,
     site: Annotated[
@@ -478,6 +544,7 @@ def train(
     no_eval: Annotated[
         bool, typer.Option("--no-eval", help="Skip the held-out evaluation at the end.")
     ] = False,
+    storage_options: StorageOptions = None,
     config: Annotated[
         Path | None,
         typer.Option(help="YAML or TOML file of settings, keys named as the options; flags override it."),
@@ -487,7 +554,11 @@ def train(
 
     Re-running the same command after an interruption resumes it exactly where its last checkpoint was.
     """
-    overrides = {k_: v for k_, v in locals().items() if k_ not in ("config", "no_progress", "no_eval")}
+    overrides = {
+        k_: v
+        for k_, v in locals().items()
+        if k_ not in ("config", "no_progress", "no_eval", "storage_options")
+    }
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"stratify_steps": stratify_steps or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
@@ -499,33 +570,40 @@ def train(
             f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does "
             f"not fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
         )
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError
     from tide.train.eval import evaluate_folders
     from tide.train.trainer import TrainError
     from tide.train.trainer import train as run_train
 
     try:
-        result = run_train(cfg, log=_log)
-        typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
-        if not no_eval and cfg.val_fraction > 0 and not result.split.val_chunks:
-            typer.echo(
-                f"note: no held-out samples (the store has {len(result.split.train_chunks)} done sample chunk(s), "
-                "all used for training), so the evaluation is skipped; harvest more samples to evaluate",
-                err=True,
-            )
-        elif not no_eval and cfg.val_fraction > 0:
-            _print_evals(
-                evaluate_folders(
-                    result.saes,
-                    cfg.store,
-                    batch_size=cfg.batch_size,
-                    buckets=cfg.eval_buckets,
-                    read_threads=cfg.read_threads,
-                    log=_log,
-                )
-            )
+        with scoped(storage_options):
+            _train_and_eval(cfg, run_train, evaluate_folders, no_eval)
     except (TrainError, StoreError, ValueError) as e:
         _fail(str(e))
+
+
+def _train_and_eval(cfg, run_train, evaluate_folders, no_eval: bool) -> None:
+    """Train, then evaluate on the held-out split unless there is none or --no-eval."""
+    result = run_train(cfg, log=_log)
+    typer.echo(f"wrote {', '.join(str(p) for p in result.saes)}")
+    if not no_eval and cfg.val_fraction > 0 and not result.split.val_chunks:
+        typer.echo(
+            f"note: no held-out samples (the store has {len(result.split.train_chunks)} done sample chunk(s), "
+            "all used for training), so the evaluation is skipped; harvest more samples to evaluate",
+            err=True,
+        )
+    elif not no_eval and cfg.val_fraction > 0:
+        _print_evals(
+            evaluate_folders(
+                result.saes,
+                cfg.store,
+                batch_size=cfg.batch_size,
+                buckets=cfg.eval_buckets,
+                read_threads=cfg.read_threads,
+                log=_log,
+            )
+        )
 
 
 @app.command("eval")
@@ -534,7 +612,7 @@ def eval_(
         list[Path], typer.Argument(help="SAE folders, or `tide train --out` folders holding them.")
     ],
     store: Annotated[
-        Path | None, typer.Option(help="The store (default: the path recorded at training).")
+        str | None, typer.Option(help="The store, a folder or a URL (default: the one recorded at training).")
     ] = None,
     buckets: Annotated[
         int, typer.Option(min=1, help="Timestep buckets in the table (JSON has every step too).")
@@ -544,6 +622,7 @@ def eval_(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write all results to this JSON file.")
     ] = None,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Held-out metrics (MSE, FVU, explained variance, cosine, L0, dead, dense), overall and per timestep.
 
@@ -552,14 +631,16 @@ def eval_(
     """
     import json
 
+    from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError, configure_read_threads
     from tide.train.eval import evaluate_folders
 
     configure_read_threads(4)
     try:
-        results = evaluate_folders(
-            checkpoints, store, buckets=buckets, batch_size=batch_size, device=device, log=_log
-        )
+        with scoped(storage_options):
+            results = evaluate_folders(
+                checkpoints, store, buckets=buckets, batch_size=batch_size, device=device, log=_log
+            )
     except (StoreError, ValueError) as e:
         _fail(str(e))
     _print_evals(results)

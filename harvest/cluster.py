@@ -22,7 +22,7 @@ from tide.harvest.chunk import ChunkSummary, harvest_chunk
 from tide.harvest.config import HarvestConfig
 from tide.harvest.model import LoadedModel
 from tide.harvest.run import HarvestResult, chunk_samples, load_for_harvest, opened
-from tide.harvest.target import HarvestError, os_error, write_failure
+from tide.harvest.target import HarvestError, os_error, writable_out, write_failure
 from tide.store.schema import StoreMeta
 
 START_SCHEDULER = (
@@ -144,6 +144,7 @@ def harvest_on_cluster(cfg: HarvestConfig, client: Any, log: Callable[[str], Non
     finish in; re-running resumes. The client plans on its CPU (the model is loaded there once to read its
     shapes and scheduler) and holds the harvest lock while the workers write.
     """
+    writable_out(cfg.out)  # a read-only URL or an unknown scheme, before loading the model
     model = load_for_harvest(cfg, device="cpu")
     with opened(cfg, model, log) as store:
         del model  # the workers load their own

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from tide.store.open import as_location
 from tide.store.schema import SITES
 
 DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "digits-dit"
@@ -31,7 +32,7 @@ class HarvestConfig(BaseModel):
     """A diffusers pipeline folder, or a hub id such as facebook/DiT-XL-2-256 (needs network)."""
     revision: str | None = None
     """Hub revision to load, for hub ids."""
-    out: Path = Path("runs/digits.zarr")
+    out: Path | str = Path("runs/digits.zarr")
     """Where the Zarr store goes."""
     num_samples: int = Field(500, gt=0)
     """Images to generate."""
@@ -80,6 +81,12 @@ class HarvestConfig(BaseModel):
     """Show a progress bar."""
     writer_queue: int = Field(4, gt=0)
     """Chunk writes that may wait in the background writer before the model pauses."""
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _location(cls, value: Any) -> Any:
+        # A URL stays a string (Path would fold `s3://b/x` into `s3:/b/x`); anything else is a Path.
+        return as_location(value) if isinstance(value, str | Path) else value
 
     @field_validator("token_fraction")
     @classmethod

@@ -24,9 +24,12 @@ from tide.harvest.target import (
     locked,
     open_target,
     os_error,
+    writable_out,
     write_failure,
 )
+from tide.store.card import write_card
 from tide.store.device import resolve_device
+from tide.store.open import where
 from tide.store.schema import StoreMeta
 from tide.store.writer import StoreWriter, block_bytes, disk_bound, free_bytes
 from tqdm.auto import tqdm
@@ -55,6 +58,13 @@ def _check_space(cfg: HarvestConfig, target: Target, arrays: dict[str, Any], log
     """Refuse, before anything is written, a harvest whose upper bound on disk use exceeds the free space."""
     lay = target.meta.layout()
     todo_samples = sum(lay.sample_chunk(c).stop - lay.sample_chunk(c).start for c in target.todo)
+    if not where(cfg.out).local:
+        if log is not None:
+            log(
+                f"{cfg.out}: {lay.num_samples} samples, {lay.num_samples - todo_samples} already done; the free-disk "
+                "check is skipped for an object store (its capacity is the provider's)"
+            )
+        return
     image = arrays.get("image_shape")
     need = disk_bound(
         target.meta,
@@ -107,7 +117,8 @@ def opened(cfg: HarvestConfig, model: LoadedModel, log: Callable[[str], None]) -
         arrays["image_shape"] = image_shape(model)
     _check_space(cfg, inspect_out(cfg, meta), arrays, None)
     try:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        if where(cfg.out).local:
+            cfg.out.parent.mkdir(parents=True, exist_ok=True)
         with locked(cfg.out):
             # Again under the lock: another harvest may have changed --out since the check above.
             target = inspect_out(cfg, meta)
@@ -120,6 +131,7 @@ def opened(cfg: HarvestConfig, model: LoadedModel, log: Callable[[str], None]) -
                 return
             root, meta = open_target(cfg, target, arrays, log)
             yield Opened(root, meta, arrays, target.todo)
+            write_card(cfg.out)  # the dataset card (README.md) describes the finished store
     except OSError as e:  # making the folder, the lock or the store; the chunk writers report their own
         raise write_failure(cfg.out, e, meta.num_samples, creating=True) from e
 
@@ -131,6 +143,7 @@ def harvest(cfg: HarvestConfig, log: Callable[[str], None] = print) -> HarvestRe
     anything is written. A full disk or an unwritable folder met later ends in a HarvestError that says
     what to do; the store stays resumable.
     """
+    writable_out(cfg.out)  # a read-only URL or an unknown scheme, before loading the model
     model = load_for_harvest(cfg)
     with opened(cfg, model, log) as job:
         written = _write(cfg, model, job) if job.todo else 0

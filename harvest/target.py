@@ -20,9 +20,20 @@ from typing import Any, NamedTuple
 
 import zarr
 from tide.harvest.config import HarvestConfig
-from tide.store.outputs import check_replaceable, is_tide_store, replace
+from tide.store.open import (
+    LocationError,
+    Where,
+    bucket,
+    bucket_exists,
+    list_top,
+    read_json,
+    read_only,
+    where,
+    zarr_store,
+)
+from tide.store.outputs import check_replaceable, is_tide_store, remote_foreign, replace, replace_remote
 from tide.store.reader import StoreError, open_store
-from tide.store.schema import StoreMeta
+from tide.store.schema import FORMAT, StoreMeta
 from tide.store.writer import create_store
 
 try:
@@ -83,12 +94,71 @@ def _complete(root: zarr.Group, meta: StoreMeta) -> bool:
 def inspect_out(cfg: HarvestConfig, meta: StoreMeta) -> Target:
     """Decide, reading only, what the harvest does with cfg.out; raise HarvestError when it must not write."""
     out, every = cfg.out, list(range(meta.layout().num_sample_chunks))
+    loc = writable_out(out)
+    if not loc.local:
+        return _inspect_remote(cfg, meta, loc)
     if out.exists() and (not out.is_dir() or out.is_symlink()):
         raise HarvestError(f"--out {out} is a file; give a folder path for the Zarr store")
     if not out.exists() or not any(out.iterdir()):
         return Target(meta, resume=False, replace=False, todo=every)
     if not is_tide_store(out):
         check_replaceable(out, "store")  # raises, naming what the folder holds
+    return _inspect_store(cfg, meta, lambda: check_replaceable(out, "store"))
+
+
+def writable_out(out: Path | str) -> Where:
+    """--out classified; a read-only location (http, zip, hf) or an unknown scheme is refused here."""
+    try:
+        loc = where(out)
+    except LocationError as e:
+        raise HarvestError(f"--out {e}") from None
+    if not loc.writable:
+        raise HarvestError(f"--out {read_only(loc)}")
+    return loc
+
+
+def _inspect_remote(cfg: HarvestConfig, meta: StoreMeta, loc: Where) -> Target:
+    """inspect_out for an object store: a missing or empty prefix is new; only a tide store (recognised by its
+    zarr.json) with nothing else under it is resumed or replaced."""
+    every = list(range(meta.layout().num_sample_chunks))
+    try:
+        zstore = zarr_store(loc, "w")
+        doc = read_json(zstore, loc)
+        if doc is None and not bucket_exists(zstore, loc):
+            raise LocationError(
+                f"{loc.text}: the bucket {bucket(loc)!r} does not exist; create it or fix the URL"
+            )
+        names = list_top(zstore)
+    except LocationError as e:
+        raise HarvestError(str(e)) from e.__cause__
+    foreign = remote_foreign(zstore, names)
+
+    def refuse_foreign() -> None:
+        if foreign:
+            raise HarvestError(
+                f"--out {loc.text} holds {', '.join(foreign[:4])}, which tide did not write; it replaces only its "
+                "own stores, even with --overwrite: choose another --out, or delete those keys yourself"
+            )
+
+    if doc is None:
+        if not names:
+            return Target(meta, resume=False, replace=False, todo=every)
+        raise HarvestError(
+            f"--out {loc.text} is not a tide store: it holds {', '.join(names[:4])} but no zarr.json; tide replaces "
+            "only its own stores, even with --overwrite: choose another --out"
+        )
+    if (doc.get("attributes") or {}).get("format") != FORMAT:
+        raise HarvestError(
+            f"--out {loc.text} is a Zarr store but not a tide store; tide replaces only its own stores, even with "
+            "--overwrite: choose another --out"
+        )
+    return _inspect_store(cfg, meta, refuse_foreign)
+
+
+def _inspect_store(cfg: HarvestConfig, meta: StoreMeta, replaceable) -> Target:
+    """inspect_out for an --out holding a tide store: resume it, or replace it (`replaceable()` raises when the
+    store may not be replaced) with --overwrite."""
+    out, every = cfg.out, list(range(meta.layout().num_sample_chunks))
     try:
         old = open_store(out)
     except StoreError as e:
@@ -101,7 +171,7 @@ def inspect_out(cfg: HarvestConfig, meta: StoreMeta) -> Target:
         diffs = differences(old.meta, meta)
         if not diffs:
             if not _complete(old.root, old.meta):  # its creation was cut short: no sample is in it
-                check_replaceable(out, "store")
+                replaceable()
                 return Target(meta, resume=False, replace=True, todo=every)
             done, lay = old.done(), old.layout
             todo = [c for c in every if not done[lay.sample_chunk(c)].all()]
@@ -112,7 +182,7 @@ def inspect_out(cfg: HarvestConfig, meta: StoreMeta) -> Target:
                 + "\n  ".join(diffs)
                 + "\nPass --overwrite to replace it, or choose another --out."
             )
-    check_replaceable(out, "store")  # only a tide store, with nothing else in its folder, is replaced
+    replaceable()  # only a tide store, with nothing else in its folder, is replaced
     return Target(meta, resume=False, replace=True, todo=every)
 
 
@@ -126,9 +196,12 @@ def _lock_holder(fd: int) -> str:
 
 
 @contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """Hold the harvest lock of `out` (a hidden `.NAME.lock` beside it, which must exist) for the block."""
-    if fcntl is None:
+def locked(out: Path | str) -> Iterator[None]:
+    """Hold the harvest lock of `out` (a hidden `.NAME.lock` beside it, which must exist) for the block.
+
+    An object store (s3://, gs://) has no lock: two harvests of one URL at once are not stopped there.
+    """
+    if fcntl is None or not where(out).local:
         yield
         return
     lock = out.parent / f".{out.name}.lock"
@@ -163,13 +236,16 @@ def open_target(
     cfg: HarvestConfig, target: Target, arrays: dict[str, Any], log
 ) -> tuple[zarr.Group, StoreMeta]:
     """The open store to write into: resumed, or (re)created; a creation that fails leaves no store behind."""
-    out = cfg.out
+    out, loc = cfg.out, where(cfg.out)
     if target.resume:
-        return zarr.open_group(str(out), mode="r+", zarr_format=3), target.meta
+        return zarr.open_group(zarr_store(loc, "w"), mode="r+", zarr_format=3), target.meta
     if target.replace:
         log(f"overwriting {out}")
-        replace(out, "store")
-    existed = out.exists()
+        if loc.local:
+            replace(out, "store")
+        else:
+            replace_remote(zarr_store(loc, "w"))
+    existed = loc.local and out.exists()
     shape = None
     if cfg.save_images:
         c, h, w = arrays["image_shape"]
@@ -185,9 +261,13 @@ def open_target(
             shape,
         )
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)  # a half-made store holds no sample: nothing is lost
-        if existed:
-            out.mkdir(exist_ok=True)
+        # A half-made store holds no sample: nothing is lost.
+        if loc.local:
+            shutil.rmtree(out, ignore_errors=True)
+            if existed:
+                out.mkdir(exist_ok=True)
+        else:
+            replace_remote(zarr_store(loc, "w"))
         raise
     return root, target.meta
 

@@ -6,16 +6,23 @@ restored, or its samples reset (`reset_damaged`) and harvested again.
 
 from __future__ import annotations
 
+import io
 import math
+import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import zarr
+from tide.store.open import where, zarr_store
 from tide.store.reader import (
     ChunkError,
     Store,
+    _fetch,
+    _store_root,
     checksummed,
     chunk_error,
     chunk_file,
@@ -35,7 +42,12 @@ from tide.store.schema import (
 )
 
 
-def disk_bytes(path: Path) -> int:
+def disk_bytes(path: Path | str) -> int | None:
+    """Bytes of a local store's files (of the zip file, when packed); None for a URL."""
+    if isinstance(path, str):
+        return None
+    if path.is_file():
+        return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -84,7 +96,7 @@ class Verdict(NamedTuple):
     """samples_done < num_samples: a sound store whose harvest has not finished (or was interrupted)."""
 
 
-def verify(path: Path, check_values: bool = True) -> Verdict:
+def verify(path: Path | str, check_values: bool = True) -> Verdict:
     """Every problem found in a store. Every chunk of every done sample must exist with a plausible size;
     with check_values, each is also read (checksum, decoding), checked for non-finite values, and summed
     against the writer's statistics."""
@@ -154,14 +166,13 @@ def _check_files(
     smallest, largest = chunk_size_bounds(raw, codec, bool(trailer))
     bad, sound = [], []
     for coords in _chunks_of(arr, lay, sample_chunks):
-        file = Path(chunk_file(arr, coords))
         try:
-            size = file.stat().st_size
-            if not smallest <= size <= largest:
-                want = f"{smallest}" if smallest == largest else f"{smallest} to {largest}"
-                problem = f"has {size} bytes, expected {want} (truncated or overwritten)"
-            else:
-                problem = _frame_problem(file, codec, raw, size - trailer)
+            with _open_chunk(arr, coords) as (f, size):
+                if not smallest <= size <= largest:
+                    want = f"{smallest}" if smallest == largest else f"{smallest} to {largest}"
+                    problem = f"has {size} bytes, expected {want} (truncated or overwritten)"
+                else:
+                    problem = _frame_problem(f, codec, raw, size - trailer)
         except FileNotFoundError:
             problem = missing_problem(arr)
         if problem:
@@ -171,30 +182,42 @@ def _check_files(
     return bad, sound
 
 
-def _frame_problem(file: Path, codec: str, raw: int, payload: int) -> str | None:
+@contextmanager
+def _open_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> Iterator[tuple[BinaryIO, int]]:
+    """(the chunk's bytes as a file, its size): the file of a local store, read lazily; a remote or zip
+    store's chunk fetched whole. FileNotFoundError when it is not there."""
+    file = chunk_file(arr, coords)
+    if _store_root(arr) is None:
+        data = _fetch(arr, file)
+        yield io.BytesIO(data), len(data)
+        return
+    with open(file, "rb") as f:
+        yield f, os.fstat(f.fileno()).st_size
+
+
+def _frame_problem(f: BinaryIO, codec: str, raw: int, payload: int) -> str | None:
     """Whether the header of a compressed chunk agrees with the file: the sizes it records (blosc), or the
     blocks it chains (zstd), must end where the payload ends. Catches a truncated file without decoding it."""
-    with open(file, "rb") as f:
-        if codec == "blosc-zstd":
-            head = f.read(16)
-            if len(head) < 16:
-                return f"has {len(head)} bytes, fewer than a blosc header"
-            nbytes, _, cbytes = struct.unpack("<III", head[4:16])
-            if nbytes != raw:
-                return f"has a blosc header for {nbytes} bytes of values, expected {raw}"
-            if cbytes != payload:
-                return (
-                    f"has {payload} bytes of blosc frame, its header says {cbytes} (truncated or overwritten)"
-                )
-        elif codec == "zstd":
-            try:
-                content, length = _zstd_frame(f)
-            except ValueError as e:
-                return f"is not a whole zstd frame ({e})"
-            if content is not None and content != raw:
-                return f"has a zstd frame of {content} bytes of values, expected {raw}"
-            if length != payload:
-                return f"has {payload} bytes of zstd frame, its blocks add up to {length} (truncated or overwritten)"
+    if codec == "blosc-zstd":
+        head = f.read(16)
+        if len(head) < 16:
+            return f"has {len(head)} bytes, fewer than a blosc header"
+        nbytes, _, cbytes = struct.unpack("<III", head[4:16])
+        if nbytes != raw:
+            return f"has a blosc header for {nbytes} bytes of values, expected {raw}"
+        if cbytes != payload:
+            return f"has {payload} bytes of blosc frame, its header says {cbytes} (truncated or overwritten)"
+    elif codec == "zstd":
+        try:
+            content, length = _zstd_frame(f)
+        except ValueError as e:
+            return f"is not a whole zstd frame ({e})"
+        if content is not None and content != raw:
+            return f"has a zstd frame of {content} bytes of values, expected {raw}"
+        if length != payload:
+            return (
+                f"has {payload} bytes of zstd frame, its blocks add up to {length} (truncated or overwritten)"
+            )
     return None
 
 
@@ -271,11 +294,11 @@ def _check_values(
     return bad
 
 
-def reset_damaged(path: Path, damaged: list[ChunkError]) -> list[slice]:
+def reset_damaged(path: Path | str, damaged: list[ChunkError]) -> list[slice]:
     """Mark the samples of damaged chunks not done, so that re-running the store's harvest command writes
     them again (a harvest redoes every sample chunk that is not done). Returns the sample ranges reset."""
     ranges = sorted({(e.samples.start, e.samples.stop) for e in damaged if e.samples is not None})
-    done = zarr.open_array(str(path / "done"), mode="r+", zarr_format=3)
+    done = zarr.open_array(zarr_store(where(path), "w"), path="done", mode="r+", zarr_format=3)
     for start, stop in ranges:
         done[start:stop] = np.zeros(stop - start, dtype=bool)
     return [slice(a, b) for a, b in ranges]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tide.store.schema import FORMAT
 
@@ -32,6 +32,10 @@ RUN_FILES = frozenset(
 
 SAE_FILES = frozenset({"sae.json", "sae.safetensors", "eval.json"})
 """Files of one SAE folder (with their `.tmp` names while being replaced)."""
+
+
+STORE_FILES = frozenset({"zarr.json", "README.md"})
+"""Files at the top of a tide store: the root group's metadata and the dataset card (store/card.py)."""
 
 
 class OutputError(ValueError):
@@ -74,9 +78,9 @@ def foreign_entries(path: Path, kind: Kind) -> list[str]:
             continue  # an empty folder (a write killed just after making it): nothing to lose
         if kind == "store":
             # A tide store holds its root zarr.json (and zarr's temporary `.partial` files while one is being
-            # replaced) and one folder per array or group, nothing else.
+            # replaced), its dataset card README.md, and one folder per array or group, nothing else.
             ours = (
-                p.name == "zarr.json"
+                p.name in STORE_FILES
                 or p.name.endswith(".partial")
                 or (folder and (p / "zarr.json").is_file())
             )
@@ -138,3 +142,25 @@ def nested(a: Path, b: Path) -> bool:
     """`a` and `b` are the same folder, or one lies inside the other (after resolving links)."""
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
+
+
+# --- object stores (s3://, gs://): no folders, only keys ---------------------------------------------------
+
+
+def remote_foreign(zstore: Any, names: list[str]) -> list[str]:
+    """Top-level names of an object store that are not a tide store's: its files, or prefixes with a zarr.json."""
+    from zarr.core.sync import sync
+
+    found = []
+    for name in names:
+        if name in STORE_FILES or sync(zstore.exists(f"{name}/zarr.json")):
+            continue
+        found.append(name)
+    return found
+
+
+def replace_remote(zstore: Any) -> None:
+    """Delete every key of a tide store (the caller has checked it is one, with nothing foreign)."""
+    from zarr.core.sync import sync
+
+    sync(zstore.clear())

@@ -14,6 +14,7 @@ import google_crc32c  # zarr's crc32c codec uses it too
 import numpy as np
 import zarr
 from pydantic import ValidationError
+from tide.store.open import LocationError, Where, bucket, bucket_exists, read_json, where, zarr_store
 from tide.store.schema import (
     ACT_DIMS,
     CHECKSUM_BYTES,
@@ -48,7 +49,8 @@ class StepStats(NamedTuple):
 class Store:
     """An open tide store."""
 
-    path: Path
+    path: Path | str
+    """The folder or .zip file, or the URL of a remote store."""
     root: zarr.Group
     meta: StoreMeta
 
@@ -102,16 +104,27 @@ def moments(count: np.ndarray, total: np.ndarray, sumsq: np.ndarray) -> StepStat
 
 
 def open_store(path: str | Path) -> Store:
-    """Open a store for reading, with an error that says what is wrong when it is not a tide store."""
-    path = Path(path)
-    if not path.exists():
-        raise StoreError(f"store {path} does not exist; create one with `tide harvest --out {path}`")
-    if not (path / "zarr.json").is_file():
-        raise StoreError(
-            f"{path} is not a Zarr v3 store (no zarr.json); is it the folder `tide harvest --out` wrote?"
-        )
+    """Open a store (a folder, a URL or a packed .zip; see store/open.py) for reading, with an error that says
+    what is wrong when it is not a tide store."""
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        loc = where(path)
+        if loc.scheme == "local":
+            path = loc.path
+            if not path.exists():
+                raise StoreError(f"store {path} does not exist; create one with `tide harvest --out {path}`")
+            if not (path / "zarr.json").is_file():
+                raise StoreError(
+                    f"{path} is not a Zarr v3 store (no zarr.json); is it the folder `tide harvest --out` wrote?"
+                )
+        else:
+            path = loc.path or loc.text
+        zstore = zarr_store(loc)
+        if loc.scheme != "local" and read_json(zstore, loc) is None:
+            raise StoreError(_absent(zstore, loc))
+    except LocationError as e:
+        raise StoreError(str(e)) from e.__cause__
+    try:
+        root = zarr.open_group(zstore, mode="r", zarr_format=3)
     except Exception as e:
         raise StoreError(f"{path} could not be opened as a Zarr v3 group: {e}") from e
     attrs = dict(root.attrs)
@@ -131,6 +144,22 @@ def open_store(path: str | Path) -> Store:
     except ValidationError as e:
         raise StoreError(f"{path} has invalid tide metadata: {e}") from e
     return Store(path=path, root=root, meta=meta)
+
+
+def _absent(zstore, loc: Where) -> str:
+    """Why a remote or zip store has no zarr.json, as one line."""
+    if not bucket_exists(zstore, loc):
+        return f"{loc.text}: the bucket {bucket(loc)!r} does not exist; create it or fix the URL"
+    if loc.scheme in ("http", "https"):
+        return (
+            f"{loc.text}/zarr.json was not found (HTTP 404): no store is served at {loc.text}; check the URL "
+            "(it names the store folder, e.g. https://host/data/h.zarr)"
+        )
+    if loc.scheme == "zip":
+        return (
+            f"{loc.text} holds no zarr.json at its top; make the zip with `tide store pack STORE {loc.text}`"
+        )
+    return f"store {loc.text} does not exist; create one with `tide harvest --out {loc.text}`"
 
 
 # --- reading whole chunks (the training loader's path) ---------------------------------------------
@@ -273,14 +302,13 @@ def _direct_codec(arr: zarr.Array) -> _Direct | bool:
         return cached[0]
     from numcodecs import Blosc, Zstd
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
-    from zarr.storage import LocalStore
 
     codecs, direct = list(arr.metadata.codecs), False
     checksum = bool(codecs) and isinstance(codecs[-1], Crc32cCodec)
     if checksum:
         codecs = codecs[:-1]
     little = np.dtype(arr.dtype).byteorder in "<|=" and np.little_endian
-    if isinstance(arr.store, LocalStore) and codecs and isinstance(codecs[0], BytesCodec) and little:
+    if codecs and isinstance(codecs[0], BytesCodec) and little:
         if len(codecs) == 1:
             direct = _Direct(None, checksum)
         elif len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
@@ -304,12 +332,20 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
     coords = tuple(s.start // c for s, c in zip(selection, shape, strict=True))
     if any((s.stop - 1) // c != i for s, c, i in zip(selection, shape, coords, strict=True)):
         return False
-    path = Path(arr.store.root) / arr.path / arr.metadata.encode_chunk_key(coords)
     whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
     trailer = CHECKSUM_BYTES if checksum else 0
     raw_bytes = math.prod(shape) * out.itemsize
+    key = (
+        f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+        if arr.path
+        else arr.metadata.encode_chunk_key(coords)
+    )
+    root = _store_root(arr)
     try:
-        if whole and codec is None and out.flags.c_contiguous:
+        if root is None:
+            data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
+        elif whole and codec is None and out.flags.c_contiguous:
+            path = root / key
             with open(path, "rb", buffering=0) as f:  # an uncompressed chunk is its bytes: one copy
                 n = f.readinto(memoryview(out).cast("B"))
                 rest = f.read(trailer + 1)
@@ -319,7 +355,8 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
             if checksum:
                 _check(arr, coords, out.reshape(-1).view(np.uint8), rest)
             return True
-        data = path.read_bytes()
+        else:
+            data = (root / key).read_bytes()
     except FileNotFoundError:
         _missing(arr, coords)
         out[...] = arr.metadata.fill_value
@@ -343,6 +380,18 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
     except Exception as e:
         raise chunk_error(arr, coords, f"could not be decoded ({type(e).__name__}: {e})") from e
     return True
+
+
+def _fetch(arr: zarr.Array, key: str) -> bytes:
+    """A chunk's bytes from any zarr store (FileNotFoundError when it is not there). Each of the loader's read
+    threads waits on its own request, so as many chunks are in flight as there are read threads."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(arr.store.get(key, prototype=default_buffer_prototype()))
+    if buf is None:
+        raise FileNotFoundError(key)
+    return buf.to_bytes()
 
 
 def _check(arr: zarr.Array, coords: tuple[int, ...], payload: np.ndarray, stored: bytes) -> None:

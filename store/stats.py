@@ -13,21 +13,21 @@ Shape key: C sample chunks, S stored steps, D model width.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import zarr
+from tide.store.open import where, zarr_store
 from tide.store.reader import (
     Store,
     StoreError,
     chunk_error,
-    chunk_file,
     missing_problem,
     moments,
     read_into,
 )
 from tide.store.schema import as_float
+from zarr.core.sync import sync
 
 
 class ChunkSums(NamedTuple):
@@ -97,7 +97,8 @@ def missing_chunks(store: Store, name: str, sample_chunks: list[int]) -> list[tu
     """Chunks of `name` in `sample_chunks` whose files are not there."""
     arr = store.array(name)
     coords = [(*chunk, 0) for chunk in store.layout.chunks(sample_chunks)]
-    return [c for c in coords if not Path(chunk_file(arr, c)).is_file()]
+    prefix = f"{arr.path}/" if arr.path else ""
+    return [c for c in coords if not sync(arr.store.exists(prefix + arr.metadata.encode_chunk_key(c)))]
 
 
 def _client(address: str):
@@ -139,7 +140,7 @@ def difference(a: ChunkSums, b: ChunkSums) -> float:
 
 def write_sums(store: Store, name: str, sums: ChunkSums) -> None:
     """Overwrite the stored sums of `sums.chunks` (opens the store for writing)."""
-    g = zarr.open_group(str(store.path / "stats" / name), mode="r+", zarr_format=3)
+    g = zarr.open_group(zarr_store(where(store.path), "w"), path=f"stats/{name}", mode="r+", zarr_format=3)
     for i, c in enumerate(sums.chunks):
         g["count"][c] = sums.count[i]
         g["sum"][c] = sums.sum[i]

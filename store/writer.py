@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from tide.store.open import where, zarr_store
 from tide.store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
@@ -57,7 +58,7 @@ def _compressor(codec: str, itemsize: int) -> list[Any]:
 
 
 def create_store(
-    path: Path,
+    path: Path | str,
     meta: StoreMeta,
     timesteps: np.ndarray,
     seeds: np.ndarray,
@@ -65,9 +66,12 @@ def create_store(
     prompt_index: np.ndarray | None,
     save_images_shape: tuple[int, int, int] | None = None,
 ) -> zarr.Group:
-    """Create every array of a new store (empty where data comes later) and write the metadata."""
+    """Create every array of a new store (empty where data comes later) at a folder or s3/gs URL, and write
+    the metadata."""
     lay = meta.layout()
-    root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json"))
+    root = zarr.open_group(
+        zarr_store(where(path), "w"), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json")
+    )
     n, s = lay.num_samples, lay.num_steps
     root.create_array("timesteps", data=timesteps.astype(np.float64), dimension_names=["step"])
     root.create_array(
@@ -115,6 +119,12 @@ def create_store(
             fill_value=0,
             dimension_names=["sample", "height", "width", "channel"],
         )
+    # The CF `coordinates` attribute: xarray makes these coordinates of every activation array (not data
+    # variables), so `ds.set_xindex("timesteps").sel(timesteps=...)` and `ds.where(ds.label == 3)` work.
+    per_sample = ["seed", "label" if labels is not None else "prompt_index", "done"]
+    coordinates = " ".join(
+        ["timesteps", "step_index", *per_sample, *(["token_index"] if meta.tokens.subsampled else [])]
+    )
     dtype = numpy_storage_dtype(meta.dtype)
     stats = root.create_group("stats")
     for name in meta.act_names():
@@ -127,7 +137,7 @@ def create_store(
             compressors=compressors(meta.codec, dtype.itemsize),
             config=WRITE_EVERY_CHUNK,
             dimension_names=list(ACT_DIMS),
-            attributes={"logical_dtype": meta.dtype, "coordinates": "timesteps step_index"},
+            attributes={"logical_dtype": meta.dtype, "coordinates": coordinates},
         )
         g = stats.create_group(name)
         c = lay.num_sample_chunks

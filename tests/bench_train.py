@@ -16,6 +16,7 @@ to make stores without running a diffusion model.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -244,6 +245,48 @@ def reader_figures(args: argparse.Namespace, work: Path) -> dict[str, float]:
     return figures
 
 
+def bench_s3(store: Store, batch_size: int) -> dict[str, float]:
+    """One shuffled epoch of ActivationLoader from a moto S3 server on 127.0.0.1 over the same epoch from the
+    local folder (one run each: a figure for "can a remote store feed a GPU", not a fine measurement)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from tide.train.data import ActivationLoader
+
+    from tests.test_remote import clear_s3fs_cache, upload
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    env["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    clear_s3fs_cache()
+    try:
+        boto3.client("s3").create_bucket(Bucket="tide-bench")
+        remote = open_store(upload(Path(store.path), "s3://tide-bench/r.zarr"))
+
+        def rate(s: Store) -> float:
+            name = s.meta.act_names()[0]
+            loader = ActivationLoader(s, [name], s.done_chunks(), batch_size, seed=0)
+            start, rows = time.perf_counter(), 0
+            for b in loader.batches(epochs=1):
+                rows += len(b.t_B)
+            return rows / (time.perf_counter() - start)
+
+        rate(store)  # warm the page cache
+        local, s3 = rate(store), rate(remote)
+    finally:
+        server.stop()
+        clear_s3fs_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"reader_s3_rows_per_s": s3, "reader_s3_vs_local_ratio": s3 / local}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -278,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             values="random",
         )
         figures |= bench_train(store, work, args.train_steps, args.batch_size, args.repeats)
+        figures |= bench_s3(store, args.batch_size)
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"torch_threads: {torch.get_num_threads()}")
     print(f"read_threads: {read_threads}")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from tide.store.open import is_url
 from tide.store.outputs import check_replaceable, nested, replace
 from tide.train.data import Split
 from tide.train.sae import SAE, SAEConfig, build_sae
@@ -188,7 +189,7 @@ def prepare_out(cfg: TrainConfig, store_identity: str, device: torch.device) -> 
     Only a tide training run is ever replaced (store/outputs.py), and never a folder holding the store or
     inside it."""
     out = cfg.out
-    if nested(out, cfg.store):
+    if not is_url(cfg.store) and nested(out, cfg.store):  # a URL is never inside a local --out
         raise CheckpointError(
             f"--out {out} and --store {cfg.store} are the same folder or one holds the other: the SAEs need a "
             "folder of their own (replacing the run would delete the store). Choose another --out, such as "

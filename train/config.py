@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from tide.store.open import as_location
 from tide.store.schema import StoreMeta, act_name
 from tide.train.sae import Arch, SAEConfig
 
@@ -48,7 +49,7 @@ class TrainConfig(BaseModel):
     # use_attribute_docstrings: the docstring under each field is its description (README's reference table).
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    store: Path = Path("runs/digits.zarr")
+    store: Path | str = Path("runs/digits.zarr")
     """The tide store to train on (`tide harvest --out`)."""
     out: Path = Path("runs/saes")
     """Folder for the SAEs, the metrics and the resume state."""
@@ -136,6 +137,12 @@ class TrainConfig(BaseModel):
             if type(max_steps) is int and 0 < max_steps <= DEFAULT_WARMUP:
                 data = {**data, "warmup_steps": max_steps // 10}
         return data
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _location(cls, value: Any) -> Any:
+        # A URL stays a string (Path would fold `s3://b/x` into `s3:/b/x`); anything else is a Path.
+        return as_location(value) if isinstance(value, str | Path) else value
 
     @field_validator("archs", "k", mode="before")
     @classmethod

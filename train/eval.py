@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tide.store.open import is_url
 from tide.store.reader import Store, open_store
 from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
 from tide.train.data import ActivationLoader
@@ -244,7 +245,7 @@ def eval_file(buckets: int) -> str:
 
 def evaluate_folders(
     paths: Sequence[Path],
-    store: Path | None = None,
+    store: Path | str | None = None,
     log: Callable[[str], None] | None = None,
     **kwargs: Any,
 ) -> list[EvalResult]:
@@ -257,7 +258,8 @@ def evaluate_folders(
         raise ValueError(
             f"the SAEs come from {len(stores)} stores ({', '.join(sorted(stores))}); evaluate them apart"
         )
-    if store is None and not Path(next(iter(stores))).exists():
+    recorded = next(iter(stores))
+    if store is None and not is_url(recorded) and not Path(recorded).exists():
         raise ValueError(
             f"the store these SAEs were trained on, {next(iter(stores))} (recorded in their sae.json), is not "
             "there any more; pass --store PATH to the same store's new location"

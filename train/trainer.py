@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from tide.store.device import resolve_device
+from tide.store.open import canonical
 from tide.store.outputs import nested
 from tide.store.reader import Store, configure_read_threads, open_store
 from tide.train.adaln import AdaLNInitError, init_from_dit, load_transformer
@@ -224,7 +225,7 @@ def _build(
         members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
     if state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state instead
         _init_modulation(members, cfg, store, split, log)
-    store_ref = StoreRef(path=str(store.path.resolve()), identity=store.identity())
+    store_ref = StoreRef(path=canonical(store.path), identity=store.identity())
     run = Run(members, total, store_ref, split, step_range)
     if state is not None:
         for m in members:

@@ -1,0 +1,327 @@
+"""Stores at URLs (issue 10), against real servers on loopback that the tests start and stop: moto's S3
+server for s3:// and http.server for http://."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from safetensors.numpy import load_file
+from tide.cli import app
+from tide.harvest.config import DEMO_MODEL
+from tide.store.open import where, zarr_store
+from tide.store.reader import open_store
+from tide.train.config import TrainConfig
+from tide.train.trainer import train
+from typer.testing import CliRunner
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from tests.bench_train import synthetic_store
+
+runner = CliRunner()
+BUCKET = "tide-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket; AWS_* point at it for the module. Yields the env."""
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    clear_s3fs_cache()  # fsspec caches filesystems, and the endpoint from the environment is not in its key
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+        clear_s3fs_cache()
+
+
+def clear_s3fs_cache() -> None:
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def serve():
+    """serve(folder) -> the http:// URL of a web server on 127.0.0.1 serving `folder`; stopped after the test."""
+    servers = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(Quiet, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def upload(folder: Path, url: str) -> str:
+    """Copy a local store to an s3:// URL key by key (what `aws s3 sync` would do)."""
+    src, dst = zarr_store(where(folder)), zarr_store(where(url), "w")
+
+    async def copy() -> None:
+        async for key in src.list():
+            await dst.set(key, await src.get(key, prototype=default_buffer_prototype()))
+
+    sync(copy())
+    return url
+
+
+def arrays(root: zarr.Group) -> dict[str, np.ndarray]:
+    names = [n for n, _ in root.arrays()] + [
+        f"stats/{g}/{a}" for g, grp in root["stats"].groups() for a, _ in grp.arrays()
+    ]
+    return {n: root[n][:] for n in names}
+
+
+def demo_args(out) -> list[str]:
+    return [
+        "harvest",
+        "--model",
+        str(DEMO_MODEL),
+        "--out",
+        str(out),
+        "--num-samples",
+        "4",
+        "--num-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+
+
+def test_harvest_into_s3_equals_local_bitwise(s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the old bug wrote a local folder `s3:/...`: it must not appear here
+    url = f"s3://{BUCKET}/demo.zarr"
+    remote = runner.invoke(app, demo_args(url))
+    assert remote.exit_code == 0, remote.output
+    assert "free-disk check is skipped for an object store" in remote.output
+    assert not (tmp_path / "s3:").exists()
+    assert sync(zarr_store(where(url)).exists("README.md")), "the harvest writes the dataset card"
+    local = runner.invoke(app, demo_args(tmp_path / "demo.zarr"))
+    assert local.exit_code == 0, local.output
+    a, b = arrays(open_store(url).root), arrays(open_store(tmp_path / "demo.zarr").root)
+    assert a.keys() == b.keys() and "resid_l00" in a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    again = runner.invoke(app, demo_args(url))
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def _tiny_args(model, out) -> list[str]:
+    args = ["harvest", "--model", str(model), "--out", str(out), "--num-samples", "8", "--num-steps", "60"]
+    args += ["--batch-size", "2", "--token-fraction", "0.5", "--device", "cpu", "--no-progress"]
+    return [sys.executable, "-c", "from tide.cli import app; app()", *args]
+
+
+def _done(url: str) -> np.ndarray | None:
+    try:
+        return zarr.open_array(zarr_store(where(url)), path="done", mode="r")[:]
+    except Exception:  # not created yet
+        return None
+
+
+def test_killed_harvest_into_s3_resumes_to_the_uninterrupted_result(s3, tiny_dit, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    url = f"s3://{BUCKET}/killed.zarr"
+    proc = subprocess.Popen(
+        _tiny_args(tiny_dit, url), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = _done(url)
+        if done is not None and 0 < done.sum() < len(done) - 2:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _done(url)
+    assert 0 < partial.sum() < len(partial), "the kill must land mid-run"
+    resumed = subprocess.run(_tiny_args(tiny_dit, url), env=env, capture_output=True, text=True, check=True)
+    assert f"{int(partial.sum())} already done" in resumed.stderr
+    clean = tmp_path / "clean.zarr"
+    subprocess.run(_tiny_args(tiny_dit, clean), env=env, capture_output=True, check=True)
+    a, b = arrays(open_store(url).root), arrays(open_store(clean).root)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("remote") / "s.zarr"
+    synthetic_store(folder, num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random")
+    return folder
+
+
+def _train_cfg(store, out) -> TrainConfig:
+    return TrainConfig(
+        store=store,
+        out=out,
+        k=(4,),
+        expansion=2,
+        batch_size=32,
+        max_steps=4,
+        warmup_steps=1,
+        val_fraction=0.25,
+        window_rows=128,
+        progress=False,
+        device="cpu",
+    )
+
+
+def _weights(result) -> dict[str, np.ndarray]:
+    return {f"{p.name}/{k}": v for p in result.saes for k, v in load_file(p / "sae.safetensors").items()}
+
+
+def test_train_from_s3_gives_the_weights_of_the_local_copy(s3, small, tmp_path):
+    url = upload(small, f"s3://{BUCKET}/train.zarr")
+    remote = train(_train_cfg(url, tmp_path / "remote"), log=lambda m: None)
+    local = train(_train_cfg(small, tmp_path / "local"), log=lambda m: None)
+    a, b = _weights(remote), _weights(local)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_info_and_verify_over_http(small, serve):
+    url = serve(small.parent) + "/s.zarr"
+    info = runner.invoke(app, ["store", "info", url])
+    assert info.exit_code == 0 and "16 / 16" in info.output, info.output
+    ok = runner.invoke(app, ["store", "verify", url])
+    assert ok.exit_code == 0 and f"ok: {url} is a sound tide store" in ok.output, ok.output
+
+
+# --- bad input: one line naming the URL and the fix ----------------------------------------------------
+
+
+def _one_line_error(args: list[str], *expected: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0, result.output
+    line = result.output.strip()
+    assert "Traceback" not in line and len(line.splitlines()) == 1, line
+    for text in expected:
+        assert text in line, line
+
+
+def test_unknown_scheme():
+    _one_line_error(
+        ["store", "info", "ftp://host/x.zarr"], "ftp://host/x.zarr", "unknown scheme 'ftp://'", "s3://"
+    )
+
+
+def test_missing_optional_dependency(monkeypatch):
+    import fsspec  # noqa: F401
+
+    registry = sys.modules["fsspec.registry"]  # `fsspec.registry` is the read-only view of it
+    monkeypatch.delitem(registry._registry, "s3", raising=False)
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # import s3fs now fails, as when it is not installed
+    _one_line_error(["store", "info", f"s3://{BUCKET}/x.zarr"], f"s3://{BUCKET}/x.zarr", "pip install s3fs")
+
+
+def test_missing_credentials(s3, monkeypatch):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    url = f"s3://{BUCKET}/x.zarr"
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made with the credentials
+    try:
+        _one_line_error(["store", "info", url], url, "no credentials", "AWS_ACCESS_KEY_ID")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_missing_bucket(s3):
+    url = "s3://no-such-bucket/x.zarr"
+    _one_line_error(["store", "info", url], url, "bucket 'no-such-bucket' does not exist")
+    _one_line_error(demo_args(url), url, "bucket 'no-such-bucket' does not exist")
+
+
+def test_missing_store_in_a_bucket(s3):
+    url = f"s3://{BUCKET}/nothing-here.zarr"
+    _one_line_error(["store", "info", url], url, "does not exist", f"tide harvest --out {url}")
+
+
+def test_http_404(small, serve):
+    url = serve(small.parent) + "/missing.zarr"
+    _one_line_error(["store", "info", url], url, "HTTP 404", "check the URL")
+    _one_line_error(["store", "verify", url], url, "HTTP 404")
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        "http://127.0.0.1:1/x.zarr",
+        "https://example.org/x.zarr",
+        "hf://datasets/org/name/x.zarr",
+        "x.zarr.zip",
+    ],
+)
+def test_read_only_url_as_out(out):
+    # Refused before the model is loaded or anything is written.
+    _one_line_error(demo_args(out), out, "tide only reads", "s3://")
+
+
+def test_hf_url_reaches_huggingface_hubs_filesystem(monkeypatch):
+    # The hub cannot be reached from the test machine: check the URL handling up to the filesystem call.
+    from zarr.storage import FsspecStore
+
+    seen = {}
+
+    def from_url(url, storage_options=None, read_only=False):
+        seen.update(url=url, read_only=read_only)
+        raise ImportError("no network in tests")
+
+    monkeypatch.setattr(FsspecStore, "from_url", from_url)
+    url = "hf://datasets/org/name/h.zarr"
+    assert where(url).scheme == "hf" and not where(url).writable
+    _one_line_error(["store", "info", url + "/"], url, "pip install huggingface_hub")
+    assert seen == {"url": url, "read_only": True}
+    _one_line_error(["store", "info", "hf://org/name/h.zarr"], "hf://datasets/ORG/NAME/PATH.zarr")
