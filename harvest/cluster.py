@@ -192,7 +192,9 @@ def _run_tasks(client: Any, job: ClusterJob, todo: list[int], progress: bool) ->
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    [job_f] = client.scatter([job], broadcast=True)
+    # The job rides in the task graph rather than being scattered: the scheduler keeps it, so a worker
+    # that dies holding the only copy (--workers 1) costs a recompute of this task, not the run.
+    job_f = client.submit(_the_job, job, pure=False)
     futures = [client.submit(_chunk_task, job_f, c, pure=False) for c in todo]
     total = chunk_samples(job.meta, todo) * job.meta.num_inference_steps
     bar = tqdm(total=total, unit="img-step", disable=not progress, smoothing=0.1)
@@ -212,7 +214,12 @@ def _failure(future: Any, job: ClusterJob) -> HarvestError:
     """A one-paragraph HarvestError for a failed chunk future, without the remote traceback."""
     from distributed.scheduler import KilledWorker
 
-    e = future.exception()
+    e = future.exception() if future.status == "error" else None
+    if e is None:  # cancelled or lost, e.g. its input went with a worker the scheduler cannot replace
+        return HarvestError(
+            f"a chunk task of the harvest of {job.out} ended {future.status} (the cluster lost it); run the "
+            "same command again: it resumes"
+        )
     if isinstance(e, HarvestError):
         return HarvestError(str(e))
     if isinstance(e, KilledWorker):
@@ -225,6 +232,10 @@ def _failure(future: Any, job: ClusterJob) -> HarvestError:
 
 
 # --- the workers -------------------------------------------------------------------------------------
+
+
+def _the_job(job: ClusterJob) -> ClusterJob:
+    return job
 
 
 def _sees_store(out: str) -> tuple[bool, str]:

@@ -137,6 +137,18 @@ def test_worker_killed_mid_task_still_equal(client, reference, tmp_path):
     assert_same_store(out, reference)
 
 
+def test_the_only_worker_killed_mid_task_still_equal(reference, tmp_path):
+    """With one worker nothing else holds the job: it must come back from the scheduler after the restart."""
+    flag = tmp_path / "killed"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as one:
+            one.register_plugin(KillFirstWriter(str(flag)))
+            out = tmp_path / "cluster.zarr"
+            harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), one, log=lambda m: None)
+    assert flag.exists(), "no worker was killed"
+    assert_same_store(out, reference)
+
+
 def test_failing_task_stops_the_run_in_one_paragraph(client, tmp_path):
     client.register_plugin(DiskFull())
     try:
