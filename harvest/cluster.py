@@ -23,6 +23,7 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.model import LoadedModel
 from tide.harvest.run import HarvestResult, chunk_samples, load_for_harvest, opened
 from tide.harvest.target import HarvestError, os_error, writable_out, write_failure
+from tide.store.open import where
 from tide.store.schema import StoreMeta
 
 START_SCHEDULER = (
@@ -145,6 +146,12 @@ def harvest_on_cluster(cfg: HarvestConfig, client: Any, log: Callable[[str], Non
     shapes and scheduler) and holds the harvest lock while the workers write.
     """
     writable_out(cfg.out)  # a read-only URL or an unknown scheme, before loading the model
+    if not where(cfg.out).local:
+        raise HarvestError(
+            f"--out {cfg.out}: a harvest on a dask cluster writes into a folder the workers share; an object "
+            "store URL is not supported with --scheduler/--workers yet. Harvest into a shared folder and copy "
+            "it to the bucket, or harvest into the URL without --scheduler/--workers"
+        )
     model = load_for_harvest(cfg, device="cpu")
     with opened(cfg, model, log) as store:
         del model  # the workers load their own

@@ -265,3 +265,9 @@ def test_cli_unreachable_scheduler_in_one_paragraph(tmp_path):
     assert run.returncode == 2 and time.monotonic() - start < 30
     assert run.stderr.startswith("error: ") and address in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_an_object_store_out_is_refused_on_a_cluster(client):
+    cfg = HarvestConfig(out="s3://bucket/x.zarr", **SETTINGS)
+    with pytest.raises(HarvestError, match="not supported with --scheduler/--workers"):
+        harvest_on_cluster(cfg, client, log=lambda m: None)
