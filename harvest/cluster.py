@@ -100,9 +100,24 @@ def connect(
             cluster.close()
 
 
+# dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 to hand memory back to the OS. Setting it
+# also pins glibc's mmap threshold, so every activation tensor of a denoising step became a fresh mmap with
+# its page faults: the demo harvest ran 1.6x slower in a worker than in a plain process (25.0 s against
+# 15.4 s, one thread each). Workers started here keep glibc's reuse of large blocks instead.
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+
 def local_cluster(n: int) -> Any:
     """N worker processes on this machine: one per GPU, each pinned to its own device by
     CUDA_VISIBLE_DEVICES (dask-cuda's LocalCUDACluster when installed), or N single-threaded processes."""
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ"  # read when the nannies are made, below
+    with dask.config.set({key: {**dask.config.get(key, {}), **WORKER_MALLOC}}):
+        return _local_cluster(n)
+
+
+def _local_cluster(n: int) -> Any:
     import logging
 
     import torch

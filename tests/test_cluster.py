@@ -271,3 +271,18 @@ def test_an_object_store_out_is_refused_on_a_cluster(client):
     cfg = HarvestConfig(out="s3://bucket/x.zarr", **SETTINGS)
     with pytest.raises(HarvestError, match="not supported with --scheduler/--workers"):
         harvest_on_cluster(cfg, client, log=lambda m: None)
+
+
+def _worker_env() -> dict[str, str | None]:
+    keys = ("OMP_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+    return {k: os.environ.get(k) for k in keys}
+
+
+def test_local_workers_keep_large_allocations_and_one_thread():
+    """dask's default MALLOC_TRIM_THRESHOLD_=65536 made every step's tensors fresh mmaps (1.6x slower)."""
+    from tide.harvest.cluster import WORKER_MALLOC
+
+    with connect(workers=1) as one:
+        (env,) = one.run(_worker_env).values()
+    assert env == {"OMP_NUM_THREADS": "1", **WORKER_MALLOC}
+    assert int(env["MALLOC_TRIM_THRESHOLD_"]) > 65536
