@@ -16,6 +16,7 @@ to make stores without running a diffusion model.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import statistics
@@ -254,6 +255,7 @@ def bench_s3(store: Store, batch_size: int) -> dict[str, float]:
 
     from tests.test_remote import clear_s3fs_cache, upload
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
