@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,3 +120,21 @@ def tiny_pixart(tmp_path_factory) -> Path:
     folder = save_tiny_pixart(tmp_path_factory.mktemp("tiny-pixart"))
     save_prompt_files(folder)
     return folder
+
+
+def kill_harvest_mid_run(cmd: list[str], env: dict[str, str], done: Callable[[], object]):
+    """Start the harvest `cmd`, SIGKILL it once some but not all samples are done (`done()` reads the store's
+    `done` flags, None before it exists), and return the flags it left."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        flags = done()
+        if flags is not None and 0 < flags.sum() < len(flags) - 2:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = done()
+    assert 0 < partial.sum() < len(partial), "the kill must land mid-run"
+    return partial

@@ -6,11 +6,9 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from tests.bench_train import synthetic_store
+from tests.conftest import kill_harvest_mid_run
 
 runner = CliRunner()
 BUCKET = "tide-test"
@@ -166,20 +165,7 @@ def _done(url: str) -> np.ndarray | None:
 def test_killed_harvest_into_s3_resumes_to_the_uninterrupted_result(s3, tiny_dit, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     url = f"s3://{BUCKET}/killed.zarr"
-    proc = subprocess.Popen(
-        _tiny_args(tiny_dit, url), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = _done(url)
-        if done is not None and 0 < done.sum() < len(done) - 2:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = _done(url)
-    assert 0 < partial.sum() < len(partial), "the kill must land mid-run"
+    partial = kill_harvest_mid_run(_tiny_args(tiny_dit, url), env, lambda: _done(url))
     resumed = subprocess.run(_tiny_args(tiny_dit, url), env=env, capture_output=True, text=True, check=True)
     assert f"{int(partial.sum())} already done" in resumed.stderr
     clean = tmp_path / "clean.zarr"

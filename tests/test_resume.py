@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import zarr
 from tide.store.reader import open_store
+
+from tests.conftest import kill_harvest_mid_run
 
 
 def _cmd(model, out):
@@ -57,20 +57,7 @@ def _arrays(out) -> dict[str, np.ndarray]:
 def test_kill_and_resume_equals_uninterrupted(tiny_dit, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
-    proc = subprocess.Popen(
-        _cmd(tiny_dit, killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = _done(killed)
-        if done is not None and 0 < done.sum() < len(done) - 2:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = _done(killed)
-    assert 0 < partial.sum() < len(partial), "the kill must land mid-run"
+    partial = kill_harvest_mid_run(_cmd(tiny_dit, killed), env, lambda: _done(killed))
 
     resumed = subprocess.run(_cmd(tiny_dit, killed), env=env, capture_output=True, text=True, check=True)
     assert f"{int(partial.sum())} samples already done" in resumed.stderr
