@@ -40,8 +40,10 @@ STORE_HELP = "A tide store: a folder, s3://, gs://, http(s)://, hf://datasets/OR
 StorageOptions = Annotated[
     str | None,
     typer.Option(
-        help="JSON of fsspec storage options for a URL store, e.g. '{\"anon\": true}' or "
-        '\'{"endpoint_url": "http://host:9000"}\' (default: from AWS_* and the like in the environment).'
+        help="JSON of options for a URL store, e.g. '{\"anon\": true}' or "
+        '\'{"endpoint_url": "http://host:9000"}\': obstore config keys for s3:// and gs:// (s3fs spellings '
+        "such as anon, key, secret, endpoint_url work too), fsspec storage options for http(s):// and hf:// "
+        "(default: from AWS_* and the like in the environment)."
     ),
 ]
 
@@ -391,6 +393,13 @@ def store_pack(
 @store_app.command("card")
 def store_card(
     path: Annotated[str, typer.Argument(help="A tide store: a folder, or s3:// or gs://.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the card to this file instead of into the store, e.g. the README.md at the root of a "
+            "Hugging Face dataset repository that holds the store in a folder (the hub shows only that one)."
+        ),
+    ] = None,
     storage_options: StorageOptions = None,
 ) -> None:
     """Write README.md into the store: a Hugging Face dataset card (what it holds, how to load it)."""
@@ -400,7 +409,7 @@ def store_card(
 
     try:
         with scoped(storage_options):
-            typer.echo(f"wrote {write_card(path)}")
+            typer.echo(f"wrote {write_card(path, out)}")
     except (StoreError, ValueError) as e:
         _fail(str(e))
 
@@ -417,35 +426,16 @@ def store_stats(
     write: Annotated[
         bool, typer.Option("--write", help="Rewrite the stored sums with the recomputed ones.")
     ] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Recompute per-step statistics with dask, print them, and check (or --write) the writer's stored sums."""
-    from tide.store.reader import StoreError, open_store
-    from tide.store.stats import difference, recompute_sums, step_table, stored_sums, write_sums
+    from tide.store.open import storage_options as scoped
+    from tide.store.reader import StoreError
 
     try:
-        store = open_store(path)
-        names = [array] if array else store.meta.act_names()
-        mismatched = []
-        for name in names:
-            sums = recompute_sums(store, name, scheduler=scheduler)
-            typer.echo(f"{name}: {len(sums.chunks)} sample chunks")
-            typer.echo(
-                f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}"
-            )
-            for r in step_table(store, sums):
-                typer.echo(
-                    f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
-                    f"{r['channel_std']:>12.4g}"
-                )
-            diff = difference(sums, stored_sums(store, name, sums.chunks))
-            if write:
-                write_sums(store, name, sums)
-                typer.echo(f"{name}: rewrote the stored sums (they differed by {diff:.3g} relative)")
-            elif diff > 1e-9:
-                mismatched.append(f"{name} (relative difference {diff:.3g})")
-            else:
-                typer.echo(f"{name}: stored sums match (relative difference {diff:.3g})")
-    except StoreError as e:
+        with scoped(storage_options):
+            mismatched, store = _stats(path, array, scheduler, write)
+    except (StoreError, ValueError) as e:
         _fail(str(e))
     if mismatched:
         if store.meta.format_version >= 2:
@@ -458,6 +448,34 @@ def store_stats(
                 f"`tide store verify {path}`, and rewrite the sums with --write only if it finds nothing else"
             )
         _fail(f"stored sums disagree with the activations for {', '.join(mismatched)}; {why}")
+
+
+def _stats(path: str, array: str | None, scheduler: str | None, write: bool):
+    """`tide store stats`' work: (the arrays whose stored sums disagree, the store)."""
+    from tide.store.reader import open_store
+    from tide.store.stats import difference, recompute_sums, step_table, stored_sums, write_sums
+
+    store = open_store(path)
+    names = [array] if array else store.meta.act_names()
+    mismatched = []
+    for name in names:
+        sums = recompute_sums(store, name, scheduler=scheduler)
+        typer.echo(f"{name}: {len(sums.chunks)} sample chunks")
+        typer.echo(f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}")
+        for r in step_table(store, sums):
+            typer.echo(
+                f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
+                f"{r['channel_std']:>12.4g}"
+            )
+        diff = difference(sums, stored_sums(store, name, sums.chunks))
+        if write:
+            write_sums(store, name, sums)
+            typer.echo(f"{name}: rewrote the stored sums (they differed by {diff:.3g} relative)")
+        elif diff > 1e-9:
+            mismatched.append(f"{name} (relative difference {diff:.3g})")
+        else:
+            typer.echo(f"{name}: stored sums match (relative difference {diff:.3g})")
+    return mismatched, store
 
 
 # --- train / eval ----------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def card_text(store: Store) -> str:
             "",
             "```python",
             "import zarr",
+            "",
+            "# zarr warns that it does not recognise README.md (this card) as part of the hierarchy: harmless",
             'root = zarr.open_group("URL", mode="r")  # a .zarr.zip: zarr.storage.ZipStore("x.zarr.zip", mode="r")',
             f'acts = root["{name}"][0, :, :, :]  # sample 0: (step, token, d)',
             'timesteps = root["timesteps"][:]',
@@ -87,12 +89,21 @@ def card_text(store: Store) -> str:
     )
 
 
-def write_card(path: str | Path) -> str:
-    """Write README.md into the store at `path` (a folder or an s3/gs URL); returns the card's key or file."""
+def write_card(path: str | Path, out: Path | None = None) -> str:
+    """Write README.md into the store at `path` (a folder or an s3/gs URL), or the card to the file `out`;
+    returns where it went.
+
+    `out` is for a Hugging Face dataset repository, whose card is the README.md at the repository's root: the
+    store goes in a folder of the repository (hf://datasets/ORG/NAME/h.zarr), the card beside it. (Uploading
+    the store itself as the repository root would put the hub's own .gitattributes into the store.)
+    """
     from zarr.core.buffer import cpu
 
     store = open_store(path)
     text = card_text(store)
+    if out is not None:
+        out.write_text(text)
+        return str(out)
     zstore = zarr_store(where(path), "w")
     sync(zstore.set("README.md", cpu.Buffer.from_bytes(text.encode())))
     return f"{path}/README.md"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -246,8 +249,16 @@ def _missing(arr: zarr.Array, coords: tuple[int, ...]) -> None:
     )
 
 
-def read_into(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, direct: bool = True) -> None:
+def read_into(
+    arr: zarr.Array,
+    selection: tuple[slice, ...],
+    out: np.ndarray,
+    direct: bool = True,
+    fetched: Future | None = None,
+) -> None:
     """Decode `arr[selection]` straight into `out` (a C-contiguous array shaped like the selection).
+
+    `fetched`: the chunk's bytes already requested by `fetch_ahead` (a remote store), waited on here.
 
     A selection inside one chunk of a local store is decoded by `_decode_chunk` without zarr's async
     pipeline, which on a 2-core machine costs as much again as the decompression itself; anything else
@@ -255,8 +266,63 @@ def read_into(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, di
     chunk's checksum is verified (version 2), and a chunk that is missing, fails its checksum or does not
     decode raises ChunkError naming its file.
     """
-    if not (direct and _decode_chunk(arr, selection, out)):
+    if not (direct and _decode_chunk(arr, selection, out, fetched)):
         _read_with_zarr(arr, selection, out)
+
+
+# Requests a remote store keeps in flight while the loader reads a window: each costs a round trip, so one
+# per decoding thread leaves the link idle between them; 32 keeps an S3 endpoint busy without crowding it.
+IN_FLIGHT = 32
+
+
+def fetch_ahead(
+    arr: zarr.Array, selections: Sequence[tuple[slice, ...]], in_flight: int = IN_FLIGHT
+) -> list[Future | None]:
+    """Start fetching the chunk files that `selections` (each inside one chunk) read, all at once with up to
+    `in_flight` GET requests in flight on zarr's event loop, and return a future of each chunk's bytes (None
+    where the chunk is not there) to hand to `read_into`. For a local folder or zip, where a read costs no
+    round trip, and for selections spanning chunks, the entries are None and `read_into` reads as before.
+    """
+    from zarr.storage import ZipStore
+
+    if _store_root(arr) is not None or isinstance(arr.store, ZipStore) or _direct_codec(arr) is False:
+        return [None] * len(selections)
+    keys = [_one_chunk_key(arr, sel) for sel in selections]
+    futures: list[Future | None] = [Future() if k is not None else None for k in keys]
+
+    async def fetch_all() -> None:
+        from zarr.core.buffer import default_buffer_prototype
+
+        gate = asyncio.Semaphore(in_flight)
+
+        async def one(key: str, fut: Future) -> None:
+            try:
+                async with gate:
+                    buf = await arr.store.get(key, prototype=default_buffer_prototype())
+                fut.set_result(None if buf is None else buf.as_numpy_array())
+            except BaseException as e:  # handed to the reader that waits on it
+                fut.set_exception(e)
+
+        await asyncio.gather(*(one(k, f) for k, f in zip(keys, futures, strict=True) if f is not None))
+
+    from zarr.core.sync import _get_loop
+
+    asyncio.run_coroutine_threadsafe(fetch_all(), _get_loop())
+    return futures
+
+
+def _one_chunk_key(arr: zarr.Array, selection: tuple[slice, ...]) -> str | None:
+    """The store key of the one chunk a selection lies in, or None when it spans chunks."""
+    shape = arr.metadata.chunk_grid.chunk_shape
+    selection = tuple(slice(*s.indices(n)) for s, n in zip(selection, arr.shape, strict=True))
+    coords = tuple(s.start // c for s, c in zip(selection, shape, strict=True))
+    if any(
+        s.step != 1 or s.stop <= s.start or (s.stop - 1) // c != i
+        for s, c, i in zip(selection, shape, coords, strict=True)
+    ):
+        return None
+    key = arr.metadata.encode_chunk_key(coords)
+    return f"{arr.path}/{key}" if arr.path else key
 
 
 def _read_with_zarr(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> None:
@@ -319,7 +385,9 @@ def _direct_codec(arr: zarr.Array) -> _Direct | bool:
     return direct
 
 
-def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> bool:
+def _decode_chunk(
+    arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, fetched: Future | None = None
+) -> bool:
     """Read a selection that lies inside one chunk by decoding the chunk's file; False if not applicable."""
     direct = _direct_codec(arr)
     if direct is False:
@@ -342,7 +410,11 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
     )
     root = _store_root(arr)
     try:
-        if root is None:
+        if fetched is not None:
+            data = fetched.result()  # requested by fetch_ahead, with many others
+            if data is None:
+                raise FileNotFoundError(key)
+        elif root is None:
             data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
         elif whole and codec is None and out.flags.c_contiguous:
             path = root / key
@@ -365,7 +437,7 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
         raise chunk_error(arr, coords, f"has {len(data)} bytes, fewer than its {trailer}-byte checksum")
     payload = np.frombuffer(data, np.uint8, count=len(data) - trailer)
     if checksum:
-        _check(arr, coords, payload, data[-trailer:])
+        _check(arr, coords, payload, bytes(data[-trailer:]))
     inner = tuple(
         slice(s.start - i * c, s.stop - i * c) for s, c, i in zip(selection, shape, coords, strict=True)
     )
@@ -383,8 +455,8 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
 
 
 def _fetch(arr: zarr.Array, key: str) -> bytes:
-    """A chunk's bytes from any zarr store (FileNotFoundError when it is not there). Each of the loader's read
-    threads waits on its own request, so as many chunks are in flight as there are read threads."""
+    """A chunk's bytes from any zarr store (FileNotFoundError when it is not there), one request at a time;
+    the loader asks for a window's chunks all at once through `fetch_ahead` instead."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 

@@ -253,7 +253,7 @@ def bench_s3(store: Store, batch_size: int) -> dict[str, float]:
     from moto.server import ThreadedMotoServer
     from tide.train.data import ActivationLoader
 
-    from tests.test_remote import clear_s3fs_cache, upload
+    from tests.test_remote import upload
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -263,7 +263,6 @@ def bench_s3(store: Store, batch_size: int) -> dict[str, float]:
     env["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    clear_s3fs_cache()
     try:
         boto3.client("s3").create_bucket(Bucket="tide-bench")
         remote = open_store(upload(Path(store.path), "s3://tide-bench/r.zarr"))
@@ -280,7 +279,6 @@ def bench_s3(store: Store, batch_size: int) -> dict[str, float]:
         local, s3 = rate(store), rate(remote)
     finally:
         server.stop()
-        clear_s3fs_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
