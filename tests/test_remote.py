@@ -134,6 +134,8 @@ def test_harvest_into_s3_equals_local_bitwise(s3, tmp_path, monkeypatch):
     assert sync(zarr_store(where(url)).exists("README.md")), "the harvest writes the dataset card"
     local = runner.invoke(app, demo_args(tmp_path / "demo.zarr"))
     assert local.exit_code == 0, local.output
+    remote_meta, local_meta = open_store(url).meta, open_store(tmp_path / "demo.zarr").meta
+    assert remote_meta.model_copy(update={"created": ""}) == local_meta.model_copy(update={"created": ""})
     a, b = arrays(open_store(url).root), arrays(open_store(tmp_path / "demo.zarr").root)
     assert a.keys() == b.keys() and "resid_l00" in a
     for name in a:
