@@ -441,3 +441,21 @@ def test_gs_url_reaches_obstores_gcs_store(monkeypatch):
     options = json.dumps({"service_account_path": "/key.json"})
     _one_line_error(["store", "info", "gcs://bkt/h.zarr", "--storage-options", options], "gcs://bkt/h.zarr")
     assert seen == [("gs://bkt/h.zarr", {"service_account_path": "/key.json"})]
+
+
+def test_overwrite_replaces_a_tide_store_on_s3(s3, small, tiny_dit):
+    url = upload(small, f"s3://{BUCKET}/over.zarr")
+    args = ["harvest", "--model", str(tiny_dit), "--out", url, "--num-samples", "2", "--num-steps", "2"]
+    args += ["--batch-size", "2", "--device", "cpu", "--no-progress"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code != 0 and "--overwrite" in refused.output, refused.output
+    replaced = runner.invoke(app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    store = open_store(url)
+    assert store.meta.model.path == str(tiny_dit) and store.done().all()
+    keys = sync(_keys(zarr_store(where(url))))
+    assert not [k for k in keys if k.startswith("resid_l00/c/") and k.split("/")[2] not in ("0",)], keys
+
+
+async def _keys(zstore) -> list[str]:
+    return [k async for k in zstore.list()]
