@@ -324,7 +324,7 @@ def gets(monkeypatch):
 
     from zarr.storage import ObjectStore
 
-    log = {"calls": [], "now": 0, "peak": 0}
+    log = {"calls": [], "heads": [], "now": 0, "peak": 0}
     real = ObjectStore.get
 
     async def get(self, key, prototype, byte_range=None):
@@ -339,6 +339,13 @@ def gets(monkeypatch):
         return buf
 
     monkeypatch.setattr(ObjectStore, "get", get)
+    for method in ("exists", "getsize"):  # HEAD requests
+
+        def head(self, key, _real=getattr(ObjectStore, method), _name=method):
+            log["heads"].append((_name, key))
+            return _real(self, key)
+
+        monkeypatch.setattr(ObjectStore, method, head)
     return log
 
 
@@ -361,7 +368,9 @@ def test_loader_keeps_more_chunk_requests_in_flight_than_read_threads(s3, small,
     for a, b in zip(remote, local, strict=True):
         np.testing.assert_array_equal(a, b)
     chunk_gets = [c for c in gets["calls"] if c[0].startswith("resid_l00/c/")]
-    assert chunk_gets and all(r is None for _, r, _ in chunk_gets), "one whole GET per chunk, nothing else"
+    assert chunk_gets and all(r is None for _, r, _ in chunk_gets), "one whole GET per chunk"
+    assert len(chunk_gets) == len({k for k, _, _ in chunk_gets}), "each chunk fetched once per epoch"
+    assert not gets["heads"], gets["heads"]
     assert gets["peak"] > 2, f"at most {gets['peak']} requests in flight with 2 read threads"
 
 
@@ -381,6 +390,7 @@ def test_verify_quick_on_s3_fetches_headers_not_chunks(s3, small, gets):
     chunk_gets = [c for c in gets["calls"] if c[0].startswith("resid_l00/c/")]
     assert chunk_gets, "the blosc headers are read"
     assert all(r is not None and n <= 16 for _, r, n in chunk_gets), chunk_gets
+    assert not [k for _, k in gets["heads"] if k.startswith("resid_l00/c/")], "sizes come from the listing"
     key = "resid_l00/c/2/0/0/0"
     zs = zarr_store(where(url), "w")
     whole = sync(zs.get(key, prototype=default_buffer_prototype())).to_bytes()
