@@ -8,7 +8,8 @@ import json
 import math
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -275,18 +276,37 @@ def read_into(
 IN_FLIGHT = 32
 
 
+@dataclass(frozen=True)
+class Fetches:
+    """Chunk requests started by `fetch_ahead`: `fetches[i]` is a future of read i's chunk bytes (None where the
+    read goes to the store as it happens); `cancel()` drops the requests not yet answered."""
+
+    futures: list[Future | None]
+    task: Future | None = None
+
+    def __getitem__(self, i: int) -> Future | None:
+        return self.futures[i]
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        for f in self.futures:
+            if f is not None:
+                f.cancel()
+
+
 def fetch_ahead(
     arr: zarr.Array, selections: Sequence[tuple[slice, ...]], in_flight: int = IN_FLIGHT
-) -> list[Future | None]:
+) -> Fetches:
     """Start fetching the chunk files that `selections` (each inside one chunk) read, all at once with up to
-    `in_flight` GET requests in flight on zarr's event loop, and return a future of each chunk's bytes (None
-    where the chunk is not there) to hand to `read_into`. For a local folder or zip, where a read costs no
-    round trip, and for selections spanning chunks, the entries are None and `read_into` reads as before.
+    `in_flight` GET requests in flight on zarr's event loop; hand `fetches[i]` to `read_into`. For a local
+    folder or zip, where a read costs no round trip, and for selections spanning chunks, the entries are
+    None and `read_into` reads as before.
     """
     from zarr.storage import ZipStore
 
     if _store_root(arr) is not None or isinstance(arr.store, ZipStore) or _direct_codec(arr) is False:
-        return [None] * len(selections)
+        return Fetches([None] * len(selections))
     keys = [_one_chunk_key(arr, sel) for sel in selections]
     futures: list[Future | None] = [Future() if k is not None else None for k in keys]
 
@@ -298,17 +318,29 @@ def fetch_ahead(
         async def one(key: str, fut: Future) -> None:
             try:
                 async with gate:
+                    if fut.cancelled():
+                        return
                     buf = await arr.store.get(key, prototype=default_buffer_prototype())
-                fut.set_result(None if buf is None else buf.as_numpy_array())
+                _settle(fut, None if buf is None else buf.as_numpy_array())
             except BaseException as e:  # handed to the reader that waits on it
-                fut.set_exception(e)
+                _settle(fut, error=e)
+                if isinstance(e, asyncio.CancelledError):
+                    raise
 
         await asyncio.gather(*(one(k, f) for k, f in zip(keys, futures, strict=True) if f is not None))
 
     from zarr.core.sync import _get_loop
 
-    asyncio.run_coroutine_threadsafe(fetch_all(), _get_loop())
-    return futures
+    return Fetches(futures, asyncio.run_coroutine_threadsafe(fetch_all(), _get_loop()))
+
+
+def _settle(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Give `fut` its result or error, unless it was cancelled meanwhile (from another thread)."""
+    with suppress(InvalidStateError):
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
 
 
 def _one_chunk_key(arr: zarr.Array, selection: tuple[slice, ...]) -> str | None:

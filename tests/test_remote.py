@@ -469,3 +469,20 @@ def test_overwrite_replaces_a_tide_store_on_s3(s3, small, tiny_dit):
 
 async def _keys(zstore) -> list[str]:
     return [k async for k in zstore.list()]
+
+
+def test_cancelled_fetches_stop(s3, small, gets):
+    # A loader that stops (closed early, or a damaged chunk) cancels the requests it started ahead.
+    import time
+
+    from tide.store.reader import fetch_ahead
+
+    store = open_store(upload(small, f"s3://{BUCKET}/cancel.zarr"))
+    arr = store.array("resid_l00")
+    reads = store.layout.chunk_reads(store.done_chunks())
+    fetches = fetch_ahead(arr, [r.selection for r in reads])
+    assert all(f is not None for f in fetches.futures) and len(fetches.futures) == len(reads) > 1
+    fetches.cancel()
+    time.sleep(0.3)  # each request waits 20 ms before it is sent (the `gets` fixture)
+    assert not [c for c in gets["calls"] if c[0].startswith("resid_l00/c/")], gets["calls"]
+    assert all(f.cancelled() for f in fetches.futures)

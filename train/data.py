@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from tide.store.reader import Store, StoreError, fetch_ahead, read_into
+from tide.store.reader import Fetches, Store, StoreError, fetch_ahead, read_into
 from tide.store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 from torch import Tensor
 
@@ -262,11 +262,11 @@ class ActivationLoader:
         index = [row_index(r.selection) for r in window.reads]
         return np.concatenate([s for s, _ in index]), np.concatenate([t for _, t in index])
 
-    def _fetch_ahead(self, window: Window) -> list[list]:
+    def _fetch_ahead(self, window: Window) -> list[Fetches]:
         """Start fetching a window's chunks from a remote store, all at once (store.reader.fetch_ahead): per
         array, a future of each read's bytes, or None where the read goes to a local file as it happens."""
         if self._source is not None:
-            return [[None] * len(window.reads) for _ in self._zarr]
+            return [Fetches([None] * len(window.reads)) for _ in self._zarr]
         return [fetch_ahead(z, [r.selection for r in window.reads]) for z in self._zarr]
 
     def _read_window(
@@ -275,7 +275,7 @@ class ActivationLoader:
         x_ARD: np.ndarray,
         rows: Sequence[slice | np.ndarray],
         pool: ThreadPoolExecutor,
-        ahead: list[list],
+        ahead: list[Fetches],
     ) -> None:
         """Decode read i of a window, for every array, into x_ARD[a, rows[i]].
 
@@ -333,7 +333,7 @@ class ActivationLoader:
         i: int,
         free: queue.Queue,
         pool: ThreadPoolExecutor,
-        ahead: list[list],
+        ahead: list[Fetches],
     ) -> _Loaded:
         sample_R, step_R = self._rows_of(w)
         order_R = self._order(epoch, w, step_R)
@@ -388,14 +388,15 @@ class ActivationLoader:
                     pass
             return False
 
+        ahead: list[Fetches] = []
+        fetching: list[Fetches] = []
         try:
             with ThreadPoolExecutor(self.read_threads, thread_name_prefix="tide-read") as pool:
-                fetching = None
                 for (epoch, w), following in _pairs(self._stream(start, epochs)):
                     # The next window's chunks are requested before this one is decoded, so that a remote
                     # store's round trips overlap the decoding.
                     ahead = fetching or self._fetch_ahead(w)
-                    fetching = self._fetch_ahead(following[1]) if following else None
+                    fetching = self._fetch_ahead(following[1]) if following else []
                     while True:
                         if stop.is_set():
                             return
@@ -411,6 +412,9 @@ class ActivationLoader:
             put(None)
         except BaseException as e:  # handed to the consumer, which raises it
             put(e)
+        finally:
+            for f in ahead + fetching:  # a stopped or failed loader leaves no requests running
+                f.cancel()
 
     def _stream(self, start: Position, epochs: int | None) -> Iterator[tuple[int, Window]]:
         """(epoch, window) in stream order from `start`, for `epochs` epochs or forever."""
