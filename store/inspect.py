@@ -28,6 +28,7 @@ from tide.store.reader import (
     open_store,
     read_into,
 )
+from tide.store.remote import RangeFile, key_size, listed_sizes
 from tide.store.schema import (
     ACT_DIMS,
     CHECKSUM_BYTES,
@@ -163,7 +164,7 @@ def _check_files(
     trailer = CHECKSUM_BYTES if checksummed(arr) else 0
     smallest, largest = chunk_size_bounds(raw, codec, bool(trailer))
     bad, sound = [], []
-    sizes = _listed_sizes(arr)
+    sizes = listed_sizes(arr)
     for coords in _chunks_of(arr, lay, sample_chunks):
         try:
             with _open_chunk(arr, coords, sizes) as (f, size):
@@ -190,69 +191,13 @@ def _open_chunk(
     The size comes from `sizes` (a listing) when given. FileNotFoundError when the chunk is not there."""
     file = chunk_file(arr, coords)
     if _store_root(arr) is None:
-        size = sizes.get(file) if sizes is not None else _size(arr.store, file)
+        size = sizes.get(file) if sizes is not None else key_size(arr.store, file)
         if size is None:
             raise FileNotFoundError(file)
-        yield _RangeFile(arr.store, file, size), size
+        yield RangeFile(arr.store, file, size), size
         return
     with open(file, "rb") as f:
         yield f, os.fstat(f.fileno()).st_size
-
-
-def _listed_sizes(arr: zarr.Array) -> dict[str, int] | None:
-    """{key: size} of the array's chunk files from one listing of an object store (a page per thousand
-    chunks, instead of a request per chunk); None for other stores."""
-    from zarr.storage import ObjectStore
-
-    if not isinstance(arr.store, ObjectStore):
-        return None
-    import obstore
-    from zarr.core.sync import sync
-
-    async def listing() -> dict[str, int]:
-        return {
-            m["path"]: m["size"]
-            async for page in obstore.list(arr.store.store, prefix=f"{arr.path}/")
-            for m in page
-        }
-
-    return sync(listing())
-
-
-def _size(zstore: Any, key: str) -> int | None:
-    """A key's size from the store's metadata (a HEAD request over http), None when it is not there."""
-    from zarr.core.sync import sync
-
-    try:
-        return sync(zstore.getsize(key))
-    except (FileNotFoundError, KeyError):
-        return None
-
-
-class _RangeFile:
-    """The read/seek of a file over a store key, each read one byte-range request."""
-
-    def __init__(self, zstore: Any, key: str, size: int):
-        self.zstore, self.key, self.size, self.pos = zstore, key, size, 0
-
-    def seek(self, pos: int) -> None:
-        self.pos = pos
-
-    def read(self, n: int) -> bytes:
-        from zarr.abc.store import RangeByteRequest
-        from zarr.core.buffer import default_buffer_prototype
-        from zarr.core.sync import sync
-
-        end = min(self.pos + n, self.size)
-        if end <= self.pos:
-            return b""
-        request = RangeByteRequest(self.pos, end)
-        buf = sync(self.zstore.get(self.key, prototype=default_buffer_prototype(), byte_range=request))
-        if buf is None:
-            raise FileNotFoundError(self.key)
-        data = buf.to_bytes()
-        self.pos += len(data)
-        return data
 
 
 def _frame_problem(f: BinaryIO, codec: str, raw: int, payload: int) -> str | None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import Future, InvalidStateError
-from contextlib import suppress
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -259,7 +256,8 @@ def read_into(
 ) -> None:
     """Decode `arr[selection]` straight into `out` (a C-contiguous array shaped like the selection).
 
-    `fetched`: the chunk's bytes already requested by `fetch_ahead` (a remote store), waited on here.
+    `fetched`: the chunk's bytes already requested by `store.remote.fetch_ahead` (a remote store), waited on
+    here.
 
     A selection inside one chunk of a local store is decoded by `_decode_chunk` without zarr's async
     pipeline, which on a 2-core machine costs as much again as the decompression itself; anything else
@@ -269,92 +267,6 @@ def read_into(
     """
     if not (direct and _decode_chunk(arr, selection, out, fetched)):
         _read_with_zarr(arr, selection, out)
-
-
-# Requests a remote store keeps in flight while the loader reads a window: each costs a round trip, so one
-# per decoding thread leaves the link idle between them; 32 keeps an S3 endpoint busy without crowding it.
-IN_FLIGHT = 32
-
-
-@dataclass(frozen=True)
-class Fetches:
-    """Chunk requests started by `fetch_ahead`: `fetches[i]` is a future of read i's chunk bytes (None where the
-    read goes to the store as it happens); `cancel()` drops the requests not yet answered."""
-
-    futures: list[Future | None]
-    task: Future | None = None
-
-    def __getitem__(self, i: int) -> Future | None:
-        return self.futures[i]
-
-    def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        for f in self.futures:
-            if f is not None:
-                f.cancel()
-
-
-def fetch_ahead(
-    arr: zarr.Array, selections: Sequence[tuple[slice, ...]], in_flight: int = IN_FLIGHT
-) -> Fetches:
-    """Start fetching the chunk files that `selections` (each inside one chunk) read, all at once with up to
-    `in_flight` GET requests in flight on zarr's event loop; hand `fetches[i]` to `read_into`. For a local
-    folder or zip, where a read costs no round trip, and for selections spanning chunks, the entries are
-    None and `read_into` reads as before.
-    """
-    from zarr.storage import ZipStore
-
-    if _store_root(arr) is not None or isinstance(arr.store, ZipStore) or _direct_codec(arr) is False:
-        return Fetches([None] * len(selections))
-    keys = [_one_chunk_key(arr, sel) for sel in selections]
-    futures: list[Future | None] = [Future() if k is not None else None for k in keys]
-
-    async def fetch_all() -> None:
-        from zarr.core.buffer import default_buffer_prototype
-
-        gate = asyncio.Semaphore(in_flight)
-
-        async def one(key: str, fut: Future) -> None:
-            try:
-                async with gate:
-                    if fut.cancelled():
-                        return
-                    buf = await arr.store.get(key, prototype=default_buffer_prototype())
-                _settle(fut, None if buf is None else buf.as_numpy_array())
-            except BaseException as e:  # handed to the reader that waits on it
-                _settle(fut, error=e)
-                if isinstance(e, asyncio.CancelledError):
-                    raise
-
-        await asyncio.gather(*(one(k, f) for k, f in zip(keys, futures, strict=True) if f is not None))
-
-    from zarr.core.sync import _get_loop
-
-    return Fetches(futures, asyncio.run_coroutine_threadsafe(fetch_all(), _get_loop()))
-
-
-def _settle(fut: Future, result: Any = None, error: BaseException | None = None) -> None:
-    """Give `fut` its result or error, unless it was cancelled meanwhile (from another thread)."""
-    with suppress(InvalidStateError):
-        if error is None:
-            fut.set_result(result)
-        else:
-            fut.set_exception(error)
-
-
-def _one_chunk_key(arr: zarr.Array, selection: tuple[slice, ...]) -> str | None:
-    """The store key of the one chunk a selection lies in, or None when it spans chunks."""
-    shape = arr.metadata.chunk_grid.chunk_shape
-    selection = tuple(slice(*s.indices(n)) for s, n in zip(selection, arr.shape, strict=True))
-    coords = tuple(s.start // c for s, c in zip(selection, shape, strict=True))
-    if any(
-        s.step != 1 or s.stop <= s.start or (s.stop - 1) // c != i
-        for s, c, i in zip(selection, shape, coords, strict=True)
-    ):
-        return None
-    key = arr.metadata.encode_chunk_key(coords)
-    return f"{arr.path}/{key}" if arr.path else key
 
 
 def _read_with_zarr(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> None:
@@ -443,7 +355,7 @@ def _decode_chunk(
     root = _store_root(arr)
     try:
         if fetched is not None:
-            data = fetched.result()  # requested by fetch_ahead, with many others
+            data = fetched.result()  # requested by store.remote.fetch_ahead, with many others
             if data is None:
                 raise FileNotFoundError(key)
         elif root is None:
@@ -488,7 +400,7 @@ def _decode_chunk(
 
 def _fetch(arr: zarr.Array, key: str) -> bytes:
     """A chunk's bytes from any zarr store (FileNotFoundError when it is not there), one request at a time;
-    the loader asks for a window's chunks all at once through `fetch_ahead` instead."""
+    the loader asks for a window's chunks all at once through `store.remote.fetch_ahead` instead."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 

@@ -409,11 +409,12 @@ def _no_env_credentials(monkeypatch, s3) -> str:
     return json.dumps({"endpoint_url": s3["AWS_ENDPOINT_URL"], "key": "testing", "secret": "testing"})
 
 
-def test_store_stats_takes_storage_options(s3, small, monkeypatch):
+def test_store_stats_takes_storage_options(s3, small, monkeypatch, gets):
     url = upload(small, f"s3://{BUCKET}/stats.zarr")
     options = _no_env_credentials(monkeypatch, s3)
     result = runner.invoke(app, ["store", "stats", url, "--storage-options", options])
     assert result.exit_code == 0 and "resid_l00: stored sums match" in result.output, result.output
+    assert not [k for _, k in gets["heads"] if k.startswith("resid_l00/c/")], "chunks are listed, not HEADed"
     _one_line_error(["store", "stats", url], url)  # the same without the options cannot reach the server
     bad = json.dumps({**json.loads(options), "no_such_option": 1})
     _one_line_error(["store", "stats", url, "--storage-options", bad], url, "no_such_option", "obstore")
@@ -475,7 +476,7 @@ def test_cancelled_fetches_stop(s3, small, gets):
     # A loader that stops (closed early, or a damaged chunk) cancels the requests it started ahead.
     import time
 
-    from tide.store.reader import fetch_ahead
+    from tide.store.remote import fetch_ahead
 
     store = open_store(upload(small, f"s3://{BUCKET}/cancel.zarr"))
     arr = store.array("resid_l00")

@@ -46,7 +46,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from tide.store.reader import Fetches, Store, StoreError, fetch_ahead, read_into
+from tide.store.reader import Store, StoreError, read_into
+from tide.store.remote import Fetches, fetch_ahead
 from tide.store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 from torch import Tensor
 
@@ -263,7 +264,7 @@ class ActivationLoader:
         return np.concatenate([s for s, _ in index]), np.concatenate([t for _, t in index])
 
     def _fetch_ahead(self, window: Window) -> list[Fetches]:
-        """Start fetching a window's chunks from a remote store, all at once (store.reader.fetch_ahead): per
+        """Start fetching a window's chunks from a remote store, all at once (store.remote.fetch_ahead): per
         array, a future of each read's bytes, or None where the read goes to a local file as it happens."""
         if self._source is not None:
             return [Fetches([None] * len(window.reads)) for _ in self._zarr]
