@@ -61,6 +61,10 @@ class HarvestConfig(BaseModel):
     """Text-conditional models: precomputed prompt embeddings (safetensors with prompt_embeds (P, L, C),
     prompt_attention_mask (P, L), negative_prompt_embeds (1, L, C), negative_prompt_attention_mask (1, L)),
     used instead of the pipeline's text encoder."""
+    height: int | None = Field(None, gt=0)
+    """Image height in pixels (a multiple of the VAE factor x patch size); default: the pipeline's default."""
+    width: int | None = Field(None, gt=0)
+    """Image width in pixels (a multiple of the VAE factor x patch size); default: the pipeline's default."""
     seed: int = 0
     """Sample i has seed `seed + i`; labels='random' draws from this seed too."""
     batch_size: int = Field(50, gt=0)

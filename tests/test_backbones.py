@@ -1,0 +1,373 @@
+"""SD3 and FLUX.1 harvests on tiny from-config pipelines, checked against diffusers' own pipelines sampling
+with the same seed and prompt embeddings while a plain forward hook records the blocks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import HarvestError, harvest
+from tide.store.reader import open_store
+
+
+def _randomise_zeros(model: torch.nn.Module) -> None:
+    # diffusers zero-initialises adaLN gates and output layers, which would make blocks the identity.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+
+
+def _tiny_vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        scaling_factor=1.5,
+        shift_factor=0.1,
+    )
+
+
+def _save_pipeline(folder: Path, pipeline_class: str, transformer, scheduler, vae) -> Path:
+    transformer.save_pretrained(folder / "transformer")
+    scheduler.save_pretrained(folder / "scheduler")
+    vae.save_pretrained(folder / "vae")
+    index = {
+        "_class_name": pipeline_class,
+        "transformer": ["diffusers", type(transformer).__name__],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def save_tiny_sd3(folder: Path) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    _randomise_zeros(model)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return _save_pipeline(folder, "StableDiffusion3Pipeline", model, sched, _tiny_vae(4))
+
+
+def save_tiny_flux(folder: Path, guidance_embeds: bool = True) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=24,
+        pooled_projection_dim=12,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )
+    _randomise_zeros(model)
+    # FLUX.1's scheduler config: dynamic shifting, mu from the image sequence length.
+    sched = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096
+    )
+    return _save_pipeline(folder, "FluxPipeline", model, sched, _tiny_vae(4))
+
+
+def save_joint_embeds(folder: Path, negative: bool, num_prompts: int = 3, seq: int = 5) -> tuple[Path, Path]:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    prompts = folder / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(num_prompts)) + "\n")
+    tensors = {
+        "prompt_embeds": torch.randn(num_prompts, seq, 24, generator=g),
+        "pooled_prompt_embeds": torch.randn(num_prompts, 12, generator=g),
+    }
+    if negative:
+        tensors["negative_prompt_embeds"] = torch.randn(1, seq, 24, generator=g)
+        tensors["negative_pooled_prompt_embeds"] = torch.randn(1, 12, generator=g)
+    embeds = folder / "embeds.safetensors"
+    save_file(tensors, str(embeds))
+    return prompts, embeds
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory) -> Path:
+    folder = save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+    save_joint_embeds(folder, negative=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory) -> Path:
+    folder = save_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+    save_joint_embeds(folder, negative=False)
+    return folder
+
+
+def _pipeline_run(pipe_cls, folder: Path, blocks_of, layers, sample: int, **call):
+    """Image-stream (input, output) of blocks `layers` at every step, recorded by plain forward hooks
+    while diffusers' own pipeline samples `sample`; also the pipeline's final latents."""
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from safetensors.torch import load_file
+
+    sd3 = pipe_cls.__name__ == "StableDiffusion3Pipeline"
+    transformer = getattr(diffusers, "SD3Transformer2DModel" if sd3 else "FluxTransformer2DModel")
+    transformer = transformer.from_pretrained(folder / "transformer").eval()
+    # No text encoders: the pipelines accept precomputed embeddings.
+    text = [
+        f"{kind}{n}"
+        for kind in ("text_encoder", "tokenizer")
+        for n in (["", "_2", "_3"] if sd3 else ["", "_2"])
+    ]
+    pipe = pipe_cls(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        vae=AutoencoderKL.from_pretrained(folder / "vae").eval(),
+        **dict.fromkeys(text),
+    )
+    emb = load_file(str(folder / "embeds.safetensors"))
+    p = sample % 3
+    kwargs = {k: emb[k][p : p + 1] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    if sd3:
+        kwargs.update({k: emb[k] for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")})
+    seen = {layer: [] for layer in layers}
+    blocks = blocks_of(transformer)
+    hooks = [
+        blocks[layer].register_forward_hook(
+            lambda m, a, kw, o, layer=layer: seen[layer].append((kw["hidden_states"], o[1])), with_kwargs=True
+        )
+        for layer in layers
+    ]
+    out = pipe(**kwargs, generator=torch.Generator().manual_seed(sample), output_type="np", **call)
+    for h in hooks:
+        h.remove()
+    return seen, out.images[0]
+
+
+def _assert_store_matches(store, seen, sample: int, row: int, sites=("resid", "delta")):
+    for layer, per_step in seen.items():
+        assert len(per_step) == store.meta.num_inference_steps, f"the hook saw {len(per_step)} forwards"
+        for step, (inp, out) in enumerate(per_step):
+            want = {"resid": out[row], "delta": (out - inp)[row]}
+            for site in sites:
+                got = store.root[f"{site}_l{layer:02d}"][sample, step].astype(np.float32)
+                # float32 stores: only the batch layout (tide's CFG rows differ from the pipeline's) may differ.
+                np.testing.assert_allclose(
+                    got, want[site].numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{site} l{layer} s{step}"
+                )
+
+
+def test_sd3_store_equals_pipeline_hooks(tiny_sd3, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    cfg = HarvestConfig(
+        model=str(tiny_sd3),
+        out=tmp_path / "sd3.zarr",
+        num_samples=3,
+        num_steps=3,
+        batch_size=2,
+        sites="all",
+        token_fraction=1.0,
+        dtype="float32",
+        prompts=tiny_sd3 / "prompts.txt",
+        prompt_embeds=tiny_sd3 / "embeds.safetensors",
+        guidance_scale=3.0,
+        height=16,
+        width=24,
+        save_images=True,
+        progress=False,
+    )
+    harvest(cfg, log=lambda m: None)
+    store = open_store(cfg.out)
+    meta = store.meta
+    assert meta.guidance == "cfg" and meta.tokens.num_tokens == 4 * 6 and meta.d_model == 16
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3 / "scheduler")
+    sched.set_timesteps(3)
+    np.testing.assert_array_equal(store.root["timesteps"][:], sched.timesteps.numpy())
+    assert store.root["timesteps"][0] == 1000.0
+
+    seen, image = _pipeline_run(
+        StableDiffusion3Pipeline,
+        tiny_sd3,
+        lambda m: m.transformer_blocks,
+        [0, 2],
+        sample=2,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        height=16,
+        width=24,
+    )
+    # StableDiffusion3Pipeline stacks [uncond, cond]: the conditional row is row 1.
+    _assert_store_matches(store, seen, sample=2, row=1)
+    # The last SD3 block (context_pre_only) has attention and MLP of the image stream too.
+    assert store.root["attn_l02"].shape == (3, 3, 24, 16)
+    got = store.root["images"][2].astype(np.int16)
+    np.testing.assert_allclose(got, (image * 255).round().astype(np.int16), atol=2)
+
+
+def test_flux_store_equals_pipeline_hooks(tiny_flux, tmp_path):
+    from diffusers import FluxPipeline
+
+    cfg = HarvestConfig(
+        model=str(tiny_flux),
+        out=tmp_path / "flux.zarr",
+        num_samples=2,
+        num_steps=3,
+        batch_size=2,
+        sites="resid,delta",
+        token_fraction=1.0,
+        dtype="float32",
+        prompts=tiny_flux / "prompts.txt",
+        prompt_embeds=tiny_flux / "embeds.safetensors",
+        guidance_scale=2.5,
+        height=24,
+        width=16,
+        progress=False,
+    )
+    harvest(cfg, log=lambda m: None)
+    store = open_store(cfg.out)
+    meta = store.meta
+    assert meta.guidance == "distilled" and meta.double_stream_blocks == 2 and meta.num_layers == 4
+    assert meta.tokens.num_tokens == 6 * 4
+    seen, _ = _pipeline_run(
+        FluxPipeline,
+        tiny_flux,
+        lambda m: [*m.transformer_blocks, *m.single_transformer_blocks],
+        [1, 2, 3],  # the last double-stream block and both single-stream ones
+        sample=1,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        height=24,
+        width=16,
+    )
+    _assert_store_matches(store, seen, sample=1, row=0)
+
+
+def test_flux_refuses_attn_in_single_blocks_and_guidance_on_schnell(tiny_flux, tmp_path):
+    base = dict(
+        model=str(tiny_flux),
+        num_samples=1,
+        num_steps=2,
+        prompts=tiny_flux / "prompts.txt",
+        prompt_embeds=tiny_flux / "embeds.safetensors",
+        height=16,
+        width=16,
+        progress=False,
+    )
+    with pytest.raises(HarvestError, match="single-stream blocks"):
+        harvest(
+            HarvestConfig(out=tmp_path / "a.zarr", sites="attn", layers="1,2", **base), log=lambda m: None
+        )
+    with pytest.raises(HarvestError, match="--cfg-branch cond"):
+        harvest(
+            HarvestConfig(out=tmp_path / "b.zarr", guidance_scale=2, cfg_branch="both", **base), log=print
+        )
+    with pytest.raises(HarvestError, match="multiple of 4"):
+        harvest(HarvestConfig(out=tmp_path / "c.zarr", **{**base, "height": 18}), log=lambda m: None)
+    schnell = save_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    with pytest.raises(HarvestError, match="takes no guidance"):
+        harvest(
+            HarvestConfig(out=tmp_path / "d.zarr", **{**base, "model": str(schnell), "guidance_scale": 3.0})
+        )
+
+
+def _cli_harvest(folder: Path, out: Path, *extra: str):
+    from tide.cli import app
+    from typer.testing import CliRunner
+
+    args = ["harvest", "--model", str(folder), "--out", str(out), "--num-samples", "8", "--num-steps", "3"]
+    args += ["--batch-size", "2", "--token-fraction", "1", "--prompts", str(folder / "prompts.txt")]
+    args += ["--prompt-embeds", str(folder / "embeds.safetensors"), "--height", "16", "--width", "16"]
+    result = CliRunner().invoke(app, [*args, "--no-progress", *extra])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _cli_train(store: Path, out: Path, layer: str):
+    from tide.cli import app
+    from typer.testing import CliRunner
+
+    args = ["train", "--store", str(store), "--out", str(out), "--layers", layer, "--k", "4"]
+    args += ["--expansion", "2", "--batch-size", "64", "--max-steps", "6", "--warmup-steps", "1"]
+    args += ["--checkpoint-every", "2", "--device", "cpu", "--no-progress", "--no-eval"]
+    return CliRunner().invoke(app, args)
+
+
+def test_train_eval_and_resume_on_flow_matching_stores(tiny_sd3, tiny_flux, tmp_path, monkeypatch):
+    from diffusers.models.embeddings import get_timestep_embedding
+    from safetensors.torch import load_file
+    from tide.cli import app
+    from tide.train import trainer
+    from tide.train.checkpoint import load_sae
+    from tide.train.sae import timestep_embedding
+    from typer.testing import CliRunner
+
+    flux = _cli_harvest(tiny_flux, tmp_path / "flux.zarr", "--layers", "1,2")
+    sd3 = _cli_harvest(tiny_sd3, tmp_path / "sd3.zarr", "--guidance-scale", "2", "--layers", "-1")
+    info = CliRunner().invoke(app, ["store", "info", str(flux)])
+    assert "double-stream 0..1, single-stream 2..3" in info.output and "(distilled)" in info.output
+    t_S = torch.as_tensor(open_store(flux).timesteps)
+    assert t_S[0] == 1000.0 and t_S.dtype == torch.float64
+    # The SAE's modulation embeds flow-matching timesteps (floats up to 1000) as diffusers does.
+    ref = get_timestep_embedding(t_S.float(), 256, flip_sin_to_cos=True, downscale_freq_shift=1)
+    torch.testing.assert_close(timestep_embedding(t_S, 256), ref)
+
+    for store, layer in ((sd3, "2"), (flux, "2")):  # the FLUX layer is a single-stream block
+        result = _cli_train(store, tmp_path / f"saes-{store.stem}", layer)
+        assert result.exit_code == 0, result.output
+        evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / f"saes-{store.stem}"), "--buckets", "2"])
+        assert evaluated.exit_code == 0, evaluated.output
+        sae = load_sae(tmp_path / f"saes-{store.stem}" / f"resid_l0{layer}-tide-k4")
+        assert sae.meta.sae.includes_max_timestep and sae.meta.trained_steps == 6
+
+    # Resume: a run stopped right after its step-4 checkpoint ends with the uninterrupted run's weights.
+    class Stop(Exception):
+        pass
+
+    original = trainer._maybe_checkpoint
+
+    def stop_at_4(run, cfg):
+        original(run, cfg)
+        if run.step == 4:
+            raise Stop
+
+    monkeypatch.setattr(trainer, "_maybe_checkpoint", stop_at_4)
+    stopped = _cli_train(flux, tmp_path / "resumed", "2")  # CliRunner keeps the exception
+    assert isinstance(stopped.exception, Stop), stopped.output
+    monkeypatch.setattr(trainer, "_maybe_checkpoint", original)
+    resumed = _cli_train(flux, tmp_path / "resumed", "2")
+    assert resumed.exit_code == 0 and "resuming at step 4" in resumed.output, resumed.output
+    for name in ("resid_l02-tide-k4", "resid_l02-topk-k4"):
+        a = load_file(str(tmp_path / "resumed" / name / "sae.safetensors"))
+        b = load_file(str(tmp_path / "saes-flux" / name / "sae.safetensors"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}/{key}")
