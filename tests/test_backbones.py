@@ -371,3 +371,73 @@ def test_train_eval_and_resume_on_flow_matching_stores(tiny_sd3, tiny_flux, tmp_
         b = load_file(str(tmp_path / "saes-flux" / name / "sae.safetensors"))
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{name}/{key}")
+
+
+def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
+    """DiT-XL/2 and PixArt-Sigma at their real width (16 heads x 72) and token counts, one block deep."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        DiTTransformer2DModel,
+        DPMSolverMultistepScheduler,
+        PixArtTransformer2DModel,
+    )
+    from safetensors.torch import save_file
+    from tide.harvest.model import load_model
+    from tide.harvest.plan import plan
+
+    torch.manual_seed(0)
+    wide = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=1)
+    dit = DiTTransformer2DModel(**wide, sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
+    dit.save_pretrained(tmp_path / "dit" / "transformer")
+    DDPMScheduler().save_pretrained(tmp_path / "dit" / "scheduler")
+    cfg = HarvestConfig(
+        model=str(tmp_path / "dit"), out=tmp_path / "dit.zarr", num_samples=2, num_steps=1, batch_size=2,
+        token_fraction=1.0, guidance_scale=1.0, labels="7,300", progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    store = open_store(cfg.out)
+    # 256 px, DiT-XL/2: 32 x 32 latent, 2 x 2 patches -> 256 tokens of width 1152; 2 x 256 rows fit one chunk.
+    assert (store.meta.d_model, store.meta.tokens.num_tokens) == (1152, 256)
+    assert store.root["resid_l00"].shape == store.root["resid_l00"].chunks == (2, 1, 256, 1152)
+    x = torch.cat([torch.randn((1, 4, 32, 32), generator=torch.Generator().manual_seed(s)) for s in range(2)])
+    seen = []
+    dit.transformer_blocks[0].register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        dit(x, timestep=torch.full((2,), store.timesteps[0]), class_labels=torch.tensor([7, 300]))
+    want = seen[0].numpy().astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(store.root["resid_l00"][:, 0].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+    px = PixArtTransformer2DModel(
+        **wide, sample_size=128, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+        norm_type="ada_norm_single", interpolation_scale=2, use_additional_conditions=False,
+    )  # fmt: skip
+    px.save_pretrained(tmp_path / "px" / "transformer")
+    DPMSolverMultistepScheduler().save_pretrained(tmp_path / "px" / "scheduler")
+    AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  ).save_pretrained(tmp_path / "px" / "vae")  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("a\n")
+    g = torch.Generator().manual_seed(0)
+    emb = {"prompt_embeds": torch.randn(1, 4, 4096, generator=g), "prompt_attention_mask": torch.ones(1, 4)}
+    emb |= {"negative_" + k: v.clone() for k, v in emb.items()}
+    save_file(emb, str(tmp_path / "emb.safetensors"))
+    text = dict(prompts=tmp_path / "prompts.txt", prompt_embeds=tmp_path / "emb.safetensors", progress=False)
+    # PixArt-Sigma's default 1024 px: 128 x 128 latent -> 4096 tokens; a batch's 2 x 4096 rows of 1152 float16
+    # exceed the ~4 MiB chunk target (2048 rows), so tokens are split into chunks of 1024.
+    sigma = load_model(str(tmp_path / "px"))
+    meta, _ = plan(HarvestConfig(model=str(tmp_path / "px"), batch_size=2, token_fraction=1.0, **text), sigma)
+    assert (meta.d_model, meta.tokens.num_tokens, meta.tokens_per_chunk, meta.steps_per_chunk) == (
+        1152,
+        4096,
+        1024,
+        1,
+    )
+    cfg = HarvestConfig(
+        model=str(tmp_path / "px"), out=tmp_path / "px.zarr", num_samples=2, num_steps=1, batch_size=2,
+        height=256, width=256, guidance_scale=1.0, **text,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    store = open_store(cfg.out)
+    assert store.meta.tokens.num_tokens == 256 and store.root["resid_l00"].shape == (2, 1, 64, 1152)
+    assert np.isfinite(store.root["resid_l00"][:].astype(np.float32)).all()
