@@ -62,6 +62,9 @@ class Sampling:
     """Tensors of the negative prompt, needed for CFG."""
     encodes_prompts: bool = True
     """tide can run the folder's own text encoder (PixArt's T5); else --prompt-embeds is required."""
+    encode: Callable[[Any, list[str], bool], dict[str, torch.Tensor]] | None = None
+    """(model, prompts, with negative) -> --prompt-embeds tensors, by the pipeline's own encode_prompt, for
+    a folder with text_encoder/; None: only --prompt-embeds."""
 
 
 # --- SD3 / SD3.5 -----------------------------------------------------------------------------------------
@@ -95,6 +98,36 @@ def _sd3_schedule(scheduler: Any, config: Any, latent_hw: tuple[int, int], num_s
         p = config.patch_size
         kwargs = _shift_args(scheduler, (latent_hw[0] // p) * (latent_hw[1] // p), 1.16)
     scheduler.set_timesteps(num_steps, device=device, **kwargs)
+
+
+@torch.no_grad()
+def _sd3_encode(model: Any, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
+    """StableDiffusion3Pipeline.encode_prompt on the folder's CLIP encoders (and T5 when present; without it
+    the pipeline pads with zeros, as SD3 does), with its defaults: the negative prompt is ""."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = Path(model.info.path)
+    # Components the folder lacks (T5, image encoder) must be passed as None; the rest load from it.
+    optional = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "image_encoder")
+    absent = {k: None for k in (*optional, "feature_extractor") if not (folder / k).is_dir()}
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        folder,
+        **{**absent, "transformer": model.transformer, "vae": None},
+        torch_dtype=model.transformer.dtype,
+    )
+    e, ne, p, np_ = pipe.encode_prompt(
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        device=model.transformer.device,
+        do_classifier_free_guidance=negative,
+    )
+    out = {"prompt_embeds": e, "pooled_prompt_embeds": p}
+    if negative:  # one row per prompt, all of the same "": keep one
+        out |= {"negative_prompt_embeds": ne[:1], "negative_pooled_prompt_embeds": np_[:1]}
+    return out
 
 
 def _sd3_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -194,6 +227,7 @@ SD3 = Sampling(
     embed_keys=_JOINT_KEYS,
     negative_keys=_JOINT_NEGATIVE,
     encodes_prompts=False,
+    encode=_sd3_encode,
 )
 
 FLUX = Sampling(

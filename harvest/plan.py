@@ -4,6 +4,7 @@ embeddings), planned from a configuration and a loaded model, with every input c
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,10 +70,13 @@ def _prompt_conditioning(
             )
     elif model.text_encoder is not None:
         emb = _encode_prompts(model, prompts, device)
+    elif model.sampling.encode is not None and (Path(model.info.path) / "text_encoder").is_dir():
+        emb = model.sampling.encode(model, prompts, needs_negative)
     elif not model.sampling.encodes_prompts:
         raise HarvestError(
-            f"tide does not run {model.info.transformer_class}'s text encoders: compute the embeddings with the "
-            "pipeline's encode_prompt and pass them as --prompt-embeds FILE (safetensors with "
+            f"{model.info.path} has no text_encoder/ that tide can run for {model.info.transformer_class} (it runs "
+            "SD3's own, not FLUX's): compute the embeddings with the pipeline's encode_prompt and pass them as "
+            "--prompt-embeds FILE (safetensors with "
             f"{', '.join(model.sampling.embed_keys + model.sampling.negative_keys)}; see store/FORMAT.md)"
         )
     else:

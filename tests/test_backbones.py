@@ -441,3 +441,60 @@ def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
     store = open_store(cfg.out)
     assert store.meta.tokens.num_tokens == 256 and store.root["resid_l00"].shape == (2, 1, 64, 1152)
     assert np.isfinite(store.root["resid_l00"][:].astype(np.float32)).all()
+
+
+def _save_tiny_clips(folder: Path) -> None:
+    """Two tiny CLIP text encoders with projection and their tokenizers (a hand-made BPE vocabulary), as an
+    SD3 folder holds them; SD3 without text_encoder_3 pads with zeros where T5's states would be."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "p", "m", "u", "b", "a", "lo", "low</w>"]
+    vocab += ["w</w>", "r</w>", "er</w>", "t</w>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    index = json.loads((folder / "model_index.json").read_text())
+    for n, suffix in enumerate(("", "_2")):
+        tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+        tok.save_pretrained(folder / f"tokenizer{suffix}")
+        torch.manual_seed(10 + n)
+        clip = CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=8,
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=8,
+                projection_dim=6,
+                bos_token_id=len(vocab) - 2,
+                eos_token_id=len(vocab) - 1,
+                pad_token_id=len(vocab) - 1,
+            )
+        )
+        clip.save_pretrained(folder / f"text_encoder{suffix}")
+        index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+        index[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+
+
+def test_sd3_text_encoders_equal_pipeline_with_prompts(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = save_tiny_sd3(tmp_path / "sd3")
+    _save_tiny_clips(folder)
+    (folder / "prompts.txt").write_text("lower tower\na blue sun\n")
+    cfg = HarvestConfig(
+        model=str(folder), out=tmp_path / "s.zarr", num_samples=2, num_steps=2, batch_size=2, layers="1",
+        sites="resid,delta", token_fraction=1.0, dtype="float32", prompts=folder / "prompts.txt",
+        guidance_scale=2.0, height=16, width=16, progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    store = open_store(cfg.out)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    block, seen = pipe.transformer.transformer_blocks[1], {1: []}
+    block.register_forward_hook(
+        lambda m, a, kw, o: seen[1].append((kw["hidden_states"], o[1])), with_kwargs=True
+    )
+    gen = torch.Generator().manual_seed(1)
+    pipe("a blue sun", num_inference_steps=2, guidance_scale=2.0, height=16, width=16, generator=gen)
+    _assert_store_matches(store, seen, sample=1, row=1)
