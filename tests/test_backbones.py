@@ -205,6 +205,7 @@ def test_sd3_store_equals_pipeline_hooks(tiny_sd3, tmp_path):
         width=24,
         save_images=True,
         progress=False,
+        device="cpu",
     )
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
@@ -252,6 +253,7 @@ def test_flux_store_equals_pipeline_hooks(tiny_flux, tmp_path):
         height=24,
         width=16,
         progress=False,
+        device="cpu",
     )
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
@@ -272,7 +274,7 @@ def test_flux_store_equals_pipeline_hooks(tiny_flux, tmp_path):
     _assert_store_matches(store, seen, sample=1, row=0)
 
 
-def test_flux_refuses_attn_in_single_blocks_and_guidance_on_schnell(tiny_flux, tmp_path):
+def test_refusals_name_the_fix(tiny_flux, tiny_sd3, tmp_path):
     base = dict(
         model=str(tiny_flux),
         num_samples=1,
@@ -282,6 +284,7 @@ def test_flux_refuses_attn_in_single_blocks_and_guidance_on_schnell(tiny_flux, t
         height=16,
         width=16,
         progress=False,
+        device="cpu",
     )
     with pytest.raises(HarvestError, match="single-stream blocks"):
         harvest(
@@ -289,7 +292,8 @@ def test_flux_refuses_attn_in_single_blocks_and_guidance_on_schnell(tiny_flux, t
         )
     with pytest.raises(HarvestError, match="--cfg-branch cond"):
         harvest(
-            HarvestConfig(out=tmp_path / "b.zarr", guidance_scale=2, cfg_branch="both", **base), log=print
+            HarvestConfig(out=tmp_path / "b.zarr", guidance_scale=2, cfg_branch="both", **base),
+            log=lambda m: None,
         )
     with pytest.raises(HarvestError, match="multiple of 4"):
         harvest(HarvestConfig(out=tmp_path / "c.zarr", **{**base, "height": 18}), log=lambda m: None)
@@ -298,6 +302,12 @@ def test_flux_refuses_attn_in_single_blocks_and_guidance_on_schnell(tiny_flux, t
         harvest(
             HarvestConfig(out=tmp_path / "d.zarr", **{**base, "model": str(schnell), "guidance_scale": 3.0})
         )
+    sd3 = {**base, "model": str(tiny_sd3), "prompts": tiny_sd3 / "prompts.txt", "guidance_scale": 2.0}
+    with pytest.raises(HarvestError, match="no text_encoder/ that tide can run"):
+        harvest(HarvestConfig(out=tmp_path / "e.zarr", **{**sd3, "prompt_embeds": None}), log=lambda m: None)
+    # FLUX's file has no negative embeddings: SD3 with CFG needs them, and says which.
+    with pytest.raises(HarvestError, match="negative_pooled_prompt_embeds"):
+        harvest(HarvestConfig(out=tmp_path / "f.zarr", **{**sd3, "prompt_embeds": base["prompt_embeds"]}))
 
 
 def _cli_harvest(folder: Path, out: Path, *extra: str):
@@ -307,7 +317,7 @@ def _cli_harvest(folder: Path, out: Path, *extra: str):
     args = ["harvest", "--model", str(folder), "--out", str(out), "--num-samples", "8", "--num-steps", "3"]
     args += ["--batch-size", "2", "--token-fraction", "1", "--prompts", str(folder / "prompts.txt")]
     args += ["--prompt-embeds", str(folder / "embeds.safetensors"), "--height", "16", "--width", "16"]
-    result = CliRunner().invoke(app, [*args, "--no-progress", *extra])
+    result = CliRunner().invoke(app, [*args, "--no-progress", "--device", "cpu", *extra])
     assert result.exit_code == 0, result.output
     return out
 
@@ -393,7 +403,7 @@ def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
     DDPMScheduler().save_pretrained(tmp_path / "dit" / "scheduler")
     cfg = HarvestConfig(
         model=str(tmp_path / "dit"), out=tmp_path / "dit.zarr", num_samples=2, num_steps=1, batch_size=2,
-        token_fraction=1.0, guidance_scale=1.0, labels="7,300", progress=False,
+        token_fraction=1.0, guidance_scale=1.0, labels="7,300", progress=False, device="cpu",
     )  # fmt: skip
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
@@ -422,7 +432,12 @@ def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
     emb = {"prompt_embeds": torch.randn(1, 4, 4096, generator=g), "prompt_attention_mask": torch.ones(1, 4)}
     emb |= {"negative_" + k: v.clone() for k, v in emb.items()}
     save_file(emb, str(tmp_path / "emb.safetensors"))
-    text = dict(prompts=tmp_path / "prompts.txt", prompt_embeds=tmp_path / "emb.safetensors", progress=False)
+    text = dict(
+        prompts=tmp_path / "prompts.txt",
+        prompt_embeds=tmp_path / "emb.safetensors",
+        progress=False,
+        device="cpu",
+    )
     # PixArt-Sigma's default 1024 px: 128 x 128 latent -> 4096 tokens; a batch's 2 x 4096 rows of 1152 float16
     # exceed the ~4 MiB chunk target (2048 rows), so tokens are split into chunks of 1024.
     sigma = load_model(str(tmp_path / "px"))
@@ -486,7 +501,7 @@ def test_sd3_text_encoders_equal_pipeline_with_prompts(tmp_path):
     cfg = HarvestConfig(
         model=str(folder), out=tmp_path / "s.zarr", num_samples=2, num_steps=2, batch_size=2, layers="1",
         sites="resid,delta", token_fraction=1.0, dtype="float32", prompts=folder / "prompts.txt",
-        guidance_scale=2.0, height=16, width=16, progress=False,
+        guidance_scale=2.0, height=16, width=16, progress=False, device="cpu",
     )  # fmt: skip
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
