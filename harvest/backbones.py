@@ -131,11 +131,12 @@ def _sd3_encode(model: Any, prompts: list[str], negative: bool) -> dict[str, tor
 
 
 def _sd3_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    # Embeddings from a file are float32; the model may run in bfloat16 (a no-op cast in float32).
     return model(
         hidden_states=x,
         timestep=t,
-        encoder_hidden_states=cond.prompt_embeds,
-        pooled_projections=cond.pooled_prompt_embeds,
+        encoder_hidden_states=cond.prompt_embeds.to(x.dtype),
+        pooled_projections=cond.pooled_prompt_embeds.to(x.dtype),
         return_dict=False,
     )[0]
 
@@ -194,12 +195,12 @@ def _flux_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Cond
     """Packs the (B, C, H, W) latent into tokens, runs FLUX, and unpacks its velocity to (B, C, H, W); the
     Euler step is elementwise, so stepping unpacked latents equals FluxPipeline's packed ones."""
     b, c, h, w = x.shape
-    txt = cond.prompt_embeds
+    txt = cond.prompt_embeds.to(x.dtype)
     out = model(
         hidden_states=pack(x),
         timestep=t.to(x.dtype) / 1000,
         guidance=cond.guidance,
-        pooled_projections=cond.pooled_prompt_embeds,
+        pooled_projections=cond.pooled_prompt_embeds.to(x.dtype),
         encoder_hidden_states=txt,
         txt_ids=torch.zeros(txt.shape[1], 3, device=x.device, dtype=txt.dtype),
         img_ids=image_ids(h, w, x.device, x.dtype),

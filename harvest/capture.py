@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tide.store.schema import SITES
 from torch import nn
+
+if TYPE_CHECKING:
+    from tide.harvest.backbones import Sampling
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Arch:
     """Picks the image-token tensor out of an attn/mlp submodule's output (joint attention returns a pair)."""
     single_stream_from: Callable[[nn.Module], int | None] = lambda model: None
     """Index of the first single-stream block (FLUX), whose fused attention+MLP has no attn/mlp site."""
-    sampling: Any = None
+    sampling: Sampling | None = None
     """What the pipeline does around the model (harvest/backbones.py `Sampling`); None: DiT's and PixArt's."""
 
 

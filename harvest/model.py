@@ -193,6 +193,8 @@ def load_model(
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
 
     default_cfg = sampling.default_guidance or {"class": 4.0, "prompt": 4.5}[arch.conditioning]  # DiT, PixArt
+    if sampling.guidance_kind(transformer.config, default_cfg) == "none":
+        default_cfg = 1.0  # a model that takes no guidance (FLUX.1-schnell) samples without
     info = ModelInfo(
         id=model,
         path=str(folder),

@@ -298,6 +298,11 @@ def test_refusals_name_the_fix(tiny_flux, tiny_sd3, tmp_path):
     with pytest.raises(HarvestError, match="multiple of 4"):
         harvest(HarvestConfig(out=tmp_path / "c.zarr", **{**base, "height": 18}), log=lambda m: None)
     schnell = save_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    # schnell's default is no guidance at all, and the store says so.
+    meta = harvest(
+        HarvestConfig(out=tmp_path / "s.zarr", **{**base, "model": str(schnell)}), log=lambda m: None
+    )
+    assert (open_store(meta.out).meta.guidance, open_store(meta.out).meta.guidance_scale) == ("none", 1.0)
     with pytest.raises(HarvestError, match="takes no guidance"):
         harvest(
             HarvestConfig(out=tmp_path / "d.zarr", **{**base, "model": str(schnell), "guidance_scale": 3.0})
