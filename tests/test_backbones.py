@@ -350,6 +350,8 @@ def test_train_eval_and_resume_on_flow_matching_stores(tiny_sd3, tiny_flux, tmp_
     sd3 = _cli_harvest(tiny_sd3, tmp_path / "sd3.zarr", "--guidance-scale", "2", "--layers", "-1")
     info = CliRunner().invoke(app, ["store", "info", str(flux)])
     assert "double-stream 0..1, single-stream 2..3" in info.output and "(distilled)" in info.output
+    card = (flux / "README.md").read_text()
+    assert "blocks 0..1 double-stream, then single-stream" in card and "(distilled, cond branch)" in card
     t_S = torch.as_tensor(open_store(flux).timesteps)
     assert t_S[0] == 1000.0 and t_S.dtype == torch.float64
     # The SAE's modulation embeds flow-matching timesteps (floats up to 1000) as diffusers does.
