@@ -100,23 +100,29 @@ def _sd3_schedule(scheduler: Any, config: Any, latent_hw: tuple[int, int], num_s
     scheduler.set_timesteps(num_steps, device=device, **kwargs)
 
 
-@torch.no_grad()
-def _sd3_encode(model: Any, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
-    """StableDiffusion3Pipeline.encode_prompt on the folder's CLIP encoders (and T5 when present; without it
-    the pipeline pads with zeros, as SD3 does), with its defaults: the negative prompt is ""."""
+def _text_pipeline(model: Any, pipeline_class: str) -> Any:
+    """The folder's pipeline with its text encoders and tokenizers, sharing the loaded transformer (SD3 reads
+    its config to pad a missing T5); components the folder lacks are passed as None, as the pipeline allows."""
     from pathlib import Path
 
-    from diffusers import StableDiffusion3Pipeline
+    import diffusers
 
     folder = Path(model.info.path)
-    # Components the folder lacks (T5, image encoder) must be passed as None; the rest load from it.
     optional = ("text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3", "image_encoder")
     absent = {k: None for k in (*optional, "feature_extractor") if not (folder / k).is_dir()}
-    pipe = StableDiffusion3Pipeline.from_pretrained(
+    cls = getattr(diffusers, pipeline_class)
+    return cls.from_pretrained(
         folder,
         **{**absent, "transformer": model.transformer, "vae": None},
         torch_dtype=model.transformer.dtype,
     )
+
+
+@torch.no_grad()
+def _sd3_encode(model: Any, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
+    """StableDiffusion3Pipeline.encode_prompt on the folder's CLIP encoders (and T5 when present; without it
+    the pipeline pads with zeros, as SD3 does), with its defaults: the negative prompt is ""."""
+    pipe = _text_pipeline(model, "StableDiffusion3Pipeline")
     e, ne, p, np_ = pipe.encode_prompt(
         prompt=prompts,
         prompt_2=None,
@@ -128,6 +134,15 @@ def _sd3_encode(model: Any, prompts: list[str], negative: bool) -> dict[str, tor
     if negative:  # one row per prompt, all of the same "": keep one
         out |= {"negative_prompt_embeds": ne[:1], "negative_pooled_prompt_embeds": np_[:1]}
     return out
+
+
+@torch.no_grad()
+def _flux_encode(model: Any, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
+    """FluxPipeline.encode_prompt on the folder's CLIP (pooled) and T5 (sequence, 512 tokens as the
+    pipeline's default); FLUX takes no negative prompt (no CFG batch)."""
+    pipe = _text_pipeline(model, "FluxPipeline")
+    e, p, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=model.transformer.device)
+    return {"prompt_embeds": e, "pooled_prompt_embeds": p}
 
 
 def _sd3_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -241,6 +256,7 @@ FLUX = Sampling(
     embed_keys=_JOINT_KEYS,
     negative_keys=(),
     encodes_prompts=False,
+    encode=_flux_encode,
 )
 
 

@@ -74,9 +74,9 @@ def _prompt_conditioning(
         emb = model.sampling.encode(model, prompts, needs_negative)
     elif not model.sampling.encodes_prompts:
         raise HarvestError(
-            f"{model.info.path} has no text_encoder/ that tide can run for {model.info.transformer_class} (it runs "
-            "SD3's own, not FLUX's): compute the embeddings with the pipeline's encode_prompt and pass them as "
-            "--prompt-embeds FILE (safetensors with "
+            f"{model.info.path} has no text_encoder/ for {model.info.transformer_class}: add the pipeline's text "
+            "encoders and tokenizers to the folder, or compute the embeddings with the pipeline's encode_prompt "
+            "and pass them as --prompt-embeds FILE (safetensors with "
             f"{', '.join(model.sampling.embed_keys + model.sampling.negative_keys)}; see store/FORMAT.md)"
         )
     else:

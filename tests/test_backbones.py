@@ -465,37 +465,38 @@ def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
     assert np.isfinite(store.root["resid_l00"][:].astype(np.float32)).all()
 
 
-def _save_tiny_clips(folder: Path) -> None:
-    """Two tiny CLIP text encoders with projection and their tokenizers (a hand-made BPE vocabulary), as an
-    SD3 folder holds them; SD3 without text_encoder_3 pads with zeros where T5's states would be."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+def _save_text_encoders(folder: Path, clips: list[tuple[str, str, int, int]], t5: str | None = None) -> None:
+    """Tiny CLIP text encoders (suffix, class, hidden, projection) with hand-made BPE tokenizers, and a tiny
+    T5 encoder with a Unigram tokenizer under text_encoder{t5}/, all built offline and added to the folder."""
+    import transformers
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     vocab = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "p", "m", "u", "b", "a", "lo", "low</w>"]
     vocab += ["w</w>", "r</w>", "er</w>", "t</w>", "<unk>", "<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
     index = json.loads((folder / "model_index.json").read_text())
-    for n, suffix in enumerate(("", "_2")):
+    for n, (suffix, cls, hidden, proj) in enumerate(clips):
         tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
         tok.save_pretrained(folder / f"tokenizer{suffix}")
         torch.manual_seed(10 + n)
-        clip = CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=8,
-                intermediate_size=16,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=8,
-                projection_dim=6,
-                bos_token_id=len(vocab) - 2,
-                eos_token_id=len(vocab) - 1,
-                pad_token_id=len(vocab) - 1,
-            )
-        )
-        clip.save_pretrained(folder / f"text_encoder{suffix}")
+        ids = dict(bos_token_id=len(vocab) - 2, eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
+        config = CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=hidden, intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=8, projection_dim=proj, **ids,
+        )  # fmt: skip
+        getattr(transformers, cls)(config).save_pretrained(folder / f"text_encoder{suffix}")
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
-        index[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection"]
+        index[f"text_encoder{suffix}"] = ["transformers", cls]
+    if t5 is not None:
+        words = [("▁" + w, -1.0) for w in ("a", "blue", "sun", "lower", "tower")]
+        vocab_t5 = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), *words]
+        T5TokenizerFast(vocab=vocab_t5, extra_ids=0).save_pretrained(folder / f"tokenizer{t5}")
+        torch.manual_seed(20)
+        config = T5Config(vocab_size=len(vocab_t5), d_model=24, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+        T5EncoderModel(config).save_pretrained(folder / f"text_encoder{t5}")
+        index[f"tokenizer{t5}"] = ["transformers", "T5TokenizerFast"]
+        index[f"text_encoder{t5}"] = ["transformers", "T5EncoderModel"]
     (folder / "model_index.json").write_text(json.dumps(index))
 
 
@@ -503,7 +504,8 @@ def test_sd3_text_encoders_equal_pipeline_with_prompts(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
     folder = save_tiny_sd3(tmp_path / "sd3")
-    _save_tiny_clips(folder)
+    clip = "CLIPTextModelWithProjection"
+    _save_text_encoders(folder, [("", clip, 8, 6), ("_2", clip, 8, 6)])
     (folder / "prompts.txt").write_text("lower tower\na blue sun\n")
     cfg = HarvestConfig(
         model=str(folder), out=tmp_path / "s.zarr", num_samples=2, num_steps=2, batch_size=2, layers="1",
@@ -520,3 +522,26 @@ def test_sd3_text_encoders_equal_pipeline_with_prompts(tmp_path):
     gen = torch.Generator().manual_seed(1)
     pipe("a blue sun", num_inference_steps=2, guidance_scale=2.0, height=16, width=16, generator=gen)
     _assert_store_matches(store, seen, sample=1, row=1)
+
+
+def test_flux_text_encoders_equal_pipeline_with_prompts(tmp_path):
+    from diffusers import FluxPipeline
+
+    folder = save_tiny_flux(tmp_path / "flux")
+    _save_text_encoders(folder, [("", "CLIPTextModel", 12, 12)], t5="_2")
+    (folder / "prompts.txt").write_text("lower tower\na blue sun\n")
+    cfg = HarvestConfig(
+        model=str(folder), out=tmp_path / "f.zarr", num_samples=2, num_steps=2, batch_size=2, layers="2",
+        sites="resid,delta", token_fraction=1.0, dtype="float32", prompts=folder / "prompts.txt",
+        guidance_scale=2.0, height=16, width=16, progress=False, device="cpu",
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    store = open_store(cfg.out)
+    pipe = FluxPipeline.from_pretrained(folder)
+    block, seen = pipe.transformer.single_transformer_blocks[0], {2: []}
+    block.register_forward_hook(
+        lambda m, a, kw, o: seen[2].append((kw["hidden_states"], o[1])), with_kwargs=True
+    )
+    gen = torch.Generator().manual_seed(1)
+    pipe("a blue sun", num_inference_steps=2, guidance_scale=2.0, height=16, width=16, generator=gen)
+    _assert_store_matches(store, seen, sample=1, row=0)
