@@ -77,7 +77,7 @@ def _prompt_conditioning(
             f"{model.info.path} has no text_encoder/ for {model.info.transformer_class}: add the pipeline's text "
             "encoders and tokenizers to the folder, or compute the embeddings with the pipeline's encode_prompt "
             "and pass them as --prompt-embeds FILE (safetensors with "
-            f"{', '.join(model.sampling.embed_keys + model.sampling.negative_keys)}; see store/FORMAT.md)"
+            f"{', '.join(model.sampling.embed_keys + model.sampling.negative_keys)}, the negative ones for CFG)"
         )
     else:
         raise HarvestError(f"{model.info.path} has no text_encoder/; pass precomputed --prompt-embeds FILE")

@@ -308,7 +308,7 @@ def test_refusals_name_the_fix(tiny_flux, tiny_sd3, tmp_path):
             HarvestConfig(out=tmp_path / "d.zarr", **{**base, "model": str(schnell), "guidance_scale": 3.0})
         )
     sd3 = {**base, "model": str(tiny_sd3), "prompts": tiny_sd3 / "prompts.txt", "guidance_scale": 2.0}
-    with pytest.raises(HarvestError, match="no text_encoder/ that tide can run"):
+    with pytest.raises(HarvestError, match="has no text_encoder/ for SD3Transformer2DModel"):
         harvest(HarvestConfig(out=tmp_path / "e.zarr", **{**sd3, "prompt_embeds": None}), log=lambda m: None)
     # FLUX's file has no negative embeddings: SD3 with CFG needs them, and says which.
     with pytest.raises(HarvestError, match="negative_pooled_prompt_embeds"):
@@ -320,7 +320,7 @@ def _cli_harvest(folder: Path, out: Path, *extra: str):
     from typer.testing import CliRunner
 
     args = ["harvest", "--model", str(folder), "--out", str(out), "--num-samples", "8", "--num-steps", "3"]
-    args += ["--batch-size", "2", "--token-fraction", "1", "--prompts", str(folder / "prompts.txt")]
+    args += ["--batch-size", "4", "--token-fraction", "1", "--prompts", str(folder / "prompts.txt")]
     args += ["--prompt-embeds", str(folder / "embeds.safetensors"), "--height", "16", "--width", "16"]
     result = CliRunner().invoke(app, [*args, "--no-progress", "--device", "cpu", *extra])
     assert result.exit_code == 0, result.output
@@ -332,7 +332,7 @@ def _cli_train(store: Path, out: Path, layer: str):
     from typer.testing import CliRunner
 
     args = ["train", "--store", str(store), "--out", str(out), "--layers", layer, "--k", "4"]
-    args += ["--expansion", "2", "--batch-size", "64", "--max-steps", "6", "--warmup-steps", "1"]
+    args += ["--expansion", "2", "--batch-size", "64", "--max-steps", "4", "--warmup-steps", "1"]
     args += ["--checkpoint-every", "2", "--device", "cpu", "--no-progress", "--no-eval"]
     return CliRunner().invoke(app, args)
 
@@ -364,25 +364,25 @@ def test_train_eval_and_resume_on_flow_matching_stores(tiny_sd3, tiny_flux, tmp_
         evaluated = CliRunner().invoke(app, ["eval", str(tmp_path / f"saes-{store.stem}"), "--buckets", "2"])
         assert evaluated.exit_code == 0, evaluated.output
         sae = load_sae(tmp_path / f"saes-{store.stem}" / f"resid_l0{layer}-tide-k4")
-        assert sae.meta.sae.includes_max_timestep and sae.meta.trained_steps == 6
+        assert sae.meta.sae.includes_max_timestep and sae.meta.trained_steps == 4
 
-    # Resume: a run stopped right after its step-4 checkpoint ends with the uninterrupted run's weights.
+    # Resume: a run stopped right after its step-2 checkpoint ends with the uninterrupted run's weights.
     class Stop(Exception):
         pass
 
     original = trainer._maybe_checkpoint
 
-    def stop_at_4(run, cfg):
+    def stop_at_2(run, cfg):
         original(run, cfg)
-        if run.step == 4:
+        if run.step == 2:
             raise Stop
 
-    monkeypatch.setattr(trainer, "_maybe_checkpoint", stop_at_4)
+    monkeypatch.setattr(trainer, "_maybe_checkpoint", stop_at_2)
     stopped = _cli_train(flux, tmp_path / "resumed", "2")  # CliRunner keeps the exception
     assert isinstance(stopped.exception, Stop), stopped.output
     monkeypatch.setattr(trainer, "_maybe_checkpoint", original)
     resumed = _cli_train(flux, tmp_path / "resumed", "2")
-    assert resumed.exit_code == 0 and "resuming at step 4" in resumed.output, resumed.output
+    assert resumed.exit_code == 0 and "resuming at step 2" in resumed.output, resumed.output
     for name in ("resid_l02-tide-k4", "resid_l02-topk-k4"):
         a = load_file(str(tmp_path / "resumed" / name / "sae.safetensors"))
         b = load_file(str(tmp_path / "saes-flux" / name / "sae.safetensors"))
