@@ -159,30 +159,48 @@ def _pipeline_run(pipe_cls, folder: Path, blocks_of, layers, sample: int, **call
     kwargs = {k: emb[k][p : p + 1] for k in ("prompt_embeds", "pooled_prompt_embeds")}
     if sd3:
         kwargs.update({k: emb[k] for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")})
-    seen = {layer: [] for layer in layers}
-    blocks = blocks_of(transformer)
-    hooks = [
-        blocks[layer].register_forward_hook(
-            lambda m, a, kw, o, layer=layer: seen[layer].append((kw["hidden_states"], o[1])), with_kwargs=True
-        )
-        for layer in layers
-    ]
+    seen, hooks = _hook_blocks(blocks_of(transformer), layers)
     out = pipe(**kwargs, generator=torch.Generator().manual_seed(sample), output_type="np", **call)
     for h in hooks:
         h.remove()
     return seen, out.images[0]
 
 
-def _assert_store_matches(store, seen, sample: int, row: int, sites=("resid", "delta")):
+def _hook_blocks(blocks, layers):
+    """Plain forward hooks: per layer, one dict per forward with the block's image-stream input and output
+    and, where the block has them, its joint attention's image output and its feed-forward output."""
+    seen, current, hooks = {layer: [] for layer in layers}, {layer: {} for layer in layers}, []
+    for layer in layers:
+        block, cur = blocks[layer], current[layer]
+        if hasattr(block, "ff"):  # joint blocks; FLUX single-stream blocks have neither
+            hooks.append(block.attn.register_forward_hook(lambda m, a, o, cur=cur: cur.update(attn=o[0])))
+            hooks.append(block.ff.register_forward_hook(lambda m, a, o, cur=cur: cur.update(mlp=o)))
+        hooks.append(
+            block.register_forward_hook(
+                lambda m, a, kw, o, layer=layer, cur=cur: seen[layer].append(
+                    {**cur, "inp": kw["hidden_states"], "out": o[1]}
+                ),
+                with_kwargs=True,
+            )
+        )
+    return seen, hooks
+
+
+def _assert_store_matches(store, seen, sample: int, row: int, sites=("resid", "delta"), suffix=""):
     for layer, per_step in seen.items():
         assert len(per_step) == store.meta.num_inference_steps, f"the hook saw {len(per_step)} forwards"
-        for step, (inp, out) in enumerate(per_step):
-            want = {"resid": out[row], "delta": (out - inp)[row]}
+        for step, d in enumerate(per_step):
+            want = {
+                "resid": d["out"],
+                "delta": d["out"] - d["inp"],
+                "attn": d.get("attn"),
+                "mlp": d.get("mlp"),
+            }
             for site in sites:
-                got = store.root[f"{site}_l{layer:02d}"][sample, step].astype(np.float32)
+                got = store.root[f"{site}_l{layer:02d}{suffix}"][sample, step].astype(np.float32)
                 # float32 stores: only the batch layout (tide's CFG rows differ from the pipeline's) may differ.
                 np.testing.assert_allclose(
-                    got, want[site].numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{site} l{layer} s{step}"
+                    got, want[site][row].numpy(), rtol=1e-5, atol=1e-5, err_msg=f"{site} l{layer} s{step}"
                 )
 
 
@@ -201,6 +219,7 @@ def test_sd3_store_equals_pipeline_hooks(tiny_sd3, tmp_path):
         prompts=tiny_sd3 / "prompts.txt",
         prompt_embeds=tiny_sd3 / "embeds.safetensors",
         guidance_scale=3.0,
+        cfg_branch="both",
         height=16,
         width=24,
         save_images=True,
@@ -227,10 +246,11 @@ def test_sd3_store_equals_pipeline_hooks(tiny_sd3, tmp_path):
         height=16,
         width=24,
     )
-    # StableDiffusion3Pipeline stacks [uncond, cond]: the conditional row is row 1.
-    _assert_store_matches(store, seen, sample=2, row=1)
-    # The last SD3 block (context_pre_only) has attention and MLP of the image stream too.
-    assert store.root["attn_l02"].shape == (3, 3, 24, 16)
+    # StableDiffusion3Pipeline stacks [uncond, cond]: the conditional row is row 1. Layer 2 is the last block
+    # (context_pre_only), whose attention still returns the image and text outputs.
+    sites = ("resid", "delta", "attn", "mlp")
+    _assert_store_matches(store, seen, sample=2, row=1, sites=sites)
+    _assert_store_matches(store, seen, sample=2, row=0, sites=sites, suffix="_uncond")
     got = store.root["images"][2].astype(np.int16)
     np.testing.assert_allclose(got, (image * 255).round().astype(np.int16), atol=2)
 
@@ -245,6 +265,7 @@ def test_flux_store_equals_pipeline_hooks(tiny_flux, tmp_path):
         num_steps=3,
         batch_size=2,
         sites="resid,delta",
+        layers="1,2,3",
         token_fraction=1.0,
         dtype="float32",
         prompts=tiny_flux / "prompts.txt",
@@ -272,6 +293,14 @@ def test_flux_store_equals_pipeline_hooks(tiny_flux, tmp_path):
         width=16,
     )
     _assert_store_matches(store, seen, sample=1, row=0)
+    # attn/mlp exist in the double-stream blocks only (single-stream ones are refused, see below).
+    harvest(
+        cfg.model_copy(update={"out": tmp_path / "f2.zarr", "sites": ("attn", "mlp"), "layers": "1"}),
+        log=lambda m: None,
+    )
+    _assert_store_matches(
+        open_store(tmp_path / "f2.zarr"), {1: seen[1]}, sample=1, row=0, sites=("attn", "mlp")
+    )
 
 
 def test_refusals_name_the_fix(tiny_flux, tiny_sd3, tmp_path):
@@ -515,10 +544,7 @@ def test_sd3_text_encoders_equal_pipeline_with_prompts(tmp_path):
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    block, seen = pipe.transformer.transformer_blocks[1], {1: []}
-    block.register_forward_hook(
-        lambda m, a, kw, o: seen[1].append((kw["hidden_states"], o[1])), with_kwargs=True
-    )
+    seen, _ = _hook_blocks(pipe.transformer.transformer_blocks, [1])
     gen = torch.Generator().manual_seed(1)
     pipe("a blue sun", num_inference_steps=2, guidance_scale=2.0, height=16, width=16, generator=gen)
     _assert_store_matches(store, seen, sample=1, row=1)
@@ -538,9 +564,8 @@ def test_flux_text_encoders_equal_pipeline_with_prompts(tmp_path):
     harvest(cfg, log=lambda m: None)
     store = open_store(cfg.out)
     pipe = FluxPipeline.from_pretrained(folder)
-    block, seen = pipe.transformer.single_transformer_blocks[0], {2: []}
-    block.register_forward_hook(
-        lambda m, a, kw, o: seen[2].append((kw["hidden_states"], o[1])), with_kwargs=True
+    seen, _ = _hook_blocks(
+        [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks], [2]
     )
     gen = torch.Generator().manual_seed(1)
     pipe("a blue sun", num_inference_steps=2, guidance_scale=2.0, height=16, width=16, generator=gen)
