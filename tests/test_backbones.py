@@ -570,3 +570,30 @@ def test_flux_text_encoders_equal_pipeline_with_prompts(tmp_path):
     gen = torch.Generator().manual_seed(1)
     pipe("a blue sun", num_inference_steps=2, guidance_scale=2.0, height=16, width=16, generator=gen)
     _assert_store_matches(store, seen, sample=1, row=0)
+
+
+def test_flux_harvest_resumes_to_the_uninterrupted_bytes(tiny_flux, tmp_path, monkeypatch):
+    import tide.harvest.run as run
+
+    cfg = dict(
+        model=str(tiny_flux), num_samples=4, num_steps=1, batch_size=2, layers="1,3", prompts=tiny_flux / "prompts.txt",
+        prompt_embeds=tiny_flux / "embeds.safetensors", height=16, width=16, progress=False, device="cpu",
+    )  # fmt: skip
+    clean = harvest(HarvestConfig(out=tmp_path / "clean.zarr", **cfg), log=lambda m: None)
+    original = run.harvest_chunk
+
+    def crash_on_second_chunk(c, *args, **kwargs):
+        if c == 1:
+            raise KeyboardInterrupt  # as if stopped mid-run, after chunk 0 was written
+        return original(c, *args, **kwargs)
+
+    monkeypatch.setattr(run, "harvest_chunk", crash_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(HarvestConfig(out=tmp_path / "cut.zarr", **cfg), log=lambda m: None)
+    assert open_store(tmp_path / "cut.zarr").done().tolist() == [True, True, False, False]
+    monkeypatch.setattr(run, "harvest_chunk", original)
+    resumed = harvest(HarvestConfig(out=tmp_path / "cut.zarr", **cfg), log=lambda m: None)
+    assert resumed.written == 2
+    a, b = open_store(clean.out), open_store(resumed.out)
+    for name in ("resid_l01", "resid_l03", "token_index", "timesteps"):
+        np.testing.assert_array_equal(a.root[name][:], b.root[name][:], err_msg=name)
