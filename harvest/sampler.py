@@ -1,7 +1,10 @@
 """The denoising loop, unrolled as a generator that yields after every step.
 
 Written out here rather than calling a diffusers pipeline so that capture hooks see every forward pass
-and the caller can act between steps. Seeding follows store.schema.SEEDING: each sample owns one CPU
+and the caller can act between steps. The loop is the one diffusers' pipelines share: DDPM-style schedulers
+(DiT, PixArt) scale the noise and the model input, flow-matching ones (SD3, FLUX) do neither; the scheduler's
+step() reads the prediction as epsilon or velocity, and the model's own schedule, guidance and latent layout
+come from its registry entry (harvest/backbones.py `Sampling`). Seeding follows store.schema.SEEDING: each sample owns one CPU
 torch.Generator that draws its initial noise and then any scheduler noise, so a sample's trajectory does
 not depend on which other samples share its batch.
 """
