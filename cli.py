@@ -178,7 +178,10 @@ def harvest(
     ] = None,
     guidance_scale: Annotated[
         float | None,
-        typer.Option(help="Classifier-free guidance scale, >= 1; 1 means no CFG (default: the model's)."),
+        typer.Option(
+            help="Guidance scale, >= 1: classifier-free (1 = none), or FLUX.1-dev's guidance input (default: "
+            "the model's)."
+        ),
     ] = None,
     cfg_branch: Annotated[
         str | None, typer.Option(help="CFG branch to store: cond, uncond or both (default cond).")
@@ -192,8 +195,15 @@ def harvest(
     prompt_embeds: Annotated[
         Path | None,
         typer.Option(
-            help="Text models: precomputed prompt embeddings, safetensors (default none: the text encoder)."
+            help="Text models: precomputed prompt embeddings, safetensors; SD3/FLUX add pooled_prompt_embeds "
+            "(default none: the text encoder, PixArt only)."
         ),
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Image height in pixels (default: the pipeline's, e.g. 1024 for FLUX).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Image width in pixels (default: the pipeline's, e.g. 1024 for FLUX).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i (default 0).")] = None,
     batch_size: Annotated[

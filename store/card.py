@@ -40,12 +40,17 @@ def card_text(store: Store) -> str:
             f"- model: `{meta.model.id}` ({meta.model.transformer_class})",
             f"- scheduler: {meta.scheduler.class_name}, {meta.num_inference_steps} inference steps; "
             f"{lay.num_steps} stored (timesteps {ts[0]:g} .. {ts[-1]:g})",
-            f"- layers: {', '.join(map(str, meta.layers))} of {meta.num_layers}; sites: {', '.join(meta.sites)}",
+            f"- layers: {', '.join(map(str, meta.layers))} of {meta.num_layers}; sites: {', '.join(meta.sites)}"
+            + (
+                f" (blocks 0..{meta.double_stream_blocks - 1} double-stream, then single-stream)"
+                if meta.double_stream_blocks is not None
+                else ""
+            ),
             f"- arrays: {', '.join(meta.act_names())}, each (sample, step, token, d) = {tuple(lay.act_shape)}",
             f"- tokens: {meta.tokens.kept} of {meta.tokens.num_tokens} per (sample, step); d_model {meta.d_model}",
             f"- dtype: {meta.dtype}, codec {meta.codec}; chunks {tuple(lay.act_chunks)}",
             f"- samples: {done} of {lay.num_samples} done; {rows} rows per array; guidance {meta.guidance_scale:g} "
-            f"({meta.cfg_branch} branch)",
+            f"({meta.guidance + ', ' if meta.guidance else ''}{meta.cfg_branch} branch)",
             "",
             "## Load it",
             "",

@@ -66,8 +66,11 @@ def summary(store: Store) -> dict[str, Any]:
         "scheduler": meta.scheduler.class_name,
         "steps": f"{lay.num_steps} stored of {meta.num_inference_steps} (timesteps {store.timesteps[0]:g} .. {store.timesteps[-1]:g})",
         "layers": meta.layers,
+        **({"blocks": block_kinds(meta)} if meta.double_stream_blocks is not None else {}),
         "sites": meta.sites,
-        "cfg": f"guidance {meta.guidance_scale:g}, branch {meta.cfg_branch}",
+        "cfg": f"guidance {meta.guidance_scale:g}"
+        + (f" ({meta.guidance})" if meta.guidance else "")
+        + f", branch {meta.cfg_branch}",
         "tokens": f"{meta.tokens.kept} of {meta.tokens.num_tokens} per (sample, step)",
         "d_model": meta.d_model,
         "dtype": meta.dtype,
@@ -81,6 +84,12 @@ def summary(store: Store) -> dict[str, Any]:
         "tide_version": meta.tide_version,
         "format_version": meta.format_version,
     }
+
+
+def block_kinds(meta) -> str:
+    """FLUX's one global layer index, split into its double- and single-stream blocks."""
+    d, n = meta.double_stream_blocks, meta.num_layers
+    return f"double-stream 0..{d - 1}, single-stream {d}..{n - 1} (one global layer index)"
 
 
 class Verdict(NamedTuple):

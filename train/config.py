@@ -254,6 +254,7 @@ class TrainConfig(BaseModel):
                         aux_coeff=self.aux_coeff,
                         dead_steps_threshold=math.ceil(self.dead_after_rows / self.batch_size),
                         num_train_timesteps=_num_train_timesteps(meta),
+                        includes_max_timestep=_flow_matching(meta),
                     )
                     specs.append(SAESpec(name, array, sae, layer))
         return specs
@@ -265,3 +266,8 @@ class TrainConfig(BaseModel):
 
 def _num_train_timesteps(meta: StoreMeta) -> int:
     return int(meta.scheduler.config.get("num_train_timesteps", 1000))
+
+
+def _flow_matching(meta: StoreMeta) -> bool:
+    """Flow-matching schedulers' timesteps are sigma x num_train_timesteps, so the first is exactly 1000.0."""
+    return "FlowMatch" in meta.scheduler.class_name

@@ -37,7 +37,10 @@ row, or one row per timestep, looked up at the nearest stored timestep) and s as
 weights because a per-timestep mean cannot be folded into the t-independent decoder bias.
 
 Timesteps: every `t_B` is the scheduler's timestep VALUE of each row (the store's `timesteps` array, e.g.
-999, 979, ..., 19 for 50 DDPM steps), as the DiT itself sees it, never a step index 0..S-1. Outside
+999, 979, ..., 19 for 50 DDPM steps, or 1000.0, ..., for flow matching, where t = sigma x 1000 is a float in
+[0, 1000]), as the DiT itself sees it, never a step index 0..S-1. The modulation embeds t with DiT's sinusoid
+(periods up to 10000 timestep units), which separates every t in [0, 1000], integer or not; it assumes t on
+that scale, as SD3 and FLUX also embed it (FLUX's pipeline passes t / 1000 and the model multiplies by 1000). Outside
 training mode (`load_sae` returns an SAE in eval mode), an SAE that uses t refuses values outside the
 timesteps its normalisation was recorded at (`timestep_range`), which catches step indices passed by
 mistake. t is used by `tide` (the modulation) and by any SAE with per-timestep input means (every SAE
@@ -88,7 +91,10 @@ class SAEConfig(BaseModel):
     t_hidden: PositiveInt | None = None
     """H: hidden width of the modulation MLP; None means d_model, which a DiT adaLN initialisation needs."""
     num_train_timesteps: PositiveInt = 1000
-    """Timesteps are the scheduler's own values, floats in [0, num_train_timesteps), as the DiT sees them."""
+    """Timesteps are the scheduler's own values, as the DiT sees them: floats in [0, num_train_timesteps)."""
+    includes_max_timestep: bool = False
+    """True for flow-matching schedulers (SD3, FLUX): t = sigma x num_train_timesteps lies in [0, 1000], and the
+    first step is t = 1000.0 exactly. `tide train` sets it from the store's scheduler."""
 
     @model_validator(mode="before")
     @classmethod
@@ -342,9 +348,11 @@ class SAE(nn.Module):
         if t_S is None or torch.as_tensor(t_S).shape != (S,):
             raise ValueError(f"mean has {S} rows, so timesteps must have shape ({S},); got {timesteps!r}")
         t_S, T = torch.as_tensor(t_S).to(self.input_mean_t), self.cfg.num_train_timesteps
-        if ((t_S < 0) | (t_S >= T)).any():
+        closed = self.cfg.includes_max_timestep
+        if ((t_S < 0) | ((t_S > T) if closed else (t_S >= T))).any():
             raise ValueError(
-                f"timesteps {t_S.tolist()} leave [0, num_train_timesteps={T}); pass scheduler values"
+                f"timesteps {t_S.tolist()} leave [0, num_train_timesteps={T}{']' if closed else ')'}; pass "
+                "scheduler values" + ("" if closed else " (flow-matching stores: includes_max_timestep=True)")
             )
         self.input_mean, self.input_mean_t = mean_SD.to(self.input_mean), t_S
         self.input_scale.fill_(float(scale))
