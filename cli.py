@@ -493,7 +493,11 @@ def train(
     ] = None,
     branch: Annotated[str | None, typer.Option(help="CFG branch: cond or uncond (default cond).")] = None,
     arch: Annotated[
-        str | None, typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")
+        str | None,
+        typer.Option(
+            help="Comma list of SAE architectures, e.g. tide,topk,jumprelu,matryoshka; `tide config-reference` "
+            "lists them all (default tide,topk)."
+        ),
     ] = None,
     k: Annotated[
         str | None, typer.Option(help="Active latents per row; a comma list sweeps (default 16).")

@@ -207,8 +207,12 @@ def prepare_out(cfg: TrainConfig, store_identity: str, device: torch.device) -> 
                 "(or another --out) to start a new run"
             )
         old = state["config"]
+        # A setting added after the run was started is missing from its state: it ran with the default.
+        defaults = type(cfg)().identity()
         diffs = [
-            f"{k}: {old.get(k)!r} in {out}, {v!r} now" for k, v in cfg.identity().items() if old.get(k) != v
+            f"{k}: {old.get(k, defaults.get(k))!r} in {out}, {v!r} now"
+            for k, v in cfg.identity().items()
+            if old.get(k, defaults.get(k)) != v
         ]
         if diffs:
             raise CheckpointError(
