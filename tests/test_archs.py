@@ -56,13 +56,14 @@ def test_specs_read_the_registry(tmp_path):
     )
     specs = {s.name: s.sae for s in cfg.specs(store.meta)}
     assert list(specs) == [
-        "resid_l00-jumprelu",  # no k: one SAE
+        "resid_l00-jumprelu-k2",  # k: the L0 it starts at
+        "resid_l00-jumprelu-k4",
         "resid_l00-matryoshka-k2",
         "resid_l00-matryoshka-k4",
         "resid_l00-tide-matryoshka-k2",
         "resid_l00-tide-matryoshka-k4",
     ]
-    assert specs["resid_l00-jumprelu"].l0_coeff == 0.5
+    assert specs["resid_l00-jumprelu-k2"].l0_coeff == 0.5
     assert (
         specs["resid_l00-matryoshka-k2"].l1_coeff == SAEConfig.model_fields["l1_coeff"].default
     )  # not its own
@@ -123,7 +124,7 @@ def test_jumprelu_threshold_gradient_matches_finite_differences_of_the_smoothed_
 
 def test_jumprelu_training_reaches_a_sparse_code(one_thread):
     """The threshold learns: the L0 penalty pulls L0 from about F/2 (threshold 0.01) far down."""
-    sae = make("jumprelu", l0_coeff=0.05, num_latents=48)
+    sae = make("jumprelu", l0_coeff=0.05, num_latents=48, jumprelu_init_threshold=0.01)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     atoms_FD = torch.nn.functional.normalize(torch.randn(48, D, generator=g), dim=-1)
@@ -144,6 +145,18 @@ def test_jumprelu_training_reaches_a_sparse_code(one_thread):
         float(loss.l0),
         float(loss.fvu),
     )
+
+
+def test_jumprelu_thresholds_from_the_first_batch_give_k_per_row():
+    sae = make("jumprelu", k=5).train()
+    x_BD = torch.randn(B, D) * 2 + 1
+    sae.init_from_data(x_BD)
+    pre_BF = (x_BD - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert int((pre_BF > sae.threshold).sum()) == 5 * B - 1  # all but the kth itself, which equals it
+    assert torch.equal(sae.threshold, sae.threshold[0].expand(F))
+    fixed = make("jumprelu", jumprelu_init_threshold=0.3)
+    fixed.init_from_data(x_BD)
+    assert torch.equal(fixed.threshold, torch.full((F,), 0.3))
 
 
 # ---- Matryoshka --------------------------------------------------------------------------------------
@@ -249,8 +262,8 @@ def test_new_archs_train_in_one_pass_and_eval_reports_prefix_fvu(tmp_path):
     )
     folders = train(cfg, log=lambda m: None).saes
     assert [f.name for f in folders] == [
-        "resid_l00-jumprelu",
-        "resid_l00-tide-jumprelu",
+        "resid_l00-jumprelu-k4",
+        "resid_l00-tide-jumprelu-k4",
         "resid_l00-matryoshka-k4",
         "resid_l00-tide-matryoshka-k4",
     ]

@@ -56,8 +56,10 @@ class ArchOptions(BaseModel):
     jumprelu_bandwidth: PositiveFloat = 0.05
     """jumprelu: bandwidth eps of the rectangle kernel of the threshold's straight-through estimator (SAELens'
     default for inputs normalised to E||x||^2 = d_model, as tide's are)."""
-    jumprelu_init_threshold: PositiveFloat = 0.01
-    """jumprelu: every latent's threshold at step 0 (SAELens' default)."""
+    jumprelu_init_threshold: PositiveFloat | None = None
+    """jumprelu: every latent's threshold at step 0. None: set from the first training batch so that k latents
+    per row fire on average (the thresholds move by about lr per step, so a short run could not travel from
+    SAELens' 0.01, where half the latents fire, to a sparse code)."""
     matryoshka_prefixes: tuple[int, ...] | None = None
     """matryoshka: nested dictionary sizes, increasing, the last one the width (it is added if missing); None
     means width/16, width/8, width/4, width/2, width."""
@@ -137,6 +139,9 @@ class Architecture:
 
     def add_state(self, sae: SAE) -> None:
         """Register this architecture's own parameters and buffers on `sae` (their names are saved)."""
+
+    def init_from_data(self, sae: SAE, x_BD: Tensor, t_B: Tensor | None) -> None:
+        """Set what this architecture initialises from the first training batch (after b_dec)."""
 
     def activate(self, sae: SAE, pre_BF: Tensor) -> Tensor:
         raise NotImplementedError
@@ -276,15 +281,28 @@ class JumpReLU(Architecture):
     """`jumprelu`: a learned threshold per latent and an L0 penalty (Rajamanoharan et al. 2024)."""
 
     name = "jumprelu"
-    uses_k = False
     uses_auxk = False  # as in the paper: dead latents are not revived
     fields = ("l0_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold")
     saelens = "jumprelu"
 
     def add_state(self, sae: SAE) -> None:
         # Parametrised directly, as SAELens does; relu(pre) keeps the output right if one goes negative.
-        init = torch.full((self.cfg.num_latents,), self.cfg.jumprelu_init_threshold)
+        # 0 (a plain ReLU) until init_from_data when jumprelu_init_threshold is None.
+        init = torch.full((self.cfg.num_latents,), self.cfg.jumprelu_init_threshold or 0.0)
         sae.register_parameter("threshold", torch.nn.Parameter(init))
+
+    @torch.no_grad()
+    def init_from_data(self, sae: SAE, x_BD: Tensor, t_B: Tensor | None) -> None:
+        if self.cfg.jumprelu_init_threshold is not None:
+            return
+        pre_BF = sae.pre_activations(x_BD, t_B)[0].float()
+        # The (k * B)-th largest pre-activation of the batch: k latents per row fire on average.
+        kth = (
+            pre_BF.flatten()
+            .topk(min(self.cfg.k * pre_BF.shape[0], pre_BF.numel()), sorted=False)
+            .values.min()
+        )
+        sae.threshold.fill_(float(kth.clamp_min(1e-3)))
 
     def activate(self, sae: SAE, pre_BF: Tensor) -> Tensor:
         return jumprelu(pre_BF, sae.threshold, self.cfg.jumprelu_bandwidth)

@@ -1,7 +1,7 @@
 """The training configuration: one frozen, validated model, built from a config file plus CLI flags.
 
 `TrainConfig.specs(meta)` turns it into the list of SAEs trained side by side on the same batches: every
-combination of layer x arch x k (archs without k, relu and jumprelu, get one), all at the same width. The
+combination of layer x arch x k (relu, which has no k, gets one), all at the same width. The
 architectures and their hyperparameters (`ArchOptions`, inherited) come from train/archs.py.
 """
 
@@ -67,8 +67,8 @@ class TrainConfig(ArchOptions):
         description=f"Architectures trained side by side (comma list): {', '.join(ARCHITECTURES)}.",
     )
     k: tuple[int, ...] = (16,)
-    """Active latents per row (comma list for a sweep); every arch that has a k (all but relu and jumprelu) gets
-    one SAE per k."""
+    """Active latents per row (comma list for a sweep); every arch but relu gets one SAE per k (jumprelu: the L0
+    it starts at, unless jumprelu_init_threshold is set; its l0_coeff decides where it goes)."""
     expansion: int = Field(8, gt=0)
     """Width F = expansion * d_model, unless num_latents is given."""
     num_latents: int | None = Field(None, gt=0)

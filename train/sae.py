@@ -308,6 +308,13 @@ class SAE(nn.Module):
         g_FD -= along_F * W_FD
 
     @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> None:
+        """Training's step 0: b_dec from the data (`init_decoder_bias`), then what the architecture sets from
+        data (jumprelu's thresholds, unless given)."""
+        self.init_decoder_bias(x_BD)
+        self.arch.init_from_data(self, x_BD, t_B)
+
+    @torch.no_grad()
     def init_decoder_bias(self, x_BD: Tensor, iters: int = 50) -> None:
         """Set b_dec to the geometric median of a data sample (Weiszfeld), robust to outlier tokens."""
         x_BD = x_BD.float()
