@@ -78,7 +78,8 @@ class SAEConfig(ArchOptions):
     num_latents: PositiveInt
     """F: number of dictionary latents."""
     k: PositiveInt = 32
-    """Active latents per row (per row on average for batchtopk); must be <= num_latents. Unused by relu, jumprelu."""
+    """Active latents per row (per row on average for batchtopk); must be <= num_latents. Unused by relu;
+    jumprelu: the L0 its thresholds start at (unless jumprelu_init_threshold is set)."""
     aux_k: PositiveInt | None = None
     """Dead latents used by the AuxK loss; None means min(d_model // 2, num_latents) as in Gao et al."""
     dead_steps_threshold: PositiveInt = 1000
