@@ -521,7 +521,11 @@ def train(
     ] = None,
     branch: Annotated[str | None, typer.Option(help="CFG branch: cond or uncond (default cond).")] = None,
     arch: Annotated[
-        str | None, typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")
+        str | None,
+        typer.Option(
+            help="Comma list of SAE architectures, e.g. tide,topk,jumprelu,matryoshka; `tide config-reference` "
+            "lists them all (default tide,topk)."
+        ),
     ] = None,
     k: Annotated[
         str | None, typer.Option(help="Active latents per row; a comma list sweeps (default 16).")
@@ -674,6 +678,61 @@ def eval_(
     _print_evals(results)
     if json_out is not None:
         json_out.write_text(json.dumps([r.to_json() for r in results], indent=2))
+
+
+# --- SAELens interop ----------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export(
+    sae_dir: Annotated[
+        Path, typer.Argument(help="An SAE folder written by `tide train` (or `tide import`).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write (cfg.json, sae_weights.safetensors).")],
+    format: Annotated[
+        str, typer.Option("--format", help="Only saelens (SAELens 6, `SAE.load_from_disk`).")
+    ] = "saelens",
+    timestep: Annotated[
+        float | None,
+        typer.Option(
+            help="Export the SAE as it acts at this scheduler timestep (exact there). Needed for SAEs with "
+            "per-timestep means (all that `tide train` writes) and for tide SAEs."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a SAELens export in --out.")
+    ] = False,
+) -> None:
+    """Write an SAE in SAELens' format, its input normalisation (and tide's modulation) folded into the weights."""
+    if format != "saelens":
+        _fail(f"--format {format!r} is not supported; the one format is saelens")
+    from tide.train.export import export_saelens
+
+    try:
+        result = export_saelens(sae_dir, out, timestep=timestep, overwrite=overwrite)
+    except ValueError as e:
+        _fail(str(e))
+    at = "every timestep" if result.timestep is None else f"timestep {result.timestep:g}"
+    typer.echo(f"wrote {result.out} (SAELens {result.architecture}, exact at {at})")
+
+
+@app.command("import")
+def import_(
+    folder: Annotated[Path, typer.Argument(help="A SAELens SAE folder (cfg.json, sae_weights.safetensors).")],
+    store: Annotated[str, typer.Option(help="The tide store whose activations the SAE reads.")],
+    out: Annotated[Path, typer.Option(help="The tide SAE folder to write.")],
+    array: Annotated[
+        str | None, typer.Option(help="Its activation array, e.g. resid_l03 (default: metadata.hook_name).")
+    ] = None,
+) -> None:
+    """Make a SAELens SAE a tide SAE folder, so `tide eval` and everything using `load_sae` read it."""
+    from tide.train.export import import_saelens
+
+    try:
+        written = import_saelens(folder, store, out, array=array)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {written}")
 
 
 # --- every setting -------------------------------------------------------------------------------
