@@ -65,9 +65,10 @@ class FeaturesConfig(BaseModel):
     comes from the score histograms (0: always from the histograms)."""
     batch_size: int = Field(4096, gt=0)
     """Rows per SAE forward pass."""
-    max_pages: int | None = Field(1000, ge=0)
+    max_pages: int | None = Field(256, ge=0)
     """Latent pages of the report: the alive latents with the best AUROC (most frequent without classes),
-    at most this many; None: every alive latent. Every latent is in the index either way."""
+    at most this many; None: every alive latent. Every latent is in the index either way. A page costs
+    about a second of plotting on a CPU, so the default keeps a report of a wide SAE to minutes."""
     images_per_page: int = Field(8, gt=0)
     """Top samples (distinct) pictured on a latent page; at most top_k."""
     read_threads: int = Field(4, gt=0)
