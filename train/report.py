@@ -179,9 +179,9 @@ class _Plots:
         self.steps = np.flatnonzero(stats.rows_S > 0)
         self.spark = plt.figure(figsize=(1.6, 0.4), dpi=75)
         # Fixed margins: tight_layout would measure every text on every save, most of a plot's cost.
-        margins = dict(left=0.09, right=0.91, bottom=0.16, top=0.9)
-        self.fig_t = plt.figure(figsize=(7, 3), dpi=80, subplotpars=SubplotParams(**margins))
-        self.fig_c = plt.figure(figsize=(7, 3), dpi=80, subplotpars=SubplotParams(**margins))
+        margins = dict(left=0.09, right=0.9, bottom=0.2, top=0.76)
+        self.fig_t = plt.figure(figsize=(8, 3.8), dpi=80, subplotpars=SubplotParams(**margins))
+        self.fig_c = plt.figure(figsize=(8, 3.8), dpi=80, subplotpars=SubplotParams(**margins))
 
     def profile(self, f: int, path: Path) -> None:
         fig = self.spark
@@ -194,28 +194,27 @@ class _Plots:
         fig.savefig(path)
 
     def timesteps(self, f: int, path: Path) -> None:
+        """Mean activation where it fires and the top rows (left axis), firing frequency (right), per step."""
         fig, s = self.fig_t, self.steps
         fig.clf()
         ax = fig.add_subplot(1, 1, 1)
         t = self.t_S[s]
-        ax.plot(t, self.table.mean_SF[s, f], color="#3465a4", label="mean activation")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            active = self.stats.sum_SF[s, f] / self.stats.fires_SF[s, f]
+        ax.plot(t, active, color="#3465a4", label="mean activation where it fires")
         top = self.stats.top.value_FK[f] > 0
-        ax.scatter(
-            self.t_S[self.stats.top.step_FK[f, top]],
-            self.stats.top.value_FK[f, top],
-            s=8,
-            color="#cc0000",
-            label="top rows",
-        )
+        steps = self.stats.top.step_FK[f, top]
+        ax.scatter(self.t_S[steps], self.stats.top.value_FK[f, top], s=8, color="#cc0000", label="top rows")
         ax.set_xlabel("timestep t (noisiest left)")
         ax.set_ylabel("activation")
-        ax.invert_xaxis() if t[0] < t[-1] else None
+        ax.set_xlim(t.max(), t.min())  # denoising runs from high t to low t: read left to right
+        ax.set_ylim(bottom=0)
         ax2 = ax.twinx()
-        ax2.plot(t, self.table.frequency_SF[s, f], color="#888", ls="--", label="firing frequency")
-        ax2.set_ylabel("frequency")
+        ax2.plot(t, self.table.frequency_SF[s, f], color="#888", ls="--", label="firing frequency (right)")
+        ax2.set_ylabel("firing frequency")
         ax2.set_ylim(bottom=0)
         self._bucket_aurocs(ax, f)
-        fig.legend(loc="upper right", fontsize=7)
+        fig.legend(loc="upper center", ncol=3, fontsize=7, frameon=False)
         fig.savefig(path)
 
     def _bucket_aurocs(self, ax, f: int) -> None:
@@ -223,6 +222,7 @@ class _Plots:
         if self.table.best_class_F is None or self.table.best_class_F[f] < 0:
             return
         c = self.table.best_class_F[f]
+        ax.set_title(f"AUROC of class {self.stats.class_names[c]} per timestep bucket", fontsize=8, pad=14)
         for g, (a, b) in enumerate(self.stats.bucket_steps):
             lo, hi = self.t_S[a], self.t_S[b - 1]
             if g % 2:
