@@ -346,6 +346,45 @@ def latent_page(
     )
 
 
+class _Pictures(NamedTuple):
+    """What the top-sample pictures of the pages are drawn from."""
+
+    tops: dict[int, list[PageTop]]
+    """Latent -> its pictured top rows."""
+    images: dict[int, np.ndarray]
+    """Sample -> (H, W, C) final image."""
+    acts: dict[tuple[int, int, int], np.ndarray]
+    """(sample, step, latent) -> (T,) activation on each stored token."""
+    tokens: dict[tuple[int, int], np.ndarray]
+    """(sample, step) -> (T,) image token of each stored token."""
+    grid: tuple[int, int]
+
+
+def _pictures(loaded, store, stats, pages, cfg, model, device, log) -> _Pictures:
+    image_token_FK = image_tokens(store, stats.top)
+    tops = {f: page_tops(stats, image_token_FK, f, cfg.images_per_page) for f in pages}
+    images = final_images(store, sorted({t.sample for ts in tops.values() for t in ts}), model, device, log)
+    pairs: dict[tuple[int, int], list[int]] = {}
+    for f, ts in tops.items():
+        for t in ts:
+            pairs.setdefault((t.sample, t.step), []).append(f)
+    acts = token_activations(loaded, store, list(pairs), pairs)
+    return _Pictures(tops, images, acts, _token_index(store, pairs), token_grid(store))
+
+
+def _heatmap_note(store: Store) -> str:
+    note = (
+        "Each picture: the final image, and beside it the latent's activation on each token at the top row's "
+        "step, drawn over the token's patch (brighter = stronger, scaled to the latent's top value)."
+    )
+    if store.meta.tokens.subsampled:
+        note += (
+            f" Only the {store.meta.tokens.kept} stored tokens of {store.meta.tokens.num_tokens} are coloured; "
+            "the others were not harvested."
+        )
+    return note
+
+
 def write_report(
     out: Path,
     loaded: LoadedSAE,
@@ -366,54 +405,20 @@ def write_report(
     for name in ("style.css", "sort.js"):
         shutil.copyfile(TEMPLATES / name, out / name)
     pages = page_latents(table, cfg.max_pages)
-    image_token_FK = image_tokens(store, stats.top)
-    tops = {f: page_tops(stats, image_token_FK, f, cfg.images_per_page) for f in pages}
-    wanted = sorted({t.sample for ts in tops.values() for t in ts})
-    images = final_images(store, wanted, model, device, log)
-    pairs: dict[tuple[int, int], list[int]] = {}
-    for f, ts in tops.items():
-        for t in ts:
-            pairs.setdefault((t.sample, t.step), []).append(f)
-    acts = token_activations(loaded, store, list(pairs), pairs)
-    index_SNT = _token_index(store, pairs)
-    grid = token_grid(store)
-    plots = _Plots(stats, table, store.timesteps)
-    class_N = None if stats.class_N is None else stats.class_N
-    subsampled = store.meta.tokens.subsampled
+    pics = _pictures(loaded, store, stats, pages, cfg, model, device, log)
     ctx = {
         "stats": stats,
         "table": table,
         "store": store,
-        "class_N": class_N,
+        "class_N": stats.class_N,
         "name": loaded.meta.name,
-        "heatmap_note": (
-            "Each picture: the final image, and beside it the latent's activation on each token at the top "
-            "row's step, drawn over the token's patch (brighter = stronger, scaled to the latent's top value)."
-            + (
-                f" Only the {store.meta.tokens.kept} stored tokens of {store.meta.tokens.num_tokens} are "
-                "coloured; the others were not harvested."
-                if subsampled
-                else ""
-            )
-        ),
+        "heatmap_note": _heatmap_note(store),
     }
+    plots = _Plots(stats, table, store.timesteps)
     try:
         for f in tqdm(range(table.frequency_F.shape[0]), unit="latent", desc="profiles", leave=False):
             plots.profile(f, out / "img/profile" / f"{f:05d}.png")
         for n, f in enumerate(tqdm(pages, unit="page", desc="pages")):
-            vmax = float(stats.top.value_FK[f, 0])
-            for j, t in enumerate(tops[f]):
-                heatmap_png(
-                    out / "img/top" / f"{f:05d}_{j}.png",
-                    images[t.sample],
-                    acts[(t.sample, t.step, f)],
-                    index_SNT[(t.sample, t.step)],
-                    grid,
-                    vmax,
-                )
-            plots.timesteps(f, out / "img/timestep" / f"{f:05d}.png")
-            if stats.hist_GCFH is not None:
-                plots.classes(f, out / "img/classes" / f"{f:05d}.png", stats.class_names)
             nav = " ".join(
                 f'<a href="{g:05d}.html">{label} ({g})</a>'
                 for g, label in (
@@ -422,11 +427,30 @@ def write_report(
                 )
                 if g is not None
             )
-            (out / "latents" / f"{f:05d}.html").write_text(latent_page(f, ctx, tops[f], nav))
+            _write_page(out, f, ctx, pics, plots, nav)
     finally:
         plots.close()
     _write_index(out, loaded, store, stats, table, set(pages), cfg.dense_threshold)
     return pages
+
+
+def _write_page(out: Path, f: int, ctx: dict, pics: _Pictures, plots: _Plots, nav: str) -> None:
+    """Latent f's pictures, plots and page."""
+    stats = ctx["stats"]
+    vmax = float(stats.top.value_FK[f, 0])
+    for j, t in enumerate(pics.tops[f]):
+        heatmap_png(
+            out / "img/top" / f"{f:05d}_{j}.png",
+            pics.images[t.sample],
+            pics.acts[(t.sample, t.step, f)],
+            pics.tokens[(t.sample, t.step)],
+            pics.grid,
+            vmax,
+        )
+    plots.timesteps(f, out / "img/timestep" / f"{f:05d}.png")
+    if stats.hist_GCFH is not None:
+        plots.classes(f, out / "img/classes" / f"{f:05d}.png", stats.class_names)
+    (out / "latents" / f"{f:05d}.html").write_text(latent_page(f, ctx, pics.tops[f], nav))
 
 
 def _token_index(store: Store, pairs: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], np.ndarray]:
