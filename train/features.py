@@ -236,15 +236,10 @@ class _Accumulator:
         self.chunk = None
 
 
-def stream_rows(loader: ActivationLoader) -> tuple[np.ndarray, np.ndarray]:
-    """(first stream row of every chunk read, plus the total; its read) for an unshuffled loader."""
-    sizes = [r.rows for r in loader.reads]
-    return np.concatenate([[0], np.cumsum(sizes)]), np.arange(len(sizes))
-
-
 def rows_to_index(loader: ActivationLoader, row: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(sample, step, stored token slot) of rows of an unshuffled loader's stream."""
-    offsets, _ = stream_rows(loader)
+    """(sample, step, stored token slot) of rows of an unshuffled loader's stream, which holds its reads one
+    after another, each in C order (sample, step, token): top-K keeps just a row's stream position."""
+    offsets = np.concatenate([[0], np.cumsum([r.rows for r in loader.reads])])
     j = np.clip(np.searchsorted(offsets, row, side="right") - 1, 0, len(loader.reads) - 1)
     sel = np.array([[s.start for s in r.selection[:3]] for r in loader.reads])  # (R, 3)
     shape = np.array([r.shape for r in loader.reads])  # (R, 3)
