@@ -177,22 +177,32 @@ class _Accumulator:
         S = self.fires_SF.shape[0]
         self.fires_SF += torch.bincount(key_N, minlength=S * self.F).view(S, self.F)
         self.sum_SF += torch.bincount(key_N, weights=v_N.double(), minlength=S * self.F).view(S, self.F)
-        self._top(z_BF, f_N[v_N > self.top_KF[-1, f_N]], first_row)
+        beats_N = v_N > self.top_KF[-1, f_N]  # above the latent's K-th largest so far
+        self._top(f_N[beats_N], v_N[beats_N], row_N[beats_N] + first_row)
         if self.hist is not None:
             self._maxima(z_BF, step_B, sample_B)
 
-    def _top(self, z_BF: Tensor, candidates: Tensor, first_row: int) -> None:
-        """Merge the batch's largest activations into the top-K of the latents where one beats the K-th."""
-        if candidates.numel() == 0:
+    def _top(self, f_N: Tensor, v_N: Tensor, row_N: Tensor) -> None:
+        """Merge candidate activations (latent, value, stream row) into the latents' top-K.
+
+        A segmented top-K over sparse entries: the candidates and the K kept entries of each latent they
+        touch are sorted by latent, largest first, and the first K of every latent are kept. After the first
+        batches few activations beat a latent's K-th, so this costs far less than a dense top-K per batch.
+        """
+        if f_N.numel() == 0:
             return
-        cols = torch.unique(candidates)
         K = self.top_KF.shape[0]
-        vals_KC, idx_KC = z_BF[:, cols].topk(min(K, z_BF.shape[0]), dim=0)
-        both_KC = torch.cat([self.top_KF[:, cols], vals_KC])
-        rows_KC = torch.cat([self.row_KF[:, cols], idx_KC + first_row])
-        top_KC, keep_KC = both_KC.topk(K, dim=0)
-        self.top_KF[:, cols] = top_KC
-        self.row_KF[:, cols] = rows_KC.gather(0, keep_KC)
+        cols = torch.unique(f_N)
+        all_f = torch.cat([cols.repeat(K), f_N])  # the kept entries first: row k of top_KF, for each col
+        all_v = torch.cat([self.top_KF[:, cols].reshape(-1), v_N])
+        all_r = torch.cat([self.row_KF[:, cols].reshape(-1), row_N])
+        by_value = torch.argsort(all_v, descending=True, stable=True)
+        idx = by_value[torch.argsort(all_f[by_value], stable=True)]  # by latent, then largest first
+        f_sorted = all_f[idx]
+        rank = torch.arange(len(idx), device=idx.device) - torch.searchsorted(f_sorted, f_sorted)
+        keep = rank < K  # every latent in cols has at least its K kept entries, so all K slots refill
+        self.top_KF[rank[keep], f_sorted[keep]] = all_v[idx[keep]]
+        self.row_KF[rank[keep], f_sorted[keep]] = all_r[idx[keep]]
 
     def _maxima(self, z_BF: Tensor, step_B: Tensor, sample_B: Tensor) -> None:
         # Rows come sample chunk by sample chunk; a batch may end one chunk and start the next.
