@@ -3,7 +3,9 @@
 - features_vs_reader_ratio: rows/s of train/features.py's `collect` (read, SAE forward_raw, per-latent sums,
   streaming top-K, per-sample maxima for the class AUROC) / rows/s of the same unshuffled ActivationLoader
   pass with nothing done to its batches, on the same store, same rows, same batch size. Aim: >= 0.8.
-Runs alternate (reader, features, reader, ...) and each figure is a median.
+- features_vs_sae_forward_ratio: the same pass vs that reader plus the SAE's `forward_raw` on every batch
+  and nothing else: what the per-latent bookkeeping costs on top of the SAE itself.
+Runs alternate (reader, reader + SAE, features, ...) and each figure is a median.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from tide.store.reader import open_store
 from tide.train.checkpoint import load_sae
 from tide.train.config import TrainConfig
@@ -20,7 +23,8 @@ from tide.train.features import FeaturesConfig, collect
 from tide.train.trainer import train
 
 
-def _reader(store, loaded, chunks: list[int], batch_size: int) -> float:
+@torch.no_grad()
+def _reader(store, loaded, chunks: list[int], batch_size: int, sae: bool = False) -> float:
     loader = ActivationLoader(
         store,
         [loaded.meta.array],
@@ -33,6 +37,8 @@ def _reader(store, loaded, chunks: list[int], batch_size: int) -> float:
     start, rows = time.perf_counter(), 0
     for batch in loader.batches(epochs=1):
         rows += batch.step_B.shape[0]
+        if sae:
+            loaded.sae.forward_raw(batch.x_ABD[0].float(), batch.t_B)
     return rows / (time.perf_counter() - start)
 
 
@@ -63,12 +69,16 @@ def bench_features(
     fcfg = FeaturesConfig(split="all", progress=False)
     chunks = store.done_chunks()
     _features(store, loaded, fcfg)  # warm-up
-    reader, features = [], []
+    reader, forward, features = [], [], []
     for _ in range(repeats):
         reader.append(_reader(store, loaded, chunks, fcfg.batch_size))
+        forward.append(_reader(store, loaded, chunks, fcfg.batch_size, sae=True))
         features.append(_features(store, loaded, fcfg))
+    reader_s, forward_s, features_s = (statistics.median(v) for v in (reader, forward, features))
     return {
-        "features_reader_rows_per_s": statistics.median(reader),
-        "features_rows_per_s": statistics.median(features),
-        "features_vs_reader_ratio": statistics.median(features) / statistics.median(reader),
+        "features_reader_rows_per_s": reader_s,
+        "features_sae_forward_rows_per_s": forward_s,
+        "features_rows_per_s": features_s,
+        "features_vs_reader_ratio": features_s / reader_s,
+        "features_vs_sae_forward_ratio": features_s / forward_s,
     }
