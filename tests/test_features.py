@@ -124,3 +124,16 @@ def test_memory_does_not_grow_with_the_store(setup, tmp_path):
     # The exact-score path holds every sample's scores, so it grows, up to its budget.
     exact = cfg.model_copy(update={"exact_auroc_bytes": 1 << 20})
     assert collect(loaded, _store(tmp_path / "x.zarr", 80), exact).buffer_bytes > large.buffer_bytes
+
+
+def test_a_store_without_classes_has_no_auroc(setup, monkeypatch):
+    import tide.train.features as features
+
+    store, loaded, z_NSTF = setup
+    monkeypatch.setattr(features, "class_names", lambda store: (None, []))
+    stats = collect(loaded, store, FeaturesConfig(split="all", progress=False))
+    table = summarise(stats, 0.1)
+    assert stats.hist_GCFH is None and table.auroc_GCF is None and table.best_class_F is None
+    np.testing.assert_array_equal(stats.fires_SF, (z_NSTF > 0).sum((0, 2)))
+    records = features.latent_records(stats, table, stats.top.token_FK)
+    assert all(r["best_class"] is None and r["best_auroc"] is None for r in records)
