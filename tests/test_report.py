@@ -187,3 +187,26 @@ def test_report_in_headless_chromium(report):
     assert index["freqs"] == sorted(index["freqs"], reverse=True)  # the sort ran
     page = _browse(result.out / "latents" / f"{result.pages[0]:05d}.html")
     assert page["images"] == 3 + 2 and page["broken"] == []  # top samples, timestep and class plots
+
+
+def test_prompt_store_images_are_regenerated_from_seeds_and_prompts(tiny_pixart, tmp_path):
+    """A text-conditional store: the prompt embeddings the harvest recorded are used again."""
+    cfg = HarvestConfig(
+        model=str(tiny_pixart),
+        out=tmp_path / "p.zarr",
+        num_samples=4,
+        num_steps=3,
+        batch_size=2,
+        prompts=tiny_pixart / "prompts.txt",
+        prompt_embeds=tiny_pixart / "embeds.safetensors",
+        save_images=True,
+        progress=False,
+    )
+    harvest(cfg, log=lambda m: None)
+    copy = tmp_path / "noimages.zarr"
+    shutil.copytree(cfg.out, copy)
+    shutil.rmtree(copy / "images")
+    drawn = final_images(open_store(copy), [3, 0], None, "cpu", log=lambda m: None)
+    saved = open_store(cfg.out).root["images"]
+    for i, img in drawn.items():
+        np.testing.assert_array_equal(img, saved[i])
