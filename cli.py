@@ -735,6 +735,87 @@ def import_(
     typer.echo(f"wrote {written}")
 
 
+@app.command("features")
+def features(
+    sae: Annotated[
+        Path,
+        typer.Argument(help="An SAE folder written by `tide train` (e.g. runs/saes/resid_l03-tide-k16)."),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the report: index.html, latents/, features.json.")],
+    store: Annotated[
+        str | None, typer.Option(help="The store, a folder or a URL (default: the one recorded at training).")
+    ] = None,
+    split: Annotated[
+        str, typer.Option(help="val: the SAE's held-out samples; all: every done sample (training ones too).")
+    ] = "val",
+    top_k: Annotated[int, typer.Option(min=1, help="Top activating rows kept per latent.")] = 32,
+    buckets: Annotated[int, typer.Option(min=1, help="Timestep buckets of the per-bucket AUROC.")] = 5,
+    max_pages: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Latent pages: the alive latents with the best AUROC, at most this many (0: every alive one).",
+        ),
+    ] = 256,
+    images: Annotated[int, typer.Option(min=1, help="Top samples pictured per latent page.")] = 8,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Pipeline folder to redraw images with when the store has none (default: the recorded one)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Rows per SAE forward pass.")] = 4096,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a previous report in --out.")
+    ] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bars.")] = False,
+    storage_options: StorageOptions = None,
+) -> None:
+    """A browsable report of every latent: frequency, timestep profile, class AUROC, top images with heatmaps.
+
+    One streaming pass of the SAE over the store, then DIR/index.html (a sortable table of every latent)
+    linking to one page per latent, and DIR/features.json / features.npz with the numbers.
+    """
+    from pydantic import ValidationError
+    from tide.store.device import resolve_device
+    from tide.store.open import storage_options as scoped
+    from tide.store.reader import StoreError
+    from tide.train.features import FeaturesConfig
+    from tide.train.report import features_report
+
+    if split not in ("val", "all"):
+        _fail(f"--split {split!r} is not val or all")
+    try:
+        cfg = FeaturesConfig(
+            split=split,
+            top_k=top_k,
+            buckets=buckets,
+            max_pages=max_pages or None,
+            images_per_page=images,
+            batch_size=batch_size,
+            progress=not no_progress,
+        )
+        with scoped(storage_options):
+            result = features_report(
+                sae,
+                out,
+                cfg,
+                store=store,
+                model=model,
+                device=str(resolve_device(device)),
+                overwrite=overwrite,
+                log=_log,
+            )
+    except (StoreError, ValueError, ValidationError) as e:
+        _fail(str(e))
+    t = result.table
+    typer.echo(
+        f"{len(t.frequency_F)} latents ({int(t.dead_F.sum())} dead, {int(t.dense_F.sum())} dense) over "
+        f"{result.rows} rows; {len(result.pages)} latent pages; open {out / 'index.html'}"
+    )
+
+
 # --- every setting -------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@
 - harvest_cluster_speedup: wall time of that harvest (4 sample chunks) in this process / on a local dask
   cluster of 2 single-threaded worker processes (`--workers 2`), one run each, cluster start-up excluded.
 - bytes_per_value: bytes on disk per stored activation value of that harvest (float16 is 2 uncompressed).
+- features_vs_reader_ratio: rows/s of the `tide features` pass vs the store reader alone (tests/bench_features.py).
 - the training-side ratios of tests/bench_train.py.
 
 Runs alternate (plain, harvest, plain, harvest, ...) and each figure is a median, so that load from the
@@ -189,6 +190,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for name, value in codecs.items():
             print(f"{name}: {value:.4g}", flush=True)
         figures |= codecs
+        from tests.bench_features import bench_features
+
+        tiny = {"train_steps": 2, "train_batch": 64} if args.quick else {}
+        feats = bench_features(work / "bench.zarr", work, args.repeats, **tiny)
+        for name, value in feats.items():
+            print(f"{name}: {value:.4g}", flush=True)
+        figures |= feats
     if not args.skip_train:
         from tests import bench_train
 

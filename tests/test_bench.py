@@ -17,12 +17,14 @@ READER = [
 TRAIN = ["train_cache_rows_per_s", "train_memory_rows_per_s", "train_cache_vs_memory_ratio"]
 TRAIN += ["reader_s3_rows_per_s", "s3_server_raw_get_rows_per_s", "reader_s3_vs_local_ratio"]
 TRAIN += ["reader_s3_vs_server_ratio"]
+FEATURES = ["features_reader_rows_per_s", "features_rows_per_s", "features_vs_reader_ratio"]
+FEATURES += ["features_vs_sae_forward_ratio"]
 
 
 def test_bench_prints_every_figure(capsys):
     figures = bench.main(["--quick"])
     printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines() if ": " in line)
-    for name in HARVEST + CODECS + READER + TRAIN:
+    for name in HARVEST + CODECS + READER + TRAIN + FEATURES:
         assert name in printed, f"make bench no longer prints {name}"
         assert math.isfinite(float(printed[name])) and figures[name] > 0, (name, printed[name])
     assert printed["device"] in ("cpu", "cuda")

@@ -51,6 +51,7 @@ def test_the_wheel_holds_only_the_tide_namespace(tmp_path):
     for module in ("tide/cli.py", "tide/harvest/run.py", "tide/store/reader.py", "tide/train/trainer.py"):
         assert module in names
     assert "tide/harvest/demo/digits-dit/model_index.json" in names  # the shipped model travels with it
+    assert "tide/train/report/index.html" in names  # the templates of `tide features`
     assert not any(n.startswith("tide/tests/") for n in names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tide = tide.cli:app" in entry

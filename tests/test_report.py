@@ -1,0 +1,212 @@
+"""`tide features` end to end on a tiny harvested store: features.json, the pages and their pictures, image
+regeneration from seeds, the CLI, and the report in a real headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tide.cli import app
+from tide.harvest.config import HarvestConfig
+from tide.harvest.run import harvest
+from tide.store.reader import open_store
+from tide.train.config import TrainConfig
+from tide.train.features import FeaturesConfig
+from tide.train.report import PIXELS, features_report, final_images
+from tide.train.trainer import train
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def report(tiny_dit, tmp_path_factory):
+    work = tmp_path_factory.mktemp("report")
+    # Half the 16 tokens stored, so the heatmaps must leave the other half uncoloured.
+    cfg = HarvestConfig(
+        model=str(tiny_dit),
+        out=work / "s.zarr",
+        num_samples=12,
+        num_steps=4,
+        batch_size=3,
+        token_fraction=0.5,
+        save_images=True,
+        progress=False,
+    )
+    harvest(cfg, log=lambda m: None)
+    tcfg = TrainConfig(
+        store=cfg.out,
+        out=work / "saes",
+        layers="1",
+        archs=("topk",),
+        k=(2,),
+        expansion=2,
+        batch_size=32,
+        max_steps=4,
+        warmup_steps=1,
+        progress=False,
+    )
+    sae = train(tcfg, log=lambda m: None).saes[0]
+    fcfg = FeaturesConfig(split="all", top_k=6, buckets=2, images_per_page=3, max_pages=3, progress=False)
+    result = features_report(sae, work / "rep", fcfg, log=lambda m: None)
+    return work, sae, result
+
+
+def test_features_json_and_pages(report):
+    work, _, result = report
+    data = json.loads((result.out / "features.json").read_text())
+    F = len(result.table.frequency_F)
+    assert [r["index"] for r in data["latents"]] == list(range(F))
+    assert data["classes"] == ["0", "1", "2", "3"] and data["samples"] == 12
+    for rec in data["latents"]:
+        f = rec["index"]
+        assert rec["frequency"] == pytest.approx(result.table.frequency_F[f], abs=1e-6)
+        assert len(rec["frequency_per_step"]) == 4
+        assert rec["dead"] == (rec["frequency"] == 0)
+        assert (rec["best_class"] is None) == rec["dead"]
+        if not rec["dead"]:
+            assert 0 <= rec["best_auroc"] <= 1 and len(rec["best_auroc_per_bucket"]) == 2
+            values = [t["value"] for t in rec["top"]]
+            assert values == sorted(values, reverse=True) and values[0] > 0
+    # Pages for the 3 alive latents with the best AUROC; every latent in the index, linked when paged.
+    best = sorted(
+        (f for f in range(F) if not result.table.dead_F[f]), key=lambda f: -result.table.best_auroc_F[f]
+    )
+    assert result.pages == sorted(best[:3])
+    assert sorted(p.stem for p in (result.out / "latents").iterdir()) == [f"{f:05d}" for f in result.pages]
+    index = (result.out / "index.html").read_text()
+    assert index.count("<tr><td") == F
+    assert sorted(int(m) for m in re.findall(r'href="latents/(\d+).html"', index)) == result.pages
+
+
+def test_heatmaps_colour_only_stored_tokens(report):
+    work, _, result = report
+    store = open_store(work / "s.zarr")
+    data = json.loads((result.out / "features.json").read_text())
+    f = result.pages[0]
+    top = data["latents"][f]["top"][0]
+    pic = np.asarray(Image.open(result.out / "img/top" / f"{f:05d}_0.png").convert("RGB")).astype(int)
+    left, right = pic[:, :PIXELS], pic[:, PIXELS + 4 :]
+    image = store.root["images"][top["sample"]]  # (8, 8, 1): the tiny model's pixels
+    np.testing.assert_array_equal(left[::16, ::16, 0], image[..., 0])  # 8x8 pixels scaled to 128
+    stored = set(store.root["token_index"][top["sample"], top["step"]].tolist())
+    assert top["token"] in stored
+    patch = PIXELS // 4  # 16 tokens: a 4x4 grid
+    for n in range(16):
+        r, c = divmod(n, 4)
+        same = np.array_equal(
+            left[r * patch : (r + 1) * patch, c * patch : (c + 1) * patch],
+            right[r * patch : (r + 1) * patch, c * patch : (c + 1) * patch],
+        )
+        assert same == (n not in stored), f"token {n}: stored={n in stored}, tinted={not same}"
+
+
+def test_images_are_regenerated_from_seeds_without_saved_images(report, tmp_path):
+    work, _, _ = report
+    copy = tmp_path / "noimages.zarr"
+    shutil.copytree(work / "s.zarr", copy)
+    shutil.rmtree(copy / "images")
+    store = open_store(copy)
+    assert "images" not in store.root
+    drawn = final_images(store, [7, 0, 11], None, "cpu", log=lambda m: None)
+    saved = open_store(work / "s.zarr").root["images"]
+    for i, img in drawn.items():
+        np.testing.assert_array_equal(img, saved[i])
+
+
+def test_cli_writes_a_report_and_refuses_to_overwrite(report, tmp_path):
+    work, sae, _ = report
+    out = tmp_path / "cli"
+    args = ["features", str(sae), "--out", str(out), "--split", "all", "--max-pages", "1", "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert len(list((out / "latents").iterdir())) == 1 and "open" in res.output
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    res = runner.invoke(app, [*args, "--overwrite", "--store", str(work / "s.zarr")])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    res = runner.invoke(app, ["features", str(sae), "--out", str(tmp_path / "other"), "--overwrite"])
+    assert res.exit_code == 2 and "no tide features report" in res.output
+    res = runner.invoke(app, ["features", str(sae), "--out", str(tmp_path / "x"), "--store", str(tmp_path)])
+    assert res.exit_code == 2 and "not a Zarr v3 store" in res.output
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+# Appended to a copy of a page (beside it, so that its relative links hold): after load, write what the
+# test needs into the DOM, which --dump-dom prints.
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  const th = document.querySelectorAll("#latents th")[1];
+  if (th) th.click();  // sort by frequency, largest first
+  const rows = Array.from(document.querySelectorAll("#latents tbody tr"));
+  const out = document.createElement("pre");
+  out.id = "tide-check";
+  out.textContent = JSON.stringify({
+    images: imgs.length,
+    broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute("src")),
+    rows: rows.length,
+    freqs: rows.map(r => parseFloat(r.children[1].dataset.v)),
+  });
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def _browse(page: Path) -> dict:
+    probe = page.with_name("_check_" + page.name)
+    probe.write_text(page.read_text().replace("</body>", CHECK + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+    cmd += ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    probe.unlink()
+    found = re.search(r'<pre id="tide-check">(.*?)</pre>', dom, re.S)
+    assert found, f"the check script did not run; chromium printed: {dom[:500]}"
+    return json.loads(html.unescape(found[1]))
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)"
+)
+def test_report_in_headless_chromium(report):
+    _, _, result = report
+    F = len(result.table.frequency_F)
+    index = _browse(result.out / "index.html")
+    assert index["rows"] == F and index["images"] == F and index["broken"] == []
+    assert index["freqs"] == sorted(index["freqs"], reverse=True)  # the sort ran
+    page = _browse(result.out / "latents" / f"{result.pages[0]:05d}.html")
+    assert page["images"] == 3 + 2 and page["broken"] == []  # top samples, timestep and class plots
+
+
+def test_prompt_store_images_are_regenerated_from_seeds_and_prompts(tiny_pixart, tmp_path):
+    """A text-conditional store: the prompt embeddings the harvest recorded are used again."""
+    cfg = HarvestConfig(
+        model=str(tiny_pixart),
+        out=tmp_path / "p.zarr",
+        num_samples=4,
+        num_steps=3,
+        batch_size=2,
+        prompts=tiny_pixart / "prompts.txt",
+        prompt_embeds=tiny_pixart / "embeds.safetensors",
+        save_images=True,
+        progress=False,
+    )
+    harvest(cfg, log=lambda m: None)
+    copy = tmp_path / "noimages.zarr"
+    shutil.copytree(cfg.out, copy)
+    shutil.rmtree(copy / "images")
+    drawn = final_images(open_store(copy), [3, 0], None, "cpu", log=lambda m: None)
+    saved = open_store(cfg.out).root["images"]
+    for i, img in drawn.items():
+        np.testing.assert_array_equal(img, saved[i])
