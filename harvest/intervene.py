@@ -302,3 +302,20 @@ def sample_batch(
         planned.model, cond, seeds, meta.num_inference_steps, meta.guidance_scale, interventions, uncond,
         record_outputs,
     )  # fmt: skip
+
+
+def digits_classifier(model: LoadedModel) -> Callable[[np.ndarray], np.ndarray] | None:
+    """For a digits model (10 classes, 1 channel, the demo's kind): images (B, H, W, 1) uint8 -> the class the
+    demo's real-digits classifier (harvest/demo_model.py) sees; None for any other model."""
+    from tide.harvest.demo_model import DIGITS_MAX, DIGITS_SIZE, NUM_CLASSES, fit_classifier, to_digits_BF
+
+    c, h, w = model.latent_shape
+    if model.num_classes != NUM_CLASSES or c != 1 or model.vae is not None or h % DIGITS_SIZE:
+        return None
+    clf, _ = fit_classifier()
+
+    def predict(images_BHWC: np.ndarray) -> np.ndarray:
+        x_BCHW = torch.as_tensor(images_BHWC).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return clf.predict(to_digits_BF(x_BCHW).numpy() / DIGITS_MAX)
+
+    return predict
