@@ -699,11 +699,69 @@ def splice(
         )  # fmt: skip
         result = run_splice(cfg, log=_log)
     except ValidationError as e:
-        _fail("; ".join(f"--{'-'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+        _fail(
+            "; ".join(f"--{'-'.join(map(str, x['loc']))}: {x['msg']}".replace("--: ", "") for x in e.errors())
+        )
     except (StoreError, ValueError) as e:
         _fail(str(e))
     typer.echo(format_report(result.report))
     typer.echo(f"wrote {result.out}/report.json, grid.png and <condition>/images.npy, labels.npy")
+
+
+@app.command()
+def steer(
+    sae: Annotated[Path, typer.Option(help="The SAE folder (one of those `tide train --out` holds).")],
+    latent: Annotated[int, typer.Option(help="Latent index F.")],
+    out: Annotated[Path, typer.Option(help="Folder for images.npy, labels.npy, seeds.npy, grid.png.")],
+    strength: Annotated[
+        float | None, typer.Option(help="Add A x the latent's raw-space decoder direction (latent units).")
+    ] = None,
+    clamp: Annotated[
+        float | None, typer.Option(help="Instead set the latent to V in the SAE's code, error term kept.")
+    ] = None,
+    steps: Annotated[str | None, typer.Option(help="Steer only at steps 'a:b' (default every step).")] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="Class labels: cycle, random, '3,5,7', '0-9' (default the store's).")
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Text models: a file of prompts, one a line.")] = None,
+    rows: Annotated[str, typer.Option(help="CFG rows steered: both or cond.")] = "both",
+    num_samples: Annotated[int, typer.Option(min=1, help="Images.")] = 16,
+    num_steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps (default the store's).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per forward pass.")] = 50,
+    model: Annotated[str | None, typer.Option(help="Pipeline (default: the SAE's store's model).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier steer in --out.")
+    ] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+) -> None:
+    """Edit images through one SAE latent while sampling: add its direction, or clamp its value.
+
+    Writes the steered images.npy and the unsteered.npy of the same seeds, labels.npy, seeds.npy, a grid
+    (unsteered row over steered row) and steer.json (with digits-classifier counts for the demo model).
+    """
+    import json
+
+    from pydantic import ValidationError
+    from tide.store.reader import StoreError
+    from tide.train.steer import SteerConfig
+    from tide.train.steer import steer as run_steer
+
+    try:
+        cfg = SteerConfig(
+            sae=sae, latent=latent, out=out, strength=strength, clamp=clamp, steps=steps, labels=labels,
+            prompts=prompts, rows=rows, num_samples=num_samples, num_steps=num_steps, batch_size=batch_size,
+            model=model, device=device, overwrite=overwrite, progress=not no_progress,
+        )  # fmt: skip
+        result = run_steer(cfg, log=_log)
+    except ValidationError as e:
+        _fail("; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors()))
+    except (StoreError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result.summary))
+    typer.echo(f"wrote {out}/images.npy, unsteered.npy, labels.npy, seeds.npy, grid.png, steer.json")
 
 
 # --- every setting -------------------------------------------------------------------------------
