@@ -86,3 +86,15 @@ def test_bad_inputs_give_one_clear_error(sae_dir, tmp_path, args, message):
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split()) and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_rows_edit_is_add_edit_per_sample(sae_dir):
+    from tide.train.steer_demo import rows_edit
+
+    s = load_sae(sae_dir).sae
+    t = float(s.input_mean_t[0])
+    x_RND = torch.randn(4, 3, 16)  # 2 samples, cond rows then uncond rows
+    got = rows_edit(s, [3, 9], [1.5, -2.0])("resid", 1, 0, t, x_RND)
+    for b, (f, a) in enumerate([(3, 1.5), (9, -2.0)]):
+        want = add_edit(s, f, a)("resid", 1, 0, t, x_RND[[b, b + 2]])
+        torch.testing.assert_close(got[[b, b + 2]], want)
