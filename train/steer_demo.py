@@ -28,7 +28,7 @@ from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders
 from tide.train.splice import prepare_out, sae_target
 from tide.train.steer import direction
 
-MULTIPLES = (0.5, 1.0, 2.0, 4.0)
+MULTIPLES = (8.0, 16.0, 32.0, 64.0)
 NUM_CLASSES = 10
 
 
@@ -73,7 +73,10 @@ def rows_edit(sae, latents_B: list[int], strengths_B: list[float]):
     return edit
 
 
-def sweep(saes_dir: Path, out: Path, probe_samples: int, device: str, overwrite: bool, log=print) -> dict:
+def sweep(
+    saes_dir: Path, out: Path, probe_samples: int, device: str, overwrite: bool, per_target: int = 9,
+    multiples: tuple[float, ...] = MULTIPLES, log=print,
+) -> dict:  # fmt: skip
     from tide.harvest.intervene import Intervention, digits_classifier, plan_like, sample_batch
     from tide.store.reader import open_store
 
@@ -85,8 +88,9 @@ def sweep(saes_dir: Path, out: Path, probe_samples: int, device: str, overwrite:
     prepare_out(out, overwrite, "sweep.json")
     picks = class_latents(s, store, probe_samples)
     log(f"{s.folder.name}: latents per target class {[p['latent'] for p in picks]}")
-    sources = [src for c in range(NUM_CLASSES) for src in range(NUM_CLASSES) if src != c]
-    targets = [c for c in range(NUM_CLASSES) for src in range(NUM_CLASSES) if src != c]
+    # per target c, samples of the classes c+1, c+2, ... (mod 10): every other class when per_target = 9
+    sources = [(c + i) % NUM_CLASSES for c in range(NUM_CLASSES) for i in range(1, per_target + 1)]
+    targets = [c for c in range(NUM_CLASSES) for _ in range(per_target)]
     planned = plan_like(store.meta, len(sources), labels=",".join(map(str, sources)), device=device)
     clf = digits_classifier(planned.model)
     site, layer, _ = sae_target(s)
@@ -95,20 +99,20 @@ def sweep(saes_dir: Path, out: Path, probe_samples: int, device: str, overwrite:
     pred0 = clf(base)
     tgt, src = np.asarray(targets), np.asarray(sources)
     runs = {}
-    for m in MULTIPLES:
+    for m in multiples:
         strengths = [m * picks[c]["active_mean"] for c in targets]
         iv = [Intervention(site, layer, rows_edit(s.sae, [picks[c]["latent"] for c in targets], strengths))]
         images = sample_batch(planned, everything, iv).images.numpy()
         runs[m] = (images, clf(images) == tgt)
         log(f"strength {m} x active_mean: success {runs[m][1].mean():.3f}")
-    return _write(out, s, picks, src, tgt, pred0, runs)
+    return _write(out, s, picks, src, tgt, pred0, runs, multiples)
 
 
-def _write(out: Path, s, picks, src, tgt, pred0, runs) -> dict:
+def _write(out: Path, s, picks, src, tgt, pred0, runs, multiples) -> dict:
     per_class, chosen = [], []
     for c in range(NUM_CLASSES):
         rates = {m: float(ok[tgt == c].mean()) for m, (_, ok) in runs.items()}
-        best = min(m for m in MULTIPLES if rates[m] == max(rates.values()))
+        best = min(m for m in multiples if rates[m] == max(rates.values()))
         chosen.append(best)
         per_class.append(
             {**picks[c], "success_by_multiple": rates, "chosen_multiple": best,
@@ -121,7 +125,7 @@ def _write(out: Path, s, picks, src, tgt, pred0, runs) -> dict:
     report = {
         "sae": s.folder.name,
         "samples_per_target": int((tgt == 0).sum()),
-        "multiples": list(MULTIPLES),
+        "multiples": list(multiples),
         "unsteered_accuracy": float((pred0 == src).mean()),
         "success_by_multiple": {m: float(ok.mean()) for m, (_, ok) in runs.items()},
         "success_at_chosen": float(
@@ -137,7 +141,7 @@ def format_sweep(r: dict) -> str:
     head = (
         "target latent  d     unit  " + "".join(f"{m:>6g}x" for m in r["multiples"]) + "  chosen  untouched"
     )
-    lines = [f"{r['sae']}: {r['samples_per_target']} samples per target (one of each other class)", head]
+    lines = [f"{r['sae']}: {r['samples_per_target']} samples per target (each of another class)", head]
     for p in r["per_class"]:
         rates = "".join(f"{p['success_by_multiple'][m]:>7.2f}" for m in r["multiples"])
         lines.append(
@@ -155,10 +159,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saes", type=Path, default=Path("runs/saes"), help="`tide train --out` folder")
     p.add_argument("--out", type=Path, default=Path("runs/steer-demo"))
     p.add_argument("--probe-samples", type=int, default=200, help="store samples used to pick the latents")
+    p.add_argument(
+        "--per-target", type=int, default=9, help="samples steered per target (1..9 other classes)"
+    )
+    p.add_argument(
+        "--multiples", default=",".join(f"{m:g}" for m in MULTIPLES), help="strengths / active_mean"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
-    print(format_sweep(sweep(a.saes, a.out, a.probe_samples, a.device, a.overwrite)))
+    if not 1 <= a.per_target < NUM_CLASSES:
+        p.error(
+            f"--per-target {a.per_target} must be 1..{NUM_CLASSES - 1} (one sample of each other class at most)"
+        )
+    multiples = tuple(float(m) for m in a.multiples.split(","))
+    print(format_sweep(sweep(a.saes, a.out, a.probe_samples, a.device, a.overwrite, a.per_target, multiples)))
 
 
 if __name__ == "__main__":
