@@ -98,3 +98,14 @@ def test_demo_rows_edit_is_add_edit_per_sample(sae_dir):
     for b, (f, a) in enumerate([(3, 1.5), (9, -2.0)]):
         want = add_edit(s, f, a)("resid", 1, 0, t, x_RND[[b, b + 2]])
         torch.testing.assert_close(got[[b, b + 2]], want)
+
+
+def test_digit_distance_real_digits_near_noise_far():
+    from sklearn.datasets import load_digits
+    from tide.train.steer_demo import digit_distance
+
+    real = load_digits().images[:5] / 16 * 255  # (5, 8, 8)
+    up = np.repeat(np.repeat(real, 2, 1), 2, 2).round().astype(np.uint8)[..., None]  # (5, 16, 16, 1)
+    noise = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    near, far = digit_distance(up), digit_distance(noise)
+    assert near.max() < 0.2 and far.min() > 10 * near.max() + 5
