@@ -688,8 +688,9 @@ def splice(
     """
     from pydantic import ValidationError
     from tide.store.reader import StoreError
-    from tide.train.splice import SpliceConfig, format_report
+    from tide.train.splice import SpliceConfig
     from tide.train.splice import splice as run_splice
+    from tide.train.splice_report import format_report
 
     try:
         cfg = SpliceConfig(

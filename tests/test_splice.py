@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 from tide.cli import app
-from tide.train.splice import SpliceConfig, format_report, mean_edit, splice
+from tide.train.splice import SpliceConfig, mean_edit, splice
+from tide.train.splice_report import format_report
 from typer.testing import CliRunner
 
 from tests.conftest import save_tiny_dit
