@@ -98,3 +98,24 @@ def test_sae_of_another_model_is_refused_naming_both(setup, tmp_path):
     assert (
         "mlp was trained on activations of" in text and "other-dit" in text and "but the pipeline is" in text
     )
+
+
+def test_pixart_exact_sae_equals_clean(tiny_pixart, tmp_path):
+    from tide.harvest.config import HarvestConfig
+    from tide.harvest.run import harvest
+
+    cfg = HarvestConfig(
+        model=str(tiny_pixart), out=tmp_path / "p.zarr", num_samples=2, num_steps=3, batch_size=2, layers="1",
+        prompts=tiny_pixart / "prompts.txt", prompt_embeds=tiny_pixart / "embeds.safetensors",
+        guidance_scale=3.0, token_fraction=1.0, dtype="float32", progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    exact = write_sae(tmp_path / "saes" / "exact", cfg.out, "resid_l01", identity_sae(16))
+    r = splice(SpliceConfig(saes=(exact,), out=tmp_path / "o", num_samples=3, buckets=0), log=lambda m: None)
+    c = r.report["conditions"]
+    assert (
+        c["exact"]["image_mse"] == 0
+        and c["exact"]["accuracy"] is None
+        and c["zero_ablation"]["image_mse"] > 0
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "clean" / "labels.npy"), [0, 1, 2])  # prompt index
