@@ -6,7 +6,8 @@ harvest/intervene.py) under several conditions, batch by batch:
     clean            the model untouched
     <SAE folder>     sae.forward_raw(x, t).x_hat replaces x at the SAE's site and layer
     zero_ablation    that site's activations set to 0 (a floor)
-    mean_ablation    set to the store's per-step mean (store.stats, at the stored timestep nearest t)
+    mean_ablation    set to the store's per-step mean (store.stats, at the stored timestep nearest t; the
+                     mean of the branch the store holds, in whichever CFG rows are spliced)
 
 and compares each with clean: the model output (eps / velocity after guidance) at every step, on the
 condition's own trajectory, as ||out - out_clean|| / ||out_clean|| (per step, and pooled over steps);
