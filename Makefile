@@ -32,7 +32,7 @@ train: $(STAMP)
 # SAEs inside the denoising loop: fidelity recovered (tide splice) and steering digits into chosen classes.
 splice: $(STAMP)
 	@test -d $(SAES) || $(MAKE) train
-	$(BIN)/tide splice $(SAES) --num-samples 100 --out $(SPLICE_OUT) --overwrite
+	$(BIN)/tide splice $(SAES) --num-samples 40 --batch-size 40 --out $(SPLICE_OUT) --overwrite
 
 steer-demo: $(STAMP)
 	@test -d $(SAES) || $(MAKE) train
