@@ -40,8 +40,10 @@ STORE_HELP = "A tide store: a folder, s3://, gs://, http(s)://, hf://datasets/OR
 StorageOptions = Annotated[
     str | None,
     typer.Option(
-        help="JSON of fsspec storage options for a URL store, e.g. '{\"anon\": true}' or "
-        '\'{"endpoint_url": "http://host:9000"}\' (default: from AWS_* and the like in the environment).'
+        help="JSON of options for a URL store, e.g. '{\"anon\": true}' or "
+        '\'{"endpoint_url": "http://host:9000"}\': obstore config keys for s3:// and gs:// (s3fs spellings '
+        "such as anon, key, secret, endpoint_url work too), fsspec storage options for http(s):// and hf:// "
+        "(default: from AWS_* and the like in the environment)."
     ),
 ]
 
@@ -176,7 +178,10 @@ def harvest(
     ] = None,
     guidance_scale: Annotated[
         float | None,
-        typer.Option(help="Classifier-free guidance scale, >= 1; 1 means no CFG (default: the model's)."),
+        typer.Option(
+            help="Guidance scale, >= 1: classifier-free (1 = none), or FLUX.1-dev's guidance input (default: "
+            "the model's)."
+        ),
     ] = None,
     cfg_branch: Annotated[
         str | None, typer.Option(help="CFG branch to store: cond, uncond or both (default cond).")
@@ -190,8 +195,15 @@ def harvest(
     prompt_embeds: Annotated[
         Path | None,
         typer.Option(
-            help="Text models: precomputed prompt embeddings, safetensors (default none: the text encoder)."
+            help="Text models: precomputed prompt embeddings, safetensors; SD3/FLUX add pooled_prompt_embeds "
+            "(default none: the text encoder, PixArt only)."
         ),
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Image height in pixels (default: the pipeline's, e.g. 1024 for FLUX).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(help="Image width in pixels (default: the pipeline's, e.g. 1024 for FLUX).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i (default 0).")] = None,
     batch_size: Annotated[
@@ -391,6 +403,13 @@ def store_pack(
 @store_app.command("card")
 def store_card(
     path: Annotated[str, typer.Argument(help="A tide store: a folder, or s3:// or gs://.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the card to this file instead of into the store, e.g. the README.md at the root of a "
+            "Hugging Face dataset repository that holds the store in a folder (the hub shows only that one)."
+        ),
+    ] = None,
     storage_options: StorageOptions = None,
 ) -> None:
     """Write README.md into the store: a Hugging Face dataset card (what it holds, how to load it)."""
@@ -400,7 +419,7 @@ def store_card(
 
     try:
         with scoped(storage_options):
-            typer.echo(f"wrote {write_card(path)}")
+            typer.echo(f"wrote {write_card(path, out)}")
     except (StoreError, ValueError) as e:
         _fail(str(e))
 
@@ -417,35 +436,16 @@ def store_stats(
     write: Annotated[
         bool, typer.Option("--write", help="Rewrite the stored sums with the recomputed ones.")
     ] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Recompute per-step statistics with dask, print them, and check (or --write) the writer's stored sums."""
-    from tide.store.reader import StoreError, open_store
-    from tide.store.stats import difference, recompute_sums, step_table, stored_sums, write_sums
+    from tide.store.open import storage_options as scoped
+    from tide.store.reader import StoreError
 
     try:
-        store = open_store(path)
-        names = [array] if array else store.meta.act_names()
-        mismatched = []
-        for name in names:
-            sums = recompute_sums(store, name, scheduler=scheduler)
-            typer.echo(f"{name}: {len(sums.chunks)} sample chunks")
-            typer.echo(
-                f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}"
-            )
-            for r in step_table(store, sums):
-                typer.echo(
-                    f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
-                    f"{r['channel_std']:>12.4g}"
-                )
-            diff = difference(sums, stored_sums(store, name, sums.chunks))
-            if write:
-                write_sums(store, name, sums)
-                typer.echo(f"{name}: rewrote the stored sums (they differed by {diff:.3g} relative)")
-            elif diff > 1e-9:
-                mismatched.append(f"{name} (relative difference {diff:.3g})")
-            else:
-                typer.echo(f"{name}: stored sums match (relative difference {diff:.3g})")
-    except StoreError as e:
+        with scoped(storage_options):
+            mismatched, store = _stats(path, array, scheduler, write)
+    except (StoreError, ValueError) as e:
         _fail(str(e))
     if mismatched:
         if store.meta.format_version >= 2:
@@ -458,6 +458,34 @@ def store_stats(
                 f"`tide store verify {path}`, and rewrite the sums with --write only if it finds nothing else"
             )
         _fail(f"stored sums disagree with the activations for {', '.join(mismatched)}; {why}")
+
+
+def _stats(path: str, array: str | None, scheduler: str | None, write: bool):
+    """`tide store stats`' work: (the arrays whose stored sums disagree, the store)."""
+    from tide.store.reader import open_store
+    from tide.store.stats import difference, recompute_sums, step_table, stored_sums, write_sums
+
+    store = open_store(path)
+    names = [array] if array else store.meta.act_names()
+    mismatched = []
+    for name in names:
+        sums = recompute_sums(store, name, scheduler=scheduler)
+        typer.echo(f"{name}: {len(sums.chunks)} sample chunks")
+        typer.echo(f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}")
+        for r in step_table(store, sums):
+            typer.echo(
+                f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
+                f"{r['channel_std']:>12.4g}"
+            )
+        diff = difference(sums, stored_sums(store, name, sums.chunks))
+        if write:
+            write_sums(store, name, sums)
+            typer.echo(f"{name}: rewrote the stored sums (they differed by {diff:.3g} relative)")
+        elif diff > 1e-9:
+            mismatched.append(f"{name} (relative difference {diff:.3g})")
+        else:
+            typer.echo(f"{name}: stored sums match (relative difference {diff:.3g})")
+    return mismatched, store
 
 
 # --- train / eval ----------------------------------------------------------------------------------
@@ -493,7 +521,11 @@ def train(
     ] = None,
     branch: Annotated[str | None, typer.Option(help="CFG branch: cond or uncond (default cond).")] = None,
     arch: Annotated[
-        str | None, typer.Option(help="Comma list of tide, topk, batchtopk, relu (default tide,topk).")
+        str | None,
+        typer.Option(
+            help="Comma list of SAE architectures, e.g. tide,topk,jumprelu,matryoshka; `tide config-reference` "
+            "lists them all (default tide,topk)."
+        ),
     ] = None,
     k: Annotated[
         str | None, typer.Option(help="Active latents per row; a comma list sweeps (default 16).")
@@ -763,6 +795,61 @@ def steer(
         _fail(str(e))
     typer.echo(json.dumps(result.summary))
     typer.echo(f"wrote {out}/images.npy, unsteered.npy, labels.npy, seeds.npy, grid.png, steer.json")
+
+
+# --- SAELens interop ----------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export(
+    sae_dir: Annotated[
+        Path, typer.Argument(help="An SAE folder written by `tide train` (or `tide import`).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder to write (cfg.json, sae_weights.safetensors).")],
+    format: Annotated[
+        str, typer.Option("--format", help="Only saelens (SAELens 6, `SAE.load_from_disk`).")
+    ] = "saelens",
+    timestep: Annotated[
+        float | None,
+        typer.Option(
+            help="Export the SAE as it acts at this scheduler timestep (exact there). Needed for SAEs with "
+            "per-timestep means (all that `tide train` writes) and for tide SAEs."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a SAELens export in --out.")
+    ] = False,
+) -> None:
+    """Write an SAE in SAELens' format, its input normalisation (and tide's modulation) folded into the weights."""
+    if format != "saelens":
+        _fail(f"--format {format!r} is not supported; the one format is saelens")
+    from tide.train.export import export_saelens
+
+    try:
+        result = export_saelens(sae_dir, out, timestep=timestep, overwrite=overwrite)
+    except ValueError as e:
+        _fail(str(e))
+    at = "every timestep" if result.timestep is None else f"timestep {result.timestep:g}"
+    typer.echo(f"wrote {result.out} (SAELens {result.architecture}, exact at {at})")
+
+
+@app.command("import")
+def import_(
+    folder: Annotated[Path, typer.Argument(help="A SAELens SAE folder (cfg.json, sae_weights.safetensors).")],
+    store: Annotated[str, typer.Option(help="The tide store whose activations the SAE reads.")],
+    out: Annotated[Path, typer.Option(help="The tide SAE folder to write.")],
+    array: Annotated[
+        str | None, typer.Option(help="Its activation array, e.g. resid_l03 (default: metadata.hook_name).")
+    ] = None,
+) -> None:
+    """Make a SAELens SAE a tide SAE folder, so `tide eval` and everything using `load_sae` read it."""
+    from tide.train.export import import_saelens
+
+    try:
+        written = import_saelens(folder, store, out, array=array)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {written}")
 
 
 # --- every setting -------------------------------------------------------------------------------

@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tide.store.schema import SITES
 from torch import nn
+
+if TYPE_CHECKING:
+    from tide.harvest.backbones import Sampling
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,10 @@ class Conditioning:
     """(B, L, C) text-encoder states."""
     prompt_mask: torch.Tensor | None = None
     """(B, L) attention mask of prompt_embeds."""
+    pooled_prompt_embeds: torch.Tensor | None = None
+    """(B, C2) pooled text embedding (SD3, FLUX)."""
+    guidance: torch.Tensor | None = None
+    """(B,) float32 distilled-guidance scale fed to the model (FLUX.1-dev), not a CFG batch."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,12 @@ class Arch:
     """Runs the transformer: (model, x (B, C, H, W), t (B,), cond) -> model output (B, C', H, W)."""
     submodules: dict[str, str] = field(default_factory=lambda: {"attn": "attn1", "mlp": "ff"})
     """Site name -> attribute of the block whose output is that site."""
+    sub_stream: Callable[[Any], torch.Tensor] = lambda output: output
+    """Picks the image-token tensor out of an attn/mlp submodule's output (joint attention returns a pair)."""
+    single_stream_from: Callable[[nn.Module], int | None] = lambda model: None
+    """Index of the first single-stream block (FLUX), whose fused attention+MLP has no attn/mlp site."""
+    sampling: Sampling | None = None
+    """What the pipeline does around the model (harvest/backbones.py `Sampling`); None: DiT's and PixArt's."""
 
 
 def _dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -98,6 +111,19 @@ def arch_for(transformer_class: str) -> Arch:
         ) from None
 
 
+def check_sites(arch: Arch, model: nn.Module, sites: list[str], layers: list[int]) -> None:
+    """Refuse attn/mlp at blocks that have no separate attention and MLP outputs (FLUX single-stream)."""
+    start = arch.single_stream_from(model)
+    fused = [i for i in layers if start is not None and i >= start]
+    asked = [s for s in sites if s in ("attn", "mlp")]
+    if fused and asked:
+        raise ValueError(
+            f"site(s) {asked} do not exist at layers {fused}: blocks {start}.. are FLUX single-stream blocks, "
+            "whose attention and MLP are fused into one output projection; capture resid/delta there, or "
+            f"choose layers below {start} (the double-stream blocks) for attn/mlp"
+        )
+
+
 Key = tuple[str, int]
 """(site, layer)."""
 
@@ -120,6 +146,7 @@ def capture(
         raise ValueError(
             f"layers {out_of_range} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
         )
+    check_sites(arch, model, sites, layers)
 
     acts: dict[Key, torch.Tensor] = {}
     inputs: dict[int, torch.Tensor] = {}
@@ -143,7 +170,7 @@ def capture(
 
     def sub_hook(site: str, layer: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            acts[(site, layer)] = output
+            acts[(site, layer)] = arch.sub_stream(output)
 
         return hook
 
@@ -163,3 +190,13 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+
+
+def _register_backbones() -> None:
+    # SD3 and FLUX live in their own module; it builds on Arch above, so it is imported last.
+    from tide.harvest.backbones import joint_archs
+
+    REGISTRY.update(joint_archs())
+
+
+_register_backbones()

@@ -48,12 +48,19 @@ def batch_conditioning(meta: StoreMeta, arrays: dict[str, Any], samples: slice, 
         return Conditioning(class_labels=torch.as_tensor(arrays["labels"][samples], device=device)), None
     emb, idx = arrays["prompt_embeds"], torch.as_tensor(arrays["prompt_index"][samples], device=device)
     b = len(idx)
+    rows = lambda k: emb[k][idx] if k in emb else None  # noqa: E731
     cond = Conditioning(
-        prompt_embeds=emb["prompt_embeds"][idx], prompt_mask=emb["prompt_attention_mask"][idx]
+        prompt_embeds=rows("prompt_embeds"),
+        prompt_mask=rows("prompt_attention_mask"),
+        pooled_prompt_embeds=rows("pooled_prompt_embeds"),
     )
+    if "negative_prompt_embeds" not in emb:  # no CFG (FLUX, or SD3 without guidance)
+        return cond, None
+    neg = lambda k: emb[k].expand(b, *emb[k].shape[1:]) if k in emb else None  # noqa: E731
     uncond = Conditioning(
-        prompt_embeds=emb["negative_prompt_embeds"].expand(b, -1, -1),
-        prompt_mask=emb["negative_prompt_attention_mask"].expand(b, -1),
+        prompt_embeds=neg("negative_prompt_embeds"),
+        prompt_mask=neg("negative_prompt_attention_mask"),
+        pooled_prompt_embeds=neg("negative_pooled_prompt_embeds"),
     )
     return cond, uncond
 

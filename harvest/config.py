@@ -49,7 +49,8 @@ class HarvestConfig(BaseModel):
     """Fraction of image tokens stored per (sample, step), drawn at random; 1 keeps all.
     TIDE kept 1/16 of PixArt's 256 tokens (16); 0.25 of the demo model's 64 tokens is the same 16."""
     guidance_scale: float | None = None
-    """Classifier-free guidance scale, >= 1; default: the model's recommended value (1 disables CFG)."""
+    """Guidance scale, >= 1; default: the model's recommended value. Classifier-free guidance (1 disables it),
+    except FLUX.1-dev, which takes it as a model input (distilled guidance, no CFG batch)."""
     cfg_branch: Literal["cond", "uncond", "both"] = "cond"
     """Which CFG branch's activations to store."""
     labels: str = "cycle"
@@ -59,8 +60,13 @@ class HarvestConfig(BaseModel):
     """Text-conditional models: a file with one prompt per line (cycled over samples)."""
     prompt_embeds: Path | None = None
     """Text-conditional models: precomputed prompt embeddings (safetensors with prompt_embeds (P, L, C),
-    prompt_attention_mask (P, L), negative_prompt_embeds (1, L, C), negative_prompt_attention_mask (1, L)),
-    used instead of the pipeline's text encoder."""
+    prompt_attention_mask (P, L), negative_prompt_embeds (1, L, C), negative_prompt_attention_mask (1, L);
+    SD3/FLUX: prompt_embeds, pooled_prompt_embeds (P, C2), and for CFG negative_prompt_embeds and
+    negative_pooled_prompt_embeds (1, C2), no masks), used instead of the pipeline's text encoder."""
+    height: int | None = Field(None, gt=0)
+    """Image height in pixels (a multiple of the VAE factor x patch size); default: the pipeline's default."""
+    width: int | None = Field(None, gt=0)
+    """Image width in pixels (a multiple of the VAE factor x patch size); default: the pipeline's default."""
     seed: int = 0
     """Sample i has seed `seed + i`; labels='random' draws from this seed too."""
     batch_size: int = Field(50, gt=0)

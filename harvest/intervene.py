@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from tide.harvest.capture import Conditioning
+from tide.harvest.capture import Conditioning, check_sites
 from tide.harvest.model import LoadedModel
 from tide.harvest.sampler import CfgRows, cfg_rows, denoise, make_generators, to_images
 from tide.store.schema import SITES, StoreMeta
@@ -115,12 +115,9 @@ def _hooks(model: LoadedModel, iv: Intervention, clock: _Clock) -> list[torch.ut
     if iv.site in ("attn", "mlp"):
 
         def sub_hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"{iv.site} of {model.info.transformer_class} returns {type(output)}, not a tensor"
-                )
-            new = _apply(iv, clock, output)
-            return None if new is output else new
+            img = model.arch.sub_stream(output)  # joint attention returns (image, text): edit the image part
+            new = _apply(iv, clock, img)
+            return None if new is img else _replace_stream(output, img, new)
 
         return [getattr(block, model.arch.submodules[iv.site]).register_forward_hook(sub_hook)]
     if iv.site == "resid":
@@ -155,6 +152,7 @@ def _check(model: LoadedModel, iv: Intervention, num_steps: int) -> None:
         raise ValueError(
             f"layer {iv.layer} out of range: the model has {model.num_layers} blocks (0..{model.num_layers - 1})"
         )
+    check_sites(model.arch, model.transformer, [iv.site], [iv.layer])  # e.g. no attn in FLUX single blocks
     bad = sorted(s for s in iv.steps or () if not 0 <= s < num_steps)
     if bad:
         raise ValueError(f"steps {bad} out of range: the run has {num_steps} steps (0..{num_steps - 1})")
@@ -219,7 +217,7 @@ def sample(
     record_outputs: bool = False,
 ) -> Sampled:
     """Sample one batch with harvest's loop and seeding, `interventions` applied."""
-    use_cfg = guidance_scale > 1
+    use_cfg = model.guidance_kind(guidance_scale) == "cfg"
     outputs: list[Tensor] = []
     with intervene(model, interventions, len(seeds), use_cfg, num_steps) as clock:
         rec_handle = _recorder(model, clock.layout, guidance_scale, outputs) if record_outputs else None

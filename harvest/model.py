@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tide.harvest.backbones import DEFAULT_SAMPLING, GuidanceKind, Sampling
 from tide.harvest.capture import REGISTRY, Arch, arch_for
 from tide.store.fingerprint import fingerprint
 from tide.store.schema import ModelInfo, SchedulerInfo
@@ -33,6 +34,38 @@ class LoadedModel:
     tokenizer: Any = None
     default_guidance_scale: float = 1.0
     id2label: dict[str, str] | None = None
+    height: int | None = None
+    """Image height in pixels; None: the pipeline's default."""
+    width: int | None = None
+    """Image width in pixels; None: the pipeline's default."""
+
+    @property
+    def sampling(self) -> Sampling:
+        return self.arch.sampling or DEFAULT_SAMPLING
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel: 2^(VAE levels - 1), as the pipelines compute it; 1 without a VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """(H, W) of the unpacked latent."""
+        default = self.sampling.default_latent_size(self.transformer.config)
+        f = self.vae_scale_factor
+        return tuple(default if px is None else px // f for px in (self.height, self.width))
+
+    def size_multiple(self) -> int:
+        """--height/--width must be multiples of this: a whole number of image tokens."""
+        return self.vae_scale_factor * self.sampling.patch(self.transformer.config)
+
+    def guidance_kind(self, guidance_scale: float) -> GuidanceKind:
+        """How `guidance_scale` is applied: a CFG batch, a distilled-guidance input, or not at all."""
+        return self.sampling.guidance_kind(self.transformer.config, guidance_scale)
+
+    def set_schedule(self, num_steps: int, device: str | torch.device | None = None) -> None:
+        """Set the scheduler's timesteps exactly as the model's pipeline does."""
+        self.sampling.schedule(self.scheduler, self.transformer.config, self.latent_hw, num_steps, device)
 
     @property
     def num_classes(self) -> int | None:
@@ -51,13 +84,12 @@ class LoadedModel:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        cfg = self.transformer.config
-        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        return (self.sampling.latent_channels(self.transformer.config), *self.latent_hw)
 
     @property
     def num_tokens(self) -> int:
         c, h, w = self.latent_shape
-        p = self.transformer.config.patch_size
+        p = self.sampling.patch(self.transformer.config)
         return (h // p) * (w // p)
 
     def scheduler_info(self) -> SchedulerInfo:
@@ -109,6 +141,8 @@ def load_model(
     revision: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    height: int | None = None,
+    width: int | None = None,
 ) -> LoadedModel:
     """Load transformer, scheduler and (if present) VAE and text encoder from a pipeline folder or hub id."""
     import diffusers
@@ -147,7 +181,8 @@ def load_model(
         vae = getattr(diffusers, vae_cls).from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
         vae.to(device).eval().requires_grad_(False)
     text_encoder = tokenizer = None
-    if arch.conditioning == "prompt" and (folder / "text_encoder").is_dir():
+    sampling = arch.sampling or DEFAULT_SAMPLING
+    if arch.conditioning == "prompt" and sampling.encodes_prompts and (folder / "text_encoder").is_dir():
         import transformers
 
         te_cls = json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"][0]
@@ -157,7 +192,9 @@ def load_model(
         text_encoder.to(device).eval().requires_grad_(False)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
 
-    default_cfg = {"class": 4.0, "prompt": 4.5}[arch.conditioning]  # DiTPipeline's and PixArt's defaults
+    default_cfg = sampling.default_guidance or {"class": 4.0, "prompt": 4.5}[arch.conditioning]  # DiT, PixArt
+    if sampling.guidance_kind(transformer.config, default_cfg) == "none":
+        default_cfg = 1.0  # a model that takes no guidance (FLUX.1-schnell) samples without
     info = ModelInfo(
         id=model,
         path=str(folder),
@@ -176,4 +213,6 @@ def load_model(
         tokenizer=tokenizer,
         default_guidance_scale=float(index.get("tide_default_guidance_scale", default_cfg)),
         id2label=index.get("id2label"),
+        height=height,
+        width=width,
     )

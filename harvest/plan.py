@@ -4,10 +4,12 @@ embeddings), planned from a configuration and a loaded model, with every input c
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tide.harvest.capture import check_sites
 from tide.harvest.config import HarvestConfig
 from tide.harvest.model import LoadedModel
 from tide.harvest.target import HarvestError
@@ -39,7 +41,7 @@ def _labels(cfg: HarvestConfig, num_classes: int) -> np.ndarray:
 
 
 def _prompt_conditioning(
-    cfg: HarvestConfig, model: LoadedModel, device: torch.device
+    cfg: HarvestConfig, model: LoadedModel, device: torch.device, needs_negative: bool
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
     if cfg.prompts is None:
         raise HarvestError(
@@ -54,14 +56,13 @@ def _prompt_conditioning(
         from safetensors.torch import load_file
 
         emb = load_file(str(cfg.prompt_embeds))
-        need = {
-            "prompt_embeds",
-            "prompt_attention_mask",
-            "negative_prompt_embeds",
-            "negative_prompt_attention_mask",
-        }
+        sampling = model.sampling
+        need = set(sampling.embed_keys) | (set(sampling.negative_keys) if needs_negative else set())
         if need - emb.keys():
-            raise HarvestError(f"{cfg.prompt_embeds} lacks {sorted(need - emb.keys())}")
+            raise HarvestError(
+                f"{cfg.prompt_embeds} lacks {sorted(need - emb.keys())}; {model.info.transformer_class} needs "
+                f"{', '.join(sorted(need))}" + (" (the negative ones for CFG)" if needs_negative else "")
+            )
         if emb["prompt_embeds"].shape[0] != len(prompts):
             raise HarvestError(
                 f"{cfg.prompt_embeds} holds {emb['prompt_embeds'].shape[0]} prompt embeddings but {cfg.prompts} "
@@ -69,6 +70,15 @@ def _prompt_conditioning(
             )
     elif model.text_encoder is not None:
         emb = _encode_prompts(model, prompts, device)
+    elif model.sampling.encode is not None and (Path(model.info.path) / "text_encoder").is_dir():
+        emb = model.sampling.encode(model, prompts, needs_negative)
+    elif not model.sampling.encodes_prompts:
+        raise HarvestError(
+            f"{model.info.path} has no text_encoder/ for {model.info.transformer_class}: add the pipeline's text "
+            "encoders and tokenizers to the folder, or compute the embeddings with the pipeline's encode_prompt "
+            "and pass them as --prompt-embeds FILE (safetensors with "
+            f"{', '.join(model.sampling.embed_keys + model.sampling.negative_keys)}, the negative ones for CFG)"
+        )
     else:
         raise HarvestError(f"{model.info.path} has no text_encoder/; pass precomputed --prompt-embeds FILE")
     return prompts, {k: v.to(device) for k, v in emb.items()}
@@ -102,12 +112,15 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
         raise HarvestError(
             f"cfg_branch={cfg.cfg_branch!r} needs guidance_scale > 1 (the model default is {guidance})"
         )
+    kind = _guidance_kind(cfg, model, guidance)
+    _check_size(cfg, model)
     try:
         layers = cfg.layer_indices(model.num_layers)
         step_indices = cfg.step_indices(cfg.num_steps)
+        check_sites(model.arch, model.transformer, list(cfg.sites), layers)
+        model.set_schedule(cfg.num_steps)
     except ValueError as e:
         raise HarvestError(str(e)) from None
-    model.scheduler.set_timesteps(cfg.num_steps)
     timesteps = model.scheduler.timesteps.cpu().numpy().astype(np.float64)
     if len(timesteps) != cfg.num_steps:
         raise HarvestError(f"the scheduler made {len(timesteps)} steps for num_steps={cfg.num_steps}")
@@ -130,7 +143,11 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
             )
         arrays["labels"] = _labels(cfg, model.num_classes)
     else:
-        prompts, arrays["prompt_embeds"] = _prompt_conditioning(cfg, model, model.transformer.device)
+        # PixArt's files always carried the negative prompt; the joint backbones need it only for CFG.
+        needs_negative = kind == "cfg" or model.sampling.encodes_prompts
+        prompts, arrays["prompt_embeds"] = _prompt_conditioning(
+            cfg, model, model.transformer.device, needs_negative
+        )
         arrays["prompt_index"] = np.arange(cfg.num_samples) % len(prompts)
     meta = StoreMeta(
         tide_version=_version(),
@@ -140,12 +157,14 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
         num_inference_steps=cfg.num_steps,
         step_indices=step_indices,
         guidance_scale=guidance,
+        guidance=kind,
         cfg_branch=cfg.cfg_branch,
         conditioning=model.arch.conditioning,
         prompts=prompts,
         sites=list(cfg.sites),
         layers=layers,
         num_layers=model.num_layers,
+        double_stream_blocks=model.arch.single_stream_from(model.transformer),
         d_model=model.d_model,
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,
@@ -157,6 +176,33 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
         harvest_config=cfg.identity(),
     )
     return meta, arrays
+
+
+def _guidance_kind(cfg: HarvestConfig, model: LoadedModel, guidance: float) -> str:
+    """How the guidance scale is applied; refuses a scale or a CFG branch the model cannot take."""
+    kind = model.guidance_kind(guidance)
+    name = model.info.transformer_class
+    if kind == "none" and guidance > 1:
+        raise HarvestError(
+            f"guidance_scale={guidance}, but {name} takes no guidance (guidance_embeds is false: a FLUX.1-schnell "
+            "style model); leave --guidance-scale out or set it to 1"
+        )
+    if kind == "distilled" and cfg.cfg_branch != "cond":
+        raise HarvestError(
+            f"cfg_branch={cfg.cfg_branch!r}, but {name} takes its guidance scale as a model input (distilled "
+            "guidance, no unconditional batch): use --cfg-branch cond"
+        )
+    return kind
+
+
+def _check_size(cfg: HarvestConfig, model: LoadedModel) -> None:
+    m = model.size_multiple()
+    for name, px in (("height", cfg.height), ("width", cfg.width)):
+        if px is not None and px % m:
+            raise HarvestError(
+                f"--{name} {px} is not a multiple of {m} (the VAE's factor {model.vae_scale_factor} x "
+                f"{m // model.vae_scale_factor} latent pixels per token); use e.g. {max(m, px // m * m)}"
+            )
 
 
 def _version() -> str:
@@ -172,5 +218,5 @@ def image_shape(model: LoadedModel) -> tuple[int, int, int]:
     c, h, w = model.latent_shape
     if model.vae is None:
         return (c, h, w)
-    f = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    f = model.vae_scale_factor
     return (model.vae.config.out_channels, h * f, w * f)

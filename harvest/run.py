@@ -105,7 +105,14 @@ class Opened(NamedTuple):
 def load_for_harvest(cfg: HarvestConfig, device: str | None = None) -> LoadedModel:
     """The model of `cfg`, on `device` (default cfg.device resolved), in cfg.model_dtype."""
     dev = resolve_device(device or cfg.device)
-    return load_model(cfg.model, cfg.revision, device=dev, dtype=TORCH_DTYPES[cfg.model_dtype])
+    return load_model(
+        cfg.model,
+        cfg.revision,
+        device=dev,
+        dtype=TORCH_DTYPES[cfg.model_dtype],
+        height=cfg.height,
+        width=cfg.width,
+    )
 
 
 @contextmanager

@@ -1,7 +1,10 @@
 """The denoising loop, unrolled as a generator that yields after every step.
 
 Written out here rather than calling a diffusers pipeline so that capture hooks see every forward pass
-and the caller can act between steps. Seeding follows store.schema.SEEDING: each sample owns one CPU
+and the caller can act between steps. The loop is the one diffusers' pipelines share: DDPM-style schedulers
+(DiT, PixArt) scale the noise and the model input, flow-matching ones (SD3, FLUX) do neither; the scheduler's
+step() reads the prediction as epsilon or velocity, and the model's own schedule, guidance and latent layout
+come from its registry entry (harvest/backbones.py `Sampling`). Seeding follows store.schema.SEEDING: each sample owns one CPU
 torch.Generator that draws its initial noise and then any scheduler noise, so a sample's trajectory does
 not depend on which other samples share its batch.
 """
@@ -9,6 +12,7 @@ not depend on which other samples share its batch.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -63,6 +67,7 @@ def cfg_conditioning(model: LoadedModel, cond: Conditioning, uncond: Conditionin
         class_labels=cat(cond.class_labels, uncond.class_labels),
         prompt_embeds=cat(cond.prompt_embeds, uncond.prompt_embeds),
         prompt_mask=cat(cond.prompt_mask, uncond.prompt_mask),
+        pooled_prompt_embeds=cat(cond.pooled_prompt_embeds, uncond.pooled_prompt_embeds),
     )
 
 
@@ -85,24 +90,33 @@ def denoise(
     """Run the sampler, yielding after each step. With guidance_scale > 1 the model sees 2B rows."""
     transformer, scheduler = model.transformer, model.scheduler
     device, dtype = transformer.device, transformer.dtype
-    use_cfg = guidance_scale > 1
+    kind = model.guidance_kind(guidance_scale)
+    use_cfg = kind == "cfg"
     if use_cfg and uncond is None:
         uncond = null_conditioning(model, cond)
+    if kind == "distilled":  # FLUX.1-dev: the scale is a model input, as FluxPipeline passes it
+        b = len(generators)
+        cond = replace(cond, guidance=torch.full((b,), guidance_scale, dtype=torch.float32, device=device))
     both = cfg_conditioning(model, cond, uncond if use_cfg else None)
     channels = model.latent_shape[0]
 
-    scheduler.set_timesteps(num_steps, device=device)
-    latents = initial_noise(model.latent_shape, generators).to(device) * scheduler.init_noise_sigma
+    model.set_schedule(num_steps, device=device)
+    latents = initial_noise(model.latent_shape, generators).to(device)
+    # DDPM-style schedulers scale the noise and the model input; flow-matching ones have neither step.
+    if hasattr(scheduler, "init_noise_sigma"):
+        latents = latents * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents, latents]) if use_cfg else latents
-        x = scheduler.scale_model_input(x, t).to(dtype)
+        if hasattr(scheduler, "scale_model_input"):
+            x = scheduler.scale_model_input(x, t)
+        x = x.to(dtype)
         t_batch = t.expand(x.shape[0]).to(device)
         with torch.inference_mode():
             out = model.arch.forward(transformer, x, t_batch, both).float()
         # Learned-sigma models (DiT-XL) predict (eps, variance); the sampler uses eps, as DiTPipeline does.
         if out.shape[1] == 2 * channels:
             out = out[:, :channels]
-        if use_cfg:
+        if use_cfg:  # the same mix for an epsilon (DDPM) and a velocity (flow matching) prediction
             rows = cfg_rows(latents.shape[0], True)
             out = out[rows.uncond] + guidance_scale * (out[rows.cond] - out[rows.uncond])
         latents = scheduler.step(out, t, latents, generator=generators, return_dict=False)[0]

@@ -40,12 +40,17 @@ def card_text(store: Store) -> str:
             f"- model: `{meta.model.id}` ({meta.model.transformer_class})",
             f"- scheduler: {meta.scheduler.class_name}, {meta.num_inference_steps} inference steps; "
             f"{lay.num_steps} stored (timesteps {ts[0]:g} .. {ts[-1]:g})",
-            f"- layers: {', '.join(map(str, meta.layers))} of {meta.num_layers}; sites: {', '.join(meta.sites)}",
+            f"- layers: {', '.join(map(str, meta.layers))} of {meta.num_layers}; sites: {', '.join(meta.sites)}"
+            + (
+                f" (blocks 0..{meta.double_stream_blocks - 1} double-stream, then single-stream)"
+                if meta.double_stream_blocks is not None
+                else ""
+            ),
             f"- arrays: {', '.join(meta.act_names())}, each (sample, step, token, d) = {tuple(lay.act_shape)}",
             f"- tokens: {meta.tokens.kept} of {meta.tokens.num_tokens} per (sample, step); d_model {meta.d_model}",
             f"- dtype: {meta.dtype}, codec {meta.codec}; chunks {tuple(lay.act_chunks)}",
             f"- samples: {done} of {lay.num_samples} done; {rows} rows per array; guidance {meta.guidance_scale:g} "
-            f"({meta.cfg_branch} branch)",
+            f"({meta.guidance + ', ' if meta.guidance else ''}{meta.cfg_branch} branch)",
             "",
             "## Load it",
             "",
@@ -61,6 +66,8 @@ def card_text(store: Store) -> str:
             "",
             "```python",
             "import zarr",
+            "",
+            "# zarr warns that it does not recognise README.md (this card) as part of the hierarchy: harmless",
             'root = zarr.open_group("URL", mode="r")  # a .zarr.zip: zarr.storage.ZipStore("x.zarr.zip", mode="r")',
             f'acts = root["{name}"][0, :, :, :]  # sample 0: (step, token, d)',
             'timesteps = root["timesteps"][:]',
@@ -87,12 +94,21 @@ def card_text(store: Store) -> str:
     )
 
 
-def write_card(path: str | Path) -> str:
-    """Write README.md into the store at `path` (a folder or an s3/gs URL); returns the card's key or file."""
+def write_card(path: str | Path, out: Path | None = None) -> str:
+    """Write README.md into the store at `path` (a folder or an s3/gs URL), or the card to the file `out`;
+    returns where it went.
+
+    `out` is for a Hugging Face dataset repository, whose card is the README.md at the repository's root: the
+    store goes in a folder of the repository (hf://datasets/ORG/NAME/h.zarr), the card beside it. (Uploading
+    the store itself as the repository root would put the hub's own .gitattributes into the store.)
+    """
     from zarr.core.buffer import cpu
 
     store = open_store(path)
     text = card_text(store)
+    if out is not None:
+        out.write_text(text)
+        return str(out)
     zstore = zarr_store(where(path), "w")
     sync(zstore.set("README.md", cpu.Buffer.from_bytes(text.encode())))
     return f"{path}/README.md"

@@ -6,7 +6,6 @@ restored, or its samples reset (`reset_damaged`) and harvested again.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import struct
@@ -21,7 +20,6 @@ from tide.store.open import where, zarr_store
 from tide.store.reader import (
     ChunkError,
     Store,
-    _fetch,
     _store_root,
     checksummed,
     chunk_error,
@@ -30,6 +28,7 @@ from tide.store.reader import (
     open_store,
     read_into,
 )
+from tide.store.remote import RangeFile, key_size, listed_sizes
 from tide.store.schema import (
     ACT_DIMS,
     CHECKSUM_BYTES,
@@ -67,8 +66,11 @@ def summary(store: Store) -> dict[str, Any]:
         "scheduler": meta.scheduler.class_name,
         "steps": f"{lay.num_steps} stored of {meta.num_inference_steps} (timesteps {store.timesteps[0]:g} .. {store.timesteps[-1]:g})",
         "layers": meta.layers,
+        **({"blocks": block_kinds(meta)} if meta.double_stream_blocks is not None else {}),
         "sites": meta.sites,
-        "cfg": f"guidance {meta.guidance_scale:g}, branch {meta.cfg_branch}",
+        "cfg": f"guidance {meta.guidance_scale:g}"
+        + (f" ({meta.guidance})" if meta.guidance else "")
+        + f", branch {meta.cfg_branch}",
         "tokens": f"{meta.tokens.kept} of {meta.tokens.num_tokens} per (sample, step)",
         "d_model": meta.d_model,
         "dtype": meta.dtype,
@@ -82,6 +84,12 @@ def summary(store: Store) -> dict[str, Any]:
         "tide_version": meta.tide_version,
         "format_version": meta.format_version,
     }
+
+
+def block_kinds(meta) -> str:
+    """FLUX's one global layer index, split into its double- and single-stream blocks."""
+    d, n = meta.double_stream_blocks, meta.num_layers
+    return f"double-stream 0..{d - 1}, single-stream {d}..{n - 1} (one global layer index)"
 
 
 class Verdict(NamedTuple):
@@ -165,9 +173,10 @@ def _check_files(
     trailer = CHECKSUM_BYTES if checksummed(arr) else 0
     smallest, largest = chunk_size_bounds(raw, codec, bool(trailer))
     bad, sound = [], []
+    sizes = listed_sizes(arr)
     for coords in _chunks_of(arr, lay, sample_chunks):
         try:
-            with _open_chunk(arr, coords) as (f, size):
+            with _open_chunk(arr, coords, sizes) as (f, size):
                 if not smallest <= size <= largest:
                     want = f"{smallest}" if smallest == largest else f"{smallest} to {largest}"
                     problem = f"has {size} bytes, expected {want} (truncated or overwritten)"
@@ -183,13 +192,18 @@ def _check_files(
 
 
 @contextmanager
-def _open_chunk(arr: zarr.Array, coords: tuple[int, ...]) -> Iterator[tuple[BinaryIO, int]]:
-    """(the chunk's bytes as a file, its size): the file of a local store, read lazily; a remote or zip
-    store's chunk fetched whole. FileNotFoundError when it is not there."""
+def _open_chunk(
+    arr: zarr.Array, coords: tuple[int, ...], sizes: dict[str, int] | None
+) -> Iterator[tuple[Any, int]]:
+    """(the chunk's bytes as a file, its size), read lazily: the file of a local store; for a remote or zip
+    store, byte ranges requested as they are read, so that checking a header downloads only the header.
+    The size comes from `sizes` (a listing) when given. FileNotFoundError when the chunk is not there."""
     file = chunk_file(arr, coords)
     if _store_root(arr) is None:
-        data = _fetch(arr, file)
-        yield io.BytesIO(data), len(data)
+        size = sizes.get(file) if sizes is not None else key_size(arr.store, file)
+        if size is None:
+            raise FileNotFoundError(file)
+        yield RangeFile(arr.store, file, size), size
         return
     with open(file, "rb") as f:
         yield f, os.fstat(f.fileno()).st_size

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -246,8 +247,17 @@ def _missing(arr: zarr.Array, coords: tuple[int, ...]) -> None:
     )
 
 
-def read_into(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, direct: bool = True) -> None:
+def read_into(
+    arr: zarr.Array,
+    selection: tuple[slice, ...],
+    out: np.ndarray,
+    direct: bool = True,
+    fetched: Future | None = None,
+) -> None:
     """Decode `arr[selection]` straight into `out` (a C-contiguous array shaped like the selection).
+
+    `fetched`: the chunk's bytes already requested by `store.remote.fetch_ahead` (a remote store), waited on
+    here.
 
     A selection inside one chunk of a local store is decoded by `_decode_chunk` without zarr's async
     pipeline, which on a 2-core machine costs as much again as the decompression itself; anything else
@@ -255,7 +265,7 @@ def read_into(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, di
     chunk's checksum is verified (version 2), and a chunk that is missing, fails its checksum or does not
     decode raises ChunkError naming its file.
     """
-    if not (direct and _decode_chunk(arr, selection, out)):
+    if not (direct and _decode_chunk(arr, selection, out, fetched)):
         _read_with_zarr(arr, selection, out)
 
 
@@ -319,7 +329,9 @@ def _direct_codec(arr: zarr.Array) -> _Direct | bool:
     return direct
 
 
-def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> bool:
+def _decode_chunk(
+    arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, fetched: Future | None = None
+) -> bool:
     """Read a selection that lies inside one chunk by decoding the chunk's file; False if not applicable."""
     direct = _direct_codec(arr)
     if direct is False:
@@ -342,7 +354,11 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
     )
     root = _store_root(arr)
     try:
-        if root is None:
+        if fetched is not None:
+            data = fetched.result()  # requested by store.remote.fetch_ahead, with many others
+            if data is None:
+                raise FileNotFoundError(key)
+        elif root is None:
             data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
         elif whole and codec is None and out.flags.c_contiguous:
             path = root / key
@@ -365,7 +381,7 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
         raise chunk_error(arr, coords, f"has {len(data)} bytes, fewer than its {trailer}-byte checksum")
     payload = np.frombuffer(data, np.uint8, count=len(data) - trailer)
     if checksum:
-        _check(arr, coords, payload, data[-trailer:])
+        _check(arr, coords, payload, bytes(data[-trailer:]))
     inner = tuple(
         slice(s.start - i * c, s.stop - i * c) for s, c, i in zip(selection, shape, coords, strict=True)
     )
@@ -383,8 +399,8 @@ def _decode_chunk(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray
 
 
 def _fetch(arr: zarr.Array, key: str) -> bytes:
-    """A chunk's bytes from any zarr store (FileNotFoundError when it is not there). Each of the loader's read
-    threads waits on its own request, so as many chunks are in flight as there are read threads."""
+    """A chunk's bytes from any zarr store (FileNotFoundError when it is not there), one request at a time;
+    the loader asks for a window's chunks all at once through `store.remote.fetch_ahead` instead."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 

@@ -138,6 +138,9 @@ class StoreMeta(_Frozen):
     step_indices: list[int]
     """Positions in the sampling schedule that are stored (S of them); timesteps holds their values."""
     guidance_scale: float
+    guidance: Literal["cfg", "distilled", "none"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    """How guidance_scale was applied: `cfg` (a conditional and an unconditional batch), `distilled` (a model
+    input, FLUX.1-dev), `none`. Absent in stores made before it was recorded (they used cfg when > 1)."""
     cfg_branch: CfgBranch
     """Which classifier-free-guidance branch is stored: cond, uncond or both."""
     conditioning: Literal["class", "prompt", "none"]
@@ -147,6 +150,9 @@ class StoreMeta(_Frozen):
     layers: list[int]
     num_layers: int
     """Blocks in the transformer."""
+    double_stream_blocks: int | None = Field(default=None, exclude_if=lambda v: v is None)
+    """FLUX: layers 0..double_stream_blocks-1 are double-stream blocks, the rest single-stream; absent for
+    models with one kind of block."""
     d_model: int
     num_samples: int
     batch_size: int

@@ -26,6 +26,7 @@ from tide.store.reader import (
     moments,
     read_into,
 )
+from tide.store.remote import listed_sizes
 from tide.store.schema import as_float
 from zarr.core.sync import sync
 
@@ -98,6 +99,9 @@ def missing_chunks(store: Store, name: str, sample_chunks: list[int]) -> list[tu
     arr = store.array(name)
     coords = [(*chunk, 0) for chunk in store.layout.chunks(sample_chunks)]
     prefix = f"{arr.path}/" if arr.path else ""
+    listed = listed_sizes(arr)  # an object store: one listing instead of a HEAD request per chunk
+    if listed is not None:
+        return [c for c in coords if prefix + arr.metadata.encode_chunk_key(c) not in listed]
     return [c for c in coords if not sync(arr.store.exists(prefix + arr.metadata.encode_chunk_key(c)))]
 
 

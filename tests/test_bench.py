@@ -15,7 +15,8 @@ READER = [
     for case in ("", "_d1152", "_d1152_codec_none")
 ]
 TRAIN = ["train_cache_rows_per_s", "train_memory_rows_per_s", "train_cache_vs_memory_ratio"]
-TRAIN += ["reader_s3_rows_per_s", "reader_s3_vs_local_ratio"]
+TRAIN += ["reader_s3_rows_per_s", "s3_server_raw_get_rows_per_s", "reader_s3_vs_local_ratio"]
+TRAIN += ["reader_s3_vs_server_ratio"]
 
 
 def test_bench_prints_every_figure(capsys):

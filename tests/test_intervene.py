@@ -10,6 +10,8 @@ from tide.harvest.intervene import Intervention, sample
 from tide.harvest.model import load_model
 from tide.harvest.sampler import generate, to_images
 
+from tests.test_backbones import tiny_flux, tiny_sd3  # noqa: F401  (fixtures)
+
 SITES = ("resid", "delta", "attn", "mlp")
 
 
@@ -95,7 +97,7 @@ def test_steps_and_rows_select_what_is_edited(tiny_dit):
         model, _dit_cond(), [0, 1, 2], 5, 2.0, [Intervention("mlp", 0, spy, frozenset({1, 3}), "cond")],
         record_outputs=True,
     )  # fmt: skip
-    model.scheduler.set_timesteps(5)
+    model.set_schedule(5)
     ts = model.scheduler.timesteps.tolist()
     assert calls == [(1, ts[1], 3), (3, ts[3], 3)]
     clean = sample(model, _dit_cond(), [0, 1, 2], 5, 2.0, record_outputs=True)
@@ -114,3 +116,28 @@ def test_demo_model_identity_and_recorded_outputs():
     got = sample(model, cond, [0, 1], 6, 2.0, [Intervention("resid", 3, _identity)], record_outputs=True)
     assert torch.equal(got.latents, want)
     assert got.outputs.shape == (6, 2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("backbone, layer", [("sd3", 0), ("flux", 0), ("flux", 3)])
+def test_identity_edit_on_joint_blocks(backbone, layer, tmp_path, request):
+    """SD3/FLUX joint blocks return (text, image) and joint attention (image, text): only the image is edited."""
+    from tide.harvest.config import HarvestConfig
+    from tide.harvest.intervene import plan_like, sample_batch
+    from tide.harvest.run import harvest
+    from tide.store.reader import open_store
+
+    folder = request.getfixturevalue(f"tiny_{backbone}")
+    cfg = HarvestConfig(
+        model=str(folder), out=tmp_path / "s.zarr", num_samples=2, num_steps=2, batch_size=2, layers=str(layer),
+        token_fraction=1.0, dtype="float32", prompts=folder / "prompts.txt",
+        prompt_embeds=folder / "embeds.safetensors", height=16, width=16, progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    planned = plan_like(open_store(cfg.out).meta, 2)
+    clean = sample_batch(planned, slice(0, 2))
+    single = backbone == "flux" and layer >= len(planned.model.transformer.transformer_blocks)
+    sites = ("resid", "delta") if single else SITES
+    same = sample_batch(planned, slice(0, 2), [Intervention(s, layer, _identity) for s in sites])
+    assert torch.equal(same.latents, clean.latents)
+    zero = sample_batch(planned, slice(0, 2), [Intervention(sites[-1], layer, lambda *a: a[-1] * 0)])
+    assert not torch.equal(zero.latents, clean.latents)

@@ -85,3 +85,15 @@ def test_card_and_xarray_coordinates(small, tmp_path):
     labels = open_store(small).root["label"][:]
     threes = ds.set_xindex("label").sel(label=int(labels[0]))["resid_l00"]
     np.testing.assert_array_equal(threes.values, open_store(small).root["resid_l00"][:][labels == labels[0]])
+
+
+def test_card_to_a_file_outside_the_store(tmp_path):
+    # A hub dataset repository shows only its root README.md: the card goes beside the store's folder.
+    store = tmp_path / "repo" / "h.zarr"
+    synthetic_store(store, num_samples=4, num_steps=2, tokens=2, d_model=4, batch_size=2)
+    result = runner.invoke(app, ["store", "card", str(store), "--out", str(tmp_path / "repo" / "README.md")])
+    assert result.exit_code == 0, result.output
+    from tide.store.card import card_text
+
+    assert (tmp_path / "repo" / "README.md").read_text() == card_text(open_store(store))
+    assert not (store / "README.md").exists()

@@ -120,6 +120,11 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> LoadedSA
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if not is_sae_folder(folder) and (folder / "cfg.json").is_file():
+        raise ValueError(
+            f"{folder} looks like a SAELens SAE folder (cfg.json); make it a tide SAE folder first: "
+            f"`tide import {folder} --store STORE --out NEW_FOLDER`, then load NEW_FOLDER"
+        )
     if not is_sae_folder(folder):
         raise ValueError(
             f"{folder} is not an SAE folder (it needs sae.json and sae.safetensors); pass a folder that "
@@ -207,8 +212,12 @@ def prepare_out(cfg: TrainConfig, store_identity: str, device: torch.device) -> 
                 "(or another --out) to start a new run"
             )
         old = state["config"]
+        # A setting added after the run was started is missing from its state: it ran with the default.
+        defaults = type(cfg)().identity()
         diffs = [
-            f"{k}: {old.get(k)!r} in {out}, {v!r} now" for k, v in cfg.identity().items() if old.get(k) != v
+            f"{k}: {old.get(k, defaults.get(k))!r} in {out}, {v!r} now"
+            for k, v in cfg.identity().items()
+            if old.get(k, defaults.get(k)) != v
         ]
         if diffs:
             raise CheckpointError(

@@ -1,7 +1,8 @@
 """The training configuration: one frozen, validated model, built from a config file plus CLI flags.
 
 `TrainConfig.specs(meta)` turns it into the list of SAEs trained side by side on the same batches: every
-combination of layer x arch x k (relu ignores k), all at the same width.
+combination of layer x arch x k (relu, which has no k, gets one), all at the same width. The
+architectures and their hyperparameters (`ArchOptions`, inherited) come from train/archs.py.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import re
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 from tide.store.open import as_location
 from tide.store.schema import StoreMeta, act_name
-from tide.train.sae import Arch, SAEConfig
-
-ARCHS = ("tide", "topk", "batchtopk", "relu")
+from tide.train.archs import ARCHITECTURES, ArchName, ArchOptions
+from tide.train.sae import SAEConfig
 
 DEFAULT_WARMUP = 50
 """warmup_steps when not given, unless max_steps is this or less (then max_steps // 10)."""
@@ -43,7 +43,7 @@ def _comma_list(v: Any) -> Any:
     return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(ArchOptions):
     """Everything that defines a training run. Saved next to the SAEs; a resume must match it."""
 
     # use_attribute_docstrings: the docstring under each field is its description (README's reference table).
@@ -61,23 +61,23 @@ class TrainConfig(BaseModel):
     """Classifier-free-guidance branch, for stores that hold both."""
     # Read as `arch`, the option's name (`--arch`), or as `archs`, the field's name, which saved
     # train_config.json files, sae.json and the resume identity keep using.
-    archs: tuple[Arch, ...] = Field(("tide", "topk"), validation_alias=AliasChoices("arch", "archs"))
-    """Architectures trained side by side (comma list): tide, topk, batchtopk, relu."""
+    archs: tuple[ArchName, ...] = Field(
+        ("tide", "topk"),
+        validation_alias=AliasChoices("arch", "archs"),
+        description=f"Architectures trained side by side (comma list): {', '.join(ARCHITECTURES)}.",
+    )
     k: tuple[int, ...] = (16,)
-    """Active latents per row (comma list for a sweep); every arch but relu gets one SAE per k."""
+    """Active latents per row (comma list for a sweep); every arch but relu gets one SAE per k (jumprelu: the L0
+    it starts at, unless jumprelu_init_threshold is set; its l0_coeff decides where it goes)."""
     expansion: int = Field(8, gt=0)
     """Width F = expansion * d_model, unless num_latents is given."""
     num_latents: int | None = Field(None, gt=0)
     """Width F, overriding expansion."""
-    aux_coeff: float = Field(1 / 32, ge=0)
-    """Weight of the AuxK dead-latent loss (TopK archs)."""
     init_modulation: Literal["zero", "adaln"] = "zero"
     """tide SAEs' timestep modulation at step 0: 'zero' (its last layer is zero, so a tide SAE starts as the
     topk SAE) or 'adaln' (copied from the source DiT's adaLN that reads the activations, loaded from the
     store's recorded model folder; train/adaln.py). 'zero' is the default because on the demo model 'adaln'
     reconstructs no better (worse on the middle layer) and it needs the model folder (train/RESULTS.md)."""
-    l1_coeff: float = Field(3e-2, ge=0)
-    """relu: weight of the L1 penalty."""
     dead_after_rows: int = Field(250_000, gt=0)
     """A latent counts as dead (and AuxK revives it) after this many training rows without firing."""
     batch_size: int = Field(4096, gt=0)
@@ -144,7 +144,7 @@ class TrainConfig(BaseModel):
         # A URL stays a string (Path would fold `s3://b/x` into `s3:/b/x`); anything else is a Path.
         return as_location(value) if isinstance(value, str | Path) else value
 
-    @field_validator("archs", "k", mode="before")
+    @field_validator("archs", "k", "matryoshka_prefixes", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _comma_list(v)
@@ -153,7 +153,7 @@ class TrainConfig(BaseModel):
     @classmethod
     def _archs(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
-            raise ValueError(f"arch is empty; choose from {', '.join(ARCHS)}")
+            raise ValueError(f"arch is empty; choose from {', '.join(ARCHITECTURES)}")
         return tuple(dict.fromkeys(v))
 
     @field_validator("k")
@@ -184,10 +184,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross(self) -> TrainConfig:
-        if self.init_modulation == "adaln" and "tide" not in self.archs:
+        if self.init_modulation == "adaln" and not any(ARCHITECTURES[a].modulated for a in self.archs):
             raise ValueError(
                 f"init_modulation='adaln' initialises tide SAEs, but arch={list(self.archs)} has none; add "
-                "tide to arch or leave init_modulation at 'zero'"
+                "tide (or another tide-* arch) to arch or leave init_modulation at 'zero'"
             )
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(
@@ -232,7 +232,8 @@ class TrainConfig(BaseModel):
         if self.branch not in meta.branches:
             raise ValueError(f"branch {self.branch!r} is not in the store; it holds {meta.branches}")
         width = self.num_latents or self.expansion * meta.d_model
-        too_big = [k for k in self.k if k > width and set(self.archs) - {"relu"}]
+        with_k = [a for a in self.archs if ARCHITECTURES[a].uses_k]
+        too_big = [k for k in self.k if k > width and with_k]
         if too_big:
             raise ValueError(
                 f"k={too_big} exceeds the SAE width num_latents={width} (d_model {meta.d_model}"
@@ -243,17 +244,18 @@ class TrainConfig(BaseModel):
         for layer in self.layer_list(meta):
             array = act_name(self.site, layer, self.branch)
             for arch in self.archs:
-                for k in self.k if arch != "relu" else self.k[:1]:
-                    name = f"{array}-{arch}" + (f"-k{k}" if arch != "relu" else "")
+                cls = ARCHITECTURES[arch]
+                for k in self.k if cls.uses_k else self.k[:1]:
+                    name = f"{array}-{arch}" + (f"-k{k}" if cls.uses_k else "")
                     sae = SAEConfig(
                         arch=arch,
                         d_model=meta.d_model,
                         num_latents=width,
                         k=min(k, width),
-                        l1_coeff=self.l1_coeff,
-                        aux_coeff=self.aux_coeff,
                         dead_steps_threshold=math.ceil(self.dead_after_rows / self.batch_size),
                         num_train_timesteps=_num_train_timesteps(meta),
+                        includes_max_timestep=_flow_matching(meta),
+                        **{f: getattr(self, f) for f in cls.fields},
                     )
                     specs.append(SAESpec(name, array, sae, layer))
         return specs
@@ -265,3 +267,8 @@ class TrainConfig(BaseModel):
 
 def _num_train_timesteps(meta: StoreMeta) -> int:
     return int(meta.scheduler.config.get("num_train_timesteps", 1000))
+
+
+def _flow_matching(meta: StoreMeta) -> bool:
+    """Flow-matching schedulers' timesteps are sigma x num_train_timesteps, so the first is exactly 1000.0."""
+    return "FlowMatch" in meta.scheduler.class_name

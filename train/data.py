@@ -41,12 +41,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from tide.store.reader import Store, StoreError, read_into
+from tide.store.remote import Fetches, fetch_ahead
 from tide.store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 from torch import Tensor
 
@@ -153,6 +154,15 @@ class _Slot:
         """Set on CUDA: the copy out of this slot that must finish before it is refilled."""
 
 
+def _pairs(items: Iterator) -> Iterator[tuple[Any, Any]]:
+    """(item, the item after it or None) for each item."""
+    current = next(items, None)
+    while current is not None:
+        following = next(items, None)
+        yield current, following
+        current = following
+
+
 class ActivationLoader:
     """Shuffled batches of rows of one or more activation arrays of a store (rows aligned across arrays).
 
@@ -253,8 +263,20 @@ class ActivationLoader:
         index = [row_index(r.selection) for r in window.reads]
         return np.concatenate([s for s, _ in index]), np.concatenate([t for _, t in index])
 
+    def _fetch_ahead(self, window: Window) -> list[Fetches]:
+        """Start fetching a window's chunks from a remote store, all at once (store.remote.fetch_ahead): per
+        array, a future of each read's bytes, or None where the read goes to a local file as it happens."""
+        if self._source is not None:
+            return [Fetches([None] * len(window.reads)) for _ in self._zarr]
+        return [fetch_ahead(z, [r.selection for r in window.reads]) for z in self._zarr]
+
     def _read_window(
-        self, window: Window, x_ARD: np.ndarray, rows: Sequence[slice | np.ndarray], pool: ThreadPoolExecutor
+        self,
+        window: Window,
+        x_ARD: np.ndarray,
+        rows: Sequence[slice | np.ndarray],
+        pool: ThreadPoolExecutor,
+        ahead: list[Fetches],
     ) -> None:
         """Decode read i of a window, for every array, into x_ARD[a, rows[i]].
 
@@ -269,12 +291,12 @@ class ActivationLoader:
             r, dest = window.reads[i], rows[i]
             shape = (*r.shape, self.layout.d_model)
             if isinstance(dest, slice):
-                self._read_chunk(a, r, x_ARD[a, dest].reshape(shape))
+                self._read_chunk(a, r, x_ARD[a, dest].reshape(shape), ahead[a][i])
                 return
             if getattr(scratch, "buf", None) is None:
                 scratch.buf = np.empty(self._max_chunk_rows * self.layout.d_model, x_ARD.dtype)
             out = scratch.buf[: r.rows * self.layout.d_model].reshape(shape)
-            self._read_chunk(a, r, out)
+            self._read_chunk(a, r, out, ahead[a][i])
             x_ARD[a][dest] = out.reshape(r.rows, -1)
 
         jobs = [(a, i) for i in range(len(window.reads)) for a in range(len(self.arrays))]
@@ -298,14 +320,21 @@ class ActivationLoader:
         """A window exceeds window_rows by less than one unit."""
         return self.window_rows + max(sum(r.rows for r in u) for u in self._units())
 
-    def _read_chunk(self, a: int, r: ChunkRead, out: np.ndarray) -> None:
+    def _read_chunk(self, a: int, r: ChunkRead, out: np.ndarray, fetched=None) -> None:
         if self._source is None:
-            read_into(self._zarr[a], r.selection, out)
+            read_into(self._zarr[a], r.selection, out, fetched=fetched)
         else:
             np.copyto(out, self._source[a][r.selection])
 
     def _load(
-        self, epoch: int, w: Window, slot: _Slot, i: int, free: queue.Queue, pool: ThreadPoolExecutor
+        self,
+        epoch: int,
+        w: Window,
+        slot: _Slot,
+        i: int,
+        free: queue.Queue,
+        pool: ThreadPoolExecutor,
+        ahead: list[Fetches],
     ) -> _Loaded:
         sample_R, step_R = self._rows_of(w)
         order_R = self._order(epoch, w, step_R)
@@ -313,7 +342,9 @@ class ActivationLoader:
         storage = numpy_storage_dtype(self.store.meta.dtype)
         if self.device.type == "cuda":  # read in order into the pinned slot; the device applies order_R
             x = slot.x_ARD.numpy().view(storage)
-            self._read_window(w, x, [slice(offsets[j], offsets[j + 1]) for j in range(len(w.reads))], pool)
+            self._read_window(
+                w, x, [slice(offsets[j], offsets[j + 1]) for j in range(len(w.reads))], pool, ahead
+            )
             slot.step_R[: w.rows] = torch.from_numpy(step_R)
             slot.sample_R[: w.rows] = torch.from_numpy(sample_R)
             x_ARD = slot.x_ARD[:, : w.rows]
@@ -327,7 +358,9 @@ class ActivationLoader:
         dest_R = np.empty_like(order_R)
         dest_R[order_R] = np.arange(w.rows)
         x = self._window_array(w.rows, storage)
-        self._read_window(w, x, [dest_R[offsets[j] : offsets[j + 1]] for j in range(len(w.reads))], pool)
+        self._read_window(
+            w, x, [dest_R[offsets[j] : offsets[j + 1]] for j in range(len(w.reads))], pool, ahead
+        )
         return _Loaded(
             epoch,
             w,
@@ -356,29 +389,42 @@ class ActivationLoader:
                     pass
             return False
 
+        ahead: list[Fetches] = []
+        fetching: list[Fetches] = []
         try:
             with ThreadPoolExecutor(self.read_threads, thread_name_prefix="tide-read") as pool:
-                epoch = start.epoch
-                while epochs is None or epoch < start.epoch + epochs:
-                    for w in self.plan(epoch):
-                        if epoch == start.epoch and w.start + w.rows <= start.rows:
-                            continue
-                        while True:
-                            if stop.is_set():
-                                return
-                            try:
-                                i = free.get(timeout=0.1)
-                                break
-                            except queue.Empty:
-                                pass
-                        if slots[i].ready is not None:
-                            slots[i].ready.synchronize()
-                        if not put(self._load(epoch, w, slots[i], i, free, pool)):
+                for (epoch, w), following in _pairs(self._stream(start, epochs)):
+                    # The next window's chunks are requested before this one is decoded, so that a remote
+                    # store's round trips overlap the decoding.
+                    ahead = fetching or self._fetch_ahead(w)
+                    fetching = self._fetch_ahead(following[1]) if following else []
+                    while True:
+                        if stop.is_set():
                             return
-                    epoch += 1
+                        try:
+                            i = free.get(timeout=0.1)
+                            break
+                        except queue.Empty:
+                            pass
+                    if slots[i].ready is not None:
+                        slots[i].ready.synchronize()
+                    if not put(self._load(epoch, w, slots[i], i, free, pool, ahead)):
+                        return
             put(None)
         except BaseException as e:  # handed to the consumer, which raises it
             put(e)
+        finally:
+            for f in ahead + fetching:  # a stopped or failed loader leaves no requests running
+                f.cancel()
+
+    def _stream(self, start: Position, epochs: int | None) -> Iterator[tuple[int, Window]]:
+        """(epoch, window) in stream order from `start`, for `epochs` epochs or forever."""
+        epoch = start.epoch
+        while epochs is None or epoch < start.epoch + epochs:
+            for w in self.plan(epoch):
+                if not (epoch == start.epoch and w.start + w.rows <= start.rows):
+                    yield epoch, w
+            epoch += 1
 
     def batches(self, start: Position = Position(0, 0), epochs: int | None = None) -> Iterator[Batch]:
         """Batches from `start` on, for `epochs` epochs (counting start's) or forever; close() it to stop early."""

@@ -14,6 +14,8 @@ consecutive steps):
     dead_fraction      = fraction of latents that never fire on G's rows
     dense_fraction     = fraction of latents that fire on more than `dense_threshold` of G's rows
 Dead and dense are per group, so a latent that only fires at high noise is alive in the high-noise bucket.
+A Matryoshka SAE also gets the fvu of each of its smaller prefixes (its first m latents alone, decoded with
+the same b_dec), pooled and as a step mean: `EvalResult.prefixes`.
 Two overall figures: `overall` ("pooled", G = every held-out row, whose fvu divides by the variance around
 the mean of all steps) and `step_mean` (the mean over steps of each step's own figure, comparable with them).
 """
@@ -61,6 +63,16 @@ class Group(NamedTuple):
     metrics: Metrics
 
 
+class PrefixFVU(NamedTuple):
+    """The held-out fvu of a Matryoshka SAE's first `latents` latents on their own."""
+
+    latents: int
+    fvu: float
+    """Pooled over every held-out row, as Metrics.fvu of `overall`."""
+    step_mean_fvu: float
+    """The mean over stored steps of each step's fvu, as `step_mean`."""
+
+
 DEFAULT_BUCKETS = 10
 """Timestep buckets of `tide eval` and of the evaluation after `tide train`, unless told otherwise."""
 
@@ -76,6 +88,8 @@ class EvalResult(NamedTuple):
     """Every stored step on its own."""
     dense_threshold: float = 0.1
     """A latent is dense in a group when it fires on more than this fraction of the group's rows."""
+    prefixes: list[PrefixFVU] = []  # noqa: RUF012 (a NamedTuple default is never mutated)
+    """Matryoshka SAEs: each smaller prefix's fvu, smallest first; empty for the other architectures."""
 
     @property
     def step_mean(self) -> Metrics:
@@ -97,15 +111,17 @@ class EvalResult(NamedTuple):
             "dense_threshold": self.dense_threshold,
             "buckets": [group(g) for g in self.buckets],
             "per_step": [group(g) for g in self.per_step],
+            "prefixes": [p._asdict() for p in self.prefixes],
         }
 
 
 class _Sums:
     """Running per-step sums, in float64, from which every metric of any group of steps follows."""
 
-    def __init__(self, S: int, D: int, F: int, device: torch.device):
+    def __init__(self, S: int, D: int, F: int, device: torch.device, prefixes: int = 0):
         z = dict(dtype=torch.float64, device=device)
         self.n_S, self.se_S, self.cos_S, self.l0_S = (torch.zeros(S, **z) for _ in range(4))
+        self.se_PS = torch.zeros(prefixes, S, **z)  # squared errors of each Matryoshka prefix
         self.sx_SD, self.sxx_SD, self.sr_SD, self.srr_SD = (torch.zeros(S, D, **z) for _ in range(4))
         self.fire_SF = torch.zeros(S, F, dtype=torch.int64, device=device)
 
@@ -127,6 +143,23 @@ class _Sums:
         ):
             acc.index_add_(0, step_B, v)
         self.fire_SF.index_add_(0, step_B, fired_BF.long())
+
+    def add_prefixes(self, x_BD: Tensor, x_hats_PBD: list[Tensor], step_B: Tensor) -> None:
+        for se_S, x_hat_BD in zip(self.se_PS, x_hats_PBD, strict=True):
+            se_S.index_add_(0, step_B, (x_BD.double() - x_hat_BD.double()).pow(2).sum(-1))
+
+    def prefix_fvu(self, p: int, steps: slice) -> float:
+        """fvu of prefix p over `steps` pooled: its squared errors over the group's variance."""
+        n, s_D, ss_D = float(self.n_S[steps].sum()), self.sx_SD[steps].sum(0), self.sxx_SD[steps].sum(0)
+        var_x = float((ss_D - s_D**2 / max(n, 1)).sum())
+        return float(self.se_PS[p, steps].sum()) / max(var_x, 1e-300) if n else float("nan")
+
+    def prefixes(self, sizes: Sequence[int], lo: int, hi: int) -> list[PrefixFVU]:
+        fvus = [[self.prefix_fvu(p, slice(s, s + 1)) for s in range(lo, hi)] for p in range(len(sizes))]
+        return [
+            PrefixFVU(m, self.prefix_fvu(p, slice(lo, hi)), float(np.nanmean(fvus[p])))
+            for p, m in enumerate(sizes)
+        ]
 
     def metrics(self, steps: slice, dense_threshold: float) -> Metrics:
         n = float(self.n_S[steps].sum())
@@ -205,8 +238,10 @@ def evaluate(
             read_threads=read_threads,
             device=device,
         )
+        sizes = [_prefix_sizes(s) for s in group]
         sums = [
-            _Sums(store.layout.num_steps, store.meta.d_model, s.sae.cfg.num_latents, device) for s in group
+            _Sums(store.layout.num_steps, store.meta.d_model, s.sae.cfg.num_latents, device, len(m))
+            for s, m in zip(group, sizes, strict=True)
         ]
         for s in group:
             s.sae.to(device).eval()
@@ -215,7 +250,10 @@ def evaluate(
                 x_BD = batch.x_ABD[arrays.index(s.meta.array)].float()
                 out = s.sae.forward_raw(x_BD, batch.t_B)
                 acc.add(x_BD, out.x_hat_BD, out.z_BF, batch.step_B)
-        for s, acc in zip(group, sums, strict=True):
+                if acc.se_PS.shape[0]:
+                    hats = s.sae.arch.prefix_reconstructions(s.sae, out.z_BF)
+                    acc.add_prefixes(x_BD, [s.sae.denormalize(h, batch.t_B) for h in hats], batch.step_B)
+        for s, acc, m in zip(group, sums, sizes, strict=True):
 
             def groups(slices: list[slice], acc=acc) -> list[Group]:
                 return [
@@ -233,8 +271,14 @@ def evaluate(
                 groups(_groups(lo, hi, buckets)),
                 groups(_groups(lo, hi, hi - lo)),
                 dense_threshold,
+                acc.prefixes(m, lo, hi),
             )
     return [results[id(s)] for s in saes]
+
+
+def _prefix_sizes(s: LoadedSAE) -> tuple[int, ...]:
+    """A Matryoshka SAE's smaller prefix sizes (the full dictionary is the SAE itself); () for the others."""
+    return tuple(getattr(s.sae.arch, "prefixes", ())[:-1])
 
 
 def eval_file(buckets: int) -> str:
@@ -297,6 +341,17 @@ def format_table(result: EvalResult) -> str:
             *rows,
             line("pooled", span, result.overall),
             line("step mean", span, result.step_mean),
+            *(
+                [
+                    "matryoshka prefixes (first m latents alone): "
+                    + ", ".join(
+                        f"{p.latents}: fvu {p.fvu:.4f} pooled, {p.step_mean_fvu:.4f} step mean"
+                        for p in result.prefixes
+                    )
+                ]
+                if result.prefixes
+                else []
+            ),
             "pooled: all rows at once (fvu against the variance of all steps together); step mean: mean over steps",
             "fvu: unexplained variance; ev: explained variance (offset-blind); L0: latents/row; "
             f"dead, dense: latents firing on no row, on >{result.dense_threshold:.0%} of rows",

@@ -1,8 +1,9 @@
-"""SAE training losses: reconstruction, the AuxK dead-latent loss (Gao et al. 2024), the ReLU SAE's L1.
+"""SAE training losses: reconstruction, the AuxK dead-latent loss (Gao et al. 2024), and each architecture's own.
 
 Shape key: B batch (tokens), D model width, F SAE latents.
 
-    total = fvu + aux_coeff * aux + l1_coeff * l1     (l1 only for arch="relu")
+    total = fvu + aux_coeff * aux + the architecture's own terms (train/archs.py `loss_terms`):
+            relu: l1_coeff * l1;  jumprelu: l0_coeff * L0;  matryoshka: the smaller prefixes' FVUs
 
 The reconstruction term is the fraction of variance unexplained rather than a raw MSE so that it, like the
 AuxK term, does not depend on the scale of the inputs or on D, and aux_coeff = 1/32 means what it does in
@@ -12,16 +13,18 @@ unaffected by bf16 autocast rounding in the reductions.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from tide.train.sae import SAE, ForwardOutput
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from tide.train.sae import SAE, ForwardOutput
 
 
 class LossOutput(NamedTuple):
     total: Tensor
-    """Scalar to backpropagate: fvu + aux_coeff * aux (+ l1_coeff * l1 for relu)."""
+    """Scalar to backpropagate: fvu + aux_coeff * aux + the architecture's own weighted terms."""
     fvu: Tensor
     """Fraction of variance unexplained: sum (x_hat - x)^2 / sum (x - mean_B x)^2."""
     mse: Tensor
@@ -32,6 +35,8 @@ class LossOutput(NamedTuple):
     """Mean over rows of sum_F z * ||W_dec row||, unweighted; 0 for the TopK architectures."""
     l0: Tensor
     """Mean number of active latents per row, for logging (no gradient)."""
+    penalty: Tensor
+    """jumprelu: its L0 penalty, unweighted; matryoshka: the sum of its smaller prefixes' FVUs; 0 otherwise."""
 
 
 def _variance_sum(x_BD: Tensor) -> Tensor:
@@ -62,13 +67,10 @@ def sae_loss(sae: SAE, x_BD: Tensor, out: ForwardOutput) -> LossOutput:
     x_BD, x_hat_BD = x_BD.float(), out.x_hat_BD.float()
     sq_err = (x_hat_BD - x_BD).pow(2)
     fvu = sq_err.sum() / _variance_sum(x_BD)
-    zero = fvu.new_zeros(())
-    aux = zero
-    if cfg.aux_coeff > 0:
+    aux = fvu.new_zeros(())
+    if sae.arch.uses_auxk and cfg.aux_coeff > 0:
         aux = auxk_loss(out.pre_BF, x_BD - x_hat_BD, sae.W_dec, sae.dead_mask(), cfg.effective_aux_k)
-    l1 = zero
-    if cfg.arch == "relu":
-        l1 = (out.z_BF.float().abs() * sae.W_dec.float().norm(dim=-1)).sum(-1).mean()
-    total = fvu + cfg.aux_coeff * aux + (cfg.l1_coeff * l1 if cfg.arch == "relu" else 0)
+    own = sae.arch.loss_terms(sae, x_BD, out)
+    total = fvu + cfg.aux_coeff * aux + own.weighted
     l0 = (out.z_BF > 0).float().sum(-1).mean().detach()
-    return LossOutput(total, fvu, sq_err.mean(), aux, l1, l0)
+    return LossOutput(total, fvu, sq_err.mean(), aux, own.l1, l0, own.penalty)

@@ -1,11 +1,13 @@
-"""Sparse autoencoders over DiT activations: the timestep-modulated TIDE SAE and three baselines.
+"""Sparse autoencoders over DiT activations: the timestep-modulated TIDE SAE and the architectures of
+train/archs.py (topk, batchtopk, relu, jumprelu, matryoshka, and tide-modulated jumprelu and matryoshka).
 
 Shape key: B batch (tokens), D model width, F SAE latents, E timestep-embedding width, H modulation MLP
 width, S timesteps with a stored input mean.
 
 Every architecture computes
     pre_BF = x_in_BD @ W_enc + b_enc,   z_BF = activation(pre_BF),   x_hat_BD = z_BF @ W_dec + b_dec
-with x_in = x - b_dec for `topk`, `batchtopk`, `relu`, and for `tide` the timestep-modulated
+with activation = the architecture's (train/archs.py), x_in = x - b_dec, and for the modulated architectures
+(`tide`, `tide-jumprelu`, `tide-matryoshka`) the timestep-modulated
     x_mod = (x - b_dec) * (1 + scale(t)) + shift(t),
 where (shift, scale) come from an MLP over a sinusoidal embedding of t laid out like diffusers' DiT adaLN
 path, so `init_modulation_from_adaln` can copy a trained DiT's own modulation into it (train/adaln.py does
@@ -22,8 +24,10 @@ Activations: `topk`/`tide` keep the k largest pre-activations per row (ReLU'd, G
 `batchtopk` keeps the k*B largest over the whole batch while training; at inference it keeps every
 pre-activation above a threshold, an exponential moving average of the smallest kept activation of each
 training batch (Bussmann et al. 2024), so inference needs no batch. `relu` is a ReLU with an L1 penalty
-(train/loss.py) on activations times decoder-row norms (Anthropic, April 2024 update): with rows
+(train/archs.py) on activations times decoder-row norms (Anthropic, April 2024 update): with rows
 renormalised after every step it is plain L1, and it stays scale-honest if a caller skips that.
+`jumprelu` keeps pre-activations above a learned per-latent threshold; `matryoshka` is TopK or BatchTopK
+whose nested prefixes of latents each reconstruct on their own (both described in train/archs.py).
 
 Decoder geometry: rows of W_dec are unit norm. A training step is `out = sae(x, t)`, `loss.backward()`,
 `sae.project_decoder_grad()` (drop the radial gradient), `opt.step()`, `sae.normalize_decoder()`. W_enc
@@ -37,7 +41,10 @@ row, or one row per timestep, looked up at the nearest stored timestep) and s as
 weights because a per-timestep mean cannot be folded into the t-independent decoder bias.
 
 Timesteps: every `t_B` is the scheduler's timestep VALUE of each row (the store's `timesteps` array, e.g.
-999, 979, ..., 19 for 50 DDPM steps), as the DiT itself sees it, never a step index 0..S-1. Outside
+999, 979, ..., 19 for 50 DDPM steps, or 1000.0, ..., for flow matching, where t = sigma x 1000 is a float in
+[0, 1000]), as the DiT itself sees it, never a step index 0..S-1. The modulation embeds t with DiT's sinusoid
+(periods up to 10000 timestep units), which separates every t in [0, 1000], integer or not; it assumes t on
+that scale, as SD3 and FLUX also embed it (FLUX's pipeline passes t / 1000 and the model multiplies by 1000). Outside
 training mode (`load_sae` returns an SAE in eval mode), an SAE that uses t refuses values outside the
 timesteps its normalisation was recorded at (`timestep_range`), which catches step indices passed by
 mistake. t is used by `tide` (the modulation) and by any SAE with per-timestep input means (every SAE
@@ -50,35 +57,34 @@ import math
 from typing import Any, Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, model_validator
+from tide.train.archs import Architecture, ArchName, ArchOptions, architecture
 from torch import Tensor, nn
-
-Arch = Literal["tide", "topk", "batchtopk", "relu"]
-TOPK_ARCHS = ("tide", "topk", "batchtopk")
 
 T_TOLERANCE = 0.5
 """How far (in timestep units) t may stray outside the recorded range: float rounding, not extrapolation."""
 
 
-class SAEConfig(BaseModel):
-    """Architecture of one SAE. Pass `expansion` instead of `num_latents` for num_latents = expansion * d_model."""
+class SAEConfig(ArchOptions):
+    """Architecture of one SAE. Pass `expansion` instead of `num_latents` for num_latents = expansion * d_model.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    The architecture hyperparameters (aux_coeff, l1_coeff, l0_coeff, jumprelu_*, matryoshka_*) come from
+    `ArchOptions` (train/archs.py); each architecture reads only its own."""
 
-    arch: Arch = "tide"
-    """`tide` (timestep-modulated TopK), or a baseline: `topk`, `batchtopk`, `relu`."""
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    arch: ArchName = "tide"
+    """A name in train/archs.py's ARCHITECTURES: tide (timestep-modulated TopK), topk, batchtopk, relu, jumprelu,
+    matryoshka, tide-jumprelu, tide-matryoshka."""
     d_model: PositiveInt
     """D: width of the activations the SAE reads."""
     num_latents: PositiveInt
     """F: number of dictionary latents."""
     k: PositiveInt = 32
-    """Active latents per row (per row on average for batchtopk); must be <= num_latents. Unused by relu."""
-    l1_coeff: NonNegativeFloat = 3e-2
-    """relu: weight of the L1 penalty relative to the fraction of variance unexplained; data-dependent, sweep it."""
+    """Active latents per row (per row on average for batchtopk); must be <= num_latents. Unused by relu;
+    jumprelu: the L0 its thresholds start at (unless jumprelu_init_threshold is set)."""
     aux_k: PositiveInt | None = None
     """Dead latents used by the AuxK loss; None means min(d_model // 2, num_latents) as in Gao et al."""
-    aux_coeff: NonNegativeFloat = 1 / 32
-    """Weight of the AuxK loss; 0 turns it off."""
     dead_steps_threshold: PositiveInt = 1000
     """A latent is dead after this many training forward passes without firing (~4M tokens at B=4096)."""
     threshold_ema: float = Field(0.99, ge=0, lt=1)
@@ -88,7 +94,10 @@ class SAEConfig(BaseModel):
     t_hidden: PositiveInt | None = None
     """H: hidden width of the modulation MLP; None means d_model, which a DiT adaLN initialisation needs."""
     num_train_timesteps: PositiveInt = 1000
-    """Timesteps are the scheduler's own values, floats in [0, num_train_timesteps), as the DiT sees them."""
+    """Timesteps are the scheduler's own values, as the DiT sees them: floats in [0, num_train_timesteps)."""
+    includes_max_timestep: bool = False
+    """True for flow-matching schedulers (SD3, FLUX): t = sigma x num_train_timesteps lies in [0, 1000], and the
+    first step is t = 1000.0 exactly. `tide train` sets it from the store's scheduler."""
 
     @model_validator(mode="before")
     @classmethod
@@ -105,13 +114,17 @@ class SAEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SAEConfig:
-        if self.arch in TOPK_ARCHS and self.k > self.num_latents:
-            raise ValueError(f"k={self.k} must be <= num_latents={self.num_latents}; lower k or raise F")
+        self.architecture.check()
         if self.aux_k is not None and self.aux_k > self.num_latents:
             raise ValueError(f"aux_k={self.aux_k} must be <= num_latents={self.num_latents}")
         if self.t_embed_dim % 2 or self.t_embed_dim < 4:
             raise ValueError(f"t_embed_dim={self.t_embed_dim} must be even and >= 4 (cosines, then sines)")
         return self
+
+    @property
+    def architecture(self) -> Architecture:
+        """This config's architecture object (activation, loss terms): ARCHITECTURES[arch](self)."""
+        return architecture(self.arch)(self)
 
     @property
     def effective_aux_k(self) -> int:
@@ -182,13 +195,12 @@ class SAE(nn.Module):
         self.W_enc = nn.Parameter(W_dec_FD.T.clone(memory_format=torch.contiguous_format))  # (D, F)
         self.b_enc = nn.Parameter(torch.zeros(F))
         self.b_dec = nn.Parameter(torch.zeros(D))
+        self.arch = cfg.architecture
         self.modulation = (
-            TimestepModulation(D, cfg.t_embed_dim, cfg.effective_t_hidden) if cfg.arch == "tide" else None
+            TimestepModulation(D, cfg.t_embed_dim, cfg.effective_t_hidden) if self.arch.modulated else None
         )
         self.register_buffer("steps_since_fired", torch.zeros(F, dtype=torch.long))
-        if cfg.arch == "batchtopk":
-            # Negative = not estimated yet: no training batch has been seen.
-            self.register_buffer("threshold", torch.tensor(-1.0))
+        self.arch.add_state(self)
         self.register_buffer("input_mean", torch.zeros(1, D))  # (S, D)
         self.register_buffer("input_mean_t", torch.zeros(1))  # (S,)
         self.register_buffer("input_scale", torch.tensor(1.0))
@@ -254,28 +266,9 @@ class SAE(nn.Module):
         return x_in_BD @ self.W_enc + self.b_enc, x_mod_BD
 
     def activate(self, pre_BF: Tensor) -> Tensor:
-        """Sparse z_BF from pre-activations; batchtopk in training mode also updates its threshold."""
-        arch, k = self.cfg.arch, self.cfg.k
-        if arch == "relu":
-            return pre_BF.relu()
-        if arch in ("tide", "topk"):
-            vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
-            return torch.zeros_like(pre_BF).scatter(-1, idx_BK, vals_BK.relu())
-        if self.training:
-            vals, idx = pre_BF.relu().flatten().topk(k * pre_BF.shape[0], sorted=False)
-            self._update_threshold(vals)
-            return torch.zeros_like(pre_BF).flatten().scatter(0, idx, vals).view_as(pre_BF)
-        if self.threshold.item() < 0:
-            raise ValueError("batchtopk has no inference threshold yet: run training forwards first")
-        return torch.where(pre_BF > self.threshold, pre_BF, torch.zeros_like(pre_BF))
-
-    @torch.no_grad()
-    def _update_threshold(self, kept: Tensor) -> None:
-        # Smallest positive kept value, computed without a host sync; batches with none leave it unchanged.
-        low = torch.where(kept > 0, kept, torch.full_like(kept, math.inf)).min().float()
-        decay = self.cfg.threshold_ema
-        ema = torch.where(self.threshold < 0, low, decay * self.threshold + (1 - decay) * low)
-        self.threshold.copy_(torch.where(torch.isfinite(low), ema, self.threshold))
+        """Sparse z_BF from pre-activations, by the architecture (batchtopk in training mode also updates its
+        threshold)."""
+        return self.arch.activate(self, pre_BF)
 
     def encode(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> Tensor:
         """Sparse latents z_BF of NORMALISED x_BD (as `forward`; for raw activations use `forward_raw(x, t).z_BF`).
@@ -322,6 +315,13 @@ class SAE(nn.Module):
         g_FD -= along_F * W_FD
 
     @torch.no_grad()
+    def init_from_data(self, x_BD: Tensor, t_B: Tensor | float | None = None) -> None:
+        """Training's step 0: b_dec from the data (`init_decoder_bias`), then what the architecture sets from
+        data (jumprelu's thresholds, unless given)."""
+        self.init_decoder_bias(x_BD)
+        self.arch.init_from_data(self, x_BD, t_B)
+
+    @torch.no_grad()
     def init_decoder_bias(self, x_BD: Tensor, iters: int = 50) -> None:
         """Set b_dec to the geometric median of a data sample (Weiszfeld), robust to outlier tokens."""
         x_BD = x_BD.float()
@@ -342,9 +342,11 @@ class SAE(nn.Module):
         if t_S is None or torch.as_tensor(t_S).shape != (S,):
             raise ValueError(f"mean has {S} rows, so timesteps must have shape ({S},); got {timesteps!r}")
         t_S, T = torch.as_tensor(t_S).to(self.input_mean_t), self.cfg.num_train_timesteps
-        if ((t_S < 0) | (t_S >= T)).any():
+        closed = self.cfg.includes_max_timestep
+        if ((t_S < 0) | ((t_S > T) if closed else (t_S >= T))).any():
             raise ValueError(
-                f"timesteps {t_S.tolist()} leave [0, num_train_timesteps={T}); pass scheduler values"
+                f"timesteps {t_S.tolist()} leave [0, num_train_timesteps={T}{']' if closed else ')'}; pass "
+                "scheduler values" + ("" if closed else " (flow-matching stores: includes_max_timestep=True)")
             )
         self.input_mean, self.input_mean_t = mean_SD.to(self.input_mean), t_S
         self.input_scale.fill_(float(scale))

@@ -31,7 +31,7 @@ def build_report(cfg, planned, saes, ablations, conds, tallies, steps, buckets, 
     metrics = {c.name: tallies[c.name].metrics(has) for c in conds}
     main = {c.name: metrics[c.name] for c in conds if "#b" not in c.name}
     clean = main["clean"]
-    planned.model.scheduler.set_timesteps(planned.meta.num_inference_steps)
+    planned.model.set_schedule(planned.meta.num_inference_steps)  # as the sampler set it
     t_S = planned.model.scheduler.timesteps.tolist()
     report: dict[str, Any] = {
         "model": planned.model.info.id,

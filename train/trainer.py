@@ -328,7 +328,7 @@ def _step(run: Run, batch: Batch, cfg: TrainConfig) -> None:
         x_BD = batch.x_ABD[m.array_index].float()
         x_BD = (x_BD - m.mean_SD[batch.step_B]) / m.scale
         if run.step == 0:
-            m.sae.init_decoder_bias(x_BD)
+            m.sae.init_from_data(x_BD, batch.t_B)
         with torch.autocast(batch.t_B.device.type, dtype=torch.bfloat16, enabled=amp):
             out = m.sae(x_BD, batch.t_B)
         loss = sae_loss(m.sae, x_BD, out)
