@@ -5,8 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CACHE  ?= runs/digits.zarr
 SAES   ?= runs/saes
+SPLICE_OUT ?= runs/splice
+STEER_OUT  ?= runs/steer-demo
 
-.PHONY: setup harvest train eval test test-all bench lint demo-model demo-grid clean
+.PHONY: setup harvest train splice steer-demo eval test test-all bench lint demo-model demo-grid clean
 
 setup: $(STAMP)
 
@@ -26,6 +28,15 @@ harvest: $(STAMP)
 train: $(STAMP)
 	@test -d $(CACHE) || $(MAKE) harvest
 	$(BIN)/tide train --store $(CACHE) --out $(SAES)
+
+# SAEs inside the denoising loop: fidelity recovered (tide splice) and steering digits into chosen classes.
+splice: $(STAMP)
+	@test -d $(SAES) || $(MAKE) train
+	$(BIN)/tide splice $(SAES) --num-samples 40 --batch-size 40 --out $(SPLICE_OUT) --overwrite
+
+steer-demo: $(STAMP)
+	@test -d $(SAES) || $(MAKE) train
+	$(BIN)/python -m tide.train.steer_demo --saes $(SAES) --out $(STEER_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -20,7 +20,7 @@ import torch
 from tide.harvest.capture import Conditioning, capture
 from tide.harvest.model import LoadedModel
 from tide.harvest.plan import TORCH_DTYPES
-from tide.harvest.sampler import denoise, make_generators, to_images
+from tide.harvest.sampler import cfg_rows, denoise, make_generators, to_images
 from tide.store.schema import StoreMeta, act_name, to_stored, token_subset
 from tide.store.writer import StoreWriter
 
@@ -104,7 +104,7 @@ def _run_and_write(c, model, meta, arrays, acts, writer, index_BST, on_step) -> 
     subsample = meta.tokens.subsampled
     seeds = arrays["seeds"][lay.sample_chunk(c)]
     stored_pos = {step: p for p, step in enumerate(meta.step_indices)}
-    rows = {"cond": slice(0, b), "uncond": slice(b, 2 * b)}
+    rows = cfg_rows(b, meta.guidance_scale > 1)
     store_dtype = TORCH_DTYPES[meta.dtype]
     buffers: dict[str, torch.Tensor] = {}
     latents = None
@@ -127,7 +127,7 @@ def _run_and_write(c, model, meta, arrays, acts, writer, index_BST, on_step) -> 
             index_BT = torch.as_tensor(index_BST[:, p : p + width], device=device, dtype=torch.long)
         for (site, layer), a_RND in acts.items():
             for branch in meta.branches:
-                a_BND = a_RND[rows[branch]]
+                a_BND = a_RND[getattr(rows, branch)]
                 if subsample:
                     idx = index_BT[:, j, :, None].expand(-1, -1, a_BND.shape[-1])
                     a_BND = torch.gather(a_BND, 1, idx)  # (B, T, D)

@@ -40,8 +40,26 @@ def make_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
 
 
+class CfgRows(NamedTuple):
+    """Which rows of the model batch belong to which CFG branch: the one place that decides it.
+
+    With guidance the sampler runs 2B rows for B samples, conditional rows first: cond = [0, B), uncond =
+    [B, 2B). Without guidance there are B rows, all conditional, and uncond is None.
+    """
+
+    cond: slice
+    """Rows of the conditional branch."""
+    uncond: slice | None
+    """Rows of the unconditional branch; None without CFG."""
+
+
+def cfg_rows(batch: int, use_cfg: bool) -> CfgRows:
+    """The row layout of a model batch for `batch` samples (see CfgRows)."""
+    return CfgRows(slice(0, batch), slice(batch, 2 * batch) if use_cfg else None)
+
+
 def cfg_conditioning(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None) -> Conditioning:
-    """Stack conditional rows over unconditional ones: rows [0, B) cond, [B, 2B) uncond."""
+    """Stack conditional rows over unconditional ones, in the order cfg_rows lays out."""
     if uncond is None:
         return cond
     cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
@@ -99,8 +117,8 @@ def denoise(
         if out.shape[1] == 2 * channels:
             out = out[:, :channels]
         if use_cfg:  # the same mix for an epsilon (DDPM) and a velocity (flow matching) prediction
-            eps_cond, eps_uncond = out.chunk(2)
-            out = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            rows = cfg_rows(latents.shape[0], True)
+            out = out[rows.uncond] + guidance_scale * (out[rows.cond] - out[rows.uncond])
         latents = scheduler.step(out, t, latents, generator=generators, return_dict=False)[0]
         yield StepRecord(index=i, timestep=float(t), latents=latents)
 

@@ -1,0 +1,121 @@
+"""tide splice on tiny DiT pipelines: an exact SAE equals clean, ablations do not, bad inputs are refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tide.cli import app
+from tide.train.splice import SpliceConfig, mean_edit, splice
+from tide.train.splice_report import format_report
+from typer.testing import CliRunner
+
+from tests.conftest import save_tiny_dit
+from tests.splice_helpers import identity_sae, random_sae, tiny_store, write_sae
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_dit):
+    root = tmp_path_factory.mktemp("splice")
+    store = tiny_store(tiny_dit, root / "s.zarr")
+    exact = write_sae(root / "saes" / "exact", store, "resid_l01", identity_sae(16))
+    rand = write_sae(root / "saes" / "random", store, "resid_l01", random_sae(16, store, "resid_l01"))
+    other_model = save_tiny_dit(root / "other-dit", seed=1)
+    other = write_sae(
+        root / "other" / "mlp", tiny_store(other_model, root / "o.zarr"), "mlp_l01", identity_sae(16)
+    )
+    return {"root": root, "exact": exact, "random": rand, "other": other}
+
+
+def test_exact_sae_equals_clean_and_ablations_do_not(setup, tmp_path):
+    cfg = SpliceConfig(
+        saes=(setup["exact"], setup["random"]), out=tmp_path / "o", num_samples=3, buckets=2, progress=False
+    )
+    r = splice(cfg, log=lambda m: None).report
+    clean = np.load(tmp_path / "o" / "clean" / "images.npy")
+    assert clean.shape == (3, 8, 8, 1) and clean.dtype == np.uint8
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "exact" / "images.npy"), clean)
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "clean" / "labels.npy"), [0, 1, 2])
+    c = r["conditions"]
+    assert c["exact"]["output_rel_error"] < 1e-6 and c["exact"]["image_mse"] == 0
+    assert c["zero_ablation"]["image_mse"] > 0 and c["mean_ablation"]["output_rel_error"] > 1e-3
+    assert not np.array_equal(np.load(tmp_path / "o" / "zero_ablation" / "images.npy"), clean)
+    assert len(c["random"]["output_rel_error_per_step"]) == 4 and c["random"]["output_rel_error"] > 1e-3
+    fr = r["saes"]["exact"]["fidelity_recovered"]["zero_ablation"]
+    assert fr["output"] == pytest.approx(1, abs=1e-6) and fr["image"] == 1
+    assert [b["steps"] for b in r["buckets"]] == [[0, 2], [2, 4]]
+    assert r["buckets"][1]["conditions"]["exact"]["image_mse"] == 0
+    assert (tmp_path / "o" / "grid.png").is_file()
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["num_samples"] == 3
+    assert "fidelity recovered" in format_report(r)
+
+
+def test_splice_only_inside_steps(setup, tmp_path):
+    cfg = SpliceConfig(saes=(setup["random"],), out=tmp_path / "o", num_samples=2, steps="2:4", buckets=0)
+    per_step = splice(cfg, log=lambda m: None).report["conditions"]["random"]["output_rel_error_per_step"]
+    assert per_step[:2] == [0, 0] and min(per_step[2:]) > 0
+
+
+def test_mean_ablation_uses_the_nearest_stored_timestep():
+    mean_SD = np.arange(6, dtype=np.float32).reshape(3, 2)
+    edit = mean_edit(mean_SD, np.array([999.0, 500.0, 10.0]))
+    import torch
+
+    x = torch.zeros(1, 4, 2)
+    assert edit("resid", 0, 0, 480.0, x)[0, 3].tolist() == [2, 3]
+    assert edit("resid", 0, 0, 0.0, x)[0, 0].tolist() == [4, 5]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "2:9"], "--steps 2:9 is out of range: the run has 4 steps"),
+        (["--layer", "0"], "was trained on resid at layer 1, but it would be put into resid at layer 0"),
+        (["--site", "mlp"], "was trained on resid at layer 1, but it would be put into mlp at layer 1"),
+    ],
+)
+def test_bad_inputs_give_one_clear_error(setup, tmp_path, args, message):
+    out = str(tmp_path / "o")
+    res = CliRunner().invoke(app, ["splice", str(setup["exact"]), "--out", out, "--num-samples", "1", *args])
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+
+
+def test_sae_of_another_model_is_refused_naming_both(setup, tmp_path):
+    args = [
+        "splice",
+        str(setup["exact"]),
+        str(setup["other"]),
+        "--out",
+        str(tmp_path / "o"),
+        "--num-samples",
+        "1",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert (
+        "mlp was trained on activations of" in text and "other-dit" in text and "but the pipeline is" in text
+    )
+
+
+def test_pixart_exact_sae_equals_clean(tiny_pixart, tmp_path):
+    from tide.harvest.config import HarvestConfig
+    from tide.harvest.run import harvest
+
+    cfg = HarvestConfig(
+        model=str(tiny_pixart), out=tmp_path / "p.zarr", num_samples=2, num_steps=3, batch_size=2, layers="1",
+        prompts=tiny_pixart / "prompts.txt", prompt_embeds=tiny_pixart / "embeds.safetensors",
+        guidance_scale=3.0, token_fraction=1.0, dtype="float32", progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    exact = write_sae(tmp_path / "saes" / "exact", cfg.out, "resid_l01", identity_sae(16))
+    r = splice(SpliceConfig(saes=(exact,), out=tmp_path / "o", num_samples=3, buckets=0), log=lambda m: None)
+    c = r.report["conditions"]
+    assert (
+        c["exact"]["image_mse"] == 0
+        and c["exact"]["accuracy"] is None
+        and c["zero_ablation"]["image_mse"] > 0
+    )
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "clean" / "labels.npy"), [0, 1, 2])  # prompt index

@@ -1,0 +1,111 @@
+"""tide steer on tiny DiT pipelines and the demo model: no-op edits are exact, real ones change images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tide.cli import app
+from tide.train.checkpoint import load_sae
+from tide.train.steer import SteerConfig, add_edit, clamp_edit, direction, steer
+from typer.testing import CliRunner
+
+from tests.splice_helpers import random_sae, tiny_store, write_sae
+
+DEAD = 5  # a latent whose encoder bias keeps it off everywhere
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory, tiny_dit):
+    root = tmp_path_factory.mktemp("steer")
+    store = tiny_store(tiny_dit, root / "s.zarr")
+    sae = random_sae(16, store, "resid_l01")
+    with torch.no_grad():
+        sae.b_enc[DEAD] = -1e6
+    return write_sae(root / "saes" / "tide", store, "resid_l01", sae)
+
+
+def _run(sae_dir, out, **kw):
+    cfg = SteerConfig(sae=sae_dir, out=out, num_samples=3, progress=False, **kw)
+    return steer(cfg, log=lambda m: None)
+
+
+def test_strength_zero_and_own_value_clamp_are_clean(sae_dir, tmp_path):
+    r = _run(sae_dir, tmp_path / "a", latent=3, strength=0.0)
+    np.testing.assert_array_equal(r.images, r.unsteered)
+    r = _run(sae_dir, tmp_path / "b", latent=DEAD, clamp=0.0)  # 0 is the dead latent's own value
+    np.testing.assert_array_equal(r.images, r.unsteered)
+    r = _run(sae_dir, tmp_path / "c", latent=DEAD, clamp=50.0, rows="cond", steps="0:2")
+    assert not np.array_equal(r.images, r.unsteered)
+    r = _run(sae_dir, tmp_path / "d", latent=3, strength=20.0, labels="2")
+    assert not np.array_equal(r.images, r.unsteered)
+    np.testing.assert_array_equal(np.load(tmp_path / "d" / "labels.npy"), [2, 2, 2])
+    np.testing.assert_array_equal(np.load(tmp_path / "d" / "seeds.npy"), [0, 1, 2])
+    assert (
+        np.load(tmp_path / "d" / "images.npy").shape == (3, 8, 8, 1)
+        and (tmp_path / "d" / "grid.png").is_file()
+    )
+
+
+def test_edits_against_plain_maths(sae_dir):
+    s = load_sae(sae_dir).sae
+    x_BND = torch.randn(2, 5, 16) * 3
+    t = float(s.input_mean_t[1])
+    # the raw direction is the decoder row times the input scale
+    torch.testing.assert_close(direction(s, 3, t), s.W_dec[3].detach() * s.input_scale)
+    got = add_edit(s, 3, torch.tensor([1.0, 2.0]))("resid", 1, 0, t, x_BND)
+    torch.testing.assert_close(got, x_BND + torch.tensor([1.0, 2.0])[:, None, None] * direction(s, 3, t))
+    # clamping: x + s * (z' - z) @ W_dec, only latent F moved
+    out = s.forward_raw(x_BND.reshape(10, 16), t)
+    z = out.z_BF.clone()
+    z[:, 7] = 4.0
+    want = x_BND.reshape(10, 16) + (z - out.z_BF) @ s.W_dec.detach() * s.input_scale
+    torch.testing.assert_close(clamp_edit(s, 7, 4.0)("resid", 1, 0, t, x_BND).reshape(10, 16), want)
+    own = out.z_BF[:, 7].clone()
+    assert torch.equal(clamp_edit(s, 7, 0.0)("resid", 1, 0, t, x_BND), x_BND) == bool((own == 0).all())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--latent", "64", "--strength", "1"], "--latent 64 is out of range: tide has 64 latents (0..63)"),
+        (
+            ["--latent", "1", "--strength", "1", "--clamp", "2"],
+            "--strength 1.0 and --clamp 2.0 were both given",
+        ),
+        (["--latent", "1"], "give --strength A"),
+        (
+            ["--latent", "1", "--strength", "1", "--steps", "3:7"],
+            "--steps 3:7 is out of range: the run has 4 steps",
+        ),
+    ],
+)
+def test_bad_inputs_give_one_clear_error(sae_dir, tmp_path, args, message):
+    cmd = ["steer", "--sae", str(sae_dir), "--out", str(tmp_path / "o"), "--num-samples", "1", *args]
+    res = CliRunner().invoke(app, cmd)
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_rows_edit_is_add_edit_per_sample(sae_dir):
+    from tide.train.steer_demo import rows_edit
+
+    s = load_sae(sae_dir).sae
+    t = float(s.input_mean_t[0])
+    x_RND = torch.randn(4, 3, 16)  # 2 samples, cond rows then uncond rows
+    got = rows_edit(s, [3, 9], [1.5, -2.0])("resid", 1, 0, t, x_RND)
+    for b, (f, a) in enumerate([(3, 1.5), (9, -2.0)]):
+        want = add_edit(s, f, a)("resid", 1, 0, t, x_RND[[b, b + 2]])
+        torch.testing.assert_close(got[[b, b + 2]], want)
+
+
+def test_digit_distance_real_digits_near_noise_far():
+    from sklearn.datasets import load_digits
+    from tide.train.steer_demo import digit_distance
+
+    real = load_digits().images[:5] / 16 * 255  # (5, 8, 8)
+    up = np.repeat(np.repeat(real, 2, 1), 2, 2).round().astype(np.uint8)[..., None]  # (5, 16, 16, 1)
+    noise = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    near, far = digit_distance(up), digit_distance(noise)
+    assert near.max() < 0.2 and far.min() > 10 * near.max() + 5

@@ -1,0 +1,206 @@
+"""Edit images through one SAE latent while sampling (`tide steer`).
+
+Two edits, applied at the SAE's site and layer, at the chosen steps and CFG rows, on every image token:
+
+    --strength A   x + A * d_F(t), where d_F(t) = raw(decode(e_F), t) - raw(decode(0), t) is latent F's
+                   decoder direction in RAW activation space (one unit of the latent's activation), so A is
+                   in the latent's own units: the activations it takes on the store are a guide to A.
+    --clamp V      z = encode(x); z_F := V; x + (raw(decode(z')) - raw(decode(z))), i.e. the edited
+                   reconstruction plus the SAE's error term x - x_hat (not x_hat - x), so that only latent
+                   F changes: clamping F to the value it already has returns x exactly.
+
+Rows default to both CFG branches, so that the edit is not carried by the difference between the guided
+branches alone (`rows="cond"` steers the conditional rows only). The unsteered images of the same seeds
+are sampled too, for the grid and for comparison.
+
+Shape key: B rows, N tokens, D width, F latents.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tide.train.checkpoint import LoadedSAE, load_sae
+from tide.train.splice import check_pipeline, parse_steps, prepare_out, sae_target
+from tide.train.splice_report import save_grid
+
+
+class SteerConfig(BaseModel):
+    """A `tide steer` run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sae: Path
+    """The SAE folder."""
+    latent: int = Field(ge=0)
+    """Latent index F."""
+    out: Path
+    """Folder for images.npy, unsteered.npy, labels.npy, seeds.npy, grid.png, steer.json."""
+    strength: float | None = None
+    """Add strength x latent F's raw-space decoder direction."""
+    clamp: float | None = None
+    """Set latent F to this value inside the SAE's code (error term kept)."""
+    steps: str | None = None
+    """Steer only at steps 'a:b' (a <= step < b); default every step."""
+    labels: str | None = None
+    """Class labels as harvest takes them: cycle, random, '3,5,7', '0-9' (default: the store's)."""
+    prompts: Path | None = None
+    """Text models: a file with one prompt a line (default: the store's)."""
+    rows: Literal["both", "cond"] = "both"
+    """CFG rows steered."""
+    num_samples: int = Field(16, gt=0)
+    """Images."""
+    num_steps: int | None = Field(None, gt=0)
+    """Denoising steps; default the store's."""
+    batch_size: int = Field(50, gt=0)
+    """Samples per forward pass."""
+    model: str | None = None
+    """The pipeline; default the one the SAE's store was harvested from."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    overwrite: bool = False
+    """Replace an earlier `tide steer` output in --out."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    @model_validator(mode="after")
+    def _one_edit(self) -> SteerConfig:
+        if self.strength is not None and self.clamp is not None:
+            raise ValueError(
+                f"--strength {self.strength} and --clamp {self.clamp} were both given; they are two different "
+                "edits (add a direction, or set the latent's value): choose one"
+            )
+        if self.strength is None and self.clamp is None:
+            raise ValueError("give --strength A (add A x the latent's direction) or --clamp V (set it to V)")
+        return self
+
+
+def _raw(sae, x_norm_BD: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+    # The one place that maps the SAE's normalised space back to raw activations (forward_raw's inverse half).
+    return sae.denormalize(x_norm_BD, t_B)
+
+
+def direction(sae, latent: int, t: float) -> torch.Tensor:
+    """(D,) latent's decoder direction in raw space at timestep t: raw(decode(e_F)) - raw(decode(0))."""
+    z_2F = torch.zeros(2, sae.cfg.num_latents, device=sae.W_dec.device)
+    z_2F[0, latent] = 1
+    x_2D = _raw(sae, sae.decode(z_2F), torch.full((2,), t, device=z_2F.device))
+    return x_2D[0] - x_2D[1]
+
+
+def add_edit(sae, latent: int, strength: float | torch.Tensor) -> Callable:
+    """x + strength * direction(latent, t); `strength` a scalar or (B,) per row."""
+
+    def edit(site: str, layer: int, step: int, t: float, x_BND: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            d_D = direction(sae, latent, t).to(x_BND)
+        a = torch.as_tensor(strength, dtype=x_BND.dtype, device=x_BND.device)
+        a_B11 = (
+            a.repeat(x_BND.shape[0] // a.numel())[:, None, None] if a.ndim else a
+        )  # CFG rows repeat samples
+        return x_BND + a_B11 * d_D
+
+    return edit
+
+
+def clamp_edit(sae, latent: int, value: float) -> Callable:
+    """x + (raw(decode(z with z_F = value)) - x_hat): the error term x - x_hat is kept."""
+
+    def edit(site: str, layer: int, step: int, t: float, x_BND: torch.Tensor) -> torch.Tensor:
+        B, N, D = x_BND.shape
+        x_RD = x_BND.reshape(B * N, D).float()
+        t_R = torch.full((B * N,), t, device=x_RD.device)
+        with torch.no_grad():
+            out = sae.forward_raw(x_RD, t_R)
+            z_RF = out.z_BF.clone()
+            z_RF[:, latent] = value
+            x_new = x_RD + (_raw(sae, sae.decode(z_RF), t_R) - out.x_hat_BD)
+        return x_new.reshape(B, N, D).to(x_BND.dtype)  # (B, N, D)
+
+    return edit
+
+
+class SteerResult(NamedTuple):
+    images: np.ndarray
+    """(N, H, W, C) uint8 steered images."""
+    unsteered: np.ndarray
+    """(N, H, W, C) uint8 images of the same seeds, unedited."""
+    labels: np.ndarray
+    """(N,) class label (or prompt index) each sample was conditioned on."""
+    summary: dict[str, Any]
+    """What steer.json holds."""
+
+
+def check_latent(s: LoadedSAE, latent: int) -> None:
+    F = s.meta.sae.num_latents
+    if not 0 <= latent < F:
+        raise ValueError(f"--latent {latent} is out of range: {s.folder.name} has {F} latents (0..{F - 1})")
+
+
+def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
+    """Sample cfg.num_samples images with and without the edit; write them, the grid and steer.json."""
+    from tide.harvest.intervene import Intervention, digits_classifier, plan_like, sample_batch
+    from tide.store.reader import open_store
+    from tqdm.auto import tqdm
+
+    s = load_sae(cfg.sae)
+    check_latent(s, cfg.latent)
+    store = open_store(s.meta.store.path)
+    planned = plan_like(
+        store.meta, cfg.num_samples, cfg.num_steps, cfg.labels, cfg.prompts, cfg.device, cfg.model
+    )
+    site, layer, _ = sae_target(s)
+    check_pipeline(s, store.meta, planned.model.info, site, layer)
+    steps = parse_steps(cfg.steps, planned.meta.num_inference_steps)
+    prepare_out(cfg.out, cfg.overwrite, "steer.json")
+    sae = s.sae.to(planned.model.transformer.device)
+    edit = (
+        add_edit(sae, cfg.latent, cfg.strength)
+        if cfg.clamp is None
+        else clamp_edit(sae, cfg.latent, cfg.clamp)
+    )
+    iv = [Intervention(site, layer, edit, steps, cfg.rows)]
+    n = cfg.num_samples
+    steered, plain = [], []
+    for start in tqdm(range(0, n, cfg.batch_size), disable=not cfg.progress, desc="steer", unit="batch"):
+        batch = slice(start, min(n, start + cfg.batch_size))
+        plain.append(sample_batch(planned, batch).images.numpy())
+        steered.append(sample_batch(planned, batch, iv).images.numpy())
+    images, unsteered = np.concatenate(steered), np.concatenate(plain)
+    a = planned.arrays
+    labels = np.asarray(a["labels"] if a.get("labels") is not None else a["prompt_index"])
+    summary = _summary(cfg, s, planned, digits_classifier(planned.model), images, unsteered, labels)
+    np.save(cfg.out / "images.npy", images)
+    np.save(cfg.out / "unsteered.npy", unsteered)
+    np.save(cfg.out / "labels.npy", labels)
+    np.save(cfg.out / "seeds.npy", np.asarray(a["seeds"]))
+    save_grid(cfg.out / "grid.png", [("unsteered", unsteered), ("steered", images)], cols=16)
+    (cfg.out / "steer.json").write_text(json.dumps(summary, indent=2))
+    return SteerResult(images, unsteered, labels, summary)
+
+
+def _summary(cfg, s, planned, clf, images, unsteered, labels) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "sae": s.folder.name,
+        "latent": cfg.latent,
+        "strength": cfg.strength,
+        "clamp": cfg.clamp,
+        "steps": cfg.steps,
+        "rows": cfg.rows,
+        "num_samples": len(images),
+        "num_steps": planned.meta.num_inference_steps,
+        "pixels_changed": float((images != unsteered).mean()),
+    }
+    if clf is not None:
+        pred, pred0 = clf(images), clf(unsteered)
+        out["predicted"] = np.bincount(pred, minlength=10).tolist()
+        out["predicted_unsteered"] = np.bincount(pred0, minlength=10).tolist()
+        out["unsteered_accuracy"] = float((pred0 == labels).mean())
+        out["steered_accuracy"] = float((pred == labels).mean())
+    return out
