@@ -18,7 +18,7 @@ TRAIN = ["train_cache_rows_per_s", "train_memory_rows_per_s", "train_cache_vs_me
 TRAIN += ["reader_s3_rows_per_s", "s3_server_raw_get_rows_per_s", "reader_s3_vs_local_ratio"]
 TRAIN += ["reader_s3_vs_server_ratio"]
 FEATURES = ["features_reader_rows_per_s", "features_rows_per_s", "features_vs_reader_ratio"]
-FEATURES += ["features_vs_sae_forward_ratio"]
+FEATURES += ["features_vs_sae_encode_ratio"]
 
 
 def test_bench_prints_every_figure(capsys):

@@ -5,7 +5,7 @@ timestep bucket), C classes (or prompts), K top rows kept per latent, P samples 
 H histogram bins.
 
 The pass reads the store in its on-disk order (ActivationLoader, shuffle=False: sample chunk by sample
-chunk), encodes every row with the SAE's public `forward_raw`, and keeps, per latent:
+chunk), encodes every row with the SAE's public `normalize_input` and `encode`, and keeps, per latent:
   - fires_SF / sum_SF: how many rows it fires on and the sum of its activation, per stored step
     (frequency, frequency per step and the latent x timestep profile follow);
   - the K largest activations and their rows (sample, step, token), merged batch by batch (streaming top-K);
@@ -318,7 +318,8 @@ def collect(
         warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "in beta"
         for batch in loader.batches(epochs=1):
             n = batch.step_B.shape[0]
-            z_BF = sae.forward_raw(batch.x_ABD[0].float(), batch.t_B).z_BF
+            # The code alone: decoding, which the features never use, would double the SAE's cost.
+            z_BF = sae.encode(sae.normalize_input(batch.x_ABD[0].float(), batch.t_B), batch.t_B)
             rows_S.index_add_(0, batch.step_B, torch.ones(n, dtype=torch.float64, device=device))
             acc.add(z_BF, batch.step_B, batch.sample_B, batch.position.rows - n)
             peak = max(peak, acc.nbytes())
