@@ -109,3 +109,16 @@ def test_digit_distance_real_digits_near_noise_far():
     noise = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
     near, far = digit_distance(up), digit_distance(noise)
     assert near.max() < 0.2 and far.min() > 10 * near.max() + 5
+
+
+def test_demo_replay_writes_back_what_recorder_saw():
+    from tide.train.steer_demo import recorder, replay
+
+    seen: dict[int, torch.Tensor] = {}
+    x0, x1 = torch.randn(4, 3, 16), torch.randn(4, 3, 16)
+    assert recorder(seen)("resid", 1, 0, 999.0, x0) is x0  # recording changes nothing
+    recorder(seen)("resid", 1, 1, 979.0, x1)
+    x0.add_(1)  # the stored copy is not the live tensor
+    other = torch.zeros(4, 3, 16)
+    torch.testing.assert_close(replay(seen)("resid", 1, 1, 979.0, other), x1)
+    torch.testing.assert_close(replay(seen)("resid", 1, 0, 999.0, other), x0 - 1)
