@@ -68,29 +68,51 @@ def create_store(
 ) -> zarr.Group:
     """Create every array of a new store (empty where data comes later) at a folder or s3/gs URL, and write
     the metadata."""
-    lay = meta.layout()
     root = zarr.open_group(
         zarr_store(where(path), "w"), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json")
     )
+    _per_step_and_sample(root, meta, timesteps, seeds, labels, prompt_index)
+    if save_images_shape is not None:
+        root.create_array(
+            "images",
+            shape=(meta.layout().num_samples, *save_images_shape),
+            dtype="uint8",
+            chunks=(meta.layout().batch_size, *save_images_shape),
+            fill_value=0,
+            dimension_names=["sample", "height", "width", "channel"],
+        )
+    # The CF `coordinates` attribute: xarray makes these coordinates of every activation array (not data
+    # variables), so `ds.set_xindex("timesteps").sel(timesteps=...)` and `ds.where(ds.label == 3)` work.
+    per_sample = ["seed", "label" if labels is not None else "prompt_index", "done"]
+    coordinates = " ".join(
+        ["timesteps", "step_index", *per_sample, *(["token_index"] if meta.tokens.subsampled else [])]
+    )
+    _activations_and_stats(root, meta, coordinates)
+    return root
+
+
+def _per_step_and_sample(
+    root: zarr.Group,
+    meta: StoreMeta,
+    timesteps: np.ndarray,
+    seeds: np.ndarray,
+    labels: np.ndarray | None,
+    prompt_index: np.ndarray | None,
+) -> None:
+    """The coordinate arrays: timesteps and step_index per step; seed, label or prompt_index, done per
+    sample; token_index per (sample, step, token) when tokens are subsampled."""
+    lay = meta.layout()
     n, s = lay.num_samples, lay.num_steps
     root.create_array("timesteps", data=timesteps.astype(np.float64), dimension_names=["step"])
     root.create_array(
         "step_index", data=np.asarray(meta.step_indices, dtype=np.int32), dimension_names=["step"]
     )
-    root.create_array(
-        "seed", data=seeds.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
-    )
-    if labels is not None:
-        root.create_array(
-            "label", data=labels.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
-        )
-    if prompt_index is not None:
-        root.create_array(
-            "prompt_index",
-            data=prompt_index.astype(np.int64),
-            chunks=(lay.batch_size,),
-            dimension_names=["sample"],
-        )
+    per_sample = {"seed": seeds, "label": labels, "prompt_index": prompt_index}
+    for name, values in per_sample.items():
+        if values is not None:
+            root.create_array(
+                name, data=values.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
+            )
     root.create_array(
         "done",
         shape=(n,),
@@ -110,21 +132,12 @@ def create_store(
             config=WRITE_EVERY_CHUNK,
             dimension_names=["sample", "step", "token"],
         )
-    if save_images_shape is not None:
-        root.create_array(
-            "images",
-            shape=(n, *save_images_shape),
-            dtype="uint8",
-            chunks=(lay.batch_size, *save_images_shape),
-            fill_value=0,
-            dimension_names=["sample", "height", "width", "channel"],
-        )
-    # The CF `coordinates` attribute: xarray makes these coordinates of every activation array (not data
-    # variables), so `ds.set_xindex("timesteps").sel(timesteps=...)` and `ds.where(ds.label == 3)` work.
-    per_sample = ["seed", "label" if labels is not None else "prompt_index", "done"]
-    coordinates = " ".join(
-        ["timesteps", "step_index", *per_sample, *(["token_index"] if meta.tokens.subsampled else [])]
-    )
+
+
+def _activations_and_stats(root: zarr.Group, meta: StoreMeta, coordinates: str) -> None:
+    """One empty array per (site, layer, branch) and its running-sum group under stats/."""
+    lay = meta.layout()
+    c, s = lay.num_sample_chunks, lay.num_steps
     dtype = numpy_storage_dtype(meta.dtype)
     stats = root.create_group("stats")
     for name in meta.act_names():
@@ -140,7 +153,6 @@ def create_store(
             attributes={"logical_dtype": meta.dtype, "coordinates": coordinates},
         )
         g = stats.create_group(name)
-        c = lay.num_sample_chunks
         g.create_array(
             "count",
             shape=(c, s),
@@ -158,7 +170,6 @@ def create_store(
                 fill_value=0.0,
                 dimension_names=["sample_chunk", "step", "d"],
             )
-    return root
 
 
 def block_stats(block: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
