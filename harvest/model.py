@@ -136,18 +136,10 @@ def _component_class(folder: Path, sub: str, config_name: str) -> str | None:
     return json.loads(cfg.read_text()).get("_class_name")
 
 
-def load_model(
-    model: str,
-    revision: str | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    height: int | None = None,
-    width: int | None = None,
-) -> LoadedModel:
-    """Load transformer, scheduler and (if present) VAE and text encoder from a pipeline folder or hub id."""
+def _transformer_and_scheduler(folder: Path, device: str | torch.device, dtype: torch.dtype):
+    """(transformer class name, transformer in eval mode on `device`, scheduler) of a pipeline folder."""
     import diffusers
 
-    folder, revision = resolve(model, revision)
     t_cls = _component_class(folder, "transformer", "config.json")
     s_cls = _component_class(folder, "scheduler", "scheduler_config.json")
     if t_cls is None or s_cls is None:
@@ -160,7 +152,7 @@ def load_model(
             f"{folder} is not a supported diffusers pipeline folder: missing {', '.join(missing)}. Expected a "
             f"folder saved by a pipeline's save_pretrained, with a transformer of class {' or '.join(REGISTRY)}"
         )
-    arch = arch_for(t_cls)
+    arch_for(t_cls)  # refuses an unsupported class before its weights are read
     try:
         transformer = getattr(diffusers, t_cls).from_pretrained(
             folder, subfolder="transformer", torch_dtype=dtype
@@ -169,28 +161,54 @@ def load_model(
     except (OSError, ValueError, AttributeError) as e:
         raise ValueError(f"could not load the transformer/scheduler from {folder}: {e}") from e
     transformer.to(device).eval().requires_grad_(False)
+    return t_cls, transformer, scheduler
 
+
+def _component(folder: Path, sub: str, device: str | torch.device, dtype: torch.dtype):
+    """A diffusers model saved in `folder/sub` (the VAE), in eval mode on `device`; None when absent."""
+    import diffusers
+
+    cls = _component_class(folder, sub, "config.json")
+    if cls is None:
+        return None
+    module = getattr(diffusers, cls).from_pretrained(folder, subfolder=sub, torch_dtype=dtype)
+    return module.to(device).eval().requires_grad_(False)
+
+
+def _text_encoder(folder: Path, device: str | torch.device, dtype: torch.dtype):
+    """(text encoder, tokenizer) of a single-encoder pipeline folder (PixArt's T5)."""
+    import transformers
+
+    te_cls = json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"][0]
+    text_encoder = getattr(transformers, te_cls).from_pretrained(
+        folder, subfolder="text_encoder", torch_dtype=dtype
+    )
+    text_encoder.to(device).eval().requires_grad_(False)
+    return text_encoder, transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+
+
+def load_model(
+    model: str,
+    revision: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    height: int | None = None,
+    width: int | None = None,
+) -> LoadedModel:
+    """Load transformer, scheduler and (if present) VAE and text encoder from a pipeline folder or hub id."""
+    folder, revision = resolve(model, revision)
+    t_cls, transformer, scheduler = _transformer_and_scheduler(folder, device, dtype)
+    arch = arch_for(t_cls)
     index = (
         json.loads((folder / "model_index.json").read_text())
         if (folder / "model_index.json").is_file()
         else {}
     )
-    vae = None
-    if _component_class(folder, "vae", "config.json"):
-        vae_cls = _component_class(folder, "vae", "config.json")
-        vae = getattr(diffusers, vae_cls).from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-        vae.to(device).eval().requires_grad_(False)
-    text_encoder = tokenizer = None
+    vae = _component(folder, "vae", device, dtype)
     sampling = arch.sampling or DEFAULT_SAMPLING
+    text_encoder = tokenizer = None
     if arch.conditioning == "prompt" and sampling.encodes_prompts and (folder / "text_encoder").is_dir():
-        import transformers
-
-        te_cls = json.loads((folder / "text_encoder" / "config.json").read_text())["architectures"][0]
-        text_encoder = getattr(transformers, te_cls).from_pretrained(
-            folder, subfolder="text_encoder", torch_dtype=dtype
-        )
-        text_encoder.to(device).eval().requires_grad_(False)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text_encoder, tokenizer = _text_encoder(folder, device, dtype)
 
     default_cfg = sampling.default_guidance or {"class": 4.0, "prompt": 4.5}[arch.conditioning]  # DiT, PixArt
     if sampling.guidance_kind(transformer.config, default_cfg) == "none":
