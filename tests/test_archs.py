@@ -147,6 +147,34 @@ def test_jumprelu_training_reaches_a_sparse_code(one_thread):
     )
 
 
+def test_trainer_moves_jumprelu_thresholds_faster_than_lr_allows(tmp_path):
+    """Adam moves a parameter by about lr per step, so without jumprelu_threshold_lr_scale no threshold could
+    leave its start by more than the summed lr of the run, and l0_coeff would have nothing to act on (on
+    the demo store, l0_coeff 0 and 2e-3 gave the same L0 and FVU to 3 digits: train/RESULTS.md)."""
+    store = synthetic_store(
+        tmp_path / "s.zarr", num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random"
+    )
+    start = 0.5
+    cfg = TrainConfig(
+        store=store.path,
+        out=tmp_path / "o",
+        layers="0",
+        archs="jumprelu",
+        k=(4,),
+        expansion=2,
+        jumprelu_init_threshold=start,
+        batch_size=64,
+        max_steps=8,
+        lr=1e-3,
+        val_fraction=0.25,
+        progress=False,
+    )
+    (folder,) = train(cfg, log=lambda m: None).saes
+    moved = float((load_sae(folder).sae.threshold.detach() - start).abs().max())
+    assert moved > 3 * 8 * 1e-3, moved  # beyond what lr alone allows (warm-up lowers it further)
+    assert cfg.specs(store.meta)[0].sae.jumprelu_threshold_lr_scale == 30
+
+
 def test_jumprelu_thresholds_from_the_first_batch_give_k_per_row():
     sae = make("jumprelu", k=5).train()
     x_BD = torch.randn(B, D) * 2 + 1

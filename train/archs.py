@@ -19,7 +19,10 @@ derivatives d/dtheta JumpReLU = -(theta / eps) K((pre - theta) / eps) and d/dthe
 with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth eps. These are the exact derivatives of a
 kernel-smoothed objective (tests/test_archs.py checks them by finite differences). The sparsity loss is
 l0_coeff * mean_rows sum_F H(pre - theta), the L0 itself. As in the paper (and SAELens' "step" mode),
-the encoder gets no gradient from the jumps, only from the reconstruction.
+the encoder gets no gradient from the jumps, only from the reconstruction. The thresholds learn
+`jumprelu_threshold_lr_scale` (30) times faster than the other parameters: Adam moves every parameter by
+about lr per step, which would leave thresholds of order 1 where they start in a run of a few hundred
+steps (the paper trains for 100,000s), with the L0 then set by the encoder alone, whatever l0_coeff.
 
 Matryoshka (Bussmann et al. 2025; Nabeshima 2024): one dictionary whose first m_1 < m_2 < ... < m_P = F
 latents are each an SAE on their own. The activation (TopK or BatchTopK) is computed once over all F
@@ -50,16 +53,23 @@ class ArchOptions(BaseModel):
     """Weight of the AuxK dead-latent loss (the TopK-style archs and relu; 0 turns it off)."""
     l1_coeff: NonNegativeFloat = 3e-2
     """relu: weight of the L1 penalty relative to the fraction of variance unexplained; data-dependent, sweep it."""
-    l0_coeff: NonNegativeFloat = 2e-3
+    l0_coeff: NonNegativeFloat = 7e-3
     """jumprelu: weight of the L0 penalty (mean active latents per row) relative to the FVU; sets the L0 reached,
-    data-dependent: sweep it to reach a target L0."""
+    data-dependent: sweep it to reach a target L0 (on the demo store's resid_l03, 174 steps: 2e-3 -> L0 29,
+    4e-3 -> 21, 7e-3 -> 16, 1.6e-2 -> 9)."""
     jumprelu_bandwidth: PositiveFloat = 0.05
     """jumprelu: bandwidth eps of the rectangle kernel of the threshold's straight-through estimator (SAELens'
     default for inputs normalised to E||x||^2 = d_model, as tide's are)."""
+    jumprelu_threshold_lr_scale: PositiveFloat = 30.0
+    """jumprelu: the thresholds' learning rate as a multiple of the run's lr. Adam moves a parameter by about lr
+    per step, whatever its gradient's size, so at lr 1e-3 a threshold of about 2 (where k = 16 of 1,024
+    latents fire on inputs with E||x||^2 = d_model) could travel only 0.1 in a 174-step run, while one step of
+    the encoder can move a pre-activation by up to lr * ||x||_1, about 0.1: at scale 1 the thresholds stay
+    where they start, the encoder alone sets the L0, and l0_coeff has no effect (train/RESULTS.md)."""
     jumprelu_init_threshold: PositiveFloat | None = None
     """jumprelu: every latent's threshold at step 0. None: set from the first training batch so that k latents
-    per row fire on average (the thresholds move by about lr per step, so a short run could not travel from
-    SAELens' 0.01, where half the latents fire, to a sparse code)."""
+    per row fire on average (SAELens starts at 0.01, where half the latents fire: a run of a few hundred steps
+    would spend most of itself travelling from there to a sparse code)."""
     matryoshka_prefixes: tuple[int, ...] | None = None
     """matryoshka: nested dictionary sizes, increasing, the last one the width (it is added if missing); None
     means width/16, width/8, width/4, width/2, width."""
@@ -142,6 +152,10 @@ class Architecture:
 
     def init_from_data(self, sae: SAE, x_BD: Tensor, t_B: Tensor | None) -> None:
         """Set what this architecture initialises from the first training batch (after b_dec)."""
+
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter `name` as a multiple of the run's lr (SAE.param_groups)."""
+        return 1.0
 
     def activate(self, sae: SAE, pre_BF: Tensor) -> Tensor:
         raise NotImplementedError
@@ -282,8 +296,11 @@ class JumpReLU(Architecture):
 
     name = "jumprelu"
     uses_auxk = False  # as in the paper: dead latents are not revived
-    fields = ("l0_coeff", "jumprelu_bandwidth", "jumprelu_init_threshold")
+    fields = ("l0_coeff", "jumprelu_bandwidth", "jumprelu_threshold_lr_scale", "jumprelu_init_threshold")
     saelens = "jumprelu"
+
+    def lr_scale(self, name: str) -> float:
+        return self.cfg.jumprelu_threshold_lr_scale if name == "threshold" else 1.0
 
     def add_state(self, sae: SAE) -> None:
         # Parametrised directly, as SAELens does; relu(pre) keeps the output right if one goes negative.

@@ -296,6 +296,14 @@ class SAE(nn.Module):
                 self.steps_since_fired.add_(1).masked_fill_(fired_F, 0)
         return ForwardOutput(self.decode(z_BF), z_BF, pre_BF, x_mod_BD)
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups, one per learning-rate scale (the architecture's `lr_scale`), each with
+        "lr_scale": the trainer sets a group's lr to lr_scale * the scheduled lr."""
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            groups.setdefault(self.arch.lr_scale(name), []).append(param)
+        return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
     def dead_mask(self) -> Tensor:
         """(F,) bool: latents that have not fired for dead_steps_threshold training forwards."""
         return self.steps_since_fired >= self.cfg.dead_steps_threshold

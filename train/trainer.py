@@ -221,7 +221,7 @@ def _build(
         sae = build_sae(spec.sae).to(device)
         mean_SD, scale = normalization(store, spec.array, split.train_chunks, step_range)
         sae.set_input_normalization(mean_SD[step_range[0] : step_range[1]], scale, timesteps)
-        opt = torch.optim.AdamW(sae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(sae.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
     if state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state instead
         _init_modulation(members, cfg, store, split, log)
@@ -336,7 +336,7 @@ def _step(run: Run, batch: Batch, cfg: TrainConfig) -> None:
         loss.total.backward()
         m.sae.project_decoder_grad()
         for group in m.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints from before lr_scale have none
         m.opt.step()
         m.sae.normalize_decoder()
         run.last.append(LossOutput(*(v.detach() for v in loss)))  # keep numbers, not the graph
