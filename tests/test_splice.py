@@ -119,3 +119,25 @@ def test_pixart_exact_sae_equals_clean(tiny_pixart, tmp_path):
         and c["zero_ablation"]["image_mse"] > 0
     )
     np.testing.assert_array_equal(np.load(tmp_path / "o" / "clean" / "labels.npy"), [0, 1, 2])  # prompt index
+
+
+def test_grid_places_each_image_and_names_each_row(tmp_path):
+    from PIL import Image
+    from tide.train.splice_report import save_grid
+
+    rng = np.random.default_rng(0)
+    rows = [
+        (name, rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)) for name in ("clean", "resid_l03-tide")
+    ]
+    save_grid(tmp_path / "g.png", rows, cols=3)
+    grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+    pad, size = 4, 64  # 8-pixel images are drawn 8x, 4 pixels apart
+    label_w = grid.shape[1] - 3 * (size + pad) - pad
+    assert grid.shape[0] == 2 * (size + pad) + pad
+    for i, (_, images) in enumerate(rows):
+        top = pad + i * (size + pad)
+        assert (grid[top : top + size, pad:label_w] < 128).any(), f"row {i} has no name"
+        for j, img in enumerate(images):
+            left = label_w + pad + j * (size + pad)
+            expected = np.kron(img[..., 0], np.ones((8, 8), dtype=np.uint8))
+            np.testing.assert_array_equal(grid[top : top + size, left : left + size, 0], expected)

@@ -115,22 +115,30 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def save_grid(path: Path, rows: list[tuple[str, np.ndarray]], cols: int = 8) -> None:
-    """A PNG with one row of images (B, H, W, C) uint8 per condition, the first `cols` samples each."""
-    from PIL import Image
+    """A PNG with one row of images (B, H, W, C) uint8 per condition, the first `cols` samples each, the
+    condition's name written at the row's left."""
+    from PIL import Image, ImageDraw, ImageFont
 
     h, w, c = rows[0][1].shape[1:]
     scale = max(1, 64 // max(h, w))
     pad, size_h, size_w = 4, h * scale, w * scale
     n = min(cols, len(rows[0][1]))
-    grid = Image.new(
-        "RGB", (n * (size_w + pad) + pad, len(rows) * (size_h + pad) + pad), color=(255, 255, 255)
+    font = ImageFont.load_default()
+    label_w = pad + max(
+        int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font)) for name, _ in rows
     )
-    for i, (_, images) in enumerate(rows):
+    grid = Image.new(
+        "RGB", (label_w + n * (size_w + pad) + pad, len(rows) * (size_h + pad) + pad), color=(255, 255, 255)
+    )
+    draw = ImageDraw.Draw(grid)
+    for i, (name, images) in enumerate(rows):
+        top = pad + i * (size_h + pad)
+        draw.text((pad, top + size_h // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
         for j, img in enumerate(images[:n]):
             cell = (
                 Image.fromarray(img[..., 0] if c == 1 else img)
                 .convert("RGB")
                 .resize((size_w, size_h), Image.NEAREST)
             )
-            grid.paste(cell, (pad + j * (size_w + pad), pad + i * (size_h + pad)))
+            grid.paste(cell, (label_w + pad + j * (size_w + pad), top))
     grid.save(path)
