@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from tide.harvest.chunk import batch_conditioning
 from tide.harvest.config import HarvestConfig
+from tide.harvest.intervene import sample
 from tide.harvest.model import LoadedModel, load_model
 from tide.harvest.plan import TORCH_DTYPES, plan
-from tide.harvest.sampler import denoise, make_generators, to_images
 from tide.store.schema import StoreMeta
 
 
@@ -58,12 +58,11 @@ def regenerate_images(
         idx = samples[lo : lo + batch_size]
         cond, uncond = batch_conditioning(meta, arrays, idx, model.transformer.device)
         seeds = arrays["seeds"][idx].tolist()
-        latents = None
-        for rec in denoise(
-            model, cond, make_generators(seeds), meta.num_inference_steps, meta.guidance_scale, uncond
-        ):
-            latents = rec.latents
-        out.append(to_images(model, latents).numpy())
+        out.append(
+            sample(
+                model, cond, seeds, meta.num_inference_steps, meta.guidance_scale, uncond=uncond
+            ).images.numpy()
+        )
         if on_batch is not None:
             on_batch(len(idx))
     if not out:
