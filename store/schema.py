@@ -393,3 +393,10 @@ class Layout:
                 )
                 reads.append(ChunkRead(chunk, (samples, steps, tokens, d), rows))
         return reads
+
+
+def step_buckets(lo: int, hi: int, buckets: int) -> list[tuple[int, int]]:
+    """Consecutive stored steps [lo, hi) cut into at most `buckets` near-equal groups, as (start, stop) pairs
+    (eval's and features' per-timestep-bucket figures)."""
+    parts = np.array_split(np.arange(lo, hi), min(buckets, hi - lo))
+    return [(int(p[0]), int(p[-1]) + 1) for p in parts]

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tide.store.open import is_url
 from tide.store.reader import Store, open_store
+from tide.store.schema import step_buckets
 from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
 from tide.train.data import ActivationLoader
 from torch import Tensor
@@ -186,9 +187,7 @@ class _Sums:
 
 
 def _groups(lo: int, hi: int, buckets: int) -> list[slice]:
-    return [
-        slice(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(lo, hi), min(buckets, hi - lo))
-    ]
+    return [slice(a, b) for a, b in step_buckets(lo, hi, buckets)]
 
 
 @torch.no_grad()

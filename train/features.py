@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tide.store.reader import Store
+from tide.store.schema import step_buckets
 from tide.train.checkpoint import LoadedSAE
 from tide.train.data import ActivationLoader
 from torch import Tensor
@@ -117,12 +118,6 @@ class LatentStats(NamedTuple):
 def hist_edges() -> np.ndarray:
     """(H - 1,) bin boundaries: bin 0 holds exactly 0, bin i holds (edges[i - 1], edges[i]]."""
     return np.concatenate([[0.0], np.geomspace(HIST_LOW, HIST_HIGH, HIST_BINS - 2)])
-
-
-def bucket_steps(lo: int, hi: int, buckets: int) -> list[tuple[int, int]]:
-    """Consecutive stored steps [lo, hi) cut into at most `buckets` near-equal groups."""
-    parts = np.array_split(np.arange(lo, hi), min(buckets, hi - lo))
-    return [(int(p[0]), int(p[-1]) + 1) for p in parts]
 
 
 def class_names(store: Store) -> tuple[np.ndarray | None, list[str]]:
@@ -297,7 +292,7 @@ def collect(
         device=device,
     )
     S, F = store.layout.num_steps, sae.cfg.num_latents
-    buckets = bucket_steps(lo, hi, cfg.buckets)
+    buckets = step_buckets(lo, hi, cfg.buckets)
     groups_S = torch.zeros(S, dtype=torch.int64)
     for g, (a, b) in enumerate(buckets):
         groups_S[a:b] = g + 1
