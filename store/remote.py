@@ -31,11 +31,13 @@ class Fetches:
         return self.futures[i]
 
     def cancel(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        # The futures first: cancelling the task settles every pending future with CancelledError on the
+        # event loop's thread, and a settled future can no longer be cancelled, so the other order races.
         for f in self.futures:
             if f is not None:
                 f.cancel()
+        if self.task is not None:
+            self.task.cancel()
 
 
 def fetch_ahead(
