@@ -23,6 +23,7 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.model import LoadedModel
 from tide.harvest.run import HarvestResult, chunk_samples, load_for_harvest, opened
 from tide.harvest.target import HarvestError, os_error, writable_out, write_failure
+from tide.store.fingerprint import check_same_model
 from tide.store.open import where
 from tide.store.schema import StoreMeta
 
@@ -275,12 +276,10 @@ def _worker_model(job: ClusterJob) -> LoadedModel:
         cfg = HarvestConfig(model=job.model, revision=job.revision, model_dtype=job.model_dtype)
         _LOADED[key] = load_for_harvest(cfg, device=job.device)
     model = _LOADED[key]
-    if job.meta.model.fingerprint and model.info.fingerprint != job.meta.model.fingerprint:
-        raise HarvestError(
-            f"the model {job.model} this worker loaded has other weights than the client's (fingerprint "
-            f"{str(model.info.fingerprint)[:19]}..., the store's {job.meta.model.fingerprint[:19]}...); "
-            "give every machine the same model folder"
-        )
+    check_same_model(
+        job.meta.model, model.info.fingerprint, job.model, "the model this worker loaded is not the client's",
+        "give every machine the same model folder", HarvestError,
+    )  # fmt: skip
     return model
 
 

@@ -34,6 +34,7 @@ import torch
 from tide.harvest.capture import Conditioning, check_sites
 from tide.harvest.model import LoadedModel
 from tide.harvest.sampler import CfgRows, cfg_rows, denoise, make_generators, to_images
+from tide.store.fingerprint import check_same_model
 from tide.store.schema import SITES, StoreMeta
 from torch import Tensor, nn
 
@@ -273,13 +274,11 @@ def plan_like(
         overrides["model"] = model
     cfg = HarvestConfig(**{**store_meta.harvest_config, **overrides, "out": Path("unused")})
     loaded = load_for_harvest(cfg)
-    want, got = store_meta.model.fingerprint, loaded.info.fingerprint
-    if want is not None and got != want:
-        raise ValueError(
-            f"the model at {cfg.model} (fingerprint {got}) is not the one the store was harvested from "
-            f"({store_meta.model.id}, fingerprint {want}); an SAE only reads the activations of its own model. "
-            "Point --model at the original model, or use SAEs trained on this one"
-        )
+    check_same_model(
+        store_meta.model, loaded.info.fingerprint, str(cfg.model),
+        "an SAE only reads the activations of its own model",
+        "point --model at the original model, or use SAEs trained on this one",
+    )  # fmt: skip
     meta, arrays = plan(cfg, loaded)
     return Planned(loaded, meta, arrays)
 

@@ -16,6 +16,7 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.intervene import sample
 from tide.harvest.model import LoadedModel, load_model
 from tide.harvest.plan import TORCH_DTYPES, plan
+from tide.store.fingerprint import check_same_model
 from tide.store.schema import StoreMeta
 
 
@@ -33,12 +34,10 @@ def load_store_model(meta: StoreMeta, model: str | Path | None = None, device: s
             f"cannot regenerate images: the store's model {source} could not be loaded ({e}); pass --model "
             "with the pipeline folder the store was harvested with, or harvest with --save-images"
         ) from e
-    want, got = meta.model.fingerprint, loaded.info.fingerprint
-    if want and got and want != got:
-        raise ValueError(
-            f"cannot regenerate images: {source} holds other weights (fingerprint {got[:19]}...) than the model "
-            f"the store was harvested with ({want[:19]}...); pass --model with the original pipeline folder"
-        )
+    check_same_model(
+        meta.model, loaded.info.fingerprint, source, "cannot regenerate images",
+        "pass --model with the original pipeline folder",
+    )  # fmt: skip
     return loaded
 
 

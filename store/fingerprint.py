@@ -39,3 +39,19 @@ def fingerprint(transformer: nn.Module, dtype: torch.dtype | None = None) -> str
         h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     return f"sha256:{h.hexdigest()}"
+
+
+def check_same_model(
+    store_model, found: str | None, source: str, purpose: str, fix: str, error: type[Exception] = ValueError
+) -> None:
+    """Raise `error` when the weights at `source` (fingerprint `found`) are not the store's model's.
+
+    `store_model` is the store's `ModelInfo`. A store made before fingerprints, or a model whose fingerprint
+    was not taken, cannot be checked and passes. The message names both models and ends with `fix`."""
+    recorded = store_model.fingerprint
+    if recorded is None or found is None or recorded == found:
+        return
+    raise error(
+        f"{purpose}: {source} holds other weights (fingerprint {found[:19]}...) than the model the store was "
+        f"harvested with ({store_model.id}, fingerprint {recorded[:19]}...); {fix}"
+    )

@@ -438,9 +438,9 @@ def test_adaln_init_refuses_a_model_that_did_not_make_the_store(tiny_dit, tmp_pa
             app, _train_args(cfg.out, tmp_path / "b", "--arch", "tide", "--init-modulation", "adaln")
         )
     )
-    assert f"the model at {model} is not the one that made this store" in msg and recorded in msg
-    found = re.search(r"its fingerprint is (sha256:[0-9a-f]{64})", msg).group(1)
-    assert found != recorded
+    assert f"{model} holds other weights" in msg and f"fingerprint {recorded[:19]}..." in msg
+    found = re.search(r"holds other weights \(fingerprint (sha256:[0-9a-f]{12})\.\.\.\)", msg).group(1)
+    assert found != recorded[:19]
     with pytest.raises(HarvestError, match="model weights: fingerprint"):  # nor does a harvest resume with it
         harvest(HarvestConfig(**{**cfg.model_dump(), "num_samples": 8}), log=lambda m: None)
 
@@ -502,3 +502,37 @@ def test_rerun_of_a_complete_store_writes_nothing(tiny_dit, clean, tmp_path):
     assert "wrote" not in result.output
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
+
+
+@pytest.mark.parametrize("recorded, found", [(None, "sha256:" + "a" * 64), ("sha256:" + "a" * 64, None)])
+def test_check_same_model_passes_what_cannot_be_checked(recorded, found):
+    from tide.store.fingerprint import check_same_model
+    from tide.store.schema import ModelInfo
+
+    info = ModelInfo.model_validate({**_model_info_fields(), "fingerprint": recorded})
+    check_same_model(info, found, "/m", "why", "fix")
+    check_same_model(info.model_copy(update={"fingerprint": found}), found, "/m", "why", "fix")
+
+
+def test_check_same_model_names_both_and_the_fix():
+    from tide.store.fingerprint import check_same_model
+    from tide.store.schema import ModelInfo
+
+    a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    info = ModelInfo.model_validate({**_model_info_fields(), "fingerprint": a})
+    with pytest.raises(KeyError) as e:
+        check_same_model(info, b, "/new/folder", "cannot do X", "pass --model Y", KeyError)
+    msg = str(e.value)
+    assert msg.startswith(
+        "'cannot do X: /new/folder holds other weights (fingerprint sha256:bbbbbbbbbbbb...)"
+    )
+    assert f"({info.id}, fingerprint sha256:aaaaaaaaaaaa...); pass --model Y" in msg
+
+
+def _model_info_fields() -> dict:
+    return {
+        "id": "org/model",
+        "path": "/m",
+        "transformer_class": "DiTTransformer2DModel",
+        "transformer_config": {},
+    }

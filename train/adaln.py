@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tide.store.fingerprint import fingerprint
+from tide.store.fingerprint import check_same_model, fingerprint
 from tide.store.schema import StoreMeta
 from tide.train.sae import SAE, init_modulation_from_adaln, init_modulation_from_final_adaln
 from torch import Tensor, nn
@@ -87,13 +87,11 @@ def load_transformer(meta: StoreMeta, log: Callable[[str], None] = print) -> nn.
         )
         return model.eval()
     dtype = getattr(torch, str(meta.harvest_config.get("model_dtype", "float32")), torch.float32)
-    found = fingerprint(model, dtype)
-    if found != recorded:
-        raise AdaLNInitError(
-            f"the model at {folder} is not the one that made this store: its fingerprint is {found}, the "
-            f"store recorded {recorded} (the weights or config there changed since the harvest). Put the "
-            "original model back at that path, or train with --init-modulation zero"
-        )
+    check_same_model(
+        meta.model, fingerprint(model, dtype), str(folder),
+        "the weights or config there changed since the harvest",
+        "put the original model back at that path, or train with --init-modulation zero", AdaLNInitError,
+    )  # fmt: skip
     return model.eval()
 
 

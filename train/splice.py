@@ -34,6 +34,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tide.store.fingerprint import check_same_model
 from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders
 from tide.train.splice_report import build_report, save_grid
 
@@ -107,12 +108,10 @@ def parse_steps(text: str | None, num_steps: int) -> frozenset[int] | None:
 def check_pipeline(s: LoadedSAE, store_meta, model_info, site: str, layer: int) -> None:
     """Refuse an SAE read from another model, site or layer than the one it is put into, naming both."""
     t = sae_target(s)
-    want, got = store_meta.model.fingerprint, model_info.fingerprint
-    if want is not None and got is not None and want != got:
-        raise ValueError(
-            f"{s.folder.name} was trained on activations of {store_meta.model.id} (fingerprint {want}), but "
-            f"the pipeline is {model_info.id} (fingerprint {got}); use SAEs trained on that model's store"
-        )
+    check_same_model(
+        store_meta.model, model_info.fingerprint, f"the pipeline {model_info.id}",
+        f"{s.folder.name} was trained on another model's activations", "use SAEs trained on that model's store",
+    )  # fmt: skip
     if (t.site, t.layer) != (site, layer):
         raise ValueError(
             f"{s.folder.name} was trained on {t.site} at layer {t.layer}, but it would be put into {site} at "
