@@ -69,6 +69,11 @@ class DemoTrainConfig(BaseModel):
     """Diffusion steps of the training (DDPM) schedule."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     """Noise schedule. Cosine, because the linear one destroys a 16x16 image long before the last step."""
+    label_block: int | None = Field(None, ge=1)
+    """None (the shipped model): every block and the output layer read the label, as in DiT-XL/2. A block
+    index: only that block's adaLN reads it, every other label table is held at zero (`label_enters_once`),
+    so downstream of it the class lives in the residual stream only; the README's steering section measures
+    what that changes."""
 
     @model_validator(mode="after")
     def _check(self) -> DemoTrainConfig:
@@ -76,6 +81,10 @@ class DemoTrainConfig(BaseModel):
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of the digits' size {DIGITS_SIZE} (samples are "
                 f"average-pooled back to 8x8 for the classifier) and of patch_size {self.patch_size}"
+            )
+        if self.label_block is not None and self.label_block >= self.num_layers:
+            raise ValueError(
+                f"label_block {self.label_block} must be below num_layers {self.num_layers} (or None: every block)"
             )
         return self
 
@@ -123,6 +132,21 @@ def build(cfg: DemoTrainConfig):
     return transformer, scheduler
 
 
+def label_enters_once(transformer, block: int) -> None:
+    """Zero and freeze the label table of every block but `block`, in place.
+
+    Each block of diffusers' DiT owns a label embedding added to its timestep embedding, and the output
+    layer's shift and scale come from block 0's. With those tables at zero the label changes the modulation
+    of `block` only, and everything downstream learns the class from the residual stream: an edit of a later
+    block's residual (a steering direction, a patched activation) is then not overruled by the label."""
+    for i, b in enumerate(transformer.transformer_blocks):
+        if i != block:
+            table = b.norm1.emb.class_embedder.embedding_table.weight
+            with torch.no_grad():
+                table.zero_()
+            table.requires_grad_(False)
+
+
 def train(cfg: DemoTrainConfig, progress: bool = True) -> TrainResult:
     """Epsilon-prediction training on the digits; the same cfg gives the same weights on the same machine."""
     from diffusers.models.embeddings import LabelEmbedding
@@ -135,6 +159,8 @@ def train(cfg: DemoTrainConfig, progress: bool = True) -> TrainResult:
     for m in transformer.modules():
         if isinstance(m, LabelEmbedding):
             m.dropout_prob = 0.0
+    if cfg.label_block is not None:
+        label_enters_once(transformer, cfg.label_block)
     ema = copy.deepcopy(transformer).requires_grad_(False)
     x_BCHW, y_B = load_digits_BCHW(cfg.image_size)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -298,9 +324,18 @@ def _card(cfg: DemoTrainConfig, result: TrainResult, final_loss: float, quality:
     width = cfg.num_attention_heads * cfg.attention_head_dim
     params = sum(p.numel() for p in result.transformer.parameters())
     tokens = (cfg.image_size // cfg.patch_size) ** 2
+    label_line = LABEL_ONCE.format(b=cfg.label_block) if cfg.label_block is not None else LABEL_EVERYWHERE
+    label_flag = f" --label-block {cfg.label_block}" if cfg.label_block is not None else ""
     return CARD.format(**locals(), **cfg.model_dump(), g=DEFAULT_GUIDANCE_SCALE, n=DEFAULT_NUM_STEPS,
                        minutes=result.wall_s / 60, threads=torch.get_num_threads())  # fmt: skip
 
+
+LABEL_ONCE = (
+    "the label enters once, at block {b}'s adaLN modulation (`--label-block {b}`): every other block's label "
+    "table is zero and held there in training, and the output layer (modulated with block 0's embedding) sees "
+    "no label, so downstream of block {b} the class lives in the residual stream only"
+)
+LABEL_EVERYWHERE = "the label enters every block's adaLN modulation and the output layer's, as in DiT-XL/2"
 
 CARD = """\
 # digits-dit: tide's shipped demo model
@@ -312,6 +347,7 @@ A class-conditional [DiT](https://arxiv.org/abs/2212.09748) (`diffusers.DiTTrans
 - {num_layers} blocks, width {width} ({num_attention_heads} heads x {attention_head_dim}), adaLN-zero, {params:,} parameters
 - pixel space, 1 channel, no VAE: {image_size}x{image_size} images, patch {patch_size} -> {tokens} tokens
 - 10 classes ("0".."9"); label 10 is the null class used for classifier-free guidance
+- {label_line}
 - predicts epsilon only (`out_channels=1`, no learned sigma); weights stored in fp16 (load as fp32)
 
 ## Data
@@ -319,7 +355,7 @@ A class-conditional [DiT](https://arxiv.org/abs/2212.09748) (`diffusers.DiTTrans
 and scaled to [-1, 1]. No augmentation.
 
 ## Training
-`tide demo-model train --steps {steps} --seed {seed}`: {steps} AdamW steps of batch {batch_size}, lr {lr} (warmup
+`tide demo-model train --steps {steps} --seed {seed}{label_flag}`: {steps} AdamW steps of batch {batch_size}, lr {lr} (warmup
 {warmup_steps}, cosine to 0), weight decay {weight_decay}, epsilon-MSE on a DDPMScheduler ({num_train_timesteps} steps,
 `{beta_schedule}` betas), labels dropped to the null class with p={class_dropout}, EMA {ema_decay} (saved).
 Wall time {minutes:.1f} min on {threads} CPU threads; final loss (mean of the last 100 steps) {final_loss:.4f}.

@@ -99,12 +99,49 @@ def test_shipped_model_draws_recognisable_digits():
 
 
 def test_training_is_seeded():
-    tiny = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+    tiny = dict(num_layers=2, num_attention_heads=2, attention_head_dim=8)
     cfg = DemoTrainConfig(steps=2, batch_size=8, warmup_steps=1, **tiny)
     first, second = train(cfg, progress=False), train(cfg, progress=False)
     assert first.losses == second.losses
     other = train(cfg.model_copy(update={"seed": 1}), progress=False)
     assert other.losses != first.losses
+
+
+@pytest.mark.parametrize("label_block", [1, 2, None])
+def test_label_block_is_the_only_label_table_trained(label_block):
+    tiny = dict(num_layers=3, num_attention_heads=2, attention_head_dim=8)
+    cfg = DemoTrainConfig(steps=3, batch_size=8, warmup_steps=1, label_block=label_block, **tiny)
+    blocks = train(cfg, progress=False).transformer.transformer_blocks
+    tables = [b.norm1.emb.class_embedder.embedding_table.weight for b in blocks]
+    assert [bool(t.abs().amax() > 0) for t in tables] == [label_block in (None, i) for i in range(3)]
+
+
+def test_a_label_block_model_reads_the_label_there_only(tmp_path):
+    """Trained with label_block 1 and saved as a pipeline: a run of another class given a run's block-1 output
+    at every step is that run bit for bit; given its block-0 output, it is not."""
+    from tide.harvest.capture import Conditioning
+    from tide.harvest.demo_model import save_pipeline
+    from tide.harvest.intervene import Intervention, sample
+    from tide.harvest.model import load_model
+
+    tiny = dict(num_layers=3, num_attention_heads=2, attention_head_dim=8)
+    save_pipeline(train(DemoTrainConfig(steps=3, batch_size=8, label_block=1, **tiny), False), tmp_path / "m")
+    model = load_model(str(tmp_path / "m"))
+    runs, seeds = {}, [0, 1]
+    for layer in (0, 1):
+        acts: dict = {}
+        record = lambda site, lay, step, t, x, acts=acts: acts.setdefault(step, x.clone())  # noqa: E731
+        replay = lambda site, lay, step, t, x, acts=acts: acts[step].clone()  # noqa: E731
+        seven, two = (Conditioning(class_labels=torch.tensor([c, c])) for c in (7, 2))
+        runs["seven"] = sample(model, seven, seeds, 4, 2.0, [Intervention("resid", layer, record)])
+        runs[layer] = sample(model, two, seeds, 4, 2.0, [Intervention("resid", layer, replay)])
+    assert torch.equal(runs[1].latents, runs["seven"].latents)
+    assert not torch.allclose(runs[0].latents, runs["seven"].latents, atol=1e-4)
+
+
+def test_config_refuses_a_label_block_past_the_last_block():
+    with pytest.raises(ValueError, match="label_block 3 must be below num_layers 3"):
+        DemoTrainConfig(num_layers=3, label_block=3)
 
 
 def test_config_refuses_sizes_the_classifier_cannot_read():
