@@ -122,3 +122,68 @@ def test_demo_replay_writes_back_what_recorder_saw():
     other = torch.zeros(4, 3, 16)
     torch.testing.assert_close(replay(seen)("resid", 1, 1, 979.0, other), x1)
     torch.testing.assert_close(replay(seen)("resid", 1, 0, 999.0, other), x0 - 1)
+
+
+def test_demo_class_means_and_mean_difference_edit(sae_dir):
+    from tide.store.reader import open_store
+    from tide.train.steer_demo import class_means, mean_difference_edit
+
+    store = open_store(load_sae(sae_dir).meta.store.path)
+    array = load_sae(sae_dir).meta.array
+    x_NSTD = store.root[array][:].astype(np.float64)
+    labels = store.root["label"][:]
+    got = class_means(store, array)
+    for c in np.unique(labels):
+        want_SD = x_NSTD[labels == c].mean(axis=(0, 2))
+        np.testing.assert_allclose(got[:, c].numpy(), want_SD, rtol=1e-5, atol=1e-6)
+    t_S = store.timesteps
+    x_RND = torch.randn(4, 3, got.shape[-1])  # 2 samples, cond rows then uncond rows
+    out = mean_difference_edit(got, t_S, [0, 1], [1, 0], 2.0)("resid", 1, 0, float(t_S[-1]) + 0.4, x_RND)
+    d_D = 2.0 * (got[-1, 1] - got[-1, 0])
+    for row, sign in [(0, 1), (1, -1), (2, 1), (3, -1)]:
+        torch.testing.assert_close(out[row], x_RND[row] + sign * d_D)
+
+
+def test_demo_sweep_end_to_end_on_the_demo_model(tmp_path):
+    """`make steer-demo`'s sweep on a 10-sample, 4-step demo store with a random tide SAE: the files and their
+    layout, strength 0 leaves every image as unsteered, and the figures agree with the saved images."""
+    from tide.harvest.config import DEMO_MODEL, HarvestConfig
+    from tide.harvest.demo_model import DIGITS_MAX, fit_classifier, to_digits_BF
+    from tide.harvest.run import harvest
+    from tide.train.steer_demo import digit_distance, sweep
+
+    cfg = HarvestConfig(
+        out=tmp_path / "s.zarr", num_samples=10, num_steps=4, batch_size=10, layers="1", token_fraction=1.0,
+        dtype="float32", progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    assert cfg.model == str(DEMO_MODEL)
+    write_sae(tmp_path / "saes" / "tide", cfg.out, "resid_l01", random_sae(128, cfg.out, "resid_l01"))
+    r = sweep(
+        tmp_path / "saes",
+        tmp_path / "o",
+        10,
+        "cpu",
+        False,
+        per_target=1,
+        multiples=(0.0,),
+        log=lambda m: None,
+    )
+    src, tgt = np.load(tmp_path / "o" / "labels.npy"), np.load(tmp_path / "o" / "target.npy")
+    np.testing.assert_array_equal(tgt, np.arange(10))
+    np.testing.assert_array_equal(src, (np.arange(10) + 1) % 10)
+    images = np.load(tmp_path / "o" / "images.npy")
+    assert images.shape == (10, 16, 16, 1) and images.dtype == np.uint8
+    clf, _ = fit_classifier()
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    pred = clf.predict(to_digits_BF(x).numpy() / DIGITS_MAX)
+    assert r["unsteered_accuracy"] == pytest.approx(float((pred == src).mean()))  # strength 0: unsteered
+    limit = digit_distance(images).max()
+    assert r["success_by_multiple"][0.0] == pytest.approx(
+        float(((pred == tgt) & (digit_distance(images) <= limit)).mean())
+    )
+    assert set(r["class_mean_difference"]) == {1.0, 4.0} and 0 <= r["ceiling"]["success"] <= 1
+    assert (
+        r["ceiling"]["target_run_accuracy"] >= 0
+        and r["ceiling"]["still_source"] + r["ceiling"]["classifier_only"] <= 1
+    )

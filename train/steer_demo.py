@@ -13,7 +13,11 @@ Method, all measured, nothing hand-picked:
 3. Per target, the smallest multiple with the best success is kept; its images are written to --out as
    images.npy, with labels.npy (class sampled) and target.npy (class aimed at); sweep.json has every figure,
    the unsteered accuracy and the unsteered rate of the target class (the chance of "success" untouched).
-4. Ceiling: the same seeds are sampled conditioned on the target class, their layer activations recorded at
+4. Baseline without the SAE: the store's class means of the site's activations per step (over samples and
+   stored tokens) give the difference target mean - source mean, added at every step, both CFG rows, at
+   `BASELINE_MULTIPLES` of itself. If this fails too, the SAE is not what fails: the class is not a
+   direction of the residual stream.
+5. Ceiling: the same seeds are sampled conditioned on the target class, their layer activations recorded at
    every step and CFG row, and written over the source runs' (activation patching, no SAE). No edit of that
    site made through the SAE can carry more of the target class than its real activations do, so this
    bounds every steering protocol at the site; on the demo model it is near zero, because the class label
@@ -27,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +40,7 @@ from tide.train.splice import prepare_out, sae_target
 from tide.train.steer import direction
 
 MULTIPLES = (8.0, 16.0, 32.0, 64.0)
+BASELINE_MULTIPLES = (1.0, 4.0)
 NUM_CLASSES = 10
 
 
@@ -94,6 +99,31 @@ def rows_edit(sae, latents_B: list[int], strengths_B: list[float]):
     return edit
 
 
+def class_means(store, array: str) -> torch.Tensor:
+    """(S, classes, D) mean of the store's rows of `array` per stored step and class, over samples and tokens."""
+    labels = torch.as_tensor(store.root["label"][:])
+    onehot_NC = torch.nn.functional.one_hot(labels, NUM_CLASSES).double()
+    arr = store.root[array]
+    sums_SCD = torch.zeros(arr.shape[1], NUM_CLASSES, arr.shape[3], dtype=torch.float64)
+    for start in range(0, arr.shape[0], arr.chunks[0]):  # one sample chunk at a time
+        x_NSTD = torch.as_tensor(arr[start : start + arr.chunks[0]].astype(np.float64))
+        sums_SCD += torch.einsum("nc,nstd->scd", onehot_NC[start : start + len(x_NSTD)], x_NSTD)
+    return (sums_SCD / (onehot_NC.sum(0)[None, :, None] * arr.shape[2])).float()
+
+
+def mean_difference_edit(means_SCD: torch.Tensor, timesteps_S, sources, targets, a: float):
+    """Add a x (target class mean - source class mean) at the nearest stored timestep to each sample's rows."""
+    src, tgt = torch.as_tensor(sources), torch.as_tensor(targets)
+    t_S = np.asarray(timesteps_S, dtype=np.float64)
+
+    def edit(site: str, layer: int, step: int, t: float, x_RND: torch.Tensor) -> torch.Tensor:
+        m_CD = means_SCD[int(np.abs(t_S - t).argmin())]
+        d_BD = a * (m_CD[tgt] - m_CD[src])
+        return x_RND + d_BD.repeat(x_RND.shape[0] // len(src), 1).to(x_RND)[:, None, :]
+
+    return edit
+
+
 def recorder(into: dict[int, torch.Tensor]):
     """An edit that stores each step's activations in `into` (step -> rows) and changes nothing."""
 
@@ -113,11 +143,33 @@ def replay(recorded: dict[int, torch.Tensor]):
     return edit
 
 
+class _Trial(NamedTuple):
+    """The 90 source-class samples, the site edited and how an edited run is scored."""
+
+    planned: Any
+    site: str
+    layer: int
+    sources: np.ndarray
+    targets: np.ndarray
+    clf: Any
+    limit: float
+    """The farthest an unsteered (correctly drawn) sample lies from a real digit."""
+
+    def run(self, edit=None, planned=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(images, success, classifier says the target) of the samples sampled with `edit` at the site."""
+        from tide.harvest.intervene import Intervention, sample_batch
+
+        ivs = [Intervention(self.site, self.layer, edit)] if edit is not None else []
+        images = sample_batch(planned or self.planned, slice(0, len(self.sources)), ivs).images.numpy()
+        said = self.clf(images) == self.targets
+        return images, said & (digit_distance(images) <= self.limit), said
+
+
 def sweep(
     saes_dir: Path, out: Path, probe_samples: int, device: str, overwrite: bool, per_target: int = 9,
     multiples: tuple[float, ...] = MULTIPLES, log=print,
 ) -> dict:  # fmt: skip
-    from tide.harvest.intervene import Intervention, digits_classifier, plan_like, sample_batch
+    from tide.harvest.intervene import digits_classifier, plan_like, sample_batch
     from tide.store.reader import open_store
 
     tide = [f for f in sae_folders([saes_dir]) if load_sae(f).meta.sae.arch == "tide"]
@@ -133,39 +185,48 @@ def sweep(
     targets = [c for c in range(NUM_CLASSES) for _ in range(per_target)]
     planned = plan_like(store.meta, len(sources), labels=",".join(map(str, sources)), device=device)
     clf = digits_classifier(planned.model)
+    base = sample_batch(planned, slice(0, len(sources))).images.numpy()
     site, layer, _ = sae_target(s)
-    everything = slice(0, len(sources))
-    base = sample_batch(planned, everything).images.numpy()
-    pred0 = clf(base)
-    limit = float(digit_distance(base).max())  # the farthest an unsteered (correctly drawn) sample lies
-    tgt, src = np.asarray(targets), np.asarray(sources)
+    limit = float(digit_distance(base).max())
+    trial = _Trial(planned, site, layer, np.asarray(sources), np.asarray(targets), clf, limit)
     runs = {}
     for m in multiples:
         strengths = [m * picks[c]["active_mean"] for c in targets]
-        iv = [Intervention(site, layer, rows_edit(s.sae, [picks[c]["latent"] for c in targets], strengths))]
-        images = sample_batch(planned, everything, iv).images.numpy()
-        said = clf(images) == tgt
-        runs[m] = (images, said & (digit_distance(images) <= limit), said)
+        runs[m] = trial.run(rows_edit(s.sae, [picks[c]["latent"] for c in targets], strengths))
         log(
-            f"strength {m} x active_mean: success {runs[m][1].mean():.3f} (classifier alone {said.mean():.3f})"
+            f"strength {m} x active_mean: success {runs[m][1].mean():.3f} (classifier alone {runs[m][2].mean():.3f})"
         )
-    # the ceiling: the target-class run's own activations at the site, patched into the source run
-    as_target = planned._replace(arrays={**planned.arrays, "labels": tgt})
+    bounds = {"baseline": _mean_difference(trial, store, s.meta.array), "ceiling": _ceiling(trial)}
+    log(f"class-mean difference added (no SAE), by multiple: {bounds['baseline']}")
+    log(f"ceiling (target run's activations patched in): {bounds['ceiling']}")
+    return _write(out, s, picks, trial.sources, trial.targets, clf(base), runs, multiples, bounds)
+
+
+def _mean_difference(trial: _Trial, store, array: str) -> dict[float, dict[str, float]]:
+    """Success of adding the store's class-mean difference (no SAE), per multiple of it."""
+    means, out = class_means(store, array), {}
+    for a in BASELINE_MULTIPLES:
+        edit = mean_difference_edit(means, store.timesteps, trial.sources, trial.targets, a)
+        _, ok, said = trial.run(edit)
+        out[a] = {"success": float(ok.mean()), "classifier_only": float(said.mean())}
+    return out
+
+
+def _ceiling(trial: _Trial) -> dict[str, float]:
+    """The target-class run's own activations at the site, patched into the source run (no SAE)."""
+    as_target = trial.planned._replace(arrays={**trial.planned.arrays, "labels": trial.targets})
     acts: dict[int, torch.Tensor] = {}
-    own = sample_batch(as_target, everything, [Intervention(site, layer, recorder(acts))]).images.numpy()
-    patched = sample_batch(planned, everything, [Intervention(site, layer, replay(acts))]).images.numpy()
-    said = clf(patched) == tgt
-    ceiling = {
-        "target_run_accuracy": float((clf(own) == tgt).mean()),
-        "success": float((said & (digit_distance(patched) <= limit)).mean()),
+    own, _, own_said = trial.run(recorder(acts), planned=as_target)
+    patched, ok, said = trial.run(replay(acts))
+    return {
+        "target_run_accuracy": float(own_said.mean()),
+        "success": float(ok.mean()),
         "classifier_only": float(said.mean()),
-        "still_source": float((clf(patched) == src).mean()),
+        "still_source": float((trial.clf(patched) == trial.sources).mean()),
     }
-    log(f"ceiling (target run's activations patched in): {ceiling}")
-    return _write(out, s, picks, src, tgt, pred0, runs, multiples, ceiling)
 
 
-def _write(out: Path, s, picks, src, tgt, pred0, runs, multiples, ceiling) -> dict:
+def _write(out: Path, s, picks, src, tgt, pred0, runs, multiples, bounds: dict) -> dict:
     per_class, chosen = [], []
     for c in range(NUM_CLASSES):
         rates = {m: float(ok[tgt == c].mean()) for m, (_, ok, _) in runs.items()}
@@ -191,7 +252,8 @@ def _write(out: Path, s, picks, src, tgt, pred0, runs, multiples, ceiling) -> di
             np.mean([per_class[c]["success_by_multiple"][chosen[c]] for c in range(10)])
         ),
         "per_class": per_class,
-        "ceiling": ceiling,
+        "class_mean_difference": bounds["baseline"],
+        "ceiling": bounds["ceiling"],
     }
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
     return report
@@ -213,6 +275,11 @@ def format_sweep(r: dict) -> str:
     lines.append(
         f"unsteered accuracy {r['unsteered_accuracy']:.3f}; success at chosen strengths {r['success_at_chosen']:.3f}"
     )
+    base = ", ".join(
+        f"{m:g}x {v['success']:.3f} (classifier alone {v['classifier_only']:.3f})"
+        for m, v in r["class_mean_difference"].items()
+    )
+    lines.append(f"class-mean difference added instead (no SAE): success {base}")
     c = r["ceiling"]
     lines.append(
         f"ceiling, the target run's activations patched in at every step: success {c['success']:.3f} "
