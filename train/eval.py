@@ -204,75 +204,85 @@ def evaluate(
     """Held-out metrics of each SAE. SAEs with the same held-out samples and steps share one read."""
     device = torch.device(device)
     for s in saes:
-        if s.meta.store.identity != store.identity():
-            raise ValueError(
-                f"{s.folder} was trained on the store {s.meta.store.path} (identity {s.meta.store.identity}), "
-                f"but {store.path} has identity {store.identity()}; evaluate it on the store it was trained on"
-            )
-        if not s.meta.split.val_chunks:
-            split = s.meta.split
-            why = (
-                "was trained with val_fraction=0"
-                if split.val_fraction == 0
-                else f"held out no sample chunk (only {len(split.train_chunks)} were done when it was trained)"
-            )
-            raise ValueError(
-                f"{s.folder} {why}: it has no held-out samples to evaluate on; train again with "
-                "--val-fraction > 0 once the store has two or more done sample chunks"
-            )
+        _check_evaluable(s, store)
     results: dict[int, EvalResult] = {}  # by id(sae): runs in different folders reuse SAE names
     keys = list(dict.fromkeys((tuple(s.meta.split.val_chunks), s.meta.step_range) for s in saes))
-    t_S = store.timesteps
     for chunks, (lo, hi) in keys:
         group = [s for s in saes if (tuple(s.meta.split.val_chunks), s.meta.step_range) == (chunks, (lo, hi))]
-        arrays = list(dict.fromkeys(s.meta.array for s in group))
         loader = ActivationLoader(
-            store,
-            arrays,
-            list(chunks),
-            batch_size,
-            shuffle=False,
-            drop_last=False,
-            step_range=(lo, hi),
-            read_threads=read_threads,
-            device=device,
-        )
-        sizes = [_prefix_sizes(s) for s in group]
-        sums = [
-            _Sums(store.layout.num_steps, store.meta.d_model, s.sae.cfg.num_latents, device, len(m))
-            for s, m in zip(group, sizes, strict=True)
-        ]
-        for s in group:
-            s.sae.to(device).eval()
-        for batch in loader.batches(epochs=1):
-            for s, acc in zip(group, sums, strict=True):
-                x_BD = batch.x_ABD[arrays.index(s.meta.array)].float()
-                out = s.sae.forward_raw(x_BD, batch.t_B)
-                acc.add(x_BD, out.x_hat_BD, out.z_BF, batch.step_B)
-                if acc.se_PS.shape[0]:
-                    hats = s.sae.arch.prefix_reconstructions(s.sae, out.z_BF)
-                    acc.add_prefixes(x_BD, [s.sae.denormalize(h, batch.t_B) for h in hats], batch.step_B)
-        for s, acc, m in zip(group, sums, sizes, strict=True):
-
-            def groups(slices: list[slice], acc=acc) -> list[Group]:
-                return [
-                    Group(
-                        (g.start, g.stop),
-                        (float(t_S[g.start]), float(t_S[g.stop - 1])),
-                        acc.metrics(g, dense_threshold),
-                    )
-                    for g in slices
-                ]
-
-            results[id(s)] = EvalResult(
-                s.meta.name,
-                acc.metrics(slice(lo, hi), dense_threshold),
-                groups(_groups(lo, hi, buckets)),
-                groups(_groups(lo, hi, hi - lo)),
-                dense_threshold,
-                acc.prefixes(m, lo, hi),
-            )
+            store, list(dict.fromkeys(s.meta.array for s in group)), list(chunks), batch_size, shuffle=False,
+            drop_last=False, step_range=(lo, hi), read_threads=read_threads, device=device,
+        )  # fmt: skip
+        sums = _accumulate(group, loader, store, device)
+        for s, acc in zip(group, sums, strict=True):
+            results[id(s)] = _result(s, acc, store.timesteps, buckets, dense_threshold)
     return [results[id(s)] for s in saes]
+
+
+def _check_evaluable(s: LoadedSAE, store: Store) -> None:
+    """Refuse an SAE trained on another store, or one with no held-out samples."""
+    if s.meta.store.identity != store.identity():
+        raise ValueError(
+            f"{s.folder} was trained on the store {s.meta.store.path} (identity {s.meta.store.identity}), "
+            f"but {store.path} has identity {store.identity()}; evaluate it on the store it was trained on"
+        )
+    if not s.meta.split.val_chunks:
+        split = s.meta.split
+        why = (
+            "was trained with val_fraction=0"
+            if split.val_fraction == 0
+            else f"held out no sample chunk (only {len(split.train_chunks)} were done when it was trained)"
+        )
+        raise ValueError(
+            f"{s.folder} {why}: it has no held-out samples to evaluate on; train again with "
+            "--val-fraction > 0 once the store has two or more done sample chunks"
+        )
+
+
+def _accumulate(group: list[LoadedSAE], loader: ActivationLoader, store: Store, device) -> list[_Sums]:
+    """One pass of `loader` through every SAE of `group` (they read the same samples and steps)."""
+    arrays = loader.arrays
+    sums = [
+        _Sums(
+            store.layout.num_steps, store.meta.d_model, s.sae.cfg.num_latents, device, len(_prefix_sizes(s))
+        )
+        for s in group
+    ]
+    for s in group:
+        s.sae.to(device).eval()
+    for batch in loader.batches(epochs=1):
+        for s, acc in zip(group, sums, strict=True):
+            x_BD = batch.x_ABD[arrays.index(s.meta.array)].float()
+            out = s.sae.forward_raw(x_BD, batch.t_B)
+            acc.add(x_BD, out.x_hat_BD, out.z_BF, batch.step_B)
+            if acc.se_PS.shape[0]:
+                hats = s.sae.arch.prefix_reconstructions(s.sae, out.z_BF)
+                acc.add_prefixes(x_BD, [s.sae.denormalize(h, batch.t_B) for h in hats], batch.step_B)
+    return sums
+
+
+def _result(s: LoadedSAE, acc: _Sums, t_S, buckets: int, dense_threshold: float) -> EvalResult:
+    """Overall, per-bucket and per-step metrics of one SAE from its sums."""
+    lo, hi = s.meta.step_range
+
+    def groups(slices: list[slice]) -> list[Group]:
+        return [
+            Group(
+                (g.start, g.stop),
+                (float(t_S[g.start]), float(t_S[g.stop - 1])),
+                acc.metrics(g, dense_threshold),
+            )
+            for g in slices
+        ]
+
+    return EvalResult(
+        s.meta.name,
+        acc.metrics(slice(lo, hi), dense_threshold),
+        groups(_groups(lo, hi, buckets)),
+        groups(_groups(lo, hi, hi - lo)),
+        dense_threshold,
+        acc.prefixes(_prefix_sizes(s), lo, hi),
+    )
 
 
 def _prefix_sizes(s: LoadedSAE) -> tuple[int, ...]:
