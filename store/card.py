@@ -14,84 +14,93 @@ TAGS = ("tide", "sparse-autoencoders", "diffusion-transformer", "zarr")
 
 def card_text(store: Store) -> str:
     """The dataset card of an open store, as Markdown with YAML front matter."""
-    meta, lay = store.meta, store.layout
+    meta = store.meta
     name = meta.act_names()[0]
-    done = int(store.done().sum())
-    ts = store.timesteps
     by_label = (
         f'ds.set_xindex("label").sel(label={int(store.root["label"][0])})'
         if "label" in store.root
         else "ds.where(ds.done, drop=True)"
     )
-    rows = done * lay.num_steps * lay.tokens
-    return "\n".join(
-        [
-            "---",
-            "license: other  # TODO: the license of these activations (and of the model that made them)",
-            "tags:",
-            *(f"- {t}" for t in TAGS),
-            "---",
-            "",
-            f"# Activations of {meta.model.id} over its denoising steps",
-            "",
-            "A tide store: Diffusion Transformer activations captured at every stored",
-            "denoising step, for training temporal-aware sparse autoencoders. Zarr v3, one array per (site, layer).",
-            "",
-            f"- model: `{meta.model.id}` ({meta.model.transformer_class})",
-            f"- scheduler: {meta.scheduler.class_name}, {meta.num_inference_steps} inference steps; "
-            f"{lay.num_steps} stored (timesteps {ts[0]:g} .. {ts[-1]:g})",
-            f"- layers: {', '.join(map(str, meta.layers))} of {meta.num_layers}; sites: {', '.join(meta.sites)}"
-            + (
-                f" (blocks 0..{meta.double_stream_blocks - 1} double-stream, then single-stream)"
-                if meta.double_stream_blocks is not None
-                else ""
-            ),
-            f"- arrays: {', '.join(meta.act_names())}, each (sample, step, token, d) = {tuple(lay.act_shape)}",
-            f"- tokens: {meta.tokens.kept} of {meta.tokens.num_tokens} per (sample, step); d_model {meta.d_model}",
-            f"- dtype: {meta.dtype}, codec {meta.codec}; chunks {tuple(lay.act_chunks)}",
-            f"- samples: {done} of {lay.num_samples} done; {rows} rows per array; guidance {meta.guidance_scale:g} "
-            f"({meta.guidance + ', ' if meta.guidance else ''}{meta.cfg_branch} branch)",
-            "",
-            "## Load it",
-            "",
-            "With tide (`pip install tide`; replace URL with where this folder or its .zarr.zip lives: a local path,",
-            "s3://..., https://..., hf://datasets/ORG/NAME/PATH):",
-            "",
-            "```",
-            "tide store info URL",
-            "tide train --store URL --out saes",
-            "```",
-            "",
-            "With zarr:",
-            "",
-            "```python",
-            "import zarr",
-            "",
-            "# zarr warns that it does not recognise README.md (this card) as part of the hierarchy: harmless",
-            'root = zarr.open_group("URL", mode="r")  # a .zarr.zip: zarr.storage.ZipStore("x.zarr.zip", mode="r")',
-            f'acts = root["{name}"][0, :, :, :]  # sample 0: (step, token, d)',
-            'timesteps = root["timesteps"][:]',
-            "```",
-            "",
-            "With xarray (per-sample and per-step arrays are coordinates of every activation array):",
-            "",
-            "```python",
-            "import xarray as xr",
-            'ds = xr.open_zarr("URL", consolidated=False)',
-            f'ds.set_xindex("timesteps").sel(timesteps={ts[0]:g})["{name}"]  # one step, by its timestep',
-            f'{by_label}["{name}"]  # by label',
-            'stats = xr.open_zarr("URL", group="stats/' + name + '", consolidated=False)  # running sums',
-            "```",
-            "",
-            "## Seeding",
-            "",
-            meta.seeding,
-            "",
-            "Only samples whose `done` flag is set are complete; the store format is described in tide's",
-            "store/FORMAT.md.",
-            "",
-        ]
+    return CARD.format(
+        tags="\n".join(f"- {t}" for t in TAGS), model=meta.model.id, summary="\n".join(_summary(store)),
+        name=name, t0=f"{store.timesteps[0]:g}", by_label=by_label, seeding=meta.seeding,
+    )  # fmt: skip
+
+
+def _summary(store: Store) -> list[str]:
+    """The card's bullet list: model, scheduler, layers, arrays, tokens, dtype, samples."""
+    meta, lay, ts = store.meta, store.layout, store.timesteps
+    done = int(store.done().sum())
+    blocks = (
+        f" (blocks 0..{meta.double_stream_blocks - 1} double-stream, then single-stream)"
+        if meta.double_stream_blocks is not None
+        else ""
     )
+    return [
+        f"- model: `{meta.model.id}` ({meta.model.transformer_class})",
+        f"- scheduler: {meta.scheduler.class_name}, {meta.num_inference_steps} inference steps; "
+        f"{lay.num_steps} stored (timesteps {ts[0]:g} .. {ts[-1]:g})",
+        f"- layers: {', '.join(map(str, meta.layers))} of {meta.num_layers}; sites: {', '.join(meta.sites)}{blocks}",
+        f"- arrays: {', '.join(meta.act_names())}, each (sample, step, token, d) = {tuple(lay.act_shape)}",
+        f"- tokens: {meta.tokens.kept} of {meta.tokens.num_tokens} per (sample, step); d_model {meta.d_model}",
+        f"- dtype: {meta.dtype}, codec {meta.codec}; chunks {tuple(lay.act_chunks)}",
+        f"- samples: {done} of {lay.num_samples} done; {done * lay.num_steps * lay.tokens} rows per array; "
+        f"guidance {meta.guidance_scale:g} ({meta.guidance + ', ' if meta.guidance else ''}{meta.cfg_branch} branch)",
+    ]
+
+
+CARD = """\
+---
+license: other  # TODO: the license of these activations (and of the model that made them)
+tags:
+{tags}
+---
+
+# Activations of {model} over its denoising steps
+
+A tide store: Diffusion Transformer activations captured at every stored
+denoising step, for training temporal-aware sparse autoencoders. Zarr v3, one array per (site, layer).
+
+{summary}
+
+## Load it
+
+With tide (`pip install tide`; replace URL with where this folder or its .zarr.zip lives: a local path,
+s3://..., https://..., hf://datasets/ORG/NAME/PATH):
+
+```
+tide store info URL
+tide train --store URL --out saes
+```
+
+With zarr:
+
+```python
+import zarr
+
+# zarr warns that it does not recognise README.md (this card) as part of the hierarchy: harmless
+root = zarr.open_group("URL", mode="r")  # a .zarr.zip: zarr.storage.ZipStore("x.zarr.zip", mode="r")
+acts = root["{name}"][0, :, :, :]  # sample 0: (step, token, d)
+timesteps = root["timesteps"][:]
+```
+
+With xarray (per-sample and per-step arrays are coordinates of every activation array):
+
+```python
+import xarray as xr
+ds = xr.open_zarr("URL", consolidated=False)
+ds.set_xindex("timesteps").sel(timesteps={t0})["{name}"]  # one step, by its timestep
+{by_label}["{name}"]  # by label
+stats = xr.open_zarr("URL", group="stats/{name}", consolidated=False)  # running sums
+```
+
+## Seeding
+
+{seeding}
+
+Only samples whose `done` flag is set are complete; the store format is described in tide's
+store/FORMAT.md.
+"""
 
 
 def write_card(path: str | Path, out: Path | None = None) -> str:
