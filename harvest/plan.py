@@ -114,16 +114,7 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
         )
     kind = _guidance_kind(cfg, model, guidance)
     _check_size(cfg, model)
-    try:
-        layers = cfg.layer_indices(model.num_layers)
-        step_indices = cfg.step_indices(cfg.num_steps)
-        check_sites(model.arch, model.transformer, list(cfg.sites), layers)
-        model.set_schedule(cfg.num_steps)
-    except ValueError as e:
-        raise HarvestError(str(e)) from None
-    timesteps = model.scheduler.timesteps.cpu().numpy().astype(np.float64)
-    if len(timesteps) != cfg.num_steps:
-        raise HarvestError(f"the scheduler made {len(timesteps)} steps for num_steps={cfg.num_steps}")
+    layers, step_indices, timesteps = _schedule(cfg, model)
     itemsize = numpy_storage_dtype(cfg.dtype).itemsize
     kept = kept_tokens(model.num_tokens, cfg.token_fraction)
     steps_per_chunk, tokens_per_chunk = choose_chunks(
@@ -135,20 +126,7 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
         "labels": None,
         "prompt_index": None,
     }
-    prompts = None
-    if model.arch.conditioning == "class":
-        if cfg.prompts is not None:
-            raise HarvestError(
-                f"{model.info.transformer_class} is class-conditional; use --labels, not --prompts"
-            )
-        arrays["labels"] = _labels(cfg, model.num_classes)
-    else:
-        # PixArt's files always carried the negative prompt; the joint backbones need it only for CFG.
-        needs_negative = kind == "cfg" or model.sampling.encodes_prompts
-        prompts, arrays["prompt_embeds"] = _prompt_conditioning(
-            cfg, model, model.transformer.device, needs_negative
-        )
-        arrays["prompt_index"] = np.arange(cfg.num_samples) % len(prompts)
+    prompts = _conditioning(cfg, model, kind, arrays)
     meta = StoreMeta(
         tide_version=_version(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -176,6 +154,41 @@ def plan(cfg: HarvestConfig, model: LoadedModel) -> tuple[StoreMeta, dict[str, A
         harvest_config=cfg.identity(),
     )
     return meta, arrays
+
+
+def _schedule(cfg: HarvestConfig, model: LoadedModel) -> tuple[list[int], list[int], np.ndarray]:
+    """Checked layer indices, stored step indices and the scheduler's timesteps (model.set_schedule is called)."""
+    try:
+        layers = cfg.layer_indices(model.num_layers)
+        step_indices = cfg.step_indices(cfg.num_steps)
+        check_sites(model.arch, model.transformer, list(cfg.sites), layers)
+        model.set_schedule(cfg.num_steps)
+    except ValueError as e:
+        raise HarvestError(str(e)) from None
+    timesteps = model.scheduler.timesteps.cpu().numpy().astype(np.float64)
+    if len(timesteps) != cfg.num_steps:
+        raise HarvestError(f"the scheduler made {len(timesteps)} steps for num_steps={cfg.num_steps}")
+    return layers, step_indices, timesteps
+
+
+def _conditioning(
+    cfg: HarvestConfig, model: LoadedModel, kind: str, arrays: dict[str, Any]
+) -> list[str] | None:
+    """Fill `arrays` with the labels, or the prompt embeddings and prompt index; returns the prompts."""
+    if model.arch.conditioning == "class":
+        if cfg.prompts is not None:
+            raise HarvestError(
+                f"{model.info.transformer_class} is class-conditional; use --labels, not --prompts"
+            )
+        arrays["labels"] = _labels(cfg, model.num_classes)
+        return None
+    # PixArt's files always carried the negative prompt; the joint backbones need it only for CFG.
+    needs_negative = kind == "cfg" or model.sampling.encodes_prompts
+    prompts, arrays["prompt_embeds"] = _prompt_conditioning(
+        cfg, model, model.transformer.device, needs_negative
+    )
+    arrays["prompt_index"] = np.arange(cfg.num_samples) % len(prompts)
+    return prompts
 
 
 def _guidance_kind(cfg: HarvestConfig, model: LoadedModel, guidance: float) -> str:
