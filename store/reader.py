@@ -338,15 +338,10 @@ def _decode_chunk(
         return False
     codec, checksum = direct
     shape = arr.metadata.chunk_grid.chunk_shape
-    selection = tuple(slice(*s.indices(n)) for s, n in zip(selection, arr.shape, strict=True))
-    if any(s.step != 1 or s.stop <= s.start for s in selection):
+    found = _one_chunk(arr, selection, shape)
+    if found is None:
         return False
-    coords = tuple(s.start // c for s, c in zip(selection, shape, strict=True))
-    if any((s.stop - 1) // c != i for s, c, i in zip(selection, shape, coords, strict=True)):
-        return False
-    whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
-    trailer = CHECKSUM_BYTES if checksum else 0
-    raw_bytes = math.prod(shape) * out.itemsize
+    selection, coords, whole = found
     key = (
         f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
         if arr.path
@@ -361,15 +356,7 @@ def _decode_chunk(
         elif root is None:
             data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
         elif whole and codec is None and out.flags.c_contiguous:
-            path = root / key
-            with open(path, "rb", buffering=0) as f:  # an uncompressed chunk is its bytes: one copy
-                n = f.readinto(memoryview(out).cast("B"))
-                rest = f.read(trailer + 1)
-            if n != out.nbytes or len(rest) != trailer:
-                size = path.stat().st_size
-                raise chunk_error(arr, coords, f"has {size} bytes, expected {out.nbytes + trailer}")
-            if checksum:
-                _check(arr, coords, out.reshape(-1).view(np.uint8), rest)
+            _read_raw_into(arr, root / key, coords, out, checksum)  # an uncompressed chunk is its bytes
             return True
         else:
             data = (root / key).read_bytes()
@@ -377,6 +364,47 @@ def _decode_chunk(
         _missing(arr, coords)
         out[...] = arr.metadata.fill_value
         return True
+    _decode_into(arr, data, coords, selection, direct, whole, out)
+    return True
+
+
+def _one_chunk(
+    arr: zarr.Array, selection: tuple[slice, ...], shape: tuple[int, ...]
+) -> tuple[tuple[slice, ...], tuple[int, ...], bool] | None:
+    """(normalised selection, chunk coordinates, whether it is the whole chunk), or None when the selection
+    is strided, empty or spans more than one chunk."""
+    selection = tuple(slice(*s.indices(n)) for s, n in zip(selection, arr.shape, strict=True))
+    if any(s.step != 1 or s.stop <= s.start for s in selection):
+        return None
+    coords = tuple(s.start // c for s, c in zip(selection, shape, strict=True))
+    if any((s.stop - 1) // c != i for s, c, i in zip(selection, shape, coords, strict=True)):
+        return None
+    whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
+    return selection, coords, whole
+
+
+def _read_raw_into(
+    arr: zarr.Array, path: Path, coords: tuple[int, ...], out: np.ndarray, checksum: bool
+) -> None:
+    """An uncompressed whole chunk read straight into `out` (one copy), its checksum checked."""
+    trailer = CHECKSUM_BYTES if checksum else 0
+    with open(path, "rb", buffering=0) as f:
+        n = f.readinto(memoryview(out).cast("B"))
+        rest = f.read(trailer + 1)
+    if n != out.nbytes or len(rest) != trailer:
+        raise chunk_error(arr, coords, f"has {path.stat().st_size} bytes, expected {out.nbytes + trailer}")
+    if checksum:
+        _check(arr, coords, out.reshape(-1).view(np.uint8), rest)
+
+
+def _decode_into(
+    arr: zarr.Array, data: bytes, coords: tuple[int, ...], selection: tuple[slice, ...], direct,
+    whole: bool, out: np.ndarray,
+) -> None:  # fmt: skip
+    """A chunk's stored bytes checked and decoded into `out` (the part `selection` covers)."""
+    codec, checksum = direct
+    shape = arr.metadata.chunk_grid.chunk_shape
+    trailer = CHECKSUM_BYTES if checksum else 0
     if len(data) < trailer:
         raise chunk_error(arr, coords, f"has {len(data)} bytes, fewer than its {trailer}-byte checksum")
     payload = np.frombuffer(data, np.uint8, count=len(data) - trailer)
@@ -385,17 +413,17 @@ def _decode_chunk(
     inner = tuple(
         slice(s.start - i * c, s.stop - i * c) for s, c, i in zip(selection, shape, coords, strict=True)
     )
+    raw_bytes = math.prod(shape) * out.itemsize
     try:
         if whole and codec is not None:
             codec.decode(payload, out=out)  # straight into the caller's buffer
-            return True
+            return
         if codec is None and payload.nbytes != raw_bytes:
             raise ValueError(f"{payload.nbytes} bytes of values, expected {raw_bytes}")
         raw = np.frombuffer(payload if codec is None else codec.decode(payload), dtype=arr.dtype)
         out[...] = raw.reshape(shape)[inner]
     except Exception as e:
         raise chunk_error(arr, coords, f"could not be decoded ({type(e).__name__}: {e})") from e
-    return True
 
 
 def _fetch(arr: zarr.Array, key: str) -> bytes:
