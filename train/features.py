@@ -274,23 +274,15 @@ def collect(
     loaded: LoadedSAE, store: Store, cfg: FeaturesConfig, device: str | torch.device = "cpu"
 ) -> LatentStats:
     """One pass over the split's rows of `loaded.meta.array`: the statistics of every latent."""
-    from tqdm.auto import tqdm
 
     device = torch.device(device)
     sae = loaded.sae.to(device).eval()
     lo, hi = loaded.meta.step_range
     chunks = split_chunks(loaded, store, cfg.split)
     loader = ActivationLoader(
-        store,
-        [loaded.meta.array],
-        chunks,
-        cfg.batch_size,
-        shuffle=False,
-        drop_last=False,
-        step_range=(lo, hi),
-        read_threads=cfg.read_threads,
-        device=device,
-    )
+        store, [loaded.meta.array], chunks, cfg.batch_size, shuffle=False, drop_last=False, step_range=(lo, hi),
+        read_threads=cfg.read_threads, device=device,
+    )  # fmt: skip
     S, F = store.layout.num_steps, sae.cfg.num_latents
     buckets = step_buckets(lo, hi, cfg.buckets)
     groups_S = torch.zeros(S, dtype=torch.int64)
@@ -306,20 +298,7 @@ def collect(
     acc = _Accumulator(
         S, F, cfg.top_k, groups_S.to(device), class_N, len(names), store.layout.batch_size, scores_NGF
     )
-    rows_S = torch.zeros(S, dtype=torch.float64, device=device)
-    bar = tqdm(total=loader.rows_per_epoch, unit="row", unit_scale=True, disable=not cfg.progress)
-    peak = 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "in beta"
-        for batch in loader.batches(epochs=1):
-            n = batch.step_B.shape[0]
-            # The code alone: decoding, which the features never use, would double the SAE's cost.
-            z_BF = sae.encode(sae.normalize_input(batch.x_ABD[0].float(), batch.t_B), batch.t_B)
-            rows_S.index_add_(0, batch.step_B, torch.ones(n, dtype=torch.float64, device=device))
-            acc.add(z_BF, batch.step_B, batch.sample_B, batch.position.rows - n)
-            peak = max(peak, acc.nbytes())
-            bar.update(n)
-    bar.close()
+    rows_S, peak = _encode_pass(sae, loader, acc, cfg.progress)
     if acc.hist is not None:
         acc.flush()
     return LatentStats(
@@ -337,6 +316,29 @@ def collect(
         samples=sorted(acc.row_of_sample, key=acc.row_of_sample.get) if exact else samples,
         buffer_bytes=peak,
     )
+
+
+def _encode_pass(
+    sae, loader: ActivationLoader, acc: _Accumulator, progress: bool
+) -> tuple[torch.Tensor, int]:
+    """Encode every row of `loader` into `acc`; returns the rows seen per step and the accumulator's peak bytes."""
+    from tqdm.auto import tqdm
+
+    rows_S = torch.zeros(acc.fires_SF.shape[0], dtype=torch.float64, device=acc.fires_SF.device)
+    bar = tqdm(total=loader.rows_per_epoch, unit="row", unit_scale=True, disable=not progress)
+    peak = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "in beta"
+        for batch in loader.batches(epochs=1):
+            n = batch.step_B.shape[0]
+            # The code alone: decoding, which the features never use, would double the SAE's cost.
+            z_BF = sae.encode(sae.normalize_input(batch.x_ABD[0].float(), batch.t_B), batch.t_B)
+            rows_S.index_add_(0, batch.step_B, torch.ones(n, dtype=torch.float64, device=rows_S.device))
+            acc.add(z_BF, batch.step_B, batch.sample_B, batch.position.rows - n)
+            peak = max(peak, acc.nbytes())
+            bar.update(n)
+    bar.close()
+    return rows_S, peak
 
 
 def _top_rows(loader: ActivationLoader, acc: _Accumulator) -> TopRows:
