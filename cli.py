@@ -1007,7 +1007,6 @@ def demo_train(
     label_block: Annotated[
         int | None,
         typer.Option(
-            min=1,
             help="Feed the label to this block only (default: every block and the output layer, as in DiT-XL/2 "
             "and the shipped model); downstream of it the class lives in the residual stream alone.",
         ),

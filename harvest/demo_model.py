@@ -69,7 +69,7 @@ class DemoTrainConfig(BaseModel):
     """Diffusion steps of the training (DDPM) schedule."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     """Noise schedule. Cosine, because the linear one destroys a 16x16 image long before the last step."""
-    label_block: int | None = Field(None, ge=1)
+    label_block: int | None = Field(None, ge=0)
     """None (the shipped model): every block and the output layer read the label, as in DiT-XL/2. A block
     index: only that block's adaLN reads it, every other label table is held at zero (`label_enters_once`),
     so downstream of it the class lives in the residual stream only; the README's steering section measures
@@ -85,6 +85,11 @@ class DemoTrainConfig(BaseModel):
         if self.label_block is not None and self.label_block >= self.num_layers:
             raise ValueError(
                 f"label_block {self.label_block} must be below num_layers {self.num_layers} (or None: every block)"
+            )
+        if self.label_block == 0:
+            raise ValueError(
+                "label_block 0 would feed the label to the output layer too (diffusers' DiT modulates its output "
+                "with block 0's embedding); pick 1 or later, or leave it unset for every block"
             )
         return self
 

@@ -139,9 +139,10 @@ def test_a_label_block_model_reads_the_label_there_only(tmp_path):
     assert not torch.allclose(runs[0].latents, runs["seven"].latents, atol=1e-4)
 
 
-def test_config_refuses_a_label_block_past_the_last_block():
-    with pytest.raises(ValueError, match="label_block 3 must be below num_layers 3"):
-        DemoTrainConfig(num_layers=3, label_block=3)
+@pytest.mark.parametrize("label_block, message", [(3, "must be below num_layers 3"), (0, "output layer too")])
+def test_config_refuses_a_label_block_that_is_not_one_block(label_block, message):
+    with pytest.raises(ValueError, match=message):
+        DemoTrainConfig(num_layers=3, label_block=label_block)
 
 
 def test_config_refuses_sizes_the_classifier_cannot_read():
