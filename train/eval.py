@@ -207,6 +207,7 @@ def evaluate(
         _check_evaluable(s, store)
     results: dict[int, EvalResult] = {}  # by id(sae): runs in different folders reuse SAE names
     keys = list(dict.fromkeys((tuple(s.meta.split.val_chunks), s.meta.step_range) for s in saes))
+    t_S = store.timesteps  # one read: the property reads the array every time
     for chunks, (lo, hi) in keys:
         group = [s for s in saes if (tuple(s.meta.split.val_chunks), s.meta.step_range) == (chunks, (lo, hi))]
         loader = ActivationLoader(
@@ -215,7 +216,7 @@ def evaluate(
         )  # fmt: skip
         sums = _accumulate(group, loader, store, device)
         for s, acc in zip(group, sums, strict=True):
-            results[id(s)] = _result(s, acc, store.timesteps, buckets, dense_threshold)
+            results[id(s)] = _result(s, acc, t_S, buckets, dense_threshold)
     return [results[id(s)] for s in saes]
 
 

@@ -206,9 +206,9 @@ def sweep(
 
 def _mean_difference(trial: _Trial, store, array: str) -> dict[float, dict[str, float]]:
     """Success of adding the store's class-mean difference (no SAE), per multiple of it."""
-    means, out = class_means(store, array), {}
+    means, t_S, out = class_means(store, array), store.timesteps, {}
     for a in BASELINE_MULTIPLES:
-        edit = mean_difference_edit(means, store.timesteps, trial.sources, trial.targets, a)
+        edit = mean_difference_edit(means, t_S, trial.sources, trial.targets, a)
         _, ok, said = trial.run(edit)
         out[a] = {"success": float(ok.mean()), "classifier_only": float(said.mean())}
     return out
