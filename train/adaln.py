@@ -89,7 +89,7 @@ def load_transformer(meta: StoreMeta, log: Callable[[str], None] = print) -> nn.
     dtype = getattr(torch, str(meta.harvest_config.get("model_dtype", "float32")), torch.float32)
     check_same_model(
         meta.model, fingerprint(model, dtype), str(folder),
-        "the weights or config there changed since the harvest",
+        "cannot copy the model's adaLN modulation into the SAE",
         "put the original model back at that path, or train with --init-modulation zero", AdaLNInitError,
     )  # fmt: skip
     return model.eval()
