@@ -492,7 +492,7 @@ def _stats(path: str, array: str | None, scheduler: str | None, write: bool):
 
 
 def _print_evals(results) -> None:
-    from tide.train.eval import format_table
+    from tide.train.analysis.eval import format_table
 
     for r in results:
         typer.echo("")
@@ -594,7 +594,7 @@ def train(
     # An on/off flag that is not given is None, like every other option, so a config file can set it.
     overrides |= {"stratify_steps": stratify_steps or None, "overwrite": overwrite or None}
     overrides["progress"] = False if no_progress else None
-    from tide.train.config import DEFAULT_WARMUP, TrainConfig
+    from tide.train.fit.config import DEFAULT_WARMUP, TrainConfig
 
     cfg, given = _build_config(TrainConfig, config, overrides)
     if "warmup_steps" not in given and cfg.warmup_steps != DEFAULT_WARMUP:
@@ -604,9 +604,9 @@ def train(
         )
     from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError
-    from tide.train.eval import evaluate_folders
-    from tide.train.trainer import TrainError
-    from tide.train.trainer import train as run_train
+    from tide.train.analysis.eval import evaluate_folders
+    from tide.train.fit.trainer import TrainError
+    from tide.train.fit.trainer import train as run_train
 
     try:
         with scoped(storage_options):
@@ -665,7 +665,7 @@ def eval_(
 
     from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError, configure_read_threads
-    from tide.train.eval import evaluate_folders
+    from tide.train.analysis.eval import evaluate_folders
 
     configure_read_threads(4)
     try:
@@ -720,9 +720,9 @@ def splice(
     """
     from pydantic import ValidationError
     from tide.store.reader import StoreError
-    from tide.train.splice import SpliceConfig
-    from tide.train.splice import splice as run_splice
-    from tide.train.splice_report import format_report
+    from tide.train.loop.splice import SpliceConfig
+    from tide.train.loop.splice import splice as run_splice
+    from tide.train.loop.splice_report import format_report
 
     try:
         cfg = SpliceConfig(
@@ -779,8 +779,8 @@ def steer(
 
     from pydantic import ValidationError
     from tide.store.reader import StoreError
-    from tide.train.steer import SteerConfig
-    from tide.train.steer import steer as run_steer
+    from tide.train.loop.steer import SteerConfig
+    from tide.train.loop.steer import steer as run_steer
 
     try:
         cfg = SteerConfig(
@@ -823,7 +823,7 @@ def export(
     """Write an SAE in SAELens' format, its input normalisation (and tide's modulation) folded into the weights."""
     if format != "saelens":
         _fail(f"--format {format!r} is not supported; the one format is saelens")
-    from tide.train.export import export_saelens
+    from tide.train.sae.export import export_saelens
 
     try:
         result = export_saelens(sae_dir, out, timestep=timestep, overwrite=overwrite)
@@ -843,7 +843,7 @@ def import_(
     ] = None,
 ) -> None:
     """Make a SAELens SAE a tide SAE folder, so `tide eval` and everything using `load_sae` read it."""
-    from tide.train.export import import_saelens
+    from tide.train.sae.export import import_saelens
 
     try:
         written = import_saelens(folder, store, out, array=array)
@@ -898,8 +898,8 @@ def features(
     from tide.store.device import resolve_device
     from tide.store.open import storage_options as scoped
     from tide.store.reader import StoreError
-    from tide.train.features import FeaturesConfig
-    from tide.train.report import features_report
+    from tide.train.analysis.features import FeaturesConfig
+    from tide.train.analysis.report import features_report
 
     if split not in ("val", "all"):
         _fail(f"--split {split!r} is not val or all")
@@ -952,7 +952,7 @@ def setting_options(command: str, model_cls) -> dict[str, str]:
 def config_reference() -> str:
     """Markdown tables of every HarvestConfig and TrainConfig field: key, option, default, docstring."""
     from tide.harvest.config import HarvestConfig
-    from tide.train.config import TrainConfig
+    from tide.train.fit.config import TrainConfig
 
     parts = []
     for command, model_cls in (("harvest", HarvestConfig), ("train", TrainConfig)):

@@ -28,7 +28,7 @@ RUN_FILES = frozenset(
         "train_config.json.tmp",
     }
 )
-"""Files `tide train` writes at the top of its --out (train/checkpoint.py); SAE folders sit beside them."""
+"""Files `tide train` writes at the top of its --out (train/fit/checkpoint.py); SAE folders sit beside them."""
 
 SAE_FILES = frozenset({"sae.json", "sae.safetensors", "eval.json"})
 """Files of one SAE folder (with their `.tmp` names while being replaced)."""

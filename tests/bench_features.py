@@ -1,6 +1,6 @@
 """`make bench` figure of `tide features`: rows/s of the feature pass vs the store reader alone.
 
-- features_vs_reader_ratio: rows/s of train/features.py's `collect` (read, the SAE's encoder, per-latent sums,
+- features_vs_reader_ratio: rows/s of train/analysis/features.py's `collect` (read, the SAE's encoder, per-latent sums,
   streaming top-K, per-sample maxima for the class AUROC) / rows/s of the same unshuffled ActivationLoader
   pass with nothing done to its batches, on the same store, same rows, same batch size. Aim: >= 0.8.
 - features_vs_sae_encode_ratio: the same pass vs that reader plus the SAE's encoder (`normalize_input`,
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from tide.store.reader import open_store
-from tide.train.checkpoint import load_sae
-from tide.train.config import TrainConfig
-from tide.train.data import ActivationLoader
-from tide.train.features import FeaturesConfig, collect
-from tide.train.trainer import train
+from tide.train.analysis.features import FeaturesConfig, collect
+from tide.train.fit.checkpoint import load_sae
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.data import ActivationLoader
+from tide.train.fit.trainer import train
 
 
 @torch.no_grad()

@@ -127,7 +127,7 @@ def bench_reader(store: Store, batch_size: int, repeats: int, epochs: int, work:
     chunk's bytes come from differs. Each rate is all rows over the time from asking for batches to the
     last one, start-up included, over `epochs` epochs of many windows: nothing read ahead is left out.
     """
-    from tide.train.data import ActivationLoader
+    from tide.train.fit.data import ActivationLoader
 
     name = store.meta.act_names()[0]
     np.save(work / "rows.npy", store.root[name][:])
@@ -154,7 +154,7 @@ def bench_reader(store: Store, batch_size: int, repeats: int, epochs: int, work:
 def _memory_batches(x_ND: torch.Tensor, step_N: torch.Tensor, t_S: torch.Tensor, batch_size: int, steps: int):
     """The ideal feed: rows already in memory (on the SAEs' device) as one tensor, each batch one gather of a
     random permutation."""
-    from tide.train.data import Batch, Position
+    from tide.train.fit.data import Batch, Position
 
     perm = torch.randperm(len(x_ND), generator=torch.Generator().manual_seed(0)).to(x_ND.device)
     for i in range(steps):
@@ -164,8 +164,8 @@ def _memory_batches(x_ND: torch.Tensor, step_N: torch.Tensor, t_S: torch.Tensor,
 
 def bench_train(store: Store, work: Path, steps: int, batch_size: int, repeats: int) -> dict[str, float]:
     """Training rows/s (a tide and a topk SAE, on CUDA when present) fed from the store, and from memory."""
-    from tide.train.config import TrainConfig
-    from tide.train.trainer import fit, prepare
+    from tide.train.fit.config import TrainConfig
+    from tide.train.fit.trainer import fit, prepare
 
     # Windows of a few batches, so that chunks are read (and decompressed) while the SAEs train.
     cfg = TrainConfig(
@@ -256,7 +256,7 @@ def bench_s3(
     on a small machine that ceiling, not tide, is the limit (README, "Reading speed")."""
     import boto3
     from moto.server import ThreadedMotoServer
-    from tide.train.data import ActivationLoader
+    from tide.train.fit.data import ActivationLoader
 
     from tests.test_remote import upload
 

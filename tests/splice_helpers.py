@@ -8,9 +8,9 @@ import torch
 from tide.harvest.config import HarvestConfig
 from tide.harvest.run import harvest
 from tide.store.reader import open_store
-from tide.train.checkpoint import SAEMeta, StoreRef, save_sae
-from tide.train.data import Split
-from tide.train.sae import SAEConfig, build_sae
+from tide.train.fit.checkpoint import SAEMeta, StoreRef, save_sae
+from tide.train.fit.data import Split
+from tide.train.sae.model import SAEConfig, build_sae
 
 NUM_STEPS = 4
 

@@ -1,7 +1,7 @@
 """`tide train --init-modulation adaln`: tide SAEs start from the DiT's adaLN that reads their layer.
 
 References are computed from the DiT's own submodules (AdaLayerNormZero's forward, the output layer's code),
-loaded independently of train/adaln.py.
+loaded independently of train/sae/adaln.py.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from tide.cli import app
 from tide.harvest.config import HarvestConfig
 from tide.harvest.run import harvest
 from tide.store.reader import open_store
-from tide.train.checkpoint import load_sae
-from tide.train.config import TrainConfig
-from tide.train.trainer import TrainError, train
+from tide.train.fit.checkpoint import load_sae
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import TrainError, train
 from typer.testing import CliRunner
 
 runner = CliRunner()

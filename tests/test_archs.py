@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
-from tide.train.archs import ARCHITECTURES
-from tide.train.checkpoint import load_sae
-from tide.train.config import TrainConfig
-from tide.train.eval import evaluate_folders, format_table
-from tide.train.loss import sae_loss
-from tide.train.sae import SAE, SAEConfig, build_sae
-from tide.train.trainer import train
+from tide.train.analysis.eval import evaluate_folders, format_table
+from tide.train.fit.checkpoint import load_sae
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import train
+from tide.train.sae.archs import ARCHITECTURES
+from tide.train.sae.loss import sae_loss
+from tide.train.sae.model import SAE, SAEConfig, build_sae
 
 from tests.bench_train import synthetic_store
 

@@ -370,9 +370,9 @@ def test_train_eval_and_resume_on_flow_matching_stores(tiny_sd3, tiny_flux, tmp_
     from diffusers.models.embeddings import get_timestep_embedding
     from safetensors.torch import load_file
     from tide.cli import app
-    from tide.train import trainer
-    from tide.train.checkpoint import load_sae
-    from tide.train.sae import timestep_embedding
+    from tide.train.fit import trainer
+    from tide.train.fit.checkpoint import load_sae
+    from tide.train.sae.model import timestep_embedding
     from typer.testing import CliRunner
 
     flux = _cli_harvest(tiny_flux, tmp_path / "flux.zarr", "--layers", "1,2")

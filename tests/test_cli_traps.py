@@ -11,8 +11,8 @@ import pytest
 import typer.main
 from tide.cli import REFERENCE_MARKERS, REPO, app, config_reference, default_text
 from tide.harvest.config import HarvestConfig
-from tide.train.checkpoint import load_sae
-from tide.train.config import TrainConfig
+from tide.train.fit.checkpoint import load_sae
+from tide.train.fit.config import TrainConfig
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store

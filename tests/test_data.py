@@ -1,4 +1,4 @@
-"""The activation loader (train/data.py), the train/validation split, and store statistics (store/stats.py)."""
+"""The activation loader (train/fit/data.py), the train/validation split, and store statistics (store/stats.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.run import harvest
 from tide.store.reader import StoreError, open_store
 from tide.store.stats import difference, recompute_sums, stored_sums
-from tide.train.data import ActivationLoader, Position, split_samples
+from tide.train.fit.data import ActivationLoader, Position, split_samples
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store

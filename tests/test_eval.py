@@ -1,4 +1,4 @@
-"""Held-out evaluation (train/eval.py) against a plain numpy computation, `tide train` + `tide eval` end
+"""Held-out evaluation (train/analysis/eval.py) against a plain numpy computation, `tide train` + `tide eval` end
 to end, and the texts of the table and the progress bar."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from tide.cli import app
 from tide.harvest.config import HarvestConfig
 from tide.harvest.run import harvest
-from tide.train.checkpoint import load_sae
-from tide.train.config import TrainConfig
-from tide.train.eval import EvalResult, Group, Metrics, evaluate_folders, format_table, progress_text
-from tide.train.trainer import train
+from tide.train.analysis.eval import EvalResult, Group, Metrics, evaluate_folders, format_table, progress_text
+from tide.train.fit.checkpoint import load_sae
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store
@@ -23,7 +23,7 @@ runner = CliRunner()
 
 
 def _numpy_metrics(x, x_hat, z, dense_threshold=0.1):
-    """The definitions of train/eval.py, written out plainly over one group of rows."""
+    """The definitions of train/analysis/eval.py, written out plainly over one group of rows."""
     n, d = x.shape
     r = x - x_hat
     cos = (x * x_hat).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(x_hat, axis=1), 1e-12)

@@ -1,4 +1,4 @@
-"""SAELens interop (train/export.py): what `tide export` writes is loaded by sae-lens' own
+"""SAELens interop (train/sae/export.py): what `tide export` writes is loaded by sae-lens' own
 `SAE.load_from_disk` and reconstructs as tide's forward_raw does; `tide import` brings it back."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tide.cli import app
-from tide.train.checkpoint import load_sae, save_sae
-from tide.train.config import TrainConfig
-from tide.train.eval import evaluate_folders
-from tide.train.export import export_saelens, import_saelens
-from tide.train.trainer import train
+from tide.train.analysis.eval import evaluate_folders
+from tide.train.fit.checkpoint import load_sae, save_sae
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import train
+from tide.train.sae.export import export_saelens, import_saelens
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store

@@ -1,4 +1,4 @@
-"""The feature pass (train/features.py) against a direct numpy / scikit-learn computation over every row."""
+"""The feature pass (train/analysis/features.py) against a direct numpy / scikit-learn computation over every row."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from tide.train.checkpoint import load_sae
-from tide.train.config import TrainConfig
-from tide.train.features import FeaturesConfig, collect, hist_edges, summarise
-from tide.train.trainer import train
+from tide.train.analysis.features import FeaturesConfig, collect, hist_edges, summarise
+from tide.train.fit.checkpoint import load_sae
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import train
 
 from tests.bench_train import synthetic_store
 
@@ -127,7 +127,7 @@ def test_memory_does_not_grow_with_the_store(setup, tmp_path):
 
 
 def test_a_store_without_classes_has_no_auroc(setup, monkeypatch):
-    import tide.train.features as features
+    import tide.train.analysis.features as features
 
     store, loaded, z_NSTF = setup
     monkeypatch.setattr(features, "class_names", lambda store: (None, []))

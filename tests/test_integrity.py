@@ -16,9 +16,9 @@ from tide.cli import app
 from tide.store.reader import ChunkError, MissingChunkWarning, StoreError, open_store, read_into
 from tide.store.schema import FORMAT_VERSION
 from tide.store.stats import recompute_sums
-from tide.train.config import TrainConfig
-from tide.train.data import ActivationLoader
-from tide.train.trainer import train
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.data import ActivationLoader
+from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 from zarr.codecs import Crc32cCodec
 

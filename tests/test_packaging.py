@@ -48,10 +48,10 @@ def test_the_wheel_holds_only_the_tide_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"tide", wheel.name.split("-py3")[0] + ".dist-info"}, tops
-    for module in ("tide/cli.py", "tide/harvest/run.py", "tide/store/reader.py", "tide/train/trainer.py"):
+    for module in ("tide/cli.py", "tide/harvest/run.py", "tide/store/reader.py", "tide/train/fit/trainer.py"):
         assert module in names
     assert "tide/harvest/demo/digits-dit/model_index.json" in names  # the shipped model travels with it
-    assert "tide/train/report/index.html" in names  # the templates of `tide features`
+    assert "tide/train/analysis/templates/index.html" in names  # the templates of `tide features`
     assert not any(n.startswith("tide/tests/") for n in names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "tide = tide.cli:app" in entry

@@ -21,8 +21,8 @@ from tide.cli import app
 from tide.harvest.config import DEMO_MODEL
 from tide.store.open import where, zarr_store
 from tide.store.reader import open_store
-from tide.train.config import TrainConfig
-from tide.train.trainer import train
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -350,7 +350,7 @@ def gets(monkeypatch):
 
 
 def _epoch(store, read_threads: int = 2) -> list[np.ndarray]:
-    from tide.train.data import ActivationLoader
+    from tide.train.fit.data import ActivationLoader
 
     name = store.meta.act_names()[0]
     loader = ActivationLoader(

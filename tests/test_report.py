@@ -17,10 +17,10 @@ from tide.cli import app
 from tide.harvest.config import HarvestConfig
 from tide.harvest.run import harvest
 from tide.store.reader import open_store
-from tide.train.config import TrainConfig
-from tide.train.features import FeaturesConfig
-from tide.train.report import PIXELS, features_report, final_images
-from tide.train.trainer import train
+from tide.train.analysis.features import FeaturesConfig
+from tide.train.analysis.report import PIXELS, features_report, final_images
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 
 runner = CliRunner()

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from safetensors.torch import load, save
-from tide.train.loss import auxk_loss, sae_loss
-from tide.train.sae import SAE, SAEConfig, build_sae, init_modulation_from_adaln, timestep_embedding
+from tide.train.sae.loss import auxk_loss, sae_loss
+from tide.train.sae.model import SAE, SAEConfig, build_sae, init_modulation_from_adaln, timestep_embedding
 
 B, D, F, K = 7, 12, 32, 3
 ARCHS = ("tide", "topk", "batchtopk", "relu")

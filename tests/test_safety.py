@@ -23,8 +23,8 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.run import HarvestError, harvest
 from tide.store.reader import open_store
 from tide.store.schema import Layout
-from tide.train.checkpoint import load_sae
-from tide.train.data import split_samples
+from tide.train.fit.checkpoint import load_sae
+from tide.train.fit.data import split_samples
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store
@@ -308,7 +308,7 @@ def test_store_that_turns_unwritable_mid_run(tiny_dit, tmp_path, monkeypatch, co
     "code, words", [(errno.EROFS, "the filesystem is read-only"), (errno.EACCES, "permission denied")]
 )
 def test_run_folder_that_turns_unwritable_mid_run(syn, tmp_path, monkeypatch, code, words):
-    import tide.train.trainer as trainer
+    import tide.train.fit.trainer as trainer
 
     def save_state(out, state):
         raise OSError(code, os.strerror(code), str(out / "trainer_state.pt"))

@@ -10,8 +10,8 @@ import pytest
 import zarr
 from tide.cli import app
 from tide.store.reader import open_store
-from tide.train.config import TrainConfig
-from tide.train.trainer import train
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store

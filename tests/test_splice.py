@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 from tide.cli import app
-from tide.train.splice import SpliceConfig, mean_edit, splice
-from tide.train.splice_report import format_report
+from tide.train.loop.splice import SpliceConfig, mean_edit, splice
+from tide.train.loop.splice_report import format_report
 from typer.testing import CliRunner
 
 from tests.conftest import save_tiny_dit
@@ -121,7 +121,7 @@ def test_pixart_exact_sae_equals_clean(tiny_pixart, tmp_path):
 
 def test_grid_places_each_image_and_names_each_row(tmp_path):
     from PIL import Image
-    from tide.train.splice_report import save_grid
+    from tide.train.loop.splice_report import save_grid
 
     rng = np.random.default_rng(0)
     rows = [

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tide.cli import app
-from tide.train.checkpoint import load_sae, load_state
-from tide.train.config import TrainConfig
-from tide.train.trainer import lr_at, train
+from tide.train.fit.checkpoint import load_sae, load_state
+from tide.train.fit.config import TrainConfig
+from tide.train.fit.trainer import lr_at, train
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store

@@ -2,7 +2,7 @@
 
 Shape key: B batch (tokens), D model width, F SAE latents.
 
-    total = fvu + aux_coeff * aux + the architecture's own terms (train/archs.py `loss_terms`):
+    total = fvu + aux_coeff * aux + the architecture's own terms (train/sae/archs.py `loss_terms`):
             relu: l1_coeff * l1;  jumprelu: l0_coeff * L0;  matryoshka: the smaller prefixes' FVUs
 
 The reconstruction term is the fraction of variance unexplained rather than a raw MSE so that it, like the
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from tide.train.sae import SAE, ForwardOutput
+    from tide.train.sae.model import SAE, ForwardOutput
 
 
 class LossOutput(NamedTuple):

@@ -22,8 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from tide.store.reader import Store
-from tide.train.checkpoint import LoadedSAE
-from tide.train.features import (
+from tide.train.analysis.features import (
     FeaturesConfig,
     LatentStats,
     LatentTable,
@@ -34,8 +33,9 @@ from tide.train.features import (
     save_arrays,
     summarise,
 )
+from tide.train.fit.checkpoint import LoadedSAE
 
-TEMPLATES = Path(__file__).resolve().parent / "report"
+TEMPLATES = Path(__file__).resolve().parent / "templates"
 PIXELS = 128
 """Width of a top sample's picture (the image is scaled up with nearest-neighbour)."""
 
@@ -533,7 +533,7 @@ def features_report(
 
     from tide.store.open import is_url
     from tide.store.reader import open_store
-    from tide.train.checkpoint import load_sae
+    from tide.train.fit.checkpoint import load_sae
 
     loaded = load_sae(sae_folder, device)
     recorded = loaded.meta.store.path

@@ -9,12 +9,12 @@ the per-step mean keeps the latents from spending themselves on "which timestep 
 residual's mean drifts with; one scalar s, not one per step, keeps the steps' relative magnitudes, so the
 loss weighs them as the model does. Every SAE, tide or baseline, sees identical inputs, so a tide-vs-topk
 difference is the timestep modulation alone. With `init_modulation="adaln"` a fresh run starts every tide
-SAE's modulation from the source DiT's adaLN (train/adaln.py); a resume takes it from its state instead,
+SAE's modulation from the source DiT's adaLN (train/sae/adaln.py); a resume takes it from its state instead,
 so it never needs the model. The normalisation is stored in the SAE's buffers
 (`set_input_normalization`), so `sae.forward_raw(x, t)` works on raw activations.
 
 A run in `cfg.out` left by a kill is resumed exactly (CPU): weights, optimiser states, step, data position
-and RNG come from trainer_state.pt (train/checkpoint.py), so the final weights equal an uninterrupted run's.
+and RNG come from trainer_state.pt (train/fit/checkpoint.py), so the final weights equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from tide.store.device import resolve_device
 from tide.store.open import canonical
 from tide.store.outputs import nested
 from tide.store.reader import Store, configure_read_threads, open_store
-from tide.train.adaln import AdaLNInitError, init_from_dit, load_transformer
-from tide.train.checkpoint import (
+from tide.train.analysis.eval import progress_text
+from tide.train.fit.checkpoint import (
     NORMALIZATION,
     SAEMeta,
     StoreRef,
@@ -44,11 +44,11 @@ from tide.train.checkpoint import (
     save_state,
     write_json,
 )
-from tide.train.config import SAESpec, TrainConfig
-from tide.train.data import ActivationLoader, Batch, Position, Split, split_samples
-from tide.train.eval import progress_text
-from tide.train.loss import LossOutput, sae_loss
-from tide.train.sae import SAE, build_sae
+from tide.train.fit.config import SAESpec, TrainConfig
+from tide.train.fit.data import ActivationLoader, Batch, Position, Split, split_samples
+from tide.train.sae.adaln import AdaLNInitError, init_from_dit, load_transformer
+from tide.train.sae.loss import LossOutput, sae_loss
+from tide.train.sae.model import SAE, build_sae
 from tqdm.auto import tqdm
 
 

@@ -2,7 +2,7 @@
 
 `TrainConfig.specs(meta)` turns it into the list of SAEs trained side by side on the same batches: every
 combination of layer x arch x k (relu, which has no k, gets one), all at the same width. The
-architectures and their hyperparameters (`ArchOptions`, inherited) come from train/archs.py.
+architectures and their hyperparameters (`ArchOptions`, inherited) come from train/sae/archs.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Literal, NamedTuple
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 from tide.store.open import as_location
 from tide.store.schema import StoreMeta, act_name
-from tide.train.archs import ARCHITECTURES, ArchName, ArchOptions
-from tide.train.sae import SAEConfig
+from tide.train.sae.archs import ARCHITECTURES, ArchName, ArchOptions
+from tide.train.sae.model import SAEConfig
 
 DEFAULT_WARMUP = 50
 """warmup_steps when not given, unless max_steps is this or less (then max_steps // 10)."""
@@ -76,7 +76,7 @@ class TrainConfig(ArchOptions):
     init_modulation: Literal["zero", "adaln"] = "zero"
     """tide SAEs' timestep modulation at step 0: 'zero' (its last layer is zero, so a tide SAE starts as the
     topk SAE) or 'adaln' (copied from the source DiT's adaLN that reads the activations, loaded from the
-    store's recorded model folder; train/adaln.py). 'zero' is the default because on the demo model 'adaln'
+    store's recorded model folder; train/sae/adaln.py). 'zero' is the default because on the demo model 'adaln'
     reconstructs no better (worse on the middle layer) and it needs the model folder (train/RESULTS.md)."""
     dead_after_rows: int = Field(250_000, gt=0)
     """A latent counts as dead (and AuxK revives it) after this many training rows without firing."""
@@ -104,7 +104,7 @@ class TrainConfig(ArchOptions):
     steps: str = "all"
     """Stored steps to train on: 'all' or a range 'start:stop' of stored step positions."""
     stratify_steps: bool = False
-    """Give every batch the stored steps in equal shares (see train/data.py)."""
+    """Give every batch the stored steps in equal shares (see train/fit/data.py)."""
     window_rows: int = Field(1 << 17, gt=0)
     """Rows shuffled together: chunks are read in windows this large and every window is permuted."""
     read_threads: int = Field(4, gt=0)

@@ -25,7 +25,7 @@ def fidelity_recovered(m: dict, abl: dict, clean: dict) -> dict[str, float | Non
 
 def build_report(cfg, planned, saes, ablations, conds, tallies, steps, buckets, clf) -> dict[str, Any]:
     """What report.json holds: every condition's metrics, fidelity recovered per SAE, the buckets."""
-    from tide.train.splice import sae_target  # here: splice imports this module
+    from tide.train.loop.splice import sae_target  # here: splice imports this module
 
     has = clf is not None
     metrics = {c.name: tallies[c.name].metrics(has) for c in conds}

@@ -31,8 +31,8 @@ import torch
 from tide.store.open import is_url
 from tide.store.reader import Store, open_store
 from tide.store.schema import step_buckets
-from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
-from tide.train.data import ActivationLoader
+from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
+from tide.train.fit.data import ActivationLoader
 from torch import Tensor
 
 

@@ -37,8 +37,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tide.store.reader import Store
 from tide.store.schema import step_buckets
-from tide.train.checkpoint import LoadedSAE
-from tide.train.data import ActivationLoader
+from tide.train.fit.checkpoint import LoadedSAE
+from tide.train.fit.data import ActivationLoader
 from torch import Tensor
 
 HIST_BINS = 256

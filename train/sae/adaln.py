@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tide.store.fingerprint import check_same_model, fingerprint
 from tide.store.schema import StoreMeta
-from tide.train.sae import SAE, init_modulation_from_adaln, init_modulation_from_final_adaln
+from tide.train.sae.model import SAE, init_modulation_from_adaln, init_modulation_from_final_adaln
 from torch import Tensor, nn
 
 

@@ -2,14 +2,14 @@
 
 Shape key: B batch (tokens), D model width, F SAE latents, P Matryoshka prefixes.
 
-`SAE` (train/sae.py) does everything architectures share: the encoder pre-activations, tide's timestep
+`SAE` (train/sae/model.py) does everything architectures share: the encoder pre-activations, tide's timestep
 modulation, the decoder, the input normalisation. An `Architecture` adds what differs:
     - `activate(sae, pre_BF)`: the sparsifying non-linearity;
     - `add_state(sae)`: parameters and buffers of its own (batchtopk's threshold, jumprelu's thresholds);
-    - `loss_terms(sae, x_BD, out)`: its loss beyond the reconstruction FVU and AuxK (train/loss.py);
+    - `loss_terms(sae, x_BD, out)`: its loss beyond the reconstruction FVU and AuxK (train/sae/loss.py);
     - `fields`: the `ArchOptions` hyperparameters it reads, so `TrainConfig.specs` passes only those;
     - `modulated`: whether the SAE has tide's timestep modulation; `uses_k`, `uses_auxk`;
-    - `saelens`: the SAELens architecture an export writes (train/export.py).
+    - `saelens`: the SAELens architecture an export writes (train/sae/export.py).
 The CLI, the training config, the trainer, the checkpoint loader and the exporter all read ARCHITECTURES,
 so adding an architecture is adding one class here with `@register`.
 
@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat
-from tide.train.loss import _variance_sum
+from tide.train.sae.loss import _variance_sum
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from tide.train.sae import SAE, ForwardOutput, SAEConfig
+    from tide.train.sae.model import SAE, ForwardOutput, SAEConfig
 
 
 class ArchOptions(BaseModel):

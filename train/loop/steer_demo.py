@@ -6,7 +6,7 @@ Method, all measured, nothing hand-picked:
    and the other classes; the latent with the largest d is c's. Its unit is `active_mean`, the mean of
    its nonzero activations on class-c rows.
 2. Sweep: for every target c, one sample of each other class (seeds 0.. as a harvest gives them) is steered
-   by adding strength x the latent's raw-space decoder direction (train/steer.py) at every step, both CFG
+   by adding strength x the latent's raw-space decoder direction (train/loop/steer.py) at every step, both CFG
    rows; strengths are multiples of active_mean. Success = the demo's real-digits classifier says c
    and the image lies as close to a real digit (8x8, nearest neighbour) as the farthest unsteered sample
    does: the classifier alone labels noise too (it calls zero-ablated images "4").
@@ -37,9 +37,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders
-from tide.train.splice import prepare_out, sae_target
-from tide.train.steer import direction
+from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
+from tide.train.loop.splice import prepare_out, sae_target
+from tide.train.loop.steer import direction
 
 MULTIPLES = (8.0, 16.0, 32.0, 64.0)
 BASELINE_MULTIPLES = (1.0, 4.0)
@@ -292,7 +292,9 @@ def format_sweep(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tide.train.steer_demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tide.train.loop.steer_demo", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--saes", type=Path, default=Path("runs/saes"), help="`tide train --out` folder")
     p.add_argument("--out", type=Path, default=Path("runs/steer-demo"))
     p.add_argument("--probe-samples", type=int, default=200, help="store samples used to pick the latents")

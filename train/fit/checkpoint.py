@@ -29,11 +29,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from tide.store.open import is_url
 from tide.store.outputs import check_replaceable, nested, replace
-from tide.train.data import Split
-from tide.train.sae import SAE, SAEConfig, build_sae
+from tide.train.fit.data import Split
+from tide.train.sae.model import SAE, SAEConfig, build_sae
 
 if TYPE_CHECKING:
-    from tide.train.config import TrainConfig
+    from tide.train.fit.config import TrainConfig
 
 SAE_FORMAT = "tide.sae"
 STATE_FILE = "trainer_state.pt"

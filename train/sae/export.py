@@ -36,15 +36,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tide.train.checkpoint import (
+from tide.train.fit.checkpoint import (
     LoadedSAE,
     SAEMeta,
     StoreRef,
     load_sae,
     save_sae,
 )
-from tide.train.data import Split
-from tide.train.sae import SAE, SAEConfig, build_sae
+from tide.train.fit.data import Split
+from tide.train.sae.model import SAE, SAEConfig, build_sae
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -1,16 +1,16 @@
 """Sparse autoencoders over DiT activations: the timestep-modulated TIDE SAE and the architectures of
-train/archs.py (topk, batchtopk, relu, jumprelu, matryoshka, and tide-modulated jumprelu and matryoshka).
+train/sae/archs.py (topk, batchtopk, relu, jumprelu, matryoshka, and tide-modulated jumprelu and matryoshka).
 
 Shape key: B batch (tokens), D model width, F SAE latents, E timestep-embedding width, H modulation MLP
 width, S timesteps with a stored input mean.
 
 Every architecture computes
     pre_BF = x_in_BD @ W_enc + b_enc,   z_BF = activation(pre_BF),   x_hat_BD = z_BF @ W_dec + b_dec
-with activation = the architecture's (train/archs.py), x_in = x - b_dec, and for the modulated architectures
+with activation = the architecture's (train/sae/archs.py), x_in = x - b_dec, and for the modulated architectures
 (`tide`, `tide-jumprelu`, `tide-matryoshka`) the timestep-modulated
     x_mod = (x - b_dec) * (1 + scale(t)) + shift(t),
 where (shift, scale) come from an MLP over a sinusoidal embedding of t laid out like diffusers' DiT adaLN
-path, so `init_modulation_from_adaln` can copy a trained DiT's own modulation into it (train/adaln.py does
+path, so `init_modulation_from_adaln` can copy a trained DiT's own modulation into it (train/sae/adaln.py does
 so for `tide train --init-modulation adaln`). By default the MLP's last layer is zero-initialised, so an
 untrained `tide` SAE is exactly a `topk` SAE.
 
@@ -24,16 +24,16 @@ Activations: `topk`/`tide` keep the k largest pre-activations per row (ReLU'd, G
 `batchtopk` keeps the k*B largest over the whole batch while training; at inference it keeps every
 pre-activation above a threshold, an exponential moving average of the smallest kept activation of each
 training batch (Bussmann et al. 2024), so inference needs no batch. `relu` is a ReLU with an L1 penalty
-(train/archs.py) on activations times decoder-row norms (Anthropic, April 2024 update): with rows
+(train/sae/archs.py) on activations times decoder-row norms (Anthropic, April 2024 update): with rows
 renormalised after every step it is plain L1, and it stays scale-honest if a caller skips that.
 `jumprelu` keeps pre-activations above a learned per-latent threshold; `matryoshka` is TopK or BatchTopK
-whose nested prefixes of latents each reconstruct on their own (both described in train/archs.py).
+whose nested prefixes of latents each reconstruct on their own (both described in train/sae/archs.py).
 
 Decoder geometry: rows of W_dec are unit norm. A training step is `out = sae(x, t)`, `loss.backward()`,
 `sae.project_decoder_grad()` (drop the radial gradient), `opt.step()`, `sae.normalize_decoder()`. W_enc
 starts as W_dec.T; b_dec is set by `init_decoder_bias` to the geometric median of a data sample, which
 unlike the mean is not dragged by the few huge-norm outlier tokens transformers have. Dead latents: every
-training-mode forward counts, per latent, forwards since it last fired; AuxK (train/loss.py) revives them.
+training-mode forward counts, per latent, forwards since it last fired; AuxK (train/sae/loss.py) revives them.
 
 Input normalisation: the trainer feeds x_n = (x - mu(t)) / s. `set_input_normalization` stores mu (one
 row, or one row per timestep, looked up at the nearest stored timestep) and s as buffers, and
@@ -58,7 +58,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 from pydantic import ConfigDict, Field, PositiveInt, model_validator
-from tide.train.archs import Architecture, ArchName, ArchOptions, architecture
+from tide.train.sae.archs import Architecture, ArchName, ArchOptions, architecture
 from torch import Tensor, nn
 
 T_TOLERANCE = 0.5
@@ -69,12 +69,12 @@ class SAEConfig(ArchOptions):
     """Architecture of one SAE. Pass `expansion` instead of `num_latents` for num_latents = expansion * d_model.
 
     The architecture hyperparameters (aux_coeff, l1_coeff, l0_coeff, jumprelu_*, matryoshka_*) come from
-    `ArchOptions` (train/archs.py); each architecture reads only its own."""
+    `ArchOptions` (train/sae/archs.py); each architecture reads only its own."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     arch: ArchName = "tide"
-    """A name in train/archs.py's ARCHITECTURES: tide (timestep-modulated TopK), topk, batchtopk, relu, jumprelu,
+    """A name in train/sae/archs.py's ARCHITECTURES: tide (timestep-modulated TopK), topk, batchtopk, relu, jumprelu,
     matryoshka, tide-jumprelu, tide-matryoshka."""
     d_model: PositiveInt
     """D: width of the activations the SAE reads."""

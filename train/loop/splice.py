@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tide.store.fingerprint import check_same_model
-from tide.train.checkpoint import LoadedSAE, load_sae, sae_folders
-from tide.train.splice_report import build_report, save_grid
+from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
+from tide.train.loop.splice_report import build_report, save_grid
 
 
 class SpliceConfig(BaseModel):

@@ -26,9 +26,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tide.train.checkpoint import LoadedSAE, load_sae
-from tide.train.splice import check_pipeline, parse_steps, prepare_out, sae_target
-from tide.train.splice_report import save_grid
+from tide.train.fit.checkpoint import LoadedSAE, load_sae
+from tide.train.loop.splice import check_pipeline, parse_steps, prepare_out, sae_target
+from tide.train.loop.splice_report import save_grid
 
 
 class SteerConfig(BaseModel):

@@ -1,0 +1,6 @@
+"""Reading what a trained SAE learned, from the store alone.
+
+`eval.py` gives reconstruction and sparsity on held-out samples, overall and per timestep bucket;
+`features.py` is one streaming pass collecting per-latent statistics (activation rates, timestep profiles,
+top rows, class scores); `report.py` renders that pass as static HTML from the `templates/` folder.
+"""

@@ -1,0 +1,6 @@
+"""SAEs back inside the denoising loop: the only part of train/ that runs the DiT again.
+
+`splice.py` samples with an SAE's reconstruction substituted for the activations it reads and measures the
+fidelity recovered (`splice_report.py` prints and draws it), `steer.py` edits images through one latent
+(`tide steer`), and `steer_demo.py` is `make steer-demo`.
+"""
