@@ -32,7 +32,7 @@ app.add_typer(demo_app, name="demo-model")
 
 REPO = Path(__file__).resolve().parent
 REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
-"""README.md holds `tide config-reference`'s output between these lines."""
+"""docs/settings.md holds `tide config-reference`'s output between these lines."""
 
 
 STORE_HELP = "A tide store: a folder, s3://, gs://, http(s)://, hf://datasets/ORG/NAME/PATH, or a .zarr.zip."
@@ -58,7 +58,7 @@ def _fail(message: str) -> None:
 
 
 def default_text(value: Any) -> str:
-    """A config default as `--help` and the README's reference table write it: `(default <this>)`."""
+    """A config default as `--help` and docs/settings.md write it: `(default <this>)`."""
     if value is None:
         return "none"
     if isinstance(value, bool):

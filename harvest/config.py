@@ -25,7 +25,7 @@ RUN_ONLY_FIELDS = frozenset({"out", "overwrite", "device", "progress", "writer_q
 class HarvestConfig(BaseModel):
     """Everything that defines a harvest. Stored in the cache; a resume must match it field by field."""
 
-    # use_attribute_docstrings: the docstring under each field is its description (README's reference table).
+    # use_attribute_docstrings: the docstring under each field is its description (docs/settings.md).
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     model: str = str(DEMO_MODEL)
@@ -74,7 +74,7 @@ class HarvestConfig(BaseModel):
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     """Storage dtype of activations. bfloat16 is stored as raw uint16 bits (zarr has no bfloat16)."""
     codec: Literal["blosc-zstd", "zstd", "none"] = "blosc-zstd"
-    """Chunk compression: blosc-zstd (level 1, byte shuffle; measured best, see README), zstd, none."""
+    """Chunk compression: blosc-zstd (level 1, byte shuffle; measured best, see docs/benchmarks.md), zstd, none."""
     model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype the transformer runs in."""
     save_images: bool = False

@@ -72,7 +72,7 @@ class DemoTrainConfig(BaseModel):
     label_block: int | None = Field(None, ge=0)
     """None (the shipped model): every block and the output layer read the label, as in DiT-XL/2. A block
     index: only that block's adaLN reads it, every other label table is held at zero (`label_enters_once`),
-    so downstream of it the class lives in the residual stream only; the README's steering section measures
+    so downstream of it the class lives in the residual stream only; docs/results.md measures
     what that changes."""
 
     @model_validator(mode="after")

@@ -237,7 +237,7 @@ def read_only(loc: Where) -> LocationError:
     )
     return LocationError(
         f"{loc.text} is {kind}, which tide only reads; write the store to a local folder or to s3:// or gs://, "
-        "then share it (README, 'Sharing a store')"
+        "then share it (docs/stores.md, 'Stores at URLs, and sharing a store')"
     )
 
 

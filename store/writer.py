@@ -23,7 +23,7 @@ from tide.store.open import where, zarr_store
 from tide.store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-# Measured on synthetic and demo float16 activations (README, "Compression"): level 1 with byte shuffle
+# Measured on synthetic and demo float16 activations (docs/benchmarks.md, "Compression"): level 1 with byte shuffle
 # gains most of what zstd can, and a 256 KB block keeps decompression parallel within a chunk.
 BLOSC_BLOCKSIZE = 256 * 1024
 

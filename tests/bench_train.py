@@ -253,7 +253,7 @@ def bench_s3(
     local folder, alternating, as a median of ratios; and the server's own ceiling: the same chunk objects
     fetched with nothing of tide's (obstore, 32 GETs in flight, no decoding), so that the ratio can be read
     against what the server can serve at all. moto is a Python server on the same cores as the reader, so
-    on a small machine that ceiling, not tide, is the limit (README, "Reading speed")."""
+    on a small machine that ceiling, not tide, is the limit (docs/benchmarks.md, "Reading speed")."""
     import boto3
     from moto.server import ThreadedMotoServer
     from tide.train.fit.data import ActivationLoader

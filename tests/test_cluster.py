@@ -212,7 +212,7 @@ def _cli(*args: str) -> list[str]:
 
 
 def test_by_hand_cluster_with_a_worker_killed(reference, tmp_path):
-    """`dask scheduler` + 2 `dask worker`s on 127.0.0.1, as the README starts them; one worker is SIGKILLed
+    """`dask scheduler` + 2 `dask worker`s on 127.0.0.1, as docs/cluster.md starts them; one worker is SIGKILLed
     while it writes; `tide harvest --scheduler` still makes the single-process store."""
     dask = str(Path(sys.executable).parent / "dask")
     address = f"tcp://127.0.0.1:{_free_port()}"

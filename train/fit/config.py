@@ -46,7 +46,7 @@ def _comma_list(v: Any) -> Any:
 class TrainConfig(ArchOptions):
     """Everything that defines a training run. Saved next to the SAEs; a resume must match it."""
 
-    # use_attribute_docstrings: the docstring under each field is its description (README's reference table).
+    # use_attribute_docstrings: the docstring under each field is its description (docs/settings.md).
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     store: Path | str = Path("runs/digits.zarr")

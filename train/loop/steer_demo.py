@@ -22,7 +22,7 @@ Method, all measured, nothing hand-picked:
    site made through the SAE can carry more of the target class than its real activations do, so this
    bounds every steering protocol at the site; on the demo model it is near zero, because the class label
    also enters every later block's and the output layer's adaLN modulation. On a model trained with
-   `tide demo-model train --label-block 1` it is 0.97, and steps 2 and 4 still fail (README, "A model whose
+   `tide demo-model train --label-block 1` it is 0.97, and steps 2 and 4 still fail (docs/results.md, "A model whose
    label enters once").
 
 Shape key: N samples, S steps, T tokens, D width, F latents.
