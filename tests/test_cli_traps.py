@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 import typer.main
-from tide.cli import REFERENCE_MARKERS, REPO, app, config_reference, default_text
+from tide.cli import app
+from tide.cliconfig import REFERENCE_MARKERS, REPO, config_reference, default_text
 from tide.harvest.config import HarvestConfig
 from tide.train.fit.checkpoint import load_sae
 from tide.train.fit.config import TrainConfig

@@ -1,0 +1,140 @@
+"""How `tide` commands take their settings: a config file plus flags -> one validated pydantic config, and
+`tide config-reference`'s tables. Moved out of cli.py as is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+REPO = Path(__file__).resolve().parent
+REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:end -->")
+"""docs/settings.md holds `tide config-reference`'s output between these lines."""
+
+
+def _fail(message: str) -> None:
+    """Print a one-paragraph error and exit non-zero, without a traceback."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+# --- configs: file + flags -> pydantic -------------------------------------------------------------
+
+
+def default_text(value: Any) -> str:
+    """A config default as `--help` and docs/settings.md write it: `(default <this>)`."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list):
+        return ",".join(default_text(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str | Path) and Path(value).is_absolute() and Path(value).is_relative_to(REPO):
+        return Path(value).relative_to(REPO).as_posix()  # the shipped model, not this machine's path
+    return str(value)
+
+
+def _keys(model_cls) -> dict[str, str]:
+    """Every name a config file may use for a field (its validation aliases, then its own name) -> field."""
+    from pydantic import AliasChoices
+
+    names = {}
+    for field_name, field in model_cls.model_fields.items():
+        alias = field.validation_alias
+        aliases = (
+            alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+        )
+        names |= {str(a): field_name for a in aliases} | {field_name: field_name}
+    return names
+
+
+def config_key(model_cls, field_name: str) -> str:
+    """The key a config file should use for a field: its option's name (`arch` for TrainConfig.archs)."""
+    return next(key for key, name in _keys(model_cls).items() if name == field_name)
+
+
+def _explain(err: dict, model_cls, flags: dict, config: Path | None) -> str:
+    """One pydantic error as `where: what`, where is the flag or the config file's key."""
+    import difflib
+
+    loc = [str(p) for p in err["loc"]]
+    if not loc:
+        return err["msg"].removeprefix("Value error, ")
+    key, item = loc[0], "".join(f"[{p}]" for p in loc[1:])
+    if err["type"] == "extra_forbidden":
+        keys = _keys(model_cls)
+        if key in keys:  # two names of one setting, e.g. arch and archs
+            return f"{key} in {config} sets {keys[key]} again; keep one of its names"
+        close = difflib.get_close_matches(key, list(keys), n=1)
+        return (
+            f"{key} in {config} is not a setting of {model_cls.__name__}"
+            + (f" (did you mean {close[0]}?)" if close else "")
+            + "; `tide config-reference` lists every key"
+        )
+    where = f"--{key.replace('_', '-')}" if key in flags else f"{key} in {config}" if config else key
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] != "value_error":  # pydantic's own messages do not show the value; ours do
+        msg = f"got {err['input']!r}; {msg[0].lower()}{msg[1:]}"
+    return f"{where}{item}: {msg}"
+
+
+def _build_config(model_cls, config: Path | None, overrides: dict) -> tuple[Any, set[str]]:
+    """Config file values, then every flag the user actually gave, validated by the stage's pydantic model.
+
+    Returns the config and the fields the user set (in the file or by a flag); flags left at None are unset.
+    """
+    from pydantic import ValidationError
+    from tide.harvest.config import load_config_file
+
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        values = load_config_file(config) if config is not None else {}
+    except ValueError as e:
+        _fail(str(e))
+    keys = _keys(model_cls)
+    for key in flags:  # a flag replaces the file's value under any name of the setting (--arch over archs:)
+        for other in [k for k in values if k != key and keys.get(k) == keys.get(key)]:
+            del values[other]
+    values.update(flags)
+    try:
+        cfg = model_cls(**values)
+    except ValidationError as e:
+        _fail("; ".join(_explain(err, model_cls, flags, config) for err in e.errors()))
+    return cfg, {keys.get(k, k) for k in values}
+
+
+def setting_options(command: str, model_cls) -> dict[str, str]:
+    """Config field -> the `tide COMMAND` option that sets it (`--no-progress` for progress)."""
+    from tide.cli import app
+    from typer.main import get_command
+
+    keys = _keys(model_cls)
+    found = {}
+    for param in get_command(app).commands[command].params:
+        name = param.name.removeprefix("no_")  # --no-progress sets progress
+        if name in keys:
+            found[keys[name]] = param.opts[0]
+    return found
+
+
+def config_reference() -> str:
+    """Markdown tables of every HarvestConfig and TrainConfig field: key, option, default, docstring."""
+    from tide.harvest.config import HarvestConfig
+    from tide.train.fit.config import TrainConfig
+
+    parts = []
+    for command, model_cls in (("harvest", HarvestConfig), ("train", TrainConfig)):
+        options = setting_options(command, model_cls)
+        rows = ["| key | option | default | meaning |", "| --- | --- | --- | --- |"]
+        for name, field in model_cls.model_fields.items():
+            key = config_key(model_cls, name)
+            option = f"`{options[name]}`" if name in options else "file only"
+            meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+            if key != name:
+                meaning += f" Older files may call it `{name}`."
+            rows.append(f"| `{key}` | {option} | `{default_text(field.default)}` | {meaning} |")
+        parts.append(f"`tide {command}` ({model_cls.__name__}):\n\n" + "\n".join(rows))
+    return "\n\n".join(parts) + "\n"
