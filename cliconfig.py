@@ -1,10 +1,15 @@
-"""How `tide` commands take their settings: a config file plus flags -> one validated pydantic config, and
-`tide config-reference`'s tables. Moved out of cli.py as is."""
+"""How `tide` commands take their settings: a config file plus flags -> one validated pydantic config, library
+errors as one `error:` line, and `tide config-reference`'s tables. The options themselves: clioptions.py.
+
+Nothing here imports torch, diffusers or a config module at import time, so that `tide --help` stays instant.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -13,17 +18,35 @@ REFERENCE_MARKERS = ("<!-- config-reference:start -->", "<!-- config-reference:e
 """docs/settings.md holds `tide config-reference`'s output between these lines."""
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print a one-paragraph error and exit non-zero, without a traceback."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
-# --- configs: file + flags -> pydantic -------------------------------------------------------------
+def log(message: str) -> None:
+    """Progress notes go to stderr, so that stdout holds only a command's result."""
+    typer.echo(message, err=True)
+
+
+@contextmanager
+def user_errors(storage: str | None = None) -> Iterator[None]:
+    """Run a command's library call: every tide error (each is a ValueError) and OSError becomes one `error:`
+    line; URL stores opened inside use `storage` (--storage-options JSON)."""
+    from tide.store.open import storage_options
+
+    try:
+        with storage_options(storage):
+            yield
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+# --- config file + flags -> pydantic ---------------------------------------------------------------
 
 
 def default_text(value: Any) -> str:
-    """A config default as `--help` and docs/settings.md write it: `(default <this>)`."""
+    """A default as `--help` and docs/settings.md write it (`[default: <this>]`)."""
     if value is None:
         return "none"
     if isinstance(value, bool):
@@ -37,7 +60,7 @@ def default_text(value: Any) -> str:
     return str(value)
 
 
-def _keys(model_cls) -> dict[str, str]:
+def keys(model_cls) -> dict[str, str]:
     """Every name a config file may use for a field (its validation aliases, then its own name) -> field."""
     from pydantic import AliasChoices
 
@@ -53,10 +76,10 @@ def _keys(model_cls) -> dict[str, str]:
 
 def config_key(model_cls, field_name: str) -> str:
     """The key a config file should use for a field: its option's name (`arch` for TrainConfig.archs)."""
-    return next(key for key, name in _keys(model_cls).items() if name == field_name)
+    return next(key for key, name in keys(model_cls).items() if name == field_name)
 
 
-def _explain(err: dict, model_cls, flags: dict, config: Path | None) -> str:
+def explain(err: dict, model_cls, flags: dict, config: Path | None) -> str:
     """One pydantic error as `where: what`, where is the flag or the config file's key."""
     import difflib
 
@@ -65,10 +88,10 @@ def _explain(err: dict, model_cls, flags: dict, config: Path | None) -> str:
         return err["msg"].removeprefix("Value error, ")
     key, item = loc[0], "".join(f"[{p}]" for p in loc[1:])
     if err["type"] == "extra_forbidden":
-        keys = _keys(model_cls)
-        if key in keys:  # two names of one setting, e.g. arch and archs
-            return f"{key} in {config} sets {keys[key]} again; keep one of its names"
-        close = difflib.get_close_matches(key, list(keys), n=1)
+        names = keys(model_cls)
+        if key in names:  # two names of one setting, e.g. arch and archs
+            return f"{key} in {config} sets {names[key]} again; keep one of its names"
+        close = difflib.get_close_matches(key, list(names), n=1)
         return (
             f"{key} in {config} is not a setting of {model_cls.__name__}"
             + (f" (did you mean {close[0]}?)" if close else "")
@@ -81,7 +104,21 @@ def _explain(err: dict, model_cls, flags: dict, config: Path | None) -> str:
     return f"{where}{item}: {msg}"
 
 
-def _build_config(model_cls, config: Path | None, overrides: dict) -> tuple[Any, set[str]]:
+def given_flags(values: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A command's parameters as config overrides: None for every option not given, so that a config file can
+    set it; an on/off flag that is off is not given either, and `--no-X` sets X to false."""
+    flags = {}
+    for name, value in values.items():
+        if name in skip:
+            continue
+        if isinstance(value, bool) and name.startswith("no_"):
+            flags[name.removeprefix("no_")] = False if value else None
+        else:
+            flags[name] = (value or None) if isinstance(value, bool) else value
+    return flags
+
+
+def build_config(model_cls, config: Path | None, overrides: dict) -> tuple[Any, set[str]]:
     """Config file values, then every flag the user actually gave, validated by the stage's pydantic model.
 
     Returns the config and the fields the user set (in the file or by a flag); flags left at None are unset.
@@ -93,48 +130,65 @@ def _build_config(model_cls, config: Path | None, overrides: dict) -> tuple[Any,
     try:
         values = load_config_file(config) if config is not None else {}
     except ValueError as e:
-        _fail(str(e))
-    keys = _keys(model_cls)
+        fail(str(e))
+    names = keys(model_cls)
     for key in flags:  # a flag replaces the file's value under any name of the setting (--arch over archs:)
-        for other in [k for k in values if k != key and keys.get(k) == keys.get(key)]:
+        for other in [k for k in values if k != key and names.get(k) == names.get(key)]:
             del values[other]
     values.update(flags)
     try:
         cfg = model_cls(**values)
     except ValidationError as e:
-        _fail("; ".join(_explain(err, model_cls, flags, config) for err in e.errors()))
-    return cfg, {keys.get(k, k) for k in values}
+        fail("; ".join(explain(err, model_cls, flags, config) for err in e.errors()))
+    return cfg, {names.get(k, k) for k in values}
 
 
-def setting_options(command: str, model_cls) -> dict[str, str]:
+def flags_config(model_cls, **flags: Any) -> Any:
+    """A command's config from its flags alone (no config file); a refused value names its flag."""
+    return build_config(model_cls, None, flags)[0]
+
+
+# --- every setting ---------------------------------------------------------------------------------
+
+
+def setting_options(app: typer.Typer, command: str, model_cls) -> dict[str, str]:
     """Config field -> the `tide COMMAND` option that sets it (`--no-progress` for progress)."""
-    from tide.cli import app
     from typer.main import get_command
 
-    keys = _keys(model_cls)
+    names = keys(model_cls)
     found = {}
     for param in get_command(app).commands[command].params:
         name = param.name.removeprefix("no_")  # --no-progress sets progress
-        if name in keys:
-            found[keys[name]] = param.opts[0]
+        if name in names:
+            found[names[name]] = param.opts[0]
     return found
 
 
-def config_reference() -> str:
+def config_reference(app: typer.Typer) -> str:
     """Markdown tables of every HarvestConfig and TrainConfig field: key, option, default, docstring."""
     from tide.harvest.config import HarvestConfig
     from tide.train.fit.config import TrainConfig
 
     parts = []
     for command, model_cls in (("harvest", HarvestConfig), ("train", TrainConfig)):
-        options = setting_options(command, model_cls)
+        options = setting_options(app, command, model_cls)
         rows = ["| key | option | default | meaning |", "| --- | --- | --- | --- |"]
         for name, field in model_cls.model_fields.items():
             key = config_key(model_cls, name)
-            option = f"`{options[name]}`" if name in options else "file only"
+            option_text = f"`{options[name]}`" if name in options else "file only"
             meaning = " ".join((field.description or "").split()).replace("|", "\\|")
             if key != name:
                 meaning += f" Older files may call it `{name}`."
-            rows.append(f"| `{key}` | {option} | `{default_text(field.default)}` | {meaning} |")
+            rows.append(f"| `{key}` | {option_text} | `{default_text(field.default)}` | {meaning} |")
         parts.append(f"`tide {command}` ({model_cls.__name__}):\n\n" + "\n".join(rows))
     return "\n\n".join(parts) + "\n"
+
+
+def write_reference(app: typer.Typer, readme: Path) -> None:
+    """Put the config reference between README.md's markers, replacing what was there."""
+    start, end = REFERENCE_MARKERS
+    old = readme.read_text()
+    if start not in old or end not in old:
+        fail(f"{readme} has no {start} ... {end} lines to put the reference between; add them")
+    head, rest = old.split(start, 1)
+    readme.write_text(f"{head}{start}\n{config_reference(app)}{end}{rest.split(end, 1)[1]}")

@@ -86,6 +86,15 @@ def summary(store: Store) -> dict[str, Any]:
     }
 
 
+def summary_table(info: dict[str, Any]) -> str:
+    """`summary` as `tide store info` prints it: one `key  value` line each, sizes in MiB."""
+    mib = {"bytes_on_disk"}
+    return "\n".join(
+        f"{key:>18}  {f'{value / 2**20:.1f} MiB' if key in mib and value is not None else value}"
+        for key, value in info.items()
+    )
+
+
 def block_kinds(meta) -> str:
     """FLUX's one global layer index, split into its double- and single-stream blocks."""
     d, n = meta.double_stream_blocks, meta.num_layers
@@ -316,3 +325,35 @@ def reset_damaged(path: Path | str, damaged: list[ChunkError]) -> list[slice]:
     for start, stop in ranges:
         done[start:stop] = np.zeros(stop - start, dtype=bool)
     return [slice(a, b) for a, b in ranges]
+
+
+def verdict_advice(path: str, verdict: Verdict, quick: bool, reset: list[slice] | None) -> list[str]:
+    """What `tide store verify` says after its FAIL lines: the next step for damage (or what --reset-damaged
+    did), or that the store is sound and, if so, whether its harvest is finished."""
+    if reset is not None:
+        samples = ", ".join(f"{r.start}..{r.stop - 1}" for r in reset)
+        return [
+            f"marked samples {samples} not done; run the `tide harvest --out {path}` command that made this "
+            "store again to write them anew, then verify again"
+        ]
+    if verdict.damaged:
+        return [
+            f"{len(verdict.damaged)} chunk(s) are missing or unreadable: restore them from a copy of the store, "
+            f"or run `tide store verify {path} --reset-damaged` and then the store's `tide harvest --out "
+            f"{path}` command again to write their samples anew"
+        ]
+    if verdict.problems:
+        return []
+    lines = [
+        f"ok: {path} is a sound tide store as far as --quick checks (metadata, shapes, and every chunk file "
+        "of the done samples there with a plausible size); without --quick every chunk is also read and "
+        "its checksum verified"
+        if quick
+        else f"ok: {path} is a sound tide store"
+    ]
+    if verdict.samples_done < verdict.num_samples:
+        lines.append(
+            f"incomplete: {verdict.samples_done} of {verdict.num_samples} samples done; re-run the same "
+            f"`tide harvest --out {path}` command to finish it (finished samples are kept)"
+        )
+    return lines

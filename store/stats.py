@@ -13,6 +13,7 @@ Shape key: C sample chunks, S stored steps, D model width.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -166,3 +167,45 @@ def step_table(store: Store, sums: ChunkSums) -> list[dict[str, float]]:
         }
         for s in range(len(t))
     ]
+
+
+def check_sums(
+    path: str, array: str | None, scheduler: str | None, write: bool, echo: Callable[[str], None] = print
+) -> None:
+    """`tide store stats`: recompute each array's sums, print its step table, and check them against the
+    stored ones (or rewrite these with `write`); raises StoreError naming every array whose sums disagree."""
+    from tide.store.reader import open_store
+
+    store = open_store(path)
+    mismatched = []
+    for name in [array] if array else store.meta.act_names():
+        sums = recompute_sums(store, name, scheduler=scheduler)
+        echo(f"{name}: {len(sums.chunks)} sample chunks")
+        echo(f"{'step':>5} {'t':>9} {'rows':>9} {'|mean|':>10} {'rms norm':>10} {'channel std':>12}")
+        for r in step_table(store, sums):
+            echo(
+                f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
+                f"{r['channel_std']:>12.4g}"
+            )
+        diff = difference(sums, stored_sums(store, name, sums.chunks))
+        if write:
+            write_sums(store, name, sums)
+            echo(f"{name}: rewrote the stored sums (they differed by {diff:.3g} relative)")
+        elif diff > 1e-9:
+            mismatched.append(f"{name} (relative difference {diff:.3g})")
+        else:
+            echo(f"{name}: stored sums match (relative difference {diff:.3g})")
+    if mismatched:
+        raise StoreError(
+            f"stored sums disagree with the activations for {', '.join(mismatched)}; {_why(store, path)}"
+        )
+
+
+def _why(store: Store, path: str) -> str:
+    """What to do about stored sums that disagree: version 2 stores have checksums, version 1 ones do not."""
+    if store.meta.format_version >= 2:
+        return "every chunk passed its checksum, so the stored sums are at fault: rewrite them with --write"
+    return (
+        f"this version-1 store has no checksums, so damaged activations could explain it too: run "
+        f"`tide store verify {path}`, and rewrite the sums with --write only if it finds nothing else"
+    )

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import typer.main
 from tide.cli import app
-from tide.cliconfig import REFERENCE_MARKERS, REPO, config_reference, default_text
+from tide.cliconfig import REFERENCE_MARKERS, REPO, default_text
+from tide.cliconfig import config_reference as reference_text
 from tide.harvest.config import HarvestConfig
 from tide.train.fit.checkpoint import load_sae
 from tide.train.fit.config import TrainConfig
@@ -86,7 +87,7 @@ def test_docs_document_every_setting():
         for name, field in model_cls.model_fields.items():
             assert field.description, f"{model_cls.__name__}.{name} has no docstring"
     assert len(keys) == len(HarvestConfig.model_fields) + len(TrainConfig.model_fields)
-    assert section.strip() == config_reference().strip(), (
+    assert section.strip() == reference_text(app).strip(), (
         "docs/settings.md's config reference is stale: run `tide config-reference --readme docs/settings.md`"
     )
 
@@ -105,11 +106,11 @@ def test_help_shows_flags_as_flags_and_every_default(command, model_cls, field_o
         if param.is_flag or field not in model_cls.model_fields:
             continue  # an on/off flag's default is off; --config is no setting
         default = model_cls.model_fields[field].default
-        assert "(default" in param.help, f"--{param.name}'s help states no default: {param.help!r}"
+        assert "[default: " in param.help, f"--{param.name}'s help states no default: {param.help!r}"
         if default is not None:
-            after = param.help.split("(default ", 1)[1]
+            after = param.help.split("[default: ", 1)[1]
             want = default_text(default)
-            assert re.match(re.escape(want) + r"[),; ]", after), (param.name, want, param.help)
+            assert re.match(re.escape(want) + r"[\],; ]", after), (param.name, want, param.help)
         checked.add(field)
     assert len(checked) > 15
 

@@ -387,3 +387,20 @@ def progress_text(names: Sequence[str], fvus: Sequence[float], l0s: Sequence[flo
         f"{'-'.join(p[common:])} fvu {short(f, '.3f')} L0 {l0:.1f}"
         for p, f, l0 in zip(parts, fvus, l0s, strict=True)
     )
+
+
+def evaluate_run(trained, cfg, log: Callable[[str], None] = print) -> list[EvalResult]:
+    """`tide train`'s closing evaluation of the SAEs a run (`trainer.TrainResult`) wrote, on its held-out
+    split; none when the run holds nothing out (val_fraction 0, or too few sample chunks: said in `log`)."""
+    if cfg.val_fraction == 0:
+        return []
+    if not trained.split.val_chunks:
+        log(
+            f"note: no held-out samples (the store has {len(trained.split.train_chunks)} done sample chunk(s), "
+            "all used for training), so the evaluation is skipped; harvest more samples to evaluate"
+        )
+        return []
+    return evaluate_folders(
+        trained.saes, cfg.store, batch_size=cfg.batch_size, buckets=cfg.eval_buckets,
+        read_threads=cfg.read_threads, log=log,
+    )  # fmt: skip
