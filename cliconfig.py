@@ -185,7 +185,7 @@ def config_reference(app: typer.Typer) -> str:
 
 
 def write_reference(app: typer.Typer, readme: Path) -> None:
-    """Put the config reference between README.md's markers, replacing what was there."""
+    """Put the config reference between the markers of `readme` (docs/settings.md), replacing what was there."""
     start, end = REFERENCE_MARKERS
     old = readme.read_text()
     if start not in old or end not in old:
