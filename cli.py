@@ -10,7 +10,17 @@ from pathlib import Path
 
 import typer
 from tide import clioptions as opt
-from tide.cliconfig import build_config, fail, flags_config, given_flags, log, user_errors, write_reference
+from tide.cliconfig import (
+    build_config,
+    deprecated_flag,
+    fail,
+    flags_config,
+    full_short_help,
+    given_flags,
+    log,
+    user_errors,
+    write_reference,
+)
 from tide.cliconfig import config_reference as reference_text
 
 
@@ -26,8 +36,8 @@ app = _typer(
 )
 store_app = _typer("Inspect, verify and summarise activation stores.")
 demo_app = _typer("The shipped demo model: a small class-conditional DiT on digits.")
-app.add_typer(store_app, name="store")
-app.add_typer(demo_app, name="demo-model")
+app.add_typer(store_app, name="store", short_help=store_app.info.help)
+app.add_typer(demo_app, name="demo-model", short_help=demo_app.info.help)
 EVERY_SETTING = "Every setting, with the config-file keys that have no flag: `tide config-reference`."
 
 
@@ -72,30 +82,18 @@ def harvest(
     """
     # Where it runs is no setting of the store: --scheduler, --workers and --storage-options stay out of it.
     flags = given_flags(locals(), skip=("config", "scheduler", "workers", "storage_options"))
+    from tide.harvest.cluster import harvest_where
     from tide.harvest.config import HarvestConfig
 
     cfg, _ = build_config(HarvestConfig, config, flags)
     with user_errors(storage_options):
-        result = _run_harvest(cfg, scheduler, workers)
+        result = harvest_where(cfg, scheduler, workers, log=log)
     if result.written:
         typer.echo(f"wrote {result.out}")
     else:
         typer.echo(
             f"already complete: {result.out} holds all {result.num_samples} samples; nothing was written"
         )
-
-
-def _run_harvest(cfg, scheduler: str | None, workers: int | None):
-    """In this process, or on a dask cluster when --scheduler or --workers asks for one."""
-    from tide.harvest.run import harvest as run_harvest
-
-    if scheduler is None and workers is None:
-        return run_harvest(cfg, log=log)
-    from tide.harvest.cluster import connect, harvest_on_cluster
-
-    with connect(scheduler, workers) as client:
-        log(f"dask cluster at {client.scheduler.address}: {len(client.nthreads())} workers")
-        return harvest_on_cluster(cfg, client, log=log)
 
 
 # --- store -----------------------------------------------------------------------------------------
@@ -223,21 +221,14 @@ def train(
             f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does "
             f"not fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
         )
-    from tide.train.analysis.eval import evaluate_run
+    from tide.train.analysis.eval import evaluate_run, format_tables
     from tide.train.fit.trainer import train as run_train
 
     with user_errors(storage_options):
         trained = run_train(cfg, log=log)
         typer.echo(f"wrote {', '.join(str(p) for p in trained.saes)}")
-        _print_evals([] if no_eval else evaluate_run(trained, cfg, log=log))
-
-
-def _print_evals(results) -> None:
-    from tide.train.analysis.eval import format_table
-
-    for r in results:
-        typer.echo("")
-        typer.echo(format_table(r))
+        tables = format_tables([] if no_eval else evaluate_run(trained, cfg, log=log))
+        typer.echo(tables, nl=bool(tables))
 
 
 @app.command("eval")
@@ -246,7 +237,7 @@ def eval_(
     store: opt.RecordedStore = None,
     buckets: opt.Eval.Buckets = 10,
     batch_size: opt.Eval.BatchSize = 4096,
-    device: opt.Eval.Device = "cpu",
+    device: opt.Device = "auto",
     json_out: opt.Eval.Json = None,
     storage_options: opt.StorageOptions = None,
 ) -> None:
@@ -257,15 +248,17 @@ def eval_(
     """
     import json
 
+    from tide.store.device import resolve_device
     from tide.store.reader import configure_read_threads
-    from tide.train.analysis.eval import evaluate_folders
+    from tide.train.analysis.eval import evaluate_folders, format_tables
 
     configure_read_threads(4)
     with user_errors(storage_options):
+        dev = str(resolve_device(device))
         results = evaluate_folders(
-            checkpoints, store, buckets=buckets, batch_size=batch_size, device=device, log=log
+            checkpoints, store, buckets=buckets, batch_size=batch_size, device=dev, log=log
         )
-    _print_evals(results)
+    typer.echo(format_tables(results))
     if json_out is not None:
         json_out.write_text(json.dumps([r.to_json() for r in results], indent=2))
 
@@ -309,9 +302,9 @@ def splice(
 
 @app.command()
 def steer(
-    sae: opt.Steer.Sae,
     latent: opt.Steer.Latent,
     out: opt.Steer.Out,
+    sae: opt.Steer.Sae = None,
     strength: opt.Steer.Strength = None,
     clamp: opt.Steer.Clamp = None,
     steps: opt.Steer.Steps = None,
@@ -325,13 +318,15 @@ def steer(
     device: opt.Device = "auto",
     overwrite: opt.Steer.Overwrite = False,
     no_progress: opt.NoProgress = False,
+    sae_flag: opt.Steer.SaeFlag = None,
 ) -> None:
     """Edit images through one SAE latent while sampling: add its direction, or clamp its value.
 
     Writes the steered images.npy and the unsteered.npy of the same seeds, labels.npy, seeds.npy, a grid
     (unsteered row over steered row) and steer.json (with digits-classifier counts for the demo model).
     """
-    flags = given_flags(locals())
+    sae = deprecated_flag(sae, sae_flag, "--sae", "tide steer SAE_FOLDER --latent F --strength A --out DIR")
+    flags = given_flags(locals(), skip=("sae_flag",))
     import json
 
     from tide.train.loop.steer import SteerConfig
@@ -494,6 +489,8 @@ def demo_grid(
     with user_errors():
         typer.echo(f"wrote {render_grid(model or DEMO_MODEL, out, per_row=per_row, seed=seed)}")
 
+
+full_short_help(app, store_app, demo_app)
 
 if __name__ == "__main__":
     app()

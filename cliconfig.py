@@ -42,6 +42,27 @@ def user_errors(storage: str | None = None) -> Iterator[None]:
         fail(str(e))
 
 
+def deprecated_flag(value: Any, old: Any, name: str, usage: str) -> Any:
+    """A positional argument that an older option (`name`) also gave: the old spelling still works, with a
+    note; neither is an error naming the `usage`."""
+    if old is not None:
+        log(f"note: {name} is deprecated and will go; give it first instead: `{usage}`")
+    if value is None and old is None:
+        fail(f"missing the SAE folder: `{usage}`")
+    return value if value is not None else old
+
+
+def full_short_help(*apps: typer.Typer) -> None:
+    """Let `tide --help` list each command with its docstring's whole first paragraph: click cuts the short
+    help at ~45 characters otherwise."""
+    import inspect
+
+    for group in apps:
+        for info in group.registered_commands:
+            first = inspect.cleandoc(info.callback.__doc__ or "").split("\n\n")[0]
+            info.short_help = info.short_help or " ".join(first.split())
+
+
 # --- config file + flags -> pydantic ---------------------------------------------------------------
 
 

@@ -195,7 +195,7 @@ class Store:
             "`tide harvest --out PATH` command writes them again.",
         ),
     ]
-    PackOut = Annotated[Path, typer.Argument(help="The zip file to write, e.g. h.zarr.zip.")]
+    PackOut = Annotated[Path, typer.Option(help="The zip file to write, e.g. h.zarr.zip.")]
     CardPath = Annotated[str, typer.Argument(help="A tide store: a folder, or s3:// or gs://.")]
     CardOut = Annotated[
         Path | None,
@@ -219,7 +219,6 @@ class Eval:
         int, typer.Option(min=1, help="Timestep buckets in the table (JSON has every step too).")
     ]
     BatchSize = Annotated[int, typer.Option(min=1, help="Rows per forward pass.")]
-    Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N.")]
     Json = Annotated[Path | None, option("Also write all results to this JSON file.", "none", "--json")]
 
 
@@ -244,7 +243,11 @@ class Splice:
 class Steer:
     """`tide steer`'s options."""
 
-    Sae = Annotated[Path, typer.Option(help="The SAE folder (one of those `tide train --out` holds).")]
+    Sae = Annotated[
+        Path | None,
+        typer.Argument(help="The SAE folder (one of those `tide train --out` holds).", show_default=False),
+    ]
+    SaeFlag = Annotated[Path | None, typer.Option("--sae", hidden=True, help="Deprecated: the SAE folder.")]
     Latent = Annotated[int, typer.Option(help="Latent index F.")]
     Out = Annotated[Path, typer.Option(help="Folder for images.npy, labels.npy, seeds.npy, grid.png.")]
     Strength = Annotated[

@@ -154,6 +154,20 @@ def _pinned_cluster(n: int, gpus: int) -> Any:
     return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
 
 
+def harvest_where(
+    cfg: HarvestConfig, scheduler: str | None, workers: int | None, log: Callable[[str], None] = print
+) -> HarvestResult:
+    """`tide harvest`: in this process, or on the dask cluster at `scheduler`, or on a local one of `workers`
+    processes; the store is the same either way."""
+    from tide.harvest.run import harvest
+
+    if scheduler is None and workers is None:
+        return harvest(cfg, log=log)
+    with connect(scheduler, workers) as client:
+        log(f"dask cluster at {client.scheduler.address}: {len(client.nthreads())} workers")
+        return harvest_on_cluster(cfg, client, log=log)
+
+
 def harvest_on_cluster(cfg: HarvestConfig, client: Any, log: Callable[[str], None] = print) -> HarvestResult:
     """Run the harvest of `cfg` as one dask task per unfinished sample chunk on `client`'s cluster.
 

@@ -140,6 +140,22 @@ def test_cli_writes_a_report_and_refuses_to_overwrite(report, tmp_path):
     assert res.exit_code == 2 and "not a Zarr v3 store" in res.output
 
 
+def test_no_progress_hides_every_bar_of_features(report, tmp_path):
+    """features redraws the top samples from their seeds when the store has no images: that bar too."""
+    work, sae, _ = report
+    copy = tmp_path / "noimages.zarr"
+    shutil.copytree(work / "s.zarr", copy)
+    shutil.rmtree(copy / "images")
+    args = ["features", str(sae), "--store", str(copy), "--split", "all", "--max-pages", "2"]
+    bar = re.compile(r"\d+/\d+ \[")  # tqdm's `3/3 [00:01<00:00, ...]`
+    shown = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert shown.exit_code == 0, shown.output
+    assert {"regenerate", "pages"} <= {m for m in re.findall(r"(\w+): +\d+%", shown.output)}, shown.output
+    hidden = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--no-progress"])
+    assert hidden.exit_code == 0, hidden.output
+    assert not bar.search(hidden.output) and "%|" not in hidden.output, hidden.output
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 # Appended to a copy of a page (beside it, so that its relative links hold): after load, write what the

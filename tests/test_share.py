@@ -29,7 +29,7 @@ def small(tmp_path_factory):
 def test_pack_verify_train_and_open_with_xarray(small, tmp_path):
     xr = pytest.importorskip("xarray")
     packed = tmp_path / "s.zarr.zip"
-    result = runner.invoke(app, ["store", "pack", str(small), str(packed)])
+    result = runner.invoke(app, ["store", "pack", str(small), "--out", str(packed)])
     assert result.exit_code == 0, result.output
     with zipfile.ZipFile(packed) as z:
         infos = z.infolist()
@@ -56,9 +56,9 @@ def test_pack_verify_train_and_open_with_xarray(small, tmp_path):
 
 def test_pack_refuses_an_existing_file_and_a_name_without_zip(small, tmp_path):
     (tmp_path / "taken.zip").write_bytes(b"x")
-    taken = runner.invoke(app, ["store", "pack", str(small), str(tmp_path / "taken.zip")])
+    taken = runner.invoke(app, ["store", "pack", str(small), "--out", str(tmp_path / "taken.zip")])
     assert taken.exit_code != 0 and "already exists" in taken.output
-    plain = runner.invoke(app, ["store", "pack", str(small), str(tmp_path / "s.zarr2")])
+    plain = runner.invoke(app, ["store", "pack", str(small), "--out", str(tmp_path / "s.zarr2")])
     assert plain.exit_code != 0 and "ends in .zip" in plain.output
 
 

@@ -81,11 +81,22 @@ def test_edits_against_plain_maths(sae_dir):
     ],
 )
 def test_bad_inputs_give_one_clear_error(sae_dir, tmp_path, args, message):
-    cmd = ["steer", "--sae", str(sae_dir), "--out", str(tmp_path / "o"), "--num-samples", "1", *args]
+    cmd = ["steer", str(sae_dir), "--out", str(tmp_path / "o"), "--num-samples", "1", *args]
     res = CliRunner().invoke(app, cmd)
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split()) and "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_the_old_sae_flag_still_works_with_a_note(sae_dir, tmp_path):
+    args = ["--latent", "64", "--strength", "1", "--out", str(tmp_path / "o")]
+    new = CliRunner().invoke(app, ["steer", str(sae_dir), *args])
+    old = CliRunner().invoke(app, ["steer", "--sae", str(sae_dir), *args])
+    assert old.exit_code == new.exit_code == 2
+    assert "--sae is deprecated" in old.output and "--sae" not in new.output
+    assert old.output.splitlines()[-1] == new.output.splitlines()[-1]  # the same run, the same error
+    neither = CliRunner().invoke(app, ["steer", *args])
+    assert neither.exit_code == 2 and "missing the SAE folder" in neither.output
 
 
 def test_demo_rows_edit_is_add_edit_per_sample(sae_dir):

@@ -369,6 +369,11 @@ def format_table(result: EvalResult) -> str:
     )
 
 
+def format_tables(results: Sequence[EvalResult]) -> str:
+    """Every result's table, each after a blank line, as `tide eval` and `tide train` print them."""
+    return "".join(f"\n{format_table(r)}\n" for r in results).removesuffix("\n")
+
+
 def progress_text(names: Sequence[str], fvus: Sequence[float], l0s: Sequence[float]) -> str:
     """The training progress bar's figures, e.g. `tide-k16 fvu .145 L0 16.0 | topk-k16 fvu .155 L0 16.0`.
 

@@ -90,7 +90,12 @@ def token_grid(store: Store) -> tuple[int, int]:
 
 
 def final_images(
-    store: Store, samples: list[int], model: str | Path | None, device: str, log: Callable[[str], None]
+    store: Store,
+    samples: list[int],
+    model: str | Path | None,
+    device: str,
+    log: Callable[[str], None],
+    progress: bool = True,
 ) -> dict[int, np.ndarray]:
     """sample -> (H, W, C) uint8 final image: read from the store, else redrawn from the seeds."""
     if not samples:
@@ -103,7 +108,7 @@ def final_images(
 
     log(f"redrawing {len(samples)} top samples from their seeds (the store has no saved images)")
     loaded = load_store_model(store.meta, model, device)
-    with tqdm(total=len(samples), unit="image", desc="regenerate") as bar:
+    with tqdm(total=len(samples), unit="image", desc="regenerate", disable=not progress) as bar:
         imgs = regenerate_images(store.meta, samples, loaded, on_batch=bar.update)
     return dict(zip(samples, imgs, strict=True))
 
@@ -363,7 +368,8 @@ class _Pictures(NamedTuple):
 def _pictures(loaded, store, stats, pages, cfg, model, device, log) -> _Pictures:
     image_token_FK = image_tokens(store, stats.top)
     tops = {f: page_tops(stats, image_token_FK, f, cfg.images_per_page) for f in pages}
-    images = final_images(store, sorted({t.sample for ts in tops.values() for t in ts}), model, device, log)
+    samples = sorted({t.sample for ts in tops.values() for t in ts})
+    images = final_images(store, samples, model, device, log, cfg.progress)
     pairs: dict[tuple[int, int], list[int]] = {}
     for f, ts in tops.items():
         for t in ts:
@@ -416,9 +422,12 @@ def write_report(
     }
     plots = _Plots(stats, table, store.timesteps)
     try:
-        for f in tqdm(range(table.frequency_F.shape[0]), unit="latent", desc="profiles", leave=False):
+        quiet = not cfg.progress
+        for f in tqdm(
+            range(table.frequency_F.shape[0]), unit="latent", desc="profiles", leave=False, disable=quiet
+        ):
             plots.profile(f, out / "img/profile" / f"{f:05d}.png")
-        for n, f in enumerate(tqdm(pages, unit="page", desc="pages")):
+        for n, f in enumerate(tqdm(pages, unit="page", desc="pages", disable=quiet)):
             nav = " ".join(
                 f'<a href="{g:05d}.html">{label} ({g})</a>'
                 for g, label in (
