@@ -138,13 +138,16 @@ def store_verify(
 
 @store_app.command("pack")
 def store_pack(
-    path: opt.StorePath, out: opt.Store.PackOut, storage_options: opt.StorageOptions = None
+    path: opt.StorePath,
+    out: opt.Store.PackOut,
+    codec: opt.Store.PackCodec = None,
+    storage_options: opt.StorageOptions = None,
 ) -> None:
     """Pack a store into one zip file (entries stored, not deflated) that tide, zarr and xarray open directly."""
     from tide.store.pack import pack
 
     with user_errors(storage_options):
-        n = pack(path, out)
+        n = pack(path, out, codec)
     typer.echo(
         f"wrote {out} ({n} entries); `tide store verify {out}` checks it, `tide train --store {out}` reads it"
     )

@@ -80,9 +80,11 @@ class Store:
         return self.root[name]
 
     def identity(self) -> str:
-        """A short hash of the metadata that defines the content (not the creation time)."""
+        """A short hash of the metadata that defines the content (not the creation time, nor a codec that
+        `tide store pack --codec` changed: the harvest's stands for it, so the hash is the one it always was)."""
         m = self.meta.model_dump(mode="json")
         m.pop("created", None)
+        m["codec"] = m["harvest_config"].get("codec", m["codec"])
         return hashlib.sha256(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
 
     def stats(self, name: str, sample_chunks: list[int] | None = None) -> StepStats:
@@ -415,7 +417,7 @@ def _decode_into(
     )
     raw_bytes = math.prod(shape) * out.itemsize
     try:
-        if whole and codec is not None:
+        if whole and codec is not None and out.flags.c_contiguous:
             codec.decode(payload, out=out)  # straight into the caller's buffer
             return
         if codec is None and payload.nbytes != raw_bytes:

@@ -63,6 +63,13 @@ Site = Literal["resid", "delta", "attn", "mlp"]
 Branch = Literal["cond", "uncond"]
 StorageDtype = Literal["float16", "float32", "bfloat16"]
 CfgBranch = Literal["cond", "uncond", "both"]
+Codec = Literal["none", "blosc-zstd", "zstd"]
+"""Compression of the data arrays, as named on the command line (store/writer.py builds each chain)."""
+CODECS: tuple[str, ...] = ("none", "blosc-zstd", "zstd")
+DEFAULT_CODEC = "none"
+"""Chosen by measurement for training reads (FORMAT.md, "Codecs"): no compression reads at the page cache's
+speed, and these activations compress by 1.2x (float16) to 1.5x (bfloat16) at best; `blosc-zstd` is the
+smaller one, for sharing (`tide harvest --codec`, `tide store pack --codec`)."""
 
 ACT_DIMS = ("sample", "step", "token", "d")
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import zarr
 from tide.store.open import where, zarr_store
-from tide.store.schema import ACT_DIMS, StoreMeta, as_float, numpy_storage_dtype
+from tide.store.schema import ACT_DIMS, CODECS, StoreMeta, as_float, numpy_storage_dtype
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 
-# Measured on synthetic and demo float16 activations (docs/benchmarks.md, "Compression"): level 1 with byte shuffle
-# gains most of what zstd can, and a 256 KB block keeps decompression parallel within a chunk.
+# Measured on real activations (FORMAT.md, "Codecs"): level 1 with byte shuffle gains what higher levels and
+# zstd alone do, and a 256 KB block keeps decompression parallel within a chunk.
 BLOSC_BLOCKSIZE = 256 * 1024
 
 
@@ -54,7 +54,7 @@ def _compressor(codec: str, itemsize: int) -> list[Any]:
         return [ZstdCodec(level=3)]
     if codec == "none":
         return []
-    raise ValueError(f"codec={codec!r} is unknown; choose blosc-zstd, zstd or none")
+    raise ValueError(f"codec={codec!r} is unknown; choose one of {', '.join(CODECS)}")
 
 
 def create_store(

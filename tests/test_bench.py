@@ -12,7 +12,7 @@ CODECS = [f"codec_{k}_{c}" for k in ("ratio", "read_slowdown") for c in ("none",
 READER = [
     f"reader_{k}{case}"
     for k in ("rows_per_s", "memmap_rows_per_s", "vs_memmap_ratio")
-    for case in ("", "_d1152", "_d1152_codec_none")
+    for case in ("", "_d1152", "_d1152_codec_blosc_zstd")
 ]
 TRAIN = ["train_cache_rows_per_s", "train_memory_rows_per_s", "train_cache_vs_memory_ratio"]
 TRAIN += ["reader_s3_rows_per_s", "s3_server_raw_get_rows_per_s", "reader_s3_vs_local_ratio"]
