@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import google_crc32c  # zarr's crc32c codec uses it too
+import crc32c
 import numpy as np
 import zarr
 from pydantic import ValidationError
@@ -256,19 +259,141 @@ def read_into(
     direct: bool = True,
     fetched: Future | None = None,
 ) -> None:
-    """Decode `arr[selection]` straight into `out` (a C-contiguous array shaped like the selection).
+    """Decode `arr[selection]` into `out` (an array shaped like the selection); see `chunk_values`."""
+    with chunk_values(arr, selection, out, direct, fetched) as values:
+        if values is not out:
+            np.copyto(out, values)
+
+
+@contextmanager
+def chunk_values(
+    arr: zarr.Array,
+    selection: tuple[slice, ...],
+    scratch: np.ndarray,
+    direct: bool = True,
+    fetched: Future | None = None,
+) -> Iterator[np.ndarray]:
+    """The values of `arr[selection]`, each chunk's checksum verified (version 2): where they need no decoding
+    (an uncompressed chunk) a read-only view of the chunk's own bytes, mapped from its file or as fetched, so
+    that the caller copies them once, to where they go; else `scratch` (shaped like the selection) decoded.
+    A view is valid inside the `with` only.
 
     `fetched`: the chunk's bytes already requested by `store.remote.fetch_ahead` (a remote store), waited on
     here.
 
-    A selection inside one chunk of a local store is decoded by `_decode_chunk` without zarr's async
-    pipeline, which on a 2-core machine costs as much again as the decompression itself; anything else
-    (and direct=False, the reference the fast path is tested against) goes through zarr. Either way every
-    chunk's checksum is verified (version 2), and a chunk that is missing, fails its checksum or does not
-    decode raises ChunkError naming its file.
+    A selection inside one chunk is read by tide itself, without zarr's async pipeline, which on a 2-core
+    machine costs as much again as the decompression; anything else (and direct=False, the reference the
+    fast path is tested against) goes through zarr. Either way a chunk that is missing, fails its checksum
+    or does not decode raises ChunkError naming its file.
     """
-    if not (direct and _decode_chunk(arr, selection, out, fetched)):
-        _read_with_zarr(arr, selection, out)
+    how = _direct_codec(arr) if direct else False
+    found = _one_chunk(arr, selection, arr.metadata.chunk_grid.chunk_shape) if how is not False else None
+    if found is None:
+        _read_with_zarr(arr, selection, scratch)
+        yield scratch
+        return
+    selection, coords, whole = found
+    with _chunk_bytes(arr, coords, fetched) as data:
+        if data is None:
+            _missing(arr, coords)
+            scratch[...] = arr.metadata.fill_value
+            yield scratch
+        else:
+            yield _decoded(arr, data, coords, selection, how, whole, scratch)
+
+
+@contextmanager
+def _chunk_bytes(
+    arr: zarr.Array, coords: tuple[int, ...], fetched: Future | None
+) -> Iterator[np.ndarray | None]:
+    """A chunk's stored bytes as uint8, None when the chunk is missing: a local file mapped into memory (the
+    page cache's own pages: no copy, and no GIL held while they are read), a remote one fetched."""
+    key = arr.metadata.encode_chunk_key(coords)
+    key = f"{arr.path}/{key}" if arr.path else key
+    root = _store_root(arr)
+    if fetched is not None:
+        data = fetched.result()  # requested by store.remote.fetch_ahead, with many others
+        yield None if data is None else np.frombuffer(data, np.uint8)
+    elif root is None:
+        data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
+        yield None if data is None else np.frombuffer(data, np.uint8)
+    else:
+        with _mapped(root / key) as data:
+            yield data
+
+
+@contextmanager
+def _mapped(path: Path) -> Iterator[np.ndarray | None]:
+    """A file's bytes mapped read-only (read into memory where it cannot be mapped); None when it is absent.
+
+    zarr replaces a chunk file by renaming a new one over it, so a mapped file is never cut short under the
+    reader by tide's own writers."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        yield None
+        return
+    mapping = None
+    with f:
+        try:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            data = np.frombuffer(mapping, np.uint8)
+        except (OSError, ValueError):  # an empty file, or a file system without mmap
+            data = np.frombuffer(f.read(), np.uint8)
+    try:
+        yield data
+    finally:
+        del data
+        if mapping is not None:
+            with suppress(BufferError):  # a view the caller still holds keeps the mapping until it goes
+                mapping.close()
+
+
+def _one_chunk(
+    arr: zarr.Array, selection: tuple[slice, ...], shape: tuple[int, ...]
+) -> tuple[tuple[slice, ...], tuple[int, ...], bool] | None:
+    """(normalised selection, chunk coordinates, whether it is the whole chunk), or None when the selection
+    is strided, empty or spans more than one chunk."""
+    selection = tuple(slice(*s.indices(n)) for s, n in zip(selection, arr.shape, strict=True))
+    if any(s.step != 1 or s.stop <= s.start for s in selection):
+        return None
+    coords = tuple(s.start // c for s, c in zip(selection, shape, strict=True))
+    if any((s.stop - 1) // c != i for s, c, i in zip(selection, shape, coords, strict=True)):
+        return None
+    whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
+    return selection, coords, whole
+
+
+def _decoded(
+    arr: zarr.Array, data: np.ndarray, coords: tuple[int, ...], selection: tuple[slice, ...], direct,
+    whole: bool, scratch: np.ndarray,
+) -> np.ndarray:  # fmt: skip
+    """A chunk's stored bytes checked, and the part `selection` covers: a view of them when they are the raw
+    values, else decoded into `scratch`."""
+    codec, checksum = direct
+    shape = arr.metadata.chunk_grid.chunk_shape
+    trailer = CHECKSUM_BYTES if checksum else 0
+    if len(data) < trailer:
+        raise chunk_error(arr, coords, f"has {len(data)} bytes, fewer than its {trailer}-byte checksum")
+    payload = data[: len(data) - trailer]
+    if checksum:
+        _check(arr, coords, payload, data[len(payload) :].tobytes())
+    inner = tuple(
+        slice(s.start - i * c, s.stop - i * c) for s, c, i in zip(selection, shape, coords, strict=True)
+    )
+    raw_bytes = math.prod(shape) * np.dtype(arr.dtype).itemsize
+    if codec is None and payload.nbytes != raw_bytes:
+        raise chunk_error(arr, coords, f"has {len(data)} bytes, expected {raw_bytes + trailer}")
+    try:
+        if codec is None:
+            return payload.view(arr.dtype).reshape(shape)[inner]
+        if whole and scratch.flags.c_contiguous:
+            codec.decode(payload, out=scratch)  # straight into the caller's buffer
+        else:
+            scratch[...] = np.frombuffer(codec.decode(payload), dtype=arr.dtype).reshape(shape)[inner]
+        return scratch
+    except Exception as e:
+        raise chunk_error(arr, coords, f"could not be decoded ({type(e).__name__}: {e})") from e
 
 
 def _read_with_zarr(arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray) -> None:
@@ -331,118 +456,19 @@ def _direct_codec(arr: zarr.Array) -> _Direct | bool:
     return direct
 
 
-def _decode_chunk(
-    arr: zarr.Array, selection: tuple[slice, ...], out: np.ndarray, fetched: Future | None = None
-) -> bool:
-    """Read a selection that lies inside one chunk by decoding the chunk's file; False if not applicable."""
-    direct = _direct_codec(arr)
-    if direct is False:
-        return False
-    codec, checksum = direct
-    shape = arr.metadata.chunk_grid.chunk_shape
-    found = _one_chunk(arr, selection, shape)
-    if found is None:
-        return False
-    selection, coords, whole = found
-    key = (
-        f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
-        if arr.path
-        else arr.metadata.encode_chunk_key(coords)
-    )
-    root = _store_root(arr)
-    try:
-        if fetched is not None:
-            data = fetched.result()  # requested by store.remote.fetch_ahead, with many others
-            if data is None:
-                raise FileNotFoundError(key)
-        elif root is None:
-            data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
-        elif whole and codec is None and out.flags.c_contiguous:
-            _read_raw_into(arr, root / key, coords, out, checksum)  # an uncompressed chunk is its bytes
-            return True
-        else:
-            data = (root / key).read_bytes()
-    except FileNotFoundError:
-        _missing(arr, coords)
-        out[...] = arr.metadata.fill_value
-        return True
-    _decode_into(arr, data, coords, selection, direct, whole, out)
-    return True
-
-
-def _one_chunk(
-    arr: zarr.Array, selection: tuple[slice, ...], shape: tuple[int, ...]
-) -> tuple[tuple[slice, ...], tuple[int, ...], bool] | None:
-    """(normalised selection, chunk coordinates, whether it is the whole chunk), or None when the selection
-    is strided, empty or spans more than one chunk."""
-    selection = tuple(slice(*s.indices(n)) for s, n in zip(selection, arr.shape, strict=True))
-    if any(s.step != 1 or s.stop <= s.start for s in selection):
-        return None
-    coords = tuple(s.start // c for s, c in zip(selection, shape, strict=True))
-    if any((s.stop - 1) // c != i for s, c, i in zip(selection, shape, coords, strict=True)):
-        return None
-    whole = all(s.stop - s.start == c for s, c in zip(selection, shape, strict=True))
-    return selection, coords, whole
-
-
-def _read_raw_into(
-    arr: zarr.Array, path: Path, coords: tuple[int, ...], out: np.ndarray, checksum: bool
-) -> None:
-    """An uncompressed whole chunk read straight into `out` (one copy), its checksum checked."""
-    trailer = CHECKSUM_BYTES if checksum else 0
-    with open(path, "rb", buffering=0) as f:
-        n = f.readinto(memoryview(out).cast("B"))
-        rest = f.read(trailer + 1)
-    if n != out.nbytes or len(rest) != trailer:
-        raise chunk_error(arr, coords, f"has {path.stat().st_size} bytes, expected {out.nbytes + trailer}")
-    if checksum:
-        _check(arr, coords, out.reshape(-1).view(np.uint8), rest)
-
-
-def _decode_into(
-    arr: zarr.Array, data: bytes, coords: tuple[int, ...], selection: tuple[slice, ...], direct,
-    whole: bool, out: np.ndarray,
-) -> None:  # fmt: skip
-    """A chunk's stored bytes checked and decoded into `out` (the part `selection` covers)."""
-    codec, checksum = direct
-    shape = arr.metadata.chunk_grid.chunk_shape
-    trailer = CHECKSUM_BYTES if checksum else 0
-    if len(data) < trailer:
-        raise chunk_error(arr, coords, f"has {len(data)} bytes, fewer than its {trailer}-byte checksum")
-    payload = np.frombuffer(data, np.uint8, count=len(data) - trailer)
-    if checksum:
-        _check(arr, coords, payload, bytes(data[-trailer:]))
-    inner = tuple(
-        slice(s.start - i * c, s.stop - i * c) for s, c, i in zip(selection, shape, coords, strict=True)
-    )
-    raw_bytes = math.prod(shape) * out.itemsize
-    try:
-        if whole and codec is not None and out.flags.c_contiguous:
-            codec.decode(payload, out=out)  # straight into the caller's buffer
-            return
-        if codec is None and payload.nbytes != raw_bytes:
-            raise ValueError(f"{payload.nbytes} bytes of values, expected {raw_bytes}")
-        raw = np.frombuffer(payload if codec is None else codec.decode(payload), dtype=arr.dtype)
-        out[...] = raw.reshape(shape)[inner]
-    except Exception as e:
-        raise chunk_error(arr, coords, f"could not be decoded ({type(e).__name__}: {e})") from e
-
-
-def _fetch(arr: zarr.Array, key: str) -> bytes:
-    """A chunk's bytes from any zarr store (FileNotFoundError when it is not there), one request at a time;
+def _fetch(arr: zarr.Array, key: str) -> bytes | None:
+    """A chunk's bytes from any zarr store (None when it is not there), one request at a time;
     the loader asks for a window's chunks all at once through `store.remote.fetch_ahead` instead."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
     buf = sync(arr.store.get(key, prototype=default_buffer_prototype()))
-    if buf is None:
-        raise FileNotFoundError(key)
-    return buf.to_bytes()
+    return None if buf is None else buf.to_bytes()
 
 
 def _check(arr: zarr.Array, coords: tuple[int, ...], payload: np.ndarray, stored: bytes) -> None:
     """Compare a chunk's crc32c trailer with its payload."""
-    computed = google_crc32c.value(payload)
+    computed = crc32c.crc32c(payload)  # the GIL is released (from 32 KiB): read threads check in parallel
     if computed != int.from_bytes(stored, "little"):
         raise chunk_error(
             arr,

@@ -23,9 +23,10 @@ the window's steps in proportion to its share of the window, to within one row. 
 step in a batch varies with which chunks landed in the window.
 
 Reading: a background thread reads the next windows while batches are drawn from the current one; each
-window's chunks are decoded by a thread pool (store.reader.read_into). On CPU each read thread decodes a
-chunk into a small scratch buffer and scatters its rows straight to their shuffled places in the window's
-own arrays, so the shuffle is no extra pass and a batch is a slice (no copy and no torch op on the
+window's chunks are read by a thread pool (store.reader.chunk_values). On CPU each read thread maps an
+uncompressed chunk's file (or decodes a compressed one into a small scratch buffer), checks its crc32c, and
+scatters its rows straight to their shuffled places in the window's own arrays, so the chunk's bytes are
+copied once and the shuffle is no extra pass, and a batch is a slice (no copy and no torch op on the
 training thread). On CUDA chunks are decoded in order into a pinned buffer, copied with
 non_blocking=True, and permuted on the device.
 
@@ -41,12 +42,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from tide.store.reader import Store, StoreError, read_into
+from tide.store.reader import Store, StoreError, chunk_values, read_into
 from tide.store.remote import Fetches, fetch_ahead
 from tide.store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 from torch import Tensor
@@ -296,8 +298,8 @@ class ActivationLoader:
             if getattr(scratch, "buf", None) is None:
                 scratch.buf = np.empty(self._max_chunk_rows * self.layout.d_model, x_ARD.dtype)
             out = scratch.buf[: r.rows * self.layout.d_model].reshape(shape)
-            self._read_chunk(a, r, out, ahead[a][i])
-            x_ARD[a][dest] = out.reshape(r.rows, -1)
+            with self._chunk_values(a, r, out, ahead[a][i]) as values:
+                x_ARD[a][dest] = values.reshape(r.rows, -1)
 
         jobs = [(a, i) for i in range(len(window.reads)) for a in range(len(self.arrays))]
         for _ in pool.map(read, jobs):
@@ -325,6 +327,17 @@ class ActivationLoader:
             read_into(self._zarr[a], r.selection, out, fetched=fetched)
         else:
             np.copyto(out, self._source[a][r.selection])
+
+    @contextmanager
+    def _chunk_values(self, a: int, r: ChunkRead, scratch: np.ndarray, fetched=None) -> Iterator[np.ndarray]:
+        """A chunk's values: an uncompressed chunk's own bytes (mapped, checked) or `scratch` decoded; from a
+        `source`, `scratch` copied from it (the loader's cost when the store costs nothing)."""
+        if self._source is None:
+            with chunk_values(self._zarr[a], r.selection, scratch, fetched=fetched) as values:
+                yield values
+        else:
+            self._read_chunk(a, r, scratch)
+            yield scratch
 
     def _load(
         self,

@@ -1,0 +1,56 @@
+"""The read path (issue 20): checksums verified on every read from mapped chunk files, a loader whose read
+threads follow the machine, and the GPU path's pinned buffers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tide.store.reader import ChunkError, chunk_values, read_into
+from tide.train.fit.data import ActivationLoader
+
+from tests.bench_train import synthetic_store
+
+
+@pytest.fixture
+def raw_store(tmp_path):
+    return synthetic_store(
+        tmp_path / "s.zarr", num_samples=8, num_steps=4, tokens=4, d_model=16, batch_size=4,
+        steps_per_chunk=2, codec="none", values="random",
+    )  # fmt: skip
+
+
+def test_a_chunk_damaged_in_place_after_a_good_read_is_refused(raw_store):
+    """The mapping is made anew on every read: bytes changed in place (no rename) after a read that passed
+    are checked again, on read_into and in the loader."""
+    arr = raw_store.array("resid_l00")
+    whole = (slice(4, 8), slice(2, 4), slice(0, 4), slice(None))
+    first = np.empty((4, 2, 4, 16), arr.dtype)
+    read_into(arr, whole, first)
+    np.testing.assert_array_equal(first, arr[whole])  # zarr's own pipeline is the reference
+    file = raw_store.path / "resid_l00" / "c" / "1" / "1" / "0" / "0"
+    with open(file, "r+b") as f:  # in place, as a failing disk would: same inode, same size
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(ChunkError, match=f"{file}.*fails its checksum"):
+        read_into(arr, whole, first)
+    loader = ActivationLoader(raw_store, ["resid_l00"], [0, 1], 8)
+    with pytest.raises(ChunkError, match=str(file)):
+        list(loader.batches(epochs=1))
+
+
+def test_an_uncompressed_chunk_is_its_mapped_bytes_and_cut_reads_agree(raw_store):
+    """chunk_values hands out a read-only view of the file's bytes (nothing copied) for a whole chunk and for
+    a part of one, equal to zarr's read; a compressed chunk lands in the scratch buffer."""
+    arr = raw_store.array("resid_l00")
+    for selection in [
+        (slice(0, 4), slice(0, 2), slice(0, 4), slice(None)),
+        (slice(1, 3), slice(1, 2), slice(2, 4), slice(None)),
+    ]:
+        shape = tuple(s.stop - s.start for s in selection[:3]) + (16,)
+        scratch = np.full(shape, np.nan, arr.dtype)
+        with chunk_values(arr, selection, scratch) as values:
+            assert values is not scratch and not values.flags.writeable
+            np.testing.assert_array_equal(values, arr[selection])
+        assert np.isnan(scratch).all()  # never touched
