@@ -252,10 +252,10 @@ def eval_(
     import json
 
     from tide.store.device import resolve_device
-    from tide.store.reader import configure_read_threads
+    from tide.store.reader import configure_read_threads, default_read_threads
     from tide.train.analysis.eval import evaluate_folders, format_tables
 
-    configure_read_threads(4)
+    configure_read_threads(default_read_threads())
     with user_errors(storage_options):
         dev = str(resolve_device(device))
         results = evaluate_folders(

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import mmap
+import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -476,6 +477,16 @@ def _check(arr: zarr.Array, coords: tuple[int, ...], payload: np.ndarray, stored
             f"fails its checksum (crc32c {computed:#010x} of its bytes, "
             f"{int.from_bytes(stored, 'little'):#010x} stored): its bytes changed (or were cut short) after it was written",
         )
+
+
+def default_read_threads() -> int:
+    """One read thread per core this process may run on: its CPU affinity, which taskset, a container or a job
+    scheduler narrows (all cores where the OS has no affinity call). A read thread spends its time in code
+    that releases the GIL (mapping, crc32c, decompression, numpy's scatter), so they scale with cores."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def configure_read_threads(max_workers: int) -> bool:

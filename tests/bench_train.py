@@ -5,6 +5,8 @@
   array (page-cached, uncompressed). Measures what the Zarr layer, the checksums and the codec cost; with the
   default codec (none) at d = 128 and d = 1152 (`_d1152`), and with blosc-zstd at d = 1152
   (`_d1152_codec_blosc_zstd`). Aim >= 0.9 with the default codec.
+- reader_thread_scaling_d1152: the loader's rows/s at d = 1152 with 2 read threads over 1 (aim >= 1.8 on 2
+  cores: reading scales with cores).
 - train_cache_vs_memory_ratio: training throughput (a tide and a topk SAE, one optimiser step each per
   batch) fed from the Zarr store, divided by the same training fed from the rows held in memory. Aim >= 0.9.
 
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tide.store.reader import Store, configure_read_threads, open_store
+from tide.store.reader import Store, configure_read_threads, default_read_threads, open_store
 from tide.store.schema import (
     DEFAULT_CODEC,
     ModelInfo,
@@ -154,6 +156,32 @@ def bench_reader(store: Store, batch_size: int, repeats: int, epochs: int, work:
     }
 
 
+def bench_thread_scaling(store: Store, batch_size: int, repeats: int, epochs: int) -> dict[str, float]:
+    """Rows/s of the same loader (same chunks, windows and permutations) with 2 read threads against 1,
+    alternating, as a median of back-to-back ratios: whether reading scales with cores (GIL-bound work in
+    the read threads would keep it near 1)."""
+    from tide.train.fit.data import ActivationLoader
+
+    name = store.meta.act_names()[0]
+
+    def rate(threads: int) -> float:
+        loader = ActivationLoader(
+            store, [name], store.done_chunks(), batch_size, seed=0, read_threads=threads
+        )
+        start, rows = time.perf_counter(), 0
+        for b in loader.batches(epochs=epochs):
+            rows += len(b.t_B)
+        return rows / (time.perf_counter() - start)
+
+    rate(1), rate(2)
+    pairs = [(rate(2), rate(1)) for _ in range(repeats)]
+    return {
+        "reader_rows_per_s_d1152_2_threads": statistics.median(two for two, _ in pairs),
+        "reader_rows_per_s_d1152_1_thread": statistics.median(one for _, one in pairs),
+        "reader_thread_scaling_d1152": statistics.median(two / one for two, one in pairs),
+    }
+
+
 def _memory_batches(x_ND: torch.Tensor, step_N: torch.Tensor, t_S: torch.Tensor, batch_size: int, steps: int):
     """The ideal feed: rows already in memory (on the SAEs' device) as one tensor, each batch one gather of a
     random permutation."""
@@ -243,6 +271,8 @@ def reader_figures(args: argparse.Namespace, work: Path) -> dict[str, float]:
             codec=codec,
         )
         rates = bench_reader(store, args.batch_size, args.repeats, args.epochs, work)
+        if suffix == "_d1152":
+            figures |= bench_thread_scaling(store, args.batch_size, args.repeats, args.epochs)
         figures[f"reader_rows_per_s{suffix}"] = rates["rows_per_s"]
         figures[f"reader_memmap_rows_per_s{suffix}"] = rates["memmap_rows_per_s"]
         figures[f"reader_vs_memmap_ratio{suffix}"] = rates["vs_memmap_ratio"]
@@ -373,14 +403,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
-        "--read-threads", type=int, default=None, help="Decoding threads (default 8 with CUDA, else 4)."
+        "--read-threads", type=int, default=None, help="Read threads (default one per core, as tide train)."
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (see the module docstring)."
     )
     # tests/bench.py calls main() with no arguments under its own command line: defaults, not its flags.
     args = parser.parse_args(argv or [])
-    read_threads = args.read_threads or (8 if torch.cuda.is_available() else 4)
+    read_threads = args.read_threads or default_read_threads()
     configure_read_threads(read_threads)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

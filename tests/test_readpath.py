@@ -54,3 +54,21 @@ def test_an_uncompressed_chunk_is_its_mapped_bytes_and_cut_reads_agree(raw_store
             assert values is not scratch and not values.flags.writeable
             np.testing.assert_array_equal(values, arr[selection])
         assert np.isnan(scratch).all()  # never touched
+
+
+def test_the_loader_reads_with_one_thread_per_core_it_may_use(raw_store):
+    import os
+
+    from tide.train.fit.config import TrainConfig
+
+    assert TrainConfig.model_fields["read_threads"].default is None  # tide train follows the machine too
+    every = os.sched_getaffinity(0)
+    assert ActivationLoader(raw_store, ["resid_l00"], [0, 1], 8).read_threads == len(every)
+    try:
+        os.sched_setaffinity(0, {min(every)})  # as taskset or a job scheduler narrows it
+        loader = ActivationLoader(raw_store, ["resid_l00"], [0, 1], 8)
+        assert loader.read_threads == 1
+        assert sum(len(b.t_B) for b in loader.batches(epochs=1)) == 8 * 4 * 4
+    finally:
+        os.sched_setaffinity(0, every)
+    assert ActivationLoader(raw_store, ["resid_l00"], [0, 1], 8, read_threads=3).read_threads == 3

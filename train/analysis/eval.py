@@ -199,7 +199,7 @@ def evaluate(
     batch_size: int = 4096,
     device: str | torch.device = "cpu",
     dense_threshold: float = 0.1,
-    read_threads: int = 4,
+    read_threads: int | None = None,
 ) -> list[EvalResult]:
     """Held-out metrics of each SAE. SAEs with the same held-out samples and steps share one read."""
     device = torch.device(device)

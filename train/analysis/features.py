@@ -72,8 +72,8 @@ class FeaturesConfig(BaseModel):
     about a second of plotting on a CPU, so the default keeps a report of a wide SAE to minutes."""
     images_per_page: int = Field(8, gt=0)
     """Top samples (distinct) pictured on a latent page; at most top_k."""
-    read_threads: int = Field(4, gt=0)
-    """Threads decoding chunks."""
+    read_threads: int | None = Field(None, gt=0)
+    """Threads reading chunks; default one per core this process may use (os.sched_getaffinity)."""
     progress: bool = True
     """Show a progress bar."""
 

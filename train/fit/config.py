@@ -107,8 +107,9 @@ class TrainConfig(ArchOptions):
     """Give every batch the stored steps in equal shares (see train/fit/data.py)."""
     window_rows: int = Field(1 << 17, gt=0)
     """Rows shuffled together: chunks are read in windows this large and every window is permuted."""
-    read_threads: int = Field(4, gt=0)
-    """Threads reading (decompressing) chunks in the background."""
+    read_threads: int | None = Field(None, gt=0)
+    """Threads reading (checking, decompressing) chunks in the background; default one per core this process
+    may use (os.sched_getaffinity)."""
     seed: int = 0
     """Seeds the SAEs' initial weights and the data order."""
     device: str = "auto"

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from tide.store.reader import Store, StoreError, chunk_values, read_into
+from tide.store.reader import Store, StoreError, chunk_values, default_read_threads, read_into
 from tide.store.remote import Fetches, fetch_ahead
 from tide.store.schema import ChunkRead, Layout, numpy_storage_dtype, row_index, torch_storage_dtypes
 from torch import Tensor
@@ -185,19 +185,21 @@ class ActivationLoader:
         stratify_steps: bool = False,
         step_range: tuple[int, int] | None = None,
         drop_last: bool = True,
-        read_threads: int = 4,
+        read_threads: int | None = None,
         prefetch: int = 2,
         device: str | torch.device = "cpu",
         source: Sequence[np.ndarray] | None = None,
     ):
-        """`source`: numpy arrays (e.g. memmaps) shaped and typed like the store's arrays, read instead of
-        the Zarr arrays; used to measure the store's cost against raw memory."""
+        """`read_threads`: default one per core (store.reader.default_read_threads). `source`: numpy arrays
+        (e.g. memmaps) shaped and typed like the store's arrays, read instead of the Zarr arrays; used to
+        measure the store's cost against raw memory."""
         self.store, self.layout, self.arrays = store, store.layout, list(arrays)
         self._zarr = [store.array(n) for n in self.arrays]
         self._source = list(source) if source is not None else None
         self.batch_size, self.window_rows, self.seed = batch_size, window_rows, seed
         self.shuffle, self.stratify_steps, self.drop_last = shuffle, stratify_steps, drop_last
-        self.read_threads, self.prefetch, self.device = read_threads, prefetch, torch.device(device)
+        self.read_threads = read_threads or default_read_threads()
+        self.prefetch, self.device = prefetch, torch.device(device)
         self.step_range = step_range or (0, self.layout.num_steps)
         self.reads = self.layout.chunk_reads(list(sample_chunks), self.step_range)
         if not self.reads:

@@ -33,7 +33,7 @@ import torch
 from tide.store.device import resolve_device
 from tide.store.open import canonical
 from tide.store.outputs import nested
-from tide.store.reader import Store, configure_read_threads, open_store
+from tide.store.reader import Store, configure_read_threads, default_read_threads, open_store
 from tide.train.analysis.eval import progress_text
 from tide.train.fit.checkpoint import (
     NORMALIZATION,
@@ -252,7 +252,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
 
     `train` is `prepare` then `fit`; call the two yourself to feed `fit` other batches (make bench does).
     """
-    configure_read_threads(cfg.read_threads)
+    configure_read_threads(cfg.read_threads or default_read_threads())
     device = resolve_device(cfg.device)
     store = open_store(cfg.store)
     run, loader = _build(cfg, store, device, log)
