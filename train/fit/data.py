@@ -152,6 +152,8 @@ class _Slot:
         self.x_ARD = torch.empty((num_arrays, rows, d), dtype=dtype, pin_memory=pin)
         self.step_R = torch.empty(rows, dtype=torch.int64, pin_memory=pin)
         self.sample_R = torch.empty(rows, dtype=torch.int64, pin_memory=pin)
+        self.order_R = torch.empty(rows, dtype=torch.int64, pin_memory=pin)
+        """The window's permutation, pinned too: a copy from pageable memory is not asynchronous."""
         self.ready: torch.cuda.Event | None = None
         """Set on CUDA: the copy out of this slot that must finish before it is refilled."""
 
@@ -362,9 +364,10 @@ class ActivationLoader:
             )
             slot.step_R[: w.rows] = torch.from_numpy(step_R)
             slot.sample_R[: w.rows] = torch.from_numpy(sample_R)
+            slot.order_R[: w.rows] = torch.from_numpy(order_R)
             x_ARD = slot.x_ARD[:, : w.rows]
             return _Loaded(
-                epoch, w, x_ARD, slot.step_R[: w.rows], slot.sample_R[: w.rows], torch.from_numpy(order_R), i
+                epoch, w, x_ARD, slot.step_R[: w.rows], slot.sample_R[: w.rows], slot.order_R[: w.rows], i
             )
         # On CPU every row is decoded straight to its shuffled place in an array of the window's own, so
         # batches are plain slices of it (no copy, no torch op in the consumer) that stay valid as long as
