@@ -54,6 +54,16 @@ def test_an_uncompressed_chunk_is_its_mapped_bytes_and_cut_reads_agree(raw_store
             assert values is not scratch and not values.flags.writeable
             np.testing.assert_array_equal(values, arr[selection])
         assert np.isnan(scratch).all()  # never touched
+    packed = synthetic_store(
+        raw_store.path.parent / "z.zarr", num_samples=8, num_steps=4, tokens=4, d_model=16, batch_size=4,
+        steps_per_chunk=2, codec="blosc-zstd", values="random",
+    )  # fmt: skip
+    arr = packed.array("resid_l00")
+    selection = (slice(0, 4), slice(0, 2), slice(0, 4), slice(None))
+    scratch = np.empty((4, 2, 4, 16), arr.dtype)
+    with chunk_values(arr, selection, scratch) as values:
+        assert values is scratch
+    np.testing.assert_array_equal(scratch, arr[selection])
 
 
 def test_the_loader_reads_with_one_thread_per_core_it_may_use(raw_store):

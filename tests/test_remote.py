@@ -178,6 +178,17 @@ def small(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def small_blosc(tmp_path_factory) -> Path:
+    """`small` compressed: verify --quick reads its frame headers (an uncompressed chunk has none to read)."""
+    folder = tmp_path_factory.mktemp("remote") / "b.zarr"
+    synthetic_store(
+        folder, num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random",
+        codec="blosc-zstd",
+    )  # fmt: skip
+    return folder
+
+
 def _train_cfg(store, out) -> TrainConfig:
     return TrainConfig(
         store=store,
@@ -383,8 +394,8 @@ def test_missing_chunk_on_s3_is_named(s3, small):
         _epoch(open_store(url))
 
 
-def test_verify_quick_on_s3_fetches_headers_not_chunks(s3, small, gets):
-    url = upload(small, f"s3://{BUCKET}/quick.zarr")
+def test_verify_quick_on_s3_fetches_headers_not_chunks(s3, small_blosc, gets):
+    url = upload(small_blosc, f"s3://{BUCKET}/quick.zarr")
     ok = runner.invoke(app, ["store", "verify", url, "--quick"])
     assert ok.exit_code == 0, ok.output
     chunk_gets = [c for c in gets["calls"] if c[0].startswith("resid_l00/c/")]
