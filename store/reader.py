@@ -481,12 +481,14 @@ def _check(arr: zarr.Array, coords: tuple[int, ...], payload: np.ndarray, stored
 
 def default_read_threads() -> int:
     """One read thread per core this process may run on: its CPU affinity, which taskset, a container or a job
-    scheduler narrows (all cores where the OS has no affinity call). A read thread spends its time in code
-    that releases the GIL (mapping, crc32c, decompression, numpy's scatter), so they scale with cores."""
+    scheduler narrows (all cores where the OS has no affinity call), shared among the ranks torchrun starts on
+    this machine (LOCAL_WORLD_SIZE). A read thread spends its time in code that releases the GIL (mapping,
+    crc32c, decompression, numpy's scatter), so they scale with cores."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def configure_read_threads(max_workers: int) -> bool:

@@ -66,7 +66,7 @@ def test_an_uncompressed_chunk_is_its_mapped_bytes_and_cut_reads_agree(raw_store
     np.testing.assert_array_equal(scratch, arr[selection])
 
 
-def test_the_loader_reads_with_one_thread_per_core_it_may_use(raw_store):
+def test_the_loader_reads_with_one_thread_per_core_it_may_use(raw_store, monkeypatch):
     import os
 
     from tide.train.fit.config import TrainConfig
@@ -82,3 +82,5 @@ def test_the_loader_reads_with_one_thread_per_core_it_may_use(raw_store):
     finally:
         os.sched_setaffinity(0, every)
     assert ActivationLoader(raw_store, ["resid_l00"], [0, 1], 8, read_threads=3).read_threads == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this machine share its cores
+    assert ActivationLoader(raw_store, ["resid_l00"], [0, 1], 8).read_threads == max(1, len(every) // 2)
