@@ -2,16 +2,14 @@
 
 `harvest()` inspects --out before writing anything (a new store, a resume of the same configuration, or a
 replacement with --overwrite, which store/outputs.py allows only for a tide store), checks the disk, and
-only then takes the lock and acts. While it writes, a hidden lock file beside the store (`.NAME.lock`,
-holding the harvest's pid, removed at the end) keeps a second harvest of the same --out from writing into
-it at the same time. OS errors (a full disk, a read-only or forbidden folder) become messages that say
+only then takes the lock and acts. While it writes, the lock of store/lock.py (a hidden `.NAME.lock`
+beside the store) keeps a second harvest, or a `tide train`, from writing into the same --out. OS errors (a full disk, a read-only or forbidden folder) become messages that say
 what happened and what to do.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +18,8 @@ from typing import Any, NamedTuple
 
 import zarr
 from tide.harvest.config import HarvestConfig
+from tide.store.lock import LockedError
+from tide.store.lock import locked as store_lock
 from tide.store.open import (
     LocationError,
     Where,
@@ -35,11 +35,6 @@ from tide.store.outputs import check_replaceable, is_tide_store, remote_foreign,
 from tide.store.reader import StoreError, open_store
 from tide.store.schema import FORMAT, StoreMeta
 from tide.store.writer import create_store
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; a second harvest of one --out is then not stopped
-    fcntl = None  # type: ignore[assignment]
 
 
 class HarvestError(ValueError):
@@ -186,50 +181,14 @@ def _inspect_store(cfg: HarvestConfig, meta: StoreMeta, replaceable) -> Target:
     return Target(meta, resume=False, replace=True, todo=every)
 
 
-def _lock_holder(fd: int) -> str:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        pid = os.read(fd, 32).decode(errors="replace").strip()
-    except OSError:
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
-
-
 @contextmanager
 def locked(out: Path | str) -> Iterator[None]:
-    """Hold the harvest lock of `out` (a hidden `.NAME.lock` beside it, which must exist) for the block.
-
-    An object store (s3://, gs://) has no lock: two harvests of one URL at once are not stopped there.
-    """
-    if fcntl is None or not where(out).local:
-        yield
-        return
-    lock = out.parent / f".{out.name}.lock"
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fd)
-            os.close(fd)
-            raise HarvestError(
-                f"another tide harvest{holder} is writing {out} (it holds the lock {lock}); wait for it to "
-                "finish, or stop it and run this command again: it resumes where that one stopped"
-            ) from None
-        try:  # a holder removes the file when it ends: make sure the locked file is still the one at `lock`
-            current = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(fd)
+    """Hold the harvest lock of `out` (store/lock.py) for the block; HarvestError while another command holds it."""
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # while still holding it: nobody can lock a file about to vanish
-        os.close(fd)
+        with store_lock(out, "harvest"):
+            yield
+    except LockedError as e:
+        raise HarvestError(str(e)) from None
 
 
 def open_target(

@@ -356,6 +356,38 @@ def test_second_harvest_of_one_out_is_refused_while_the_first_writes(tiny_dit, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # the lock file is gone
 
 
+def test_second_train_into_one_out_is_refused_while_the_first_runs(syn, tmp_path):
+    from tide.train.fit.config import TrainConfig
+    from tide.train.fit.trainer import TrainError, train
+
+    cfg = TrainConfig(
+        store=syn.path, out=tmp_path / "saes", max_steps=4, warmup_steps=1, batch_size=16, k=(2,),
+        expansion=2, archs=("topk",), device="cpu", progress=False, log_every=1, checkpoint_every=1,
+    )  # fmt: skip
+    inside, release, first = threading.Event(), threading.Event(), {}
+
+    def log(message):  # the first run stops here, holding --out, until the second one has tried
+        if "training rows" in message:
+            inside.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=lambda: first.update(result=train(cfg, log=log)))
+    thread.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(
+            TrainError, match=rf"another tide train \(pid {os.getpid()}\) is writing {cfg.out}"
+        ):
+            train(cfg, log=lambda m: None)
+    finally:
+        release.set()
+        thread.join(60)
+    assert first["result"].steps == 4
+    steps = [json.loads(line)["step"] for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one run's lines, once each
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saes"]  # the lock file is gone
+
+
 # --- 5. training on an unfinished harvest ------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from tide.store.device import resolve_device
+from tide.store.lock import LockedError, lock_path, locked
 from tide.store.open import canonical
 from tide.store.outputs import nested
 from tide.store.reader import Store, configure_read_threads, default_read_threads, open_store
@@ -264,12 +265,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are.
 
     A folder that cannot be written (read-only, no permission, a full disk) ends in a TrainError that says
-    what to do; a run stopped by a full disk resumes from its last checkpoint."""
+    what to do; a run stopped by a full disk resumes from its last checkpoint. The run holds the lock of
+    cfg.out (store/lock.py) throughout, so a second run into the same folder is refused while this one runs."""
     try:
-        return _train(cfg, log)
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        with locked(cfg.out, "train"):  # a second `tide train` (or harvest) into this --out is refused
+            return _train(cfg, log)
+    except LockedError as e:
+        raise TrainError(str(e)) from None
     except OSError as e:
         path = Path(e.filename) if e.filename else cfg.out
-        if not nested(path, cfg.out):  # not the run folder: the store, read
+        if not (nested(path, cfg.out) or path in (lock_path(cfg.out), cfg.out.parent)):  # the store, read
             raise TrainError(
                 f"cannot read {path}: {e.strerror or e}; check the store with `tide store verify`"
             ) from e
