@@ -511,6 +511,37 @@ def test_truncated_resume_state_is_one_paragraph_error(syn, tmp_path):
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
 
 
+def test_resume_state_with_flipped_bytes_inside_a_tensor_is_refused(syn, tmp_path):
+    import itertools
+    import zipfile
+
+    from tide.train.fit.config import TrainConfig
+    from tide.train.fit.trainer import fit, prepare
+
+    out = tmp_path / "saes"
+    args = _train_args(syn.path, out, "--no-eval", "--checkpoint-every", "1", "--max-steps", "4")
+    cfg = TrainConfig(
+        store=syn.path, out=out, max_steps=4, warmup_steps=1, batch_size=16, k=(2,), expansion=2,
+        device="cpu", progress=False, checkpoint_every=1,
+    )  # fmt: skip
+    run, loader, _ = prepare(cfg, log=lambda m: None)  # a run stopped after 2 of its 4 steps
+    fit(run, itertools.islice(loader.batches(run.position), 2), cfg)
+    state = out / "trainer_state.pt"
+    assert torch.load(state, weights_only=True)["step"] == 2
+    with zipfile.ZipFile(state) as z:  # the largest entry: a tensor's storage (the encoder's weights)
+        entry = max(z.infolist(), key=lambda i: i.file_size)
+    assert "/data/" in entry.filename
+    data = bytearray(state.read_bytes())
+    start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + 16
+    data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+    state.write_bytes(bytes(data))
+    weights = (out / "resid_l00-topk-k2" / "sae.safetensors").read_bytes()
+    msg = _error(runner.invoke(app, args))
+    assert f"the resume state {state} is damaged (its entry {entry.filename} fails its CRC-32" in msg, msg
+    assert "--overwrite" in msg and "\n" not in msg.strip()
+    assert (out / "resid_l00-topk-k2" / "sae.safetensors").read_bytes() == weights  # nothing trained on it
+
+
 def test_wrong_shape_in_zarr_json_is_one_paragraph_error(tmp_path):
     store = synthetic_store(tmp_path / "s.zarr", values="random")
     meta_file = store.path / "resid_l00" / "zarr.json"

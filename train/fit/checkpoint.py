@@ -13,6 +13,8 @@
 at any instant leaves either the old state or the new one, never a mixture), every SAE's state dict, every
 optimiser's state, the step and row counters, the loader's Position, the torch RNG state, the split and
 the store's identity. The SAE folders are exports of the same step, for users; resume never reads them.
+Before a resume loads the state, every entry's CRC-32 (which the zip format records and torch.load never
+checks) is compared with its bytes: a damaged state is refused, never trained on.
 
 `prepare_out` readies a run's --out: it resumes the run there, or replaces it only when it is a tide
 training run with nothing else in it (store/outputs.py), and never when it holds the store or lies in it.
@@ -164,22 +166,43 @@ class CheckpointError(ValueError):
     """A run folder or resume state that cannot be used: the message says why and how to go on."""
 
 
+def damaged_entry(path: Path) -> str | None:
+    """Why the zip file `torch.save` wrote at `path` is damaged (an entry whose bytes fail the CRC-32 recorded
+    for it, or a zip that does not open), or None when every entry checks. torch.load checks no CRC: a state
+    with flipped bytes inside a tensor would load, and training would go on from corrupt weights."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # reads every entry once (about 1 GB/s) and compares its CRC-32
+    except PermissionError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a whole zip file: {type(e).__name__}: {e}"
+    if bad is not None:
+        return f"its entry {bad} fails its CRC-32: its bytes changed after it was written"
+    return None
+
+
 def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
-    """The resume state in `out`, or None when there is none; CheckpointError when it is damaged."""
+    """The resume state in `out`, or None when there is none; CheckpointError when it is damaged (every entry's
+    CRC-32 is checked before anything is loaded)."""
     path = out / STATE_FILE
     if not path.is_file():
         return None
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except PermissionError:  # unreadable, not damaged: the caller reports it
-        raise
-    except Exception as e:  # torch raises RuntimeError, EOFError or UnpicklingError on a cut or garbled file
-        problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
-    else:
-        if isinstance(state, dict) and STATE_KEYS <= state.keys():
-            return state
-        missing = sorted(STATE_KEYS - state.keys()) if isinstance(state, dict) else "everything"
-        problem = f"it lacks {missing}"
+    problem = damaged_entry(path)
+    if problem is None:
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except PermissionError:  # unreadable, not damaged: the caller reports it
+            raise
+        except Exception as e:  # torch raises RuntimeError, EOFError or UnpicklingError on a garbled file
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}"
+        else:
+            if isinstance(state, dict) and STATE_KEYS <= state.keys():
+                return state
+            missing = sorted(STATE_KEYS - state.keys()) if isinstance(state, dict) else "everything"
+            problem = f"it lacks {missing}"
     raise CheckpointError(
         f"the resume state {path} is damaged ({problem}), so the run in {out} cannot be resumed. Its SAE "
         "folders, if any, hold the weights of the last checkpoint that was written completely (load them with "
