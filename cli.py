@@ -122,8 +122,8 @@ def store_verify(
     storage_options: opt.StorageOptions = None,
 ) -> None:
     """Check a store's integrity; exits non-zero naming every problem found (every damaged chunk by its file)."""
-    from tide.store.inspect import reset_damaged as reset
-    from tide.store.inspect import verdict_advice, verify
+    from tide.store.verify import reset_damaged as reset
+    from tide.store.verify import verdict_advice, verify
 
     with user_errors(storage_options):
         verdict = verify(path, check_values=not quick)
