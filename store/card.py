@@ -17,7 +17,7 @@ def card_text(store: Store) -> str:
     meta = store.meta
     name = meta.act_names()[0]
     by_label = (
-        f'ds.set_xindex("label").sel(label={int(store.root["label"][0])})'
+        f'ds.set_xindex("label").sel(label={int(store.read("label", (slice(0, 1),))[0])})'
         if "label" in store.root
         else "ds.where(ds.done, drop=True)"
     )

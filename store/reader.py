@@ -65,11 +65,16 @@ class Store:
 
     @property
     def timesteps(self) -> np.ndarray:
-        return self.root["timesteps"][:]
+        return read_array(self.root["timesteps"])
 
     def done(self) -> np.ndarray:
         """(N,) bool: samples completely written."""
-        return self.root["done"][:]
+        return read_array(self.root["done"])
+
+    def read(self, name: str, selection: tuple[slice, ...] | None = None) -> np.ndarray:
+        """`name[selection]` (a basic selection, default all) of any array of the store, every chunk it touches
+        checked (`read_array`): a missing or damaged chunk is a ChunkError naming its file, never fill values."""
+        return read_array(self.root[name], selection)
 
     def done_chunks(self) -> list[int]:
         """Sample chunks whose every sample is done."""
@@ -96,10 +101,7 @@ class Store:
         self.array(name)
         chunks = self.done_chunks() if sample_chunks is None else sample_chunks
         g = self.root["stats"][name]
-        idx = np.asarray(chunks, dtype=np.int64)
-        count = g["count"].get_orthogonal_selection((idx, slice(None))).sum(0)
-        total = g["sum"].get_orthogonal_selection((idx, slice(None), slice(None))).sum(0)
-        sumsq = g["sumsq"].get_orthogonal_selection((idx, slice(None), slice(None))).sum(0)
+        count, total, sumsq = (read_rows(g[stat], chunks).sum(0) for stat in ("count", "sum", "sumsq"))
         return moments(count, total, sumsq)
 
 
@@ -173,34 +175,67 @@ def _absent(zstore, loc: Where) -> str:
 
 
 class ChunkError(StoreError):
-    """A chunk of a done sample that is missing, fails its checksum, or does not decode.
+    """A chunk (that must exist) that is missing, fails its checksum, or does not decode.
 
     `where` names the array, the chunk file and the samples, steps and tokens it holds; `problem` says what is
-    wrong with it; the message adds what to do.
+    wrong with it; the message adds how that array's chunks are mended. `samples`: the samples whose harvest
+    writes the chunk again (None for timesteps and step_index, written once); `file`: the file or store key.
     """
 
-    def __init__(self, message: str, *, where: str = "", problem: str = "", samples: slice | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str = "",
+        problem: str = "",
+        samples: slice | None = None,
+        file: str = "",
+    ):
         super().__init__(message)
-        self.where, self.problem, self.samples = where, problem, samples
+        self.where, self.problem, self.samples, self.file = where, problem, samples, file
 
 
 def chunk_error(arr: zarr.Array, coords: tuple[int, ...], problem: str) -> ChunkError:
-    """A ChunkError for chunk `coords` of `arr`."""
+    """A ChunkError for chunk `coords` of `arr`, saying how that array's chunks are mended."""
     region = chunk_region(coords, arr.shape, arr.metadata.chunk_grid.chunk_shape)
     dims = arr.metadata.dimension_names or ACT_DIMS[: len(region)]
     span = ", ".join(
         f"{dim}s {s.start}..{s.stop - 1}" for dim, s in zip(dims, region, strict=True) if dim != "d"
     )
-    where = f"{arr.basename}: chunk file {chunk_file(arr, coords)} ({span})"
+    name = arr.path or arr.basename
+    where = f"{name}: chunk file {chunk_file(arr, coords)} ({span})"
     store = _store_root(arr) or "PATH"
-    return ChunkError(
+    restore = (
         f"{where} {problem}. The store is damaged: `tide store verify {store}` lists every damaged chunk; "
-        f"restore the file from a copy of the store, or run `tide store verify {store} --reset-damaged` and "
-        f"then the store's `tide harvest --out {store}` command again to write those samples anew",
-        where=where,
-        problem=problem,
-        samples=region[0],
     )
+    if dims[0] == "sample_chunk":  # stats/<array>/*: sums of what the activations hold
+        batch = _batch_size(arr)
+        samples = slice(region[0].start * batch, region[0].stop * batch) if batch else None
+        fix = (
+            f"`tide store stats {store} --write` rewrites the sums from the activations (or restore the file "
+            "from a copy of the store)"
+        )
+    elif dims[0] == "sample":  # harvested with its samples: a harvest writes it again
+        samples = region[0]
+        fix = (
+            f"restore the file from a copy of the store, or run `tide store verify {store} --reset-damaged` and "
+            f"then the store's `tide harvest --out {store}` command again to write those samples anew"
+        )
+    else:  # timesteps, step_index: written once, when the store was created
+        samples = None
+        fix = "restore the file from a copy of the store"
+    return ChunkError(
+        restore + fix, where=where, problem=problem, samples=samples, file=chunk_file(arr, coords)
+    )
+
+
+def _batch_size(arr: zarr.Array) -> int | None:
+    """Samples per sample chunk of the store holding `arr` (the chunk length of its `done` array), if known."""
+    try:
+        root = zarr.open_group(arr.store, mode="r", zarr_format=3)
+        return root["done"].metadata.chunk_grid.chunk_shape[0]
+    except Exception:  # an array opened on its own: its store is not the store's root
+        return None
 
 
 class MissingChunkWarning(UserWarning):
@@ -222,8 +257,8 @@ def _store_root(arr: zarr.Array) -> Path | None:
 
 
 def checksummed(arr: zarr.Array) -> bool:
-    """Whether the array's chunks end with a crc32c (format version 2): then every chunk is written, and a
-    missing one is lost, not all zero."""
+    """Whether the array's chunks end with a crc32c (format version 3: every array; version 2: activations and
+    token_index): then every chunk is written, and a missing one is lost, not the fill value."""
     from zarr.codecs import Crc32cCodec
 
     return any(isinstance(c, Crc32cCodec) for c in arr.metadata.codecs)
@@ -233,16 +268,27 @@ def missing_problem(arr: zarr.Array) -> str:
     """What a missing chunk file of `arr` means, as the end of a sentence naming it."""
     if checksummed(arr):
         return "is missing"
+    if tuple(arr.metadata.dimension_names or ()) == ACT_DIMS:
+        return (
+            "is missing (a version-1 store leaves out chunks that are all zero, so it reads as zeros: "
+            "lost unless these activations really are all zero)"
+        )
+    fill = arr.metadata.fill_value
     return (
-        "is missing (a version-1 store leaves out chunks that are all zero, so it reads as zeros: "
-        "lost unless these activations really are all zero)"
+        f"is missing (stores before format version 3 leave out chunks of {arr.basename} that hold only its fill "
+        f"value {fill}, so it reads as {fill}: lost unless those values really are all {fill})"
     )
 
 
 def _missing(arr: zarr.Array, coords: tuple[int, ...]) -> None:
-    """Refuse a missing chunk of a checksummed array; warn about one of a version-1 array (reads as zeros)."""
+    """Refuse a missing chunk of a checksummed array (format version 3: every array; version 2: the data
+    arrays), which is always a lost one; warn about a missing activation chunk of a version-1 store (it reads
+    as zeros, which it may be). A small array of a store before version 3 reads as its fill value without a
+    word: those left out every chunk equal to it, and a missing `done` chunk means samples not done yet."""
     if checksummed(arr):
         raise chunk_error(arr, coords, "is missing")
+    if tuple(arr.metadata.dimension_names or ()) != ACT_DIMS:
+        return
     warnings.warn(
         MissingChunkWarning(
             f"{arr.basename}: chunk file {chunk_file(arr, coords)} is missing and reads as zeros; a version-1 "
@@ -266,6 +312,76 @@ def read_into(
             np.copyto(out, values)
 
 
+def read_array(arr: zarr.Array, selection: tuple[slice, ...] | None = None) -> np.ndarray:
+    """`arr[selection]` (unit-step slices of the first axes, default everything), read chunk by chunk
+    through `read_into`: each chunk's checksum is verified, and a chunk that is missing (format version 3
+    writes every chunk of every array, so a missing one is lost) or does not decode is a ChunkError naming
+    its file, never the fill value zarr would return."""
+    given = tuple(selection or ())
+    given += (slice(None),) * (arr.ndim - len(given))  # the axes not named: all of them
+    selection = tuple(slice(*s.indices(n)) for s, n in zip(given, arr.shape, strict=True))
+    out = np.empty(tuple(s.stop - s.start for s in selection), dtype=arr.dtype)
+    touched = chunks_touched(selection, arr.shape, arr.metadata.chunk_grid.chunk_shape)
+    for region, block in _read_chunks(arr, touched):
+        both = [(max(r.start, s.start), min(r.stop, s.stop)) for r, s in zip(region, selection, strict=True)]
+        into = tuple(slice(a - s.start, b - s.start) for (a, b), s in zip(both, selection, strict=True))
+        out[into] = block[
+            tuple(slice(a - r.start, b - r.start) for (a, b), r in zip(both, region, strict=True))
+        ]
+    return out
+
+
+def read_rows(arr: zarr.Array, rows: list[int] | np.ndarray) -> np.ndarray:
+    """`arr[rows]` (whole rows along the first axis, in the order given), every chunk checked as by read_array."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)
+    grid = arr.metadata.chunk_grid.chunk_shape
+    rest = tuple(slice(None) for _ in arr.shape[1:])
+    touched = [
+        coords
+        for a in sorted({int(r) // grid[0] for r in rows})
+        for coords in chunks_touched((slice(a * grid[0], a * grid[0] + 1), *rest), arr.shape, grid)
+    ]
+    for region, block in _read_chunks(arr, touched):
+        at = np.flatnonzero((rows >= region[0].start) & (rows < region[0].stop))
+        out[(at, *region[1:])] = block[rows[at] - region[0].start]
+    return out
+
+
+def read_points(arr: zarr.Array, points: tuple[np.ndarray, ...]) -> np.ndarray:
+    """`arr[points]` for integer coordinate arrays (one per axis, of equal length: zarr's coordinate
+    selection), every chunk they touch checked as by read_array."""
+    points = tuple(np.asarray(p, dtype=np.int64).reshape(-1) for p in points)
+    grid = arr.metadata.chunk_grid.chunk_shape
+    chunk_of = np.stack([p // c for p, c in zip(points, grid, strict=True)], axis=1)  # (P, ndim)
+    unique, which = np.unique(chunk_of, axis=0, return_inverse=True)
+    out = np.empty(len(points[0]), dtype=arr.dtype)
+    touched = [tuple(int(x) for x in u) for u in unique]
+    for i, (region, block) in enumerate(_read_chunks(arr, touched)):
+        at = np.flatnonzero(which.reshape(-1) == i)
+        out[at] = block[tuple(p[at] - r.start for p, r in zip(points, region, strict=True))]
+    return out
+
+
+def _read_chunks(
+    arr: zarr.Array, touched: list[tuple[int, ...]]
+) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """(region, values) of each chunk in `touched`, read and checked by read_into; a remote store's are
+    requested all at once (store.remote.fetch_ahead)."""
+    from tide.store.remote import fetch_ahead
+
+    grid = arr.metadata.chunk_grid.chunk_shape
+    regions = [chunk_region(c, arr.shape, grid) for c in touched]
+    fetches = fetch_ahead(arr, regions)
+    try:
+        for i, region in enumerate(regions):
+            block = np.empty(tuple(r.stop - r.start for r in region), dtype=arr.dtype)
+            read_into(arr, region, block, fetched=fetches[i])
+            yield region, block
+    finally:
+        fetches.cancel()
+
+
 @contextmanager
 def chunk_values(
     arr: zarr.Array,
@@ -274,7 +390,7 @@ def chunk_values(
     direct: bool = True,
     fetched: Future | None = None,
 ) -> Iterator[np.ndarray]:
-    """The values of `arr[selection]`, each chunk's checksum verified (version 2): where they need no decoding
+    """The values of `arr[selection]`, each chunk's checksum verified (where it has one): where they need no decoding
     (an uncompressed chunk) a read-only view of the chunk's own bytes, mapped from its file or as fetched, so
     that the caller copies them once, to where they go; else `scratch` (shaped like the selection) decoded.
     A view is valid inside the `with` only.

@@ -12,6 +12,7 @@ same layout for readers without tide.
     ├── prompt_index          (N,)  int64    index into StoreMeta.prompts (text-conditional models)
     ├── done                  (N,)  bool     sample fully written (set last, after its activations)
     ├── token_index           (N, S, T) int32  kept token positions, when tokens are subsampled
+    ├── images                (N, H, W, C) uint8  final images (harvest --save-images)
     ├── resid_l03             (N, S, T, D)   activations; one array per (site, layer, branch);
     ├── resid_l03_uncond      (N, S, T, D)   "_uncond" marks the unconditional CFG branch
     └── stats/
@@ -25,10 +26,12 @@ C sample chunks (= ceil(N / batch_size)).
 
 Every activation array has `dimension_names = ["sample", "step", "token", "d"]` and a chunk of shape
 `(batch_size, steps_per_chunk, tokens_per_chunk, D)`: one harvest write fills whole chunks, so no chunk
-is ever written by two writers, and a crash loses at most the batch in flight. Since format version 2
-every chunk of an activation array (and of token_index) ends with a crc32c checksum and is written even
-when all zero, so a missing chunk file of a done sample is always a lost one. Statistics are kept per
-sample chunk so that they are exact and independent of how a harvest was interrupted and resumed.
+is ever written by two writers, and a crash loses at most the batch in flight. Since format version 3
+every chunk of every array (the small ones and stats/ too; version 2: the activations and token_index)
+ends with a crc32c checksum and is written even when it holds only the fill value: the per-step and
+per-sample arrays whole when the store is created (`done` all false), the others with their sample chunk.
+So a missing chunk file (of a done sample) is always a lost one. Statistics are kept per sample chunk so
+that they are exact and independent of how a harvest was interrupted and resumed.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = "tide.activations"
-FORMAT_VERSION = 2
-"""Version 2 ends every activation chunk with a crc32c checksum and writes every chunk, even an all-zero one,
-so that a missing chunk file always means a lost one. Version 1 stores have neither and are still read."""
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+"""Version 3 ends every chunk of every array with a crc32c checksum and writes every chunk, even one that
+holds only the fill value (`done` is written whole, all false, when the store is created), so that a missing
+chunk file always means a lost one. Version 2 did so for the activations and token_index only; version 1
+stores have neither. Both are still read."""
+READABLE_VERSIONS = (1, 2, 3)
 
 CHECKSUM_BYTES = 4
-"""The crc32c trailer (little-endian uint32 of the bytes before it) that ends a version-2 chunk."""
+"""The crc32c trailer (little-endian uint32 of the bytes before it) that ends a checksummed chunk."""
 # Worst case a compressor adds to incompressible data: a blosc frame stores it verbatim after a 16-byte
 # header (plus 4 bytes of block offset per block when split); zstd adds about 1/256 plus a frame header.
 _COMPRESSED_OVERHEAD_BYTES = 1024

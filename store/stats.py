@@ -20,15 +20,18 @@ import numpy as np
 import zarr
 from tide.store.open import where, zarr_store
 from tide.store.reader import (
+    ChunkError,
     Store,
     StoreError,
     chunk_error,
     missing_problem,
     moments,
     read_into,
+    read_rows,
 )
 from tide.store.remote import listed_sizes
 from tide.store.schema import as_float
+from tide.store.writer import everything
 from zarr.core.sync import sync
 
 
@@ -124,13 +127,23 @@ def _client(address: str):
 
 def stored_sums(store: Store, name: str, sample_chunks: list[int]) -> ChunkSums:
     """The writer's sums for `sample_chunks`."""
-    g, idx = store.root["stats"][name], np.asarray(sample_chunks, dtype=np.int64)
+    g = store.root["stats"][name]
     return ChunkSums(
-        list(sample_chunks),
-        g["count"].get_orthogonal_selection((idx, slice(None))),
-        g["sum"].get_orthogonal_selection((idx, slice(None), slice(None))),
-        g["sumsq"].get_orthogonal_selection((idx, slice(None), slice(None))),
+        list(sample_chunks), *(read_rows(g[stat], sample_chunks) for stat in ("count", "sum", "sumsq"))
     )
+
+
+def damaged_sums(store: Store, name: str, sample_chunks: list[int]) -> list[ChunkError]:
+    """The chunks of stats/<name> for `sample_chunks` that are missing or damaged (`write_sums` replaces
+    them whole, without reading them)."""
+    g, bad = store.root["stats"][name], []
+    for stat in ("count", "sum", "sumsq"):
+        for c in sample_chunks:
+            try:
+                read_rows(g[stat], [c])
+            except ChunkError as e:
+                bad.append(e)
+    return bad
 
 
 def difference(a: ChunkSums, b: ChunkSums) -> float:
@@ -146,10 +159,10 @@ def difference(a: ChunkSums, b: ChunkSums) -> float:
 def write_sums(store: Store, name: str, sums: ChunkSums) -> None:
     """Overwrite the stored sums of `sums.chunks` (opens the store for writing)."""
     g = zarr.open_group(zarr_store(where(store.path), "w"), path=f"stats/{name}", mode="r+", zarr_format=3)
-    for i, c in enumerate(sums.chunks):
-        g["count"][c] = sums.count[i]
-        g["sum"][c] = sums.sum[i]
-        g["sumsq"][c] = sums.sumsq[i]
+    for i, c in enumerate(sums.chunks):  # whole chunks: a damaged one is replaced, never read
+        everything(g["count"])[c] = sums.count[i]
+        everything(g["sum"])[c] = sums.sum[i]
+        everything(g["sumsq"])[c] = sums.sumsq[i]
 
 
 def step_table(store: Store, sums: ChunkSums) -> list[dict[str, float]]:
@@ -187,11 +200,23 @@ def check_sums(
                 f"{r['step']:>5} {r['t']:>9.2f} {r['rows']:>9} {r['mean_norm']:>10.4g} {r['rms_norm']:>10.4g} "
                 f"{r['channel_std']:>12.4g}"
             )
-        diff = difference(sums, stored_sums(store, name, sums.chunks))
+        damaged = damaged_sums(
+            store, name, sums.chunks
+        )  # after the activations: what cannot be repaired first
         if write:
             write_sums(store, name, sums)
-            echo(f"{name}: rewrote the stored sums (they differed by {diff:.3g} relative)")
-        elif diff > 1e-9:
+            why = (
+                f"{len(damaged)} damaged chunk files among them were replaced: "
+                + ", ".join(e.file for e in damaged)
+                if damaged
+                else f"they differed by {difference(sums, stored_sums(store, name, sums.chunks)):.3g} relative"
+            )
+            echo(f"{name}: rewrote the stored sums ({why})")
+            continue
+        if damaged:
+            raise damaged[0]
+        diff = difference(sums, stored_sums(store, name, sums.chunks))
+        if diff > 1e-9:
             mismatched.append(f"{name} (relative difference {diff:.3g})")
         else:
             echo(f"{name}: stored sums match (relative difference {diff:.3g})")
@@ -202,7 +227,8 @@ def check_sums(
 
 
 def _why(store: Store, path: str) -> str:
-    """What to do about stored sums that disagree: version 2 stores have checksums, version 1 ones do not."""
+    """What to do about stored sums that disagree: stores since version 2 have checksums on the activations,
+    version 1 ones do not."""
     if store.meta.format_version >= 2:
         return "every chunk passed its checksum, so the stored sums are at fault: rewrite them with --write"
     return (

@@ -32,12 +32,12 @@ from tide.store.remote import RangeFile, key_size, listed_sizes
 from tide.store.schema import (
     ACT_DIMS,
     CHECKSUM_BYTES,
-    Layout,
     as_float,
     chunk_region,
     chunk_size_bounds,
     chunks_touched,
 )
+from tide.store.writer import everything
 
 
 class Verdict(NamedTuple):
@@ -53,76 +53,139 @@ class Verdict(NamedTuple):
 
 
 def verify(path: Path | str, check_values: bool = True) -> Verdict:
-    """Every problem found in a store. Every chunk of every done sample must exist with a plausible size;
-    with check_values, each is also read (checksum, decoding), checked for non-finite values, and summed
-    against the writer's statistics."""
+    """Every problem found in a store. Every chunk that must exist (every chunk of every checksummed array,
+    as format version 3 writes them; of the activations, token_index, images and stats, those of done
+    samples) must be there with a plausible size; with check_values, each is also read (checksum,
+    decoding), activations are checked for non-finite values and summed against the writer's statistics."""
     try:
         store = open_store(path)
     except ValueError as e:
         return Verdict([str(e)], [], 0, 0)
-    problems: list[str] = []
-    meta, lay, root = store.meta, store.layout, store.root
-    expected = {
-        "timesteps": (lay.num_steps,),
-        "step_index": (lay.num_steps,),
-        "seed": (lay.num_samples,),
-        "done": (lay.num_samples,),
-    }
-    expected["label" if meta.conditioning == "class" else "prompt_index"] = (lay.num_samples,)
-    if meta.tokens.subsampled:
-        expected["token_index"] = (lay.num_samples, lay.num_steps, lay.tokens)
-    for name in meta.act_names():
-        expected[name] = lay.act_shape
-    for name, shape in expected.items():
-        if name not in root:
-            problems.append(f"array {name} is missing")
-        elif root[name].shape != shape:
-            problems.append(f"array {name} has shape {root[name].shape}, expected {shape}")
-    done = store.done()
+    lay = store.layout
+    problems = _shape_problems(store)
     if problems:
-        return Verdict(problems, [], int(done.sum()), lay.num_samples)
-    if list(root["step_index"][:]) != meta.step_indices:
-        problems.append("step_index disagrees with the metadata's step_indices")
-    done_chunks = store.done_chunks()
-    damaged: list[ChunkError] = []
-    data = [*meta.act_names(), *(["token_index"] if meta.tokens.subsampled else [])]
-    for name in data:
-        arr = root[name]
-        if name != "token_index" and tuple(arr.metadata.dimension_names or ()) != ACT_DIMS:
-            problems.append(
-                f"{name} has dimension_names {arr.metadata.dimension_names}, expected {list(ACT_DIMS)}"
-            )
-        found, sound = _check_files(arr, meta.codec, lay, done_chunks)
+        return Verdict(problems, [], 0, lay.num_samples)
+    done, damaged = _done_flags(store)
+    done_chunks = [c for c in range(lay.num_sample_chunks) if done[lay.sample_chunk(c)].all()]
+    for name in _arrays(store):
+        arr = store.root[name]
+        found, sound = _check_files(arr, _required(store, arr, done_chunks))
         if check_values:
-            found += _check_values(store, name, sound, problems, compare_stats=not found)
+            stats_sound = not any(e.where.startswith(f"stats/{name}/") for e in damaged)
+            found += _check_values(
+                store, name, sound, problems, done_chunks if stats_sound and not found else None
+            )
         damaged += found
+    if not any(e.where.startswith("step_index:") for e in damaged):
+        try:
+            if list(store.read("step_index")) != store.meta.step_indices:
+                problems.append("step_index disagrees with the metadata's step_indices")
+        except ChunkError as e:  # a store before version 3: no checksum, so only decoding tells
+            damaged.append(e)
     problems += [f"{e.where} {e.problem}" for e in damaged]
     return Verdict(problems, damaged, int(done.sum()), lay.num_samples)
 
 
-def _chunks_of(arr: zarr.Array, lay: Layout, sample_chunks: list[int]) -> list[tuple[int, ...]]:
-    """Every chunk of `arr` that holds samples of the given sample chunks."""
+def _arrays(store: Store) -> list[str]:
+    """Every array of the store but `done`, the statistics before the activations they sum."""
+    meta = store.meta
+    names = ["timesteps", "step_index", "seed"]
+    names += {"class": ["label"], "prompt": ["prompt_index"]}.get(meta.conditioning, [])
+    names += [f"stats/{n}/{s}" for n in meta.act_names() for s in ("count", "sum", "sumsq")]
+    names += ["images"] if "images" in store.root else []
+    names += ["token_index"] if meta.tokens.subsampled else []
+    return names + meta.act_names()
+
+
+def _shape_problems(store: Store) -> list[str]:
+    """Arrays the metadata implies that are not there, or not of the shape it implies."""
+    meta, lay = store.meta, store.layout
+    n, s, c = lay.num_samples, lay.num_steps, lay.num_sample_chunks
+    expected = {"timesteps": (s,), "step_index": (s,), "seed": (n,), "done": (n,)}
+    expected |= {"label": (n,)} if meta.conditioning == "class" else {}
+    expected |= {"prompt_index": (n,)} if meta.conditioning == "prompt" else {}
+    expected |= {"token_index": (n, s, lay.tokens)} if meta.tokens.subsampled else {}
+    for name in meta.act_names():
+        expected |= {name: lay.act_shape, f"stats/{name}/count": (c, s)}
+        expected |= {f"stats/{name}/{stat}": (c, s, lay.d_model) for stat in ("sum", "sumsq")}
+    problems = []
+    for name, shape in expected.items():
+        if name not in store.root:
+            problems.append(f"array {name} is missing")
+        elif store.root[name].shape != shape:
+            problems.append(f"array {name} has shape {store.root[name].shape}, expected {shape}")
+    if "images" in store.root and store.root["images"].shape[0] != n:
+        problems.append(f"array images has {store.root['images'].shape[0]} samples, expected {n}")
+    for name in meta.act_names():
+        dims = tuple(store.root[name].metadata.dimension_names or ()) if name in store.root else ACT_DIMS
+        if dims != ACT_DIMS:
+            problems.append(f"{name} has dimension_names {list(dims)}, expected {list(ACT_DIMS)}")
+    return problems
+
+
+def _done_flags(store: Store) -> tuple[np.ndarray, list[ChunkError]]:
+    """(the done flags, the chunks of `done` that are missing or damaged); the samples of a damaged chunk
+    count as not done, so that the rest of the store is still checked."""
+    arr = store.root["done"]
+    if not checksummed(arr):  # before version 3: a missing chunk of `done` is samples not done yet
+        return store.done(), []
     grid = arr.metadata.chunk_grid.chunk_shape
-    full = tuple(slice(None) for _ in arr.shape[1:])
-    return [
-        coords
-        for c in sample_chunks
-        for coords in chunks_touched((lay.sample_chunk(c), *full), arr.shape, grid)
-    ]
+    damaged, sound = _check_files(arr, chunks_touched((slice(None),), arr.shape, grid))
+    done = np.zeros(arr.shape, dtype=bool)
+    for coords in sound:
+        region = chunk_region(coords, arr.shape, grid)
+        try:
+            read_into(arr, region, done[region])
+        except ChunkError as e:
+            damaged.append(e)
+    return done, damaged
+
+
+def _required(store: Store, arr: zarr.Array, done_chunks: list[int]) -> list[tuple[int, ...]]:
+    """The chunks of `arr` that must exist: of a checksummed array (format version 3 writes every chunk),
+    every chunk of the per-step and per-sample arrays and the done sample chunks' of the others; of an
+    activation array or token_index, the done sample chunks' whatever its version (a version-1 store's
+    missing ones are named with what they may mean)."""
+    grid = arr.metadata.chunk_grid.chunk_shape
+    dims = tuple(arr.metadata.dimension_names or ())
+    lay = store.layout
+    if not (checksummed(arr) or arr.path in store.meta.act_names() or arr.path == "token_index"):
+        return []
+    if dims[0] == "step" or arr.path in ("seed", "label", "prompt_index"):
+        return chunks_touched(tuple(slice(None) for _ in arr.shape), arr.shape, grid)
+    rows = [lay.sample_chunk(c) for c in done_chunks]
+    if dims[0] == "sample_chunk":
+        rows = [slice(c, c + 1) for c in done_chunks]
+    rest = tuple(slice(None) for _ in arr.shape[1:])
+    return [coords for r in rows for coords in chunks_touched((r, *rest), arr.shape, grid)]
+
+
+def _codec(arr: zarr.Array) -> str:
+    """The compressor of `arr`'s chunks, named as on the harvest command line (any blosc frame is checked
+    alike)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    for c in arr.metadata.codecs:
+        if isinstance(c, BloscCodec):
+            return "blosc-zstd"
+        if isinstance(c, ZstdCodec):
+            return "zstd"
+    return "none"
 
 
 def _check_files(
-    arr: zarr.Array, codec: str, lay: Layout, sample_chunks: list[int]
+    arr: zarr.Array, chunks: list[tuple[int, ...]]
 ) -> tuple[list[ChunkError], list[tuple[int, ...]]]:
     """(chunks missing, of an impossible size, or whose compressed frame's header disagrees with the file's
     size, the others): a few bytes of each file, nothing decoded."""
     grid = arr.metadata.chunk_grid.chunk_shape
     raw = math.prod(grid) * np.dtype(arr.dtype).itemsize  # an edge chunk is stored whole too
     trailer = CHECKSUM_BYTES if checksummed(arr) else 0
+    codec = _codec(arr)
     smallest, largest = chunk_size_bounds(raw, codec, bool(trailer))
     bad, sound = [], []
-    sizes = listed_sizes(arr)
-    for coords in _chunks_of(arr, lay, sample_chunks):
+    sizes = listed_sizes(arr) if chunks else None
+    for coords in chunks:
         try:
             with _open_chunk(arr, coords, sizes) as (f, size):
                 if not smallest <= size <= largest:
@@ -211,16 +274,18 @@ def _zstd_frame(f) -> tuple[int | None, int]:
 
 
 def _check_values(
-    store: Store, name: str, chunks: list[tuple[int, ...]], problems: list[str], compare_stats: bool
+    store: Store, name: str, chunks: list[tuple[int, ...]], problems: list[str], stats_of: list[int] | None
 ) -> list[ChunkError]:
-    """Read each chunk as the trainer does; name non-finite values and compare sums with stats/<name>.
+    """Read each chunk as the trainer does (checksum, decoding); name non-finite activations or timesteps and
+    token positions outside the image, and compare an activation array's sums with stats/<name> over the
+    sample chunks `stats_of` (None: not compared, because its statistics or some of its chunks are damaged:
+    damage is named as such, not as disagreeing statistics).
 
-    Returns the chunks that could not be read. The sums are compared only when `chunks` are all the done
-    chunks (compare_stats) and every one was read: damage is named as such, not as disagreeing statistics.
-    """
+    Returns the chunks that could not be read."""
     meta, lay = store.meta, store.layout
     arr = store.root[name]
     grid = arr.metadata.chunk_grid.chunk_shape
+    activations = name in meta.act_names()
     bad: list[ChunkError] = []
     count = np.zeros(lay.num_steps, dtype=np.int64)
     total = np.zeros((lay.num_steps, lay.d_model))
@@ -232,11 +297,11 @@ def _check_values(
         except ChunkError as e:
             bad.append(e)
             continue
-        if name == "token_index":
-            if block.min() < 0 or block.max() >= meta.tokens.num_tokens:
-                problems.append(
-                    f"token_index holds positions outside the image's tokens in samples {region[0]}"
-                )
+        if name == "token_index" and (block.min() < 0 or block.max() >= meta.tokens.num_tokens):
+            problems.append(f"token_index holds positions outside the image's tokens in samples {region[0]}")
+        if name == "timesteps" and not np.isfinite(block).all():
+            problems.append(f"timesteps holds a non-finite value at steps {region[0]}")
+        if not activations:
             continue
         values = as_float(block, meta.dtype)
         if not np.isfinite(values).all():
@@ -247,8 +312,11 @@ def _check_values(
         x = values.astype(np.float64)
         count[region[1]] += x.shape[0] * x.shape[2]
         total[region[1]] += x.sum(axis=(0, 2))
-    if name != "token_index" and compare_stats and not bad:
-        stats = store.stats(name, store.done_chunks())
+    if activations and stats_of is not None and not bad:
+        try:
+            stats = store.stats(name, stats_of)
+        except ChunkError as e:  # a store before version 3: its statistics have no checksum to check first
+            return [e]
         if not np.array_equal(stats.count, count) or not np.allclose(
             stats.mean * count[:, None], total, rtol=1e-6, atol=1e-6
         ):
@@ -260,8 +328,8 @@ def reset_damaged(path: Path | str, damaged: list[ChunkError]) -> list[slice]:
     """Mark the samples of damaged chunks not done, so that re-running the store's harvest command writes
     them again (a harvest redoes every sample chunk that is not done). Returns the sample ranges reset."""
     ranges = sorted({(e.samples.start, e.samples.stop) for e in damaged if e.samples is not None})
-    done = zarr.open_array(zarr_store(where(path), "w"), path="done", mode="r+", zarr_format=3)
-    for start, stop in ranges:
+    done = everything(zarr.open_array(zarr_store(where(path), "w"), path="done", mode="r+", zarr_format=3))
+    for start, stop in ranges:  # whole chunks of `done`: a damaged one is replaced, never read
         done[start:stop] = np.zeros(stop - start, dtype=bool)
     return [slice(a, b) for a, b in ranges]
 

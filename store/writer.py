@@ -28,14 +28,21 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec, ZstdCodec
 BLOSC_BLOCKSIZE = 256 * 1024
 
 
-# Every chunk of a data array is written, even one that is all zero (zarr leaves those out by default), so
-# that a missing chunk file always means a lost one. Not stored in the metadata: each write sets it.
+# Every chunk of every array is written, even one that holds only the fill value (zarr leaves those out, and
+# deletes one that a write fills with it, by default), so that a missing chunk file always means a lost one.
+# Not stored in the metadata: every write of a store sets it (`everything(array)`).
 WRITE_EVERY_CHUNK = {"write_empty_chunks": True}
 
 
+def everything(arr: zarr.Array) -> zarr.Array:
+    """`arr` configured to write every chunk, also one that holds only the fill value."""
+    return arr.with_config(WRITE_EVERY_CHUNK)
+
+
 def compressors(codec: str, itemsize: int) -> list[Any]:
-    """The bytes-to-bytes codecs of a data array: the compressor named on the command line, then a crc32c
-    checksum of the compressed bytes, which readers verify on every read (format version 2)."""
+    """The bytes-to-bytes codecs of every array: the compressor named on the command line, then a crc32c
+    checksum of the compressed bytes, which readers verify on every read (format version 3; version 2 had it
+    on the activations and token_index only)."""
     return [*_compressor(codec, itemsize), Crc32cCodec()]
 
 
@@ -79,6 +86,7 @@ def create_store(
             dtype="uint8",
             chunks=(meta.layout().batch_size, *save_images_shape),
             fill_value=0,
+            compressors=compressors(meta.codec, 1),
             dimension_names=["sample", "height", "width", "channel"],
         )
     # The CF `coordinates` attribute: xarray makes these coordinates of every activation array (not data
@@ -103,24 +111,24 @@ def _per_step_and_sample(
     sample; token_index per (sample, step, token) when tokens are subsampled."""
     lay = meta.layout()
     n, s = lay.num_samples, lay.num_steps
-    root.create_array("timesteps", data=timesteps.astype(np.float64), dimension_names=["step"])
-    root.create_array(
-        "step_index", data=np.asarray(meta.step_indices, dtype=np.int32), dimension_names=["step"]
-    )
-    per_sample = {"seed": seeds, "label": labels, "prompt_index": prompt_index}
+    # Written whole now, every chunk (`done` as all false): a chunk missing later is a lost one.
+    per_step = {
+        "timesteps": timesteps.astype(np.float64),
+        "step_index": np.asarray(meta.step_indices, np.int32),
+    }
+    for name, values in per_step.items():
+        root.create_array(
+            name, data=values, compressors=compressors(meta.codec, values.itemsize), config=WRITE_EVERY_CHUNK,
+            dimension_names=["step"],
+        )  # fmt: skip
+    per_sample = {"seed": seeds, "label": labels, "prompt_index": prompt_index, "done": np.zeros(n, bool)}
     for name, values in per_sample.items():
         if values is not None:
+            values = values if name == "done" else values.astype(np.int64)
             root.create_array(
-                name, data=values.astype(np.int64), chunks=(lay.batch_size,), dimension_names=["sample"]
-            )
-    root.create_array(
-        "done",
-        shape=(n,),
-        dtype="bool",
-        chunks=(lay.batch_size,),
-        fill_value=False,
-        dimension_names=["sample"],
-    )
+                name, data=values, chunks=(lay.batch_size,), compressors=compressors(meta.codec, values.itemsize),
+                config=WRITE_EVERY_CHUNK, dimension_names=["sample"],
+            )  # fmt: skip
     if meta.tokens.subsampled:
         root.create_array(
             "token_index",
@@ -159,6 +167,7 @@ def _activations_and_stats(root: zarr.Group, meta: StoreMeta, coordinates: str) 
             dtype="int64",
             chunks=(1, s),
             fill_value=0,
+            compressors=compressors(meta.codec, 8),
             dimension_names=["sample_chunk", "step"],
         )
         for stat in ("sum", "sumsq"):
@@ -168,6 +177,7 @@ def _activations_and_stats(root: zarr.Group, meta: StoreMeta, coordinates: str) 
                 dtype="float64",
                 chunks=(1, s, lay.d_model),
                 fill_value=0.0,
+                compressors=compressors(meta.codec, 8),
                 dimension_names=["sample_chunk", "step", "d"],
             )
 
@@ -224,23 +234,22 @@ class StoreWriter:
     def write_block(self, name: str, sample_chunk: int, steps: slice, block: np.ndarray) -> None:
         """Write a (b, s, T, D) block of stored values and its statistics."""
         samples = self.layout.sample_chunk(sample_chunk)
-        self.root[name].with_config(WRITE_EVERY_CHUNK)[samples, steps] = block
+        everything(self.root[name])[samples, steps] = block
         count, total, sumsq = block_stats(block, self.meta.dtype)
         g = self.root["stats"][name]
-        g["count"][sample_chunk, steps] = count
-        g["sum"][sample_chunk, steps] = total
-        g["sumsq"][sample_chunk, steps] = sumsq
+        everything(g["count"])[sample_chunk, steps] = count
+        everything(g["sum"])[sample_chunk, steps] = total
+        everything(g["sumsq"])[sample_chunk, steps] = sumsq
 
     def write_token_index(self, sample_chunk: int, steps: slice, index: np.ndarray) -> None:
-        arr = self.root["token_index"].with_config(WRITE_EVERY_CHUNK)
-        arr[self.layout.sample_chunk(sample_chunk), steps] = index
+        everything(self.root["token_index"])[self.layout.sample_chunk(sample_chunk), steps] = index
 
     def write_images(self, sample_chunk: int, images: np.ndarray) -> None:
-        self.root["images"][self.layout.sample_chunk(sample_chunk)] = images
+        everything(self.root["images"])[self.layout.sample_chunk(sample_chunk)] = images
 
     def mark_done(self, sample_chunk: int) -> None:
         samples = self.layout.sample_chunk(sample_chunk)
-        self.root["done"][samples] = np.ones(samples.stop - samples.start, dtype=bool)
+        everything(self.root["done"])[samples] = np.ones(samples.stop - samples.start, dtype=bool)
 
 
 def _existing(path: Path) -> Path:

@@ -7,6 +7,7 @@ file. The reference for "what a reader must see" is the store as written (read b
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from tide.cli import app
 from tide.store.reader import ChunkError, MissingChunkWarning, StoreError, open_store, read_into
 from tide.store.schema import FORMAT_VERSION
 from tide.store.stats import recompute_sums
+from tide.store.writer import everything
 from tide.train.fit.config import TrainConfig
 from tide.train.fit.data import ActivationLoader
 from tide.train.fit.trainer import train
@@ -55,10 +57,16 @@ def _truncate(file: Path) -> None:
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
 
 
-def _as_version_1(path: Path) -> None:
-    """Rewrite a store as format version 1 wrote it: no crc32c, all-zero chunks left out (zarr's default)."""
+def _as_version(path: Path, version: int) -> None:
+    """Rewrite a store as format `version` (1 or 2) wrote it: the small arrays (and for version 1 the
+    activations too) without crc32c and with zarr's default compressor for the small ones, chunks that hold
+    only the fill value left out (zarr's default)."""
     root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    for name in open_store(path).meta.act_names():
+    meta = open_store(path).meta
+    data = [*meta.act_names(), "token_index"]
+    small = ["timesteps", "step_index", "seed", "label", "done"]
+    small += [f"stats/{n}/{s}" for n in meta.act_names() for s in ("count", "sum", "sumsq")]
+    for name in small + (meta.act_names() if version == 1 else []):
         old = root[name]
         values, codecs = old[:], list(old.metadata.codecs)
         assert isinstance(codecs[-1], Crc32cCodec)
@@ -68,23 +76,23 @@ def _as_version_1(path: Path) -> None:
             dtype=old.dtype,
             chunks=old.chunks,
             fill_value=old.fill_value,
-            compressors=codecs[1:-1] or None,
+            compressors=(codecs[1:-1] or None) if name in data else "auto",
             dimension_names=old.metadata.dimension_names,
             attributes=dict(old.attrs),
             overwrite=True,
         )
         new[:] = values
-    root.attrs.update({"format_version": 1})
+    root.attrs.update({"format_version": version})
 
 
 @pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
-def test_new_stores_are_version_2_with_a_checksum_and_every_chunk_written(tmp_path, codec):
+def test_new_stores_are_version_3_with_a_checksum_and_every_chunk_written(tmp_path, codec):
     store = _store(tmp_path / "s.zarr", codec)
     arr = store.array("resid_l00")
-    assert store.meta.format_version == FORMAT_VERSION == 2
+    assert store.meta.format_version == FORMAT_VERSION == 3
     assert isinstance(arr.metadata.codecs[-1], Crc32cCodec)
     info = runner.invoke(app, ["store", "info", str(store.path), "--json"])
-    assert json.loads(info.output)["format_version"] == 2
+    assert json.loads(info.output)["format_version"] == 3
     # A chunk of zeros (the fill value) is still written: a missing file must always mean a lost one.
     root = zarr.open_group(str(store.path), mode="r+", zarr_format=3)
     from tide.store.writer import StoreWriter
@@ -148,7 +156,7 @@ def test_a_missing_chunk_is_an_error_not_zeros(tmp_path, codec):
 def test_version_1_stores_are_read_and_a_missing_chunk_warns(tmp_path):
     store = _store(tmp_path / "s.zarr")
     before = store.root["resid_l00"][:]
-    _as_version_1(store.path)
+    _as_version(store.path, 1)
     v1 = open_store(store.path)
     assert v1.meta.format_version == 1 and not isinstance(
         v1.array("resid_l00").metadata.codecs[-1], Crc32cCodec
@@ -173,10 +181,36 @@ def test_version_1_stores_are_read_and_a_missing_chunk_warns(tmp_path):
         assert "resid_l00/c/2/0/0/0 (samples 6..8, steps 0..1, tokens 0..1) has" in result.output
 
 
+def test_version_2_stores_are_read_and_verified_as_before(tmp_path):
+    import warnings
+
+    store = _store(tmp_path / "s.zarr")
+    before = {n: store.root[n][:] for n in ("timesteps", "label", "seed", "stats/resid_l00/sum")}
+    stats_before = store.stats("resid_l00")
+    _as_version(store.path, 2)
+    v2 = open_store(store.path)
+    assert v2.meta.format_version == 2 and not isinstance(v2.root["label"].metadata.codecs[-1], Crc32cCodec)
+    # Version 2 left out the small arrays' chunks that hold only the fill value: sample 0..2's labels are
+    # 0, 1, 2, so label chunk 0 is there, but a done chunk of samples not yet done is not.
+    zarr.open_array(str(store.path / "done"), mode="r+")[9:] = np.zeros(3, bool)  # as version 2 wrote it
+    assert not (store.path / "done/c/3").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a chunk left out by design is read without a word
+        assert v2.done().tolist() == [True] * 9 + [False] * 3
+        for name, values in before.items():
+            np.testing.assert_array_equal(v2.read(name), values, err_msg=name)
+        np.testing.assert_array_equal(v2.stats("resid_l00", [0, 1, 2, 3]).mean, stats_before.mean)
+    result = runner.invoke(app, ["store", "verify", str(store.path)])
+    assert result.exit_code == 0 and "incomplete: 9 of 12" in result.output, result.output
+    _flip(store.path / "resid_l00" / KEY)  # its activations still carry their checksums
+    result = runner.invoke(app, ["store", "verify", str(store.path)])
+    assert result.exit_code == 1 and "fails its checksum" in result.output
+
+
 def test_a_newer_format_version_is_refused_with_the_fix(tmp_path):
     store = _store(tmp_path / "s.zarr")
-    zarr.open_group(str(store.path), mode="r+").attrs.update({"format_version": 3})
-    with pytest.raises(StoreError, match="format_version 3.*reads versions 1, 2.*upgrade tide"):
+    zarr.open_group(str(store.path), mode="r+").attrs.update({"format_version": 4})
+    with pytest.raises(StoreError, match="format_version 4.*reads versions 1, 2, 3.*upgrade tide"):
         open_store(store.path)
 
 
@@ -226,7 +260,7 @@ def test_verify_says_a_sound_store_is_incomplete(tmp_path):
     result = runner.invoke(app, ["store", "verify", str(store.path)])
     assert result.exit_code == 0 and "incomplete" not in result.output
     # A harvest killed after 2 of 4 batches: the rest is not done, and their chunks may not exist.
-    zarr.open_array(str(store.path / "done"), mode="r+")[6:] = np.zeros(6, bool)
+    everything(zarr.open_array(str(store.path / "done"), mode="r+"))[6:] = np.zeros(6, bool)
     for f in (store.path / "resid_l00/c/3").rglob("*"):
         if f.is_file():
             f.unlink()
@@ -324,3 +358,161 @@ def test_reset_damaged_then_the_same_harvest_writes_those_samples_again(tiny_dit
     assert result.exit_code == 0 and "incomplete" not in result.output, result.output
     for name, values in before.items():
         np.testing.assert_array_equal(zarr.open_array(str(cfg.out / name), mode="r")[:], values, err_msg=name)
+
+
+# --- format version 3: every array checksummed, every chunk written, and every read checked ------------------
+
+
+@pytest.fixture(scope="module")
+def harvested(tiny_dit, tmp_path_factory):
+    """A finished harvest holding every kind of array (labels, token_index, images), and a topk SAE on it."""
+    from tide.harvest.config import HarvestConfig
+    from tide.harvest.run import harvest
+
+    work = tmp_path_factory.mktemp("harvested")
+    cfg = HarvestConfig(
+        model=str(tiny_dit), out=work / "s.zarr", num_samples=8, num_steps=3, batch_size=2, layers="1",
+        token_fraction=0.5, save_images=True, progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    tcfg = TrainConfig(
+        store=cfg.out, out=work / "saes", layers="1", archs=("topk",), k=(2,), expansion=2, batch_size=16,
+        max_steps=2, warmup_steps=1, val_fraction=0.25, progress=False,
+    )  # fmt: skip
+    return cfg.out, train(tcfg, log=lambda m: None).saes[0]
+
+
+def _arrays_on_disk(path: Path) -> list[str]:
+    """Every array of a store folder, by its path inside the store."""
+    return sorted(
+        str(p.parent.relative_to(path))
+        for p in path.rglob("zarr.json")
+        if json.loads(p.read_text())["node_type"] == "array"
+    )
+
+
+def _chunk_files(path: Path, name: str) -> list[Path]:
+    return sorted(p for p in (path / name / "c").rglob("*") if p.is_file())
+
+
+def test_version_3_stores_checksum_every_array_and_write_every_chunk(harvested):
+    path, _ = harvested
+    root = zarr.open_group(str(path), mode="r")
+    names = _arrays_on_disk(path)
+    assert {"timesteps", "step_index", "seed", "label", "done", "token_index", "images"} <= set(names)
+    assert {"stats/resid_l01/count", "stats/resid_l01/sum", "stats/resid_l01/sumsq"} <= set(names)
+    assert root.attrs["format_version"] == FORMAT_VERSION == 3
+    for name in names:
+        arr = root[name]
+        assert isinstance(arr.metadata.codecs[-1], Crc32cCodec), name
+        grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks, strict=True)]
+        # The store is finished: every chunk of the grid is a file, including the all-fill ones (zarr
+        # leaves those out by default), e.g. sample 0's seed and label, which are 0.
+        assert len(_chunk_files(path, name)) == int(np.prod(grid)), name
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_damage_to_any_array_is_named_by_verify_and_by_every_read(harvested, tmp_path, damage):
+    from tide.store.reader import read_array
+    from tide.store.verify import verify
+
+    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+    assert verify(path).problems == []
+    for name in _arrays_on_disk(path):
+        for file in {_chunk_files(path, name)[0], _chunk_files(path, name)[-1]}:
+            saved = file.read_bytes()
+            file.unlink() if damage == "delete" else _flip(file)
+            problems = verify(path).problems
+            assert any(str(file) in p for p in problems), (name, problems)
+            quick = verify(path, check_values=False).problems
+            assert damage == "flip" or any(str(file) in p for p in quick), (name, quick)
+            with pytest.raises(ChunkError, match=str(file)) as e:  # what every command reads through
+                read_array(zarr.open_group(str(path), mode="r")[name])
+            assert ("is missing" if damage == "delete" else "checksum") in str(e.value)
+            file.write_bytes(saved)
+    assert verify(path).problems == []
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "error: " in result.output, result.output
+    msg = result.output[result.output.index("error: ") :]
+    assert msg.count("\n") == 1, result.output
+    return msg
+
+
+def test_a_lost_timesteps_chunk_stops_train_and_eval_instead_of_t_0(harvested, tmp_path):
+    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+    (path / "timesteps/c/0").unlink()
+    result = runner.invoke(app, ["store", "verify", str(path)])
+    assert (
+        result.exit_code == 1
+        and f"timesteps: chunk file {path / 'timesteps/c/0'} (steps 0..2) is missing" in result.output
+    )
+    train_args = ["train", "--store", str(path), "--out", str(tmp_path / "saes"), "--layers", "1", "--arch",
+                  "topk", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "16", "--no-progress"]  # fmt: skip
+    for args in (train_args, ["eval", str(harvested[1]), "--store", str(path)]):
+        msg = _one_line_error(runner.invoke(app, args))
+        assert f"timesteps: chunk file {path / 'timesteps/c/0'}" in msg and "restore the file" in msg, msg
+    _flip(path / "step_index/c/0")
+    result = runner.invoke(app, ["store", "verify", str(path)])
+    assert (
+        result.exit_code == 1
+        and "step_index: chunk file" in result.output
+        and "fails its checksum" in result.output
+    )
+
+
+@pytest.mark.parametrize("name", ["label", "token_index", "images"])
+def test_features_refuses_a_lost_chunk_instead_of_fill_values(harvested, tmp_path, name):
+    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+    lost = _chunk_files(path, name)[1]
+    lost.unlink()
+    args = ["features", str(harvested[1]), "--store", str(path), "--out", str(tmp_path / "rep"), "--split",
+            "all", "--max-pages", "2", "--images", "2", "--no-progress"]  # fmt: skip
+    msg = _one_line_error(runner.invoke(app, args))
+    assert f"{name}: chunk file {lost} (samples 2..3" in msg and "is missing" in msg, msg
+    assert "--reset-damaged" in msg
+
+
+def test_a_damaged_stats_chunk_is_named_and_stats_write_repairs_it(harvested, tmp_path):
+    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+    before = {
+        s: zarr.open_array(str(path / f"stats/resid_l01/{s}"), mode="r")[:] for s in ("count", "sum", "sumsq")
+    }
+    damaged = path / "stats/resid_l01/sum/c/1/0/0"
+    _flip(damaged)
+    result = runner.invoke(app, ["store", "verify", str(path)])
+    assert result.exit_code == 1 and f"stats/resid_l01/sum: chunk file {damaged}" in result.output, (
+        result.output
+    )
+    assert "disagree" not in result.output
+    msg = _one_line_error(runner.invoke(app, ["store", "stats", str(path)]))
+    assert str(damaged) in msg and f"tide store stats {path} --write" in msg, msg
+    (path / "stats/resid_l01/count/c/2/0").unlink()
+    result = runner.invoke(app, ["store", "stats", str(path), "--write"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "rewrote the stored sums" in result.output and "2 damaged" in result.output, result.output
+    assert runner.invoke(app, ["store", "verify", str(path)]).exit_code == 0
+    for stat, values in before.items():
+        np.testing.assert_allclose(
+            zarr.open_array(str(path / f"stats/resid_l01/{stat}"), mode="r")[:], values, rtol=1e-12
+        )
+
+
+def test_reset_damaged_then_harvest_mends_a_lost_done_chunk(tiny_dit, harvested, tmp_path):
+    from tide.harvest.config import HarvestConfig
+    from tide.harvest.run import harvest
+
+    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+    (path / "done/c/1").unlink()
+    result = runner.invoke(app, ["store", "verify", str(path), "--reset-damaged"])
+    assert result.exit_code == 1 and "done: chunk file" in result.output, result.output
+    assert "marked samples 2..3 not done" in result.output, result.output
+    cfg = HarvestConfig(
+        model=str(tiny_dit), out=path, num_samples=8, num_steps=3, batch_size=2, layers="1",
+        token_fraction=0.5, save_images=True, progress=False,
+    )  # fmt: skip
+    assert harvest(cfg, log=lambda m: None).written == 2
+    result = runner.invoke(app, ["store", "verify", str(path)])
+    assert result.exit_code == 0 and "incomplete" not in result.output, result.output

@@ -23,6 +23,7 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.run import HarvestError, harvest
 from tide.store.reader import open_store
 from tide.store.schema import Layout
+from tide.store.writer import everything
 from tide.train.fit.checkpoint import load_sae
 from tide.train.fit.data import split_samples
 from typer.testing import CliRunner
@@ -394,7 +395,9 @@ def test_second_train_into_one_out_is_refused_while_the_first_runs(syn, tmp_path
 def _partial_store(path: Path, done_samples: int):
     """12 samples in 4 chunks of 3; a harvest stopped after `done_samples`. Seed 0 holds out chunk 3."""
     store = synthetic_store(path, values="random")
-    zarr.open_array(str(path / "done"), mode="r+")[done_samples:] = False
+    everything(zarr.open_array(str(path / "done"), mode="r+"))[done_samples:] = (
+        False  # written, as a harvest does
+    )
     return store
 
 

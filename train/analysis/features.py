@@ -35,7 +35,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tide.store.reader import Store
+from tide.store.reader import Store, read_points
 from tide.store.schema import step_buckets
 from tide.train.fit.checkpoint import LoadedSAE
 from tide.train.fit.data import ActivationLoader
@@ -124,9 +124,9 @@ def class_names(store: Store) -> tuple[np.ndarray | None, list[str]]:
     """(class of every sample, name of every class), or (None, []) for an unconditional store."""
     meta = store.meta
     if meta.conditioning == "prompt" and "prompt_index" in store.root:
-        return store.root["prompt_index"][:], list(meta.prompts or [])
+        return store.read("prompt_index"), list(meta.prompts or [])
     if meta.conditioning == "class" and "label" in store.root:
-        labels = store.root["label"][:]
+        labels = store.read("label")
         n = meta.model.transformer_config.get("num_embeds_ada_norm") or int(labels.max()) + 1
         return labels, [str(c) for c in range(n)]
     return None, []
@@ -496,7 +496,7 @@ def image_tokens(store: Store, top: TopRows) -> np.ndarray:
     out = np.full(top.token_FK.shape, -1, dtype=np.int64)
     if ok.any():
         coords = (top.sample_FK[ok], top.step_FK[ok], top.token_FK[ok])
-        out[ok] = store.root["token_index"].get_coordinate_selection(coords)
+        out[ok] = read_points(store.root["token_index"], coords)  # a lost chunk is an error, never -1
     return out
 
 

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tide.store.reader import Store
+from tide.store.reader import Store, read_array, read_points, read_rows
 from tide.train.analysis.features import (
     FeaturesConfig,
     LatentStats,
@@ -101,7 +101,7 @@ def final_images(
     if not samples:
         return {}
     if "images" in store.root:
-        imgs = store.root["images"].get_orthogonal_selection((np.asarray(samples),))
+        imgs = read_rows(store.root["images"], samples)
         return dict(zip(samples, imgs, strict=True))
     from tide.harvest.regenerate import load_store_model, regenerate_images  # the one way into harvest/
     from tqdm.auto import tqdm
@@ -132,7 +132,7 @@ def token_activations(
     sae = loaded.sae.cpu().eval()
     for c, group in by_chunk.items():
         samples = lay.sample_chunk(c)
-        x_bSTD = as_float(arr[samples], store.meta.dtype)
+        x_bSTD = as_float(read_array(arr, (samples,)), store.meta.dtype)
         for i, s in group:
             x_TD = torch.as_tensor(np.asarray(x_bSTD[i - samples.start, s], dtype=np.float32))
             z_TF = sae.forward_raw(x_TD, torch.full((x_TD.shape[0],), float(t_S[s]))).z_BF.numpy()
@@ -467,8 +467,14 @@ def _token_index(store: Store, pairs: dict[tuple[int, int], list[int]]) -> dict[
     T = store.meta.tokens.kept
     if not store.meta.tokens.subsampled:
         return {p: np.arange(T) for p in pairs}
-    arr = store.root["token_index"]
-    return {(i, s): arr[i, s] for i, s in pairs}
+    if not pairs:
+        return {}
+    samples, steps = np.asarray(list(pairs), dtype=np.int64).T
+    rows = read_points(  # every chunk checked: a lost token_index chunk is an error, never -1
+        store.root["token_index"],
+        (np.repeat(samples, T), np.repeat(steps, T), np.tile(np.arange(T), len(pairs))),
+    ).reshape(len(pairs), T)
+    return dict(zip(pairs, rows, strict=True))
 
 
 def _write_index(

@@ -167,7 +167,7 @@ def _init_modulation(members: list[Member], cfg: TrainConfig, store: Store, spli
     tide = [m for m in members if m.sae.modulation is not None]
     labels_N = None
     if store.meta.conditioning == "class" and "label" in store.root:
-        label_N, lay = store.root["label"][:], store.layout
+        label_N, lay = store.read("label"), store.layout
         labels_N = np.concatenate([label_N[lay.sample_chunk(c)] for c in split.train_chunks])
     try:
         transformer = load_transformer(store.meta, log)

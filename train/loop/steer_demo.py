@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tide.store.reader import read_array
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
 from tide.train.loop.splice import prepare_out, sae_target
 from tide.train.loop.steer import direction
@@ -51,8 +52,8 @@ def class_latents(s: LoadedSAE, store, probe_samples: int) -> list[dict[str, Any
     """Per class: the latent whose per-sample mean activation best separates it (Cohen's d), and its unit."""
     arr = store.root[s.meta.array]
     n = min(probe_samples, arr.shape[0])
-    labels = store.root["label"][:n]
-    x_NSTD = torch.as_tensor(arr[:n].astype(np.float32))
+    labels = store.read("label", (slice(0, n),))
+    x_NSTD = torch.as_tensor(read_array(arr, (slice(0, n),)).astype(np.float32))
     t_S = store.timesteps
     F = s.meta.sae.num_latents
     act_NF = torch.zeros(n, F)
@@ -103,12 +104,12 @@ def rows_edit(sae, latents_B: list[int], strengths_B: list[float]):
 
 def class_means(store, array: str) -> torch.Tensor:
     """(S, classes, D) mean of the store's rows of `array` per stored step and class, over samples and tokens."""
-    labels = torch.as_tensor(store.root["label"][:])
+    labels = torch.as_tensor(store.read("label"))
     onehot_NC = torch.nn.functional.one_hot(labels, NUM_CLASSES).double()
     arr = store.root[array]
     sums_SCD = torch.zeros(arr.shape[1], NUM_CLASSES, arr.shape[3], dtype=torch.float64)
     for start in range(0, arr.shape[0], arr.chunks[0]):  # one sample chunk at a time
-        x_NSTD = torch.as_tensor(arr[start : start + arr.chunks[0]].astype(np.float64))
+        x_NSTD = torch.as_tensor(read_array(arr, (slice(start, start + arr.chunks[0]),)).astype(np.float64))
         sums_SCD += torch.einsum("nc,nstd->scd", onehot_NC[start : start + len(x_NSTD)], x_NSTD)
     return (sums_SCD / (onehot_NC.sum(0)[None, :, None] * arr.shape[2])).float()
 
