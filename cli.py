@@ -252,18 +252,22 @@ def eval_(
     import json
 
     from tide.store.device import resolve_device
+    from tide.store.outputs import check_file, local_out
     from tide.store.reader import configure_read_threads, default_read_threads
-    from tide.train.analysis.eval import evaluate_folders, format_tables
+    from tide.train.analysis.eval import evaluate_folders, format_tables, is_eval_json
 
     configure_read_threads(default_read_threads())
     with user_errors(storage_options):
+        json_path = None if json_out is None else local_out(json_out, "eval", option="--json ")
+        if json_path is not None:  # before the evaluation: refused at once
+            check_file(json_path, is_eval_json, "the results of `tide eval --json`")
         dev = str(resolve_device(device))
         results = evaluate_folders(
             checkpoints, store, buckets=buckets, batch_size=batch_size, device=dev, log=log
         )
     typer.echo(format_tables(results))
-    if json_out is not None:
-        json_out.write_text(json.dumps([r.to_json() for r in results], indent=2))
+    if json_path is not None:
+        json_path.write_text(json.dumps([r.to_json() for r in results], indent=2))
 
 
 # --- splice / steer: SAEs inside the denoising loop ---------------------------------------------
@@ -369,12 +373,13 @@ def import_(
     store: opt.Export.Store,
     out: opt.Export.ImportOut,
     array: opt.Export.Array = None,
+    overwrite: opt.Export.ImportOverwrite = False,
 ) -> None:
     """Make a SAELens SAE a tide SAE folder, so `tide eval` and everything using `load_sae` read it."""
     from tide.train.sae.export import import_saelens
 
     with user_errors():
-        typer.echo(f"wrote {import_saelens(folder, store, out, array=array)}")
+        typer.echo(f"wrote {import_saelens(folder, store, out, array=array, overwrite=overwrite)}")
 
 
 @app.command("features")
@@ -414,7 +419,7 @@ def features(
     t = result.table
     typer.echo(
         f"{len(t.frequency_F)} latents ({int(t.dead_F.sum())} dead, {int(t.dense_F.sum())} dense) over "
-        f"{result.rows} rows; {len(result.pages)} latent pages; open {out / 'index.html'}"
+        f"{result.rows} rows; {len(result.pages)} latent pages; open {result.out / 'index.html'}"
     )
 
 

@@ -137,7 +137,7 @@ class Train:
     Store = Annotated[
         str | None, option("Tide store to train on: a folder, a URL or a .zarr.zip.", "runs/digits.zarr")
     ]
-    Out = Annotated[Path | None, option("Folder for the SAEs.", "runs/saes")]
+    Out = Annotated[str | None, option("Folder for the SAEs, a local path.", "runs/saes")]
     Site = Annotated[str | None, option("Capture site: resid, delta, attn or mlp.", "resid")]
     Layers = Annotated[
         str | None, option("Stored layers: middle (the middle stored one), all, or '2,3'.", "middle")
@@ -197,7 +197,7 @@ class Store:
             "`tide harvest --out PATH` command writes them again.",
         ),
     ]
-    PackOut = Annotated[Path, typer.Option(help="The zip file to write, e.g. h.zarr.zip.")]
+    PackOut = Annotated[str, typer.Option(help="The zip file to write, a local path, e.g. h.zarr.zip.")]
     PackCodec = Annotated[
         str | None,
         option(
@@ -208,10 +208,11 @@ class Store:
     ]
     CardPath = Annotated[str, typer.Argument(help="A tide store: a folder, or s3:// or gs://.")]
     CardOut = Annotated[
-        Path | None,
+        str | None,
         option(
-            "Write the card to this file instead of into the store, e.g. the README.md at the root of a Hugging "
-            "Face dataset repository that holds the store in a folder (the hub shows only that one).",
+            "Write the card to this file (a path, or s3:// or gs://) instead of into the store, e.g. the README.md "
+            "at the root of a Hugging Face dataset repository that holds the store in a folder (the hub shows only "
+            "that one). An existing file is written over only when it is a tide card.",
             "PATH/README.md",
         ),
     ]
@@ -229,13 +230,21 @@ class Eval:
         int, typer.Option(min=1, help="Timestep buckets in the table (JSON has every step too).")
     ]
     BatchSize = Annotated[int, typer.Option(min=1, help="Rows per forward pass.")]
-    Json = Annotated[Path | None, option("Also write all results to this JSON file.", "none", "--json")]
+    Json = Annotated[
+        str | None,
+        option(
+            "Also write all results to this JSON file, a local path (an existing file is written over only when "
+            "it holds earlier results of tide eval).",
+            "none",
+            "--json",
+        ),
+    ]
 
 
 class Splice:
     """`tide splice`'s options."""
 
-    Out = Annotated[Path, typer.Option(help="Folder for <condition>/images.npy, report.json, grid.png.")]
+    Out = Annotated[str, typer.Option(help="Folder for <condition>/images.npy, report.json, grid.png.")]
     NumSamples = Annotated[int, typer.Option(min=1, help="Images per condition.")]
     Steps = Annotated[str | None, option("Splice only at steps 'a:b' (a <= step < b).", "every step")]
     NumSteps = Annotated[int | None, option("Denoising steps.", "the store's", min=1)]
@@ -259,7 +268,7 @@ class Steer:
     ]
     SaeFlag = Annotated[Path | None, typer.Option("--sae", hidden=True, help="Deprecated: the SAE folder.")]
     Latent = Annotated[int, typer.Option(help="Latent index F.")]
-    Out = Annotated[Path, typer.Option(help="Folder for images.npy, labels.npy, seeds.npy, grid.png.")]
+    Out = Annotated[str, typer.Option(help="Folder for images.npy, labels.npy, seeds.npy, grid.png.")]
     Strength = Annotated[
         float | None, option("Add A x the latent's raw-space decoder direction (latent units).", "none")
     ]
@@ -278,7 +287,7 @@ class Steer:
 class Export:
     """`tide export`'s and `tide import`'s options."""
 
-    Out = Annotated[Path, typer.Option(help="Folder to write (cfg.json, sae_weights.safetensors).")]
+    Out = Annotated[str, typer.Option(help="Folder to write (cfg.json, sae_weights.safetensors).")]
     Format = Annotated[str, typer.Option("--format", help="Only saelens (SAELens 6, `SAE.load_from_disk`).")]
     Timestep = Annotated[
         float | None,
@@ -291,14 +300,15 @@ class Export:
     Overwrite = Annotated[bool, overwrite("a SAELens export in --out")]
     Folder = Annotated[Path, typer.Argument(help="A SAELens SAE folder (cfg.json, sae_weights.safetensors).")]
     Store = Annotated[str, typer.Option(help="The tide store whose activations the SAE reads.")]
-    ImportOut = Annotated[Path, typer.Option(help="The tide SAE folder to write.")]
+    ImportOut = Annotated[str, typer.Option(help="The tide SAE folder to write.")]
+    ImportOverwrite = Annotated[bool, overwrite("an SAE folder an earlier `tide import` wrote in --out")]
     Array = Annotated[str | None, option("Its activation array, e.g. resid_l03.", "metadata.hook_name")]
 
 
 class Features:
     """`tide features`' options."""
 
-    Out = Annotated[Path, typer.Option(help="Folder for the report: index.html, latents/, features.json.")]
+    Out = Annotated[str, typer.Option(help="Folder for the report: index.html, latents/, features.json.")]
     Split = Annotated[
         str, typer.Option(help="val: the SAE's held-out samples; all: every done sample (training ones too).")
     ]
@@ -324,7 +334,7 @@ class Demo:
     """`tide demo-model`'s subcommands' options."""
 
     Model = Annotated[Path | None, option("Demo pipeline folder.", "harvest/demo/digits-dit (shipped)")]
-    Out = Annotated[Path | None, option("Pipeline folder to write.", "harvest/demo/digits-dit (shipped)")]
+    Out = Annotated[str | None, option("Pipeline folder to write.", "harvest/demo/digits-dit (shipped)")]
     Steps = Annotated[int | None, option("Optimiser steps.", "the shipped model's")]
     Seed = Annotated[int | None, option("Seed of weights, data order, noise and label dropout.", 0)]
     LabelBlock = Annotated[

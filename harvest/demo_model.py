@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tide.harvest.config import DEMO_MODEL
+from tide.store.outputs import check_replaceable, local_out, staged
 
 NUM_CLASSES = 10
 NULL_LABEL = NUM_CLASSES  # diffusers' LabelEmbedding keeps its classifier-free "no class" row at num_classes
@@ -305,23 +305,22 @@ def save_pipeline(result: TrainResult, folder: Path, guidance_scale: float = DEF
 
 def train_demo(cfg: DemoTrainConfig, out: Path = DEMO_MODEL, overwrite: bool = False, progress: bool = True,
                log: Callable[[str], None] = print) -> Quality:  # fmt: skip
-    """Train, save to `out`, measure quality and write the model card. Replaces `out` only once all succeeded."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out elsewhere")
+    """Train, save to `out`, measure quality and write the model card. `out` is checked first (an earlier
+    pipeline is replaced only with `overwrite`, and only its own files: store/outputs.py) and replaced only
+    once all succeeded."""
+    out = local_out(out, "demo-model train")
+    check_replaceable(out, "demo-model", overwrite)  # before the ~10 minutes of training
     result = train(cfg, progress)
     final_loss = sum(result.losses[-100:]) / len(result.losses[-100:])
     log(f"trained {cfg.steps} steps in {result.wall_s / 60:.1f} min, final loss {final_loss:.4f}")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pipeline(result, tmp)
-    quality = evaluate(tmp)
-    log(
-        f"demo_accuracy {quality.demo_accuracy:.3f}, classifier held-out {quality.classifier_heldout_accuracy:.3f}"
-    )
-    (tmp / "README.md").write_text(_card(cfg, result, final_loss, quality))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with staged(out, "demo-model", overwrite) as new:
+        save_pipeline(result, new)
+        quality = evaluate(new)
+        log(
+            f"demo_accuracy {quality.demo_accuracy:.3f}, classifier held-out "
+            f"{quality.classifier_heldout_accuracy:.3f}"
+        )
+        (new / "README.md").write_text(_card(cfg, result, final_loss, quality))
     return quality
 
 

@@ -10,7 +10,6 @@ what happened and what to do.
 from __future__ import annotations
 
 import errno
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +30,10 @@ from tide.store.open import (
     where,
     zarr_store,
 )
-from tide.store.outputs import check_replaceable, is_tide_store, remote_foreign, replace, replace_remote
+from tide.store.outputs import check_replaceable, listing, prune, replace
 from tide.store.reader import StoreError, open_store
 from tide.store.schema import FORMAT, StoreMeta
+from tide.store.store_files import delete_keys, is_tide_store, remote_files, store_rule
 from tide.store.writer import create_store
 
 
@@ -94,7 +94,7 @@ def inspect_out(cfg: HarvestConfig, meta: StoreMeta) -> Target:
         return _inspect_remote(cfg, meta, loc)
     if out.exists() and (not out.is_dir() or out.is_symlink()):
         raise HarvestError(f"--out {out} is a file; give a folder path for the Zarr store")
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or not listing(out):
         return Target(meta, resume=False, replace=False, todo=every)
     if not is_tide_store(out):
         check_replaceable(out, "store")  # raises, naming what the folder holds
@@ -126,13 +126,15 @@ def _inspect_remote(cfg: HarvestConfig, meta: StoreMeta, loc: Where) -> Target:
         names = list_top(zstore)
     except LocationError as e:
         raise HarvestError(str(e)) from e.__cause__
-    foreign = remote_foreign(zstore, names)
 
     def refuse_foreign() -> None:
+        _, _, foreign = remote_files(zstore)  # listed again: the prefix may have changed meanwhile
         if foreign:
             raise HarvestError(
-                f"--out {loc.text} holds {', '.join(foreign[:4])}, which tide did not write; it replaces only its "
-                "own stores, even with --overwrite: choose another --out, or delete those keys yourself"
+                f"--out {loc.text} holds a tide store but also {foreign[0]}"
+                + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
+                + ", which tide did not write; it deletes only the keys it wrote, even with --overwrite: move "
+                "them away, or choose another --out"
             )
 
     if doc is None:
@@ -200,10 +202,7 @@ def open_target(
         return zarr.open_group(zarr_store(loc, "w"), mode="r+", zarr_format=3), target.meta
     if target.replace:
         log(f"overwriting {out}")
-        if loc.local:
-            replace(out, "store")
-        else:
-            replace_remote(zarr_store(loc, "w"))
+        _discard(cfg, refuse=True)
     existed = loc.local and out.exists()
     shape = None
     if cfg.save_images:
@@ -220,15 +219,34 @@ def open_target(
             shape,
         )
     except BaseException:
-        # A half-made store holds no sample: nothing is lost.
-        if loc.local:
-            shutil.rmtree(out, ignore_errors=True)
-            if existed:
-                out.mkdir(exist_ok=True)
-        else:
-            replace_remote(zarr_store(loc, "w"))
+        _discard(cfg, refuse=False)  # a half-made store holds no sample: nothing of it is worth keeping
+        if loc.local and not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
     return root, target.meta
+
+
+def _discard(cfg: HarvestConfig, refuse: bool) -> None:
+    """Delete the files (keys) of the tide store at cfg.out that it wrote itself (store/store_files.py), and
+    nothing else: with `refuse`, anything else there is refused first (OutputError); without, it stays."""
+    loc = where(cfg.out)
+    if loc.local:
+        if refuse:
+            replace(cfg.out, "store")
+        else:
+            rule = store_rule(cfg.out)
+            ours = [f for f in listing(cfg.out) if rule is not None and rule(f)] if cfg.out.is_dir() else []
+            for rel in ours:
+                (cfg.out / rel).unlink()
+            prune(cfg.out, ours)
+        return
+    zstore = zarr_store(loc, "w")
+    _, ours, foreign = remote_files(zstore)
+    if refuse and foreign:
+        raise HarvestError(
+            f"--out {loc.text} holds {foreign[0]}, which tide did not write; it will not delete it"
+        )
+    delete_keys(zstore, ours)
 
 
 def os_error(e: BaseException) -> OSError | None:

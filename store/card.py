@@ -4,9 +4,12 @@ holds and how to load it with tide, zarr and xarray. `tide harvest` writes it at
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from tide.store.open import where, zarr_store
+from tide.store.open import is_url, read_only, where, zarr_store
+from tide.store.outputs import OutputError, check_file
 from tide.store.reader import Store, open_store
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 TAGS = ("tide", "sparse-autoencoders", "diffusion-transformer", "zarr")
@@ -103,9 +106,10 @@ store/FORMAT.md.
 """
 
 
-def write_card(path: str | Path, out: Path | None = None) -> str:
-    """Write README.md into the store at `path` (a folder or an s3/gs URL), or the card to the file `out`;
-    returns where it went.
+def write_card(path: str | Path, out: str | Path | None = None) -> str:
+    """Write README.md into the store at `path` (a folder or an s3/gs URL), or the card to the file `out` (a
+    path, or an s3/gs URL); returns where it went. An existing `out` is written over only when it is a card
+    tide wrote (store/outputs.py); a read-only URL (http, hf, a zip) is refused in one line.
 
     `out` is for a Hugging Face dataset repository, whose card is the README.md at the repository's root: the
     store goes in a folder of the repository (hf://datasets/ORG/NAME/h.zarr), the card beside it. (Uploading
@@ -113,11 +117,42 @@ def write_card(path: str | Path, out: Path | None = None) -> str:
     """
     from zarr.core.buffer import cpu
 
+    target = _card_target(out) if out is not None else None  # before the store is read: refused at once
     store = open_store(path)
     text = card_text(store)
-    if out is not None:
-        out.write_text(text)
-        return str(out)
-    zstore = zarr_store(where(path), "w")
-    sync(zstore.set("README.md", cpu.Buffer.from_bytes(text.encode())))
-    return f"{path}/README.md"
+    if isinstance(target, Path):
+        check_file(target, is_card, "a dataset card")
+        target.write_text(text)
+        return str(target)
+    zstore, key = target if target is not None else (zarr_store(where(path), "w"), "README.md")
+    if target is not None:
+        old = sync(zstore.get(key, prototype=default_buffer_prototype()))
+        if old is not None and not is_card(old.to_bytes().decode(errors="replace")):
+            raise OutputError(
+                f"--out {out} exists and is not a dataset card tide wrote; it will not write over it: choose "
+                "another --out, or delete that object yourself"
+            )
+    sync(zstore.set(key, cpu.Buffer.from_bytes(text.encode())))
+    return str(out) if out is not None else f"{path}/README.md"
+
+
+def _card_target(out: str | Path) -> Path | tuple[Any, str]:
+    """Where `store card --out` writes: a local path, or (object store, key) for an s3:// or gs:// URL."""
+    if not is_url(out):
+        return Path(out)
+    loc = where(out)
+    if loc.local:
+        return loc.path
+    if not loc.writable:
+        raise OutputError(f"--out {read_only(loc)}")
+    parent, _, name = loc.text.rpartition("/")
+    if "/" not in parent.split("://", 1)[1]:
+        raise OutputError(
+            f"--out {out} names no file inside the bucket; give the card's key, e.g. {out}/README.md"
+        )
+    return zarr_store(where(parent), "w"), name
+
+
+def is_card(text: str) -> bool:
+    """Whether `text` is a dataset card tide wrote: CARD's front matter with tide's tags."""
+    return text.startswith("---\n") and "tags:\n" + "\n".join(f"- {t}" for t in TAGS) + "\n---\n" in text

@@ -1,141 +1,380 @@
-"""What `--overwrite` may delete: only a folder tide recognises as its own output, and only of the kind asked.
+"""What `--out` may be and what `--overwrite` may delete: one rule for every command.
 
-`tide harvest --out` replaces a tide store; `tide train --out` replaces a tide training run. Anything else
-(an unrelated folder, a store where a run was asked for, or tide's output with foreign files inside) is
-refused, naming what is there, and left for the user to delete by hand: a mistyped --out must never cost
-someone their files.
+tide deletes only files it wrote. Every output folder it writes keeps a manifest, `tide-manifest.json`,
+naming its kind (a training run, a features report, a SAELens export, ...) and every file tide wrote there;
+a store's manifest is its own metadata (store/store_files.py: its root zarr.json names every array, and
+each array's zarr.json its chunk grid, so every key tide may have written is known exactly, locally and on
+s3://). With `--overwrite` an earlier output is replaced only when every file in its folder is one of
+those; anything else (a note in a subfolder, a folder with its own zarr.json, a link) refuses the
+overwrite, naming the first such file, and nothing is deleted. Without `--overwrite` a folder holding
+anything is refused. Every check comes before any deletion: harvest and train, whose outputs resume in
+place, validate all their settings first and call `replace` last; every other command builds its output
+in a hidden folder beside `--out` (`staged`) and swaps it in only when it has finished, so a run that fails
+leaves the old output as it was.
+
+Folders written before manifests existed are recognised by the exact files those versions wrote, never by
+a pattern: a training run (train_config.json, metrics.jsonl, trainer_state.pt and the SAE folders whose
+sae.json names them), an SAE folder, a SAELens export, a steer output and the demo model's pipeline. An old
+splice, features or steer-demo folder, whose files depend on its contents, is refused: delete it by hand.
+
+`local_out` is the opener of every `--out` that only a local folder or file can be (everything but a
+harvest and `store card`): a path or a file:// URL passes, any other URL is refused in one line, so no
+command ever writes a local folder named `s3:`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from tide.store.schema import FORMAT
+from tide.store.open import LocationError, is_url, where
 
-Kind = Literal["store", "run"]
+Kind = Literal["store", "run", "sae", "export", "features", "splice", "steer", "steer-demo", "demo-model"]
 
-WHAT = {"store": "a tide store", "run": "a tide training run"}
+WHAT = {
+    "store": "a tide store",
+    "run": "a tide training run",
+    "sae": "a tide SAE folder",
+    "export": "a SAELens export",
+    "features": "a tide features report",
+    "splice": "a tide splice output",
+    "steer": "a tide steer output",
+    "steer-demo": "a tide steering sweep",
+    "demo-model": "a tide demo-model pipeline",
+}
 
-RUN_FILES = frozenset(
-    {
-        "train_config.json",
-        "metrics.jsonl",
-        "trainer_state.pt",
-        "trainer_state.pt.tmp",
-        "train_config.json.tmp",
-    }
-)
-"""Files `tide train` writes at the top of its --out (train/fit/checkpoint.py); SAE folders sit beside them."""
-
-SAE_FILES = frozenset({"sae.json", "sae.safetensors", "eval.json"})
-"""Files of one SAE folder (with their `.tmp` names while being replaced)."""
-
-
-STORE_FILES = frozenset({"zarr.json", "README.md"})
-"""Files at the top of a tide store: the root group's metadata and the dataset card (store/card.py)."""
+MANIFEST = "tide-manifest.json"
+MANIFEST_FORMAT = "tide.output"
+STAGING_MARK = ".tide-staging"
+"""First file of a staging folder: what makes a leftover one (from a killed run) recognisably tide's."""
 
 
 class OutputError(ValueError):
     """An --out that tide must not write into or replace: the message names what is there."""
 
 
-def is_tide_store(path: Path) -> bool:
-    """A folder whose zarr.json carries tide's format attribute (any format version)."""
+def local_out(value: str | Path, command: str, option: str = "--out ") -> Path:
+    """The local path an --out of `tide COMMAND` names (a path, or a file:// URL); any other URL is refused
+    with one line, before anything is written. `option` starts the message (a config's validator, whose
+    errors name the option already, passes '')."""
+    if not is_url(value):
+        return Path(value)
     try:
-        meta = json.loads((path / "zarr.json").read_text())
+        loc = where(value)
+    except LocationError as e:
+        raise OutputError(f"{option}{e}") from None
+    if loc.local:
+        return loc.path
+    raise OutputError(
+        f"{option}{value}: `tide {command}` writes a local folder or file, not a {loc.scheme}:// URL; write it "
+        "to a local path, then copy it (e.g. `aws s3 cp --recursive`; only `tide harvest` and `tide store "
+        "card` write to s3:// and gs:// themselves)"
+    )
+
+
+# --- the manifest ------------------------------------------------------------------------------------------
+
+
+def read_manifest(folder: Path) -> tuple[str, set[str]] | None:
+    """(kind, files) of the manifest in `folder`, or None when it has none (or none tide can read)."""
+    try:
+        doc = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and (meta.get("attributes") or {}).get("format") == FORMAT
+        return None
+    if not (
+        isinstance(doc, dict) and doc.get("format") == MANIFEST_FORMAT and isinstance(doc.get("files"), list)
+    ):
+        return None
+    return str(doc.get("kind")), {f for f in doc["files"] if isinstance(f, str) and _inside(f)}
 
 
-def _is_sae_folder(path: Path) -> bool:
-    names = {p.name.removesuffix(".tmp") for p in path.iterdir()} if path.is_dir() else set()
-    return bool(names) and names <= SAE_FILES
+def _inside(rel: str) -> bool:
+    """A manifest entry names a file inside its folder: relative, with no `..`, `.` or empty part."""
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
-def is_training_run(path: Path) -> bool:
-    """A folder with the files `tide train` writes first (train_config.json or trainer_state.pt)."""
-    return (path / "train_config.json").is_file() or (path / "trainer_state.pt").is_file()
+def write_manifest(folder: Path, kind: Kind, files: set[str]) -> None:
+    """Write (atomically) the manifest of `folder`: its kind and every file tide wrote there."""
+    doc = {"format": MANIFEST_FORMAT, "kind": kind, "files": sorted(files - {MANIFEST})}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
 
 
-def kind_of(path: Path) -> Kind | None:
-    if is_tide_store(path):
-        return "store"
-    if is_training_run(path):
-        return "run"
-    return None
+def record(folder: Path, kind: Kind, files: list[str]) -> None:
+    """Add `files` (paths relative to `folder`) to its manifest before they are written, so that a kill at any
+    instant leaves nothing of tide's unlisted. A folder without a manifest (made by an older tide) gets one
+    that also lists the files that version wrote there."""
+    found = read_manifest(folder)
+    known = found[1] if found else set(_legacy(folder, kind) or ())
+    if not set(files) <= known:
+        write_manifest(folder, kind, known | set(files))
 
 
-def foreign_entries(path: Path, kind: Kind) -> list[str]:
-    """Entries of `path` that tide did not write as part of output of this kind, sorted."""
+def record_file(path: Path) -> None:
+    """List `path` (about to be written, atomically: with its `.tmp` name) in the manifest of the output
+    holding it, its folder's or its parent's (an eval.json in an SAE folder of a training run); nothing when
+    neither has one (an older output recognises such files by their names)."""
+    for folder in (path.parent, path.parent.parent):
+        found = read_manifest(folder)
+        if found is not None:
+            rel = path.relative_to(folder).as_posix()
+            record(folder, found[0], [rel, rel + ".tmp"])  # type: ignore[arg-type]
+            return
+
+
+# --- what is in an output folder ---------------------------------------------------------------------------
+
+
+def listing(out: Path) -> list[str]:
+    """Every file under `out` (links, and links to folders, count as files; folders do not), relative, sorted."""
     found = []
-    for p in sorted(path.iterdir()):
-        folder = p.is_dir() and not p.is_symlink()
-        if folder and not any(p.iterdir()):
-            continue  # an empty folder (a write killed just after making it): nothing to lose
-        if kind == "store":
-            # A tide store holds its root zarr.json (and zarr's temporary `.partial` files while one is being
-            # replaced), its dataset card README.md, and one folder per array or group, nothing else.
-            ours = (
-                p.name in STORE_FILES
-                or p.name.endswith(".partial")
-                or (folder and (p / "zarr.json").is_file())
-            )
-        else:
-            ours = p.name in RUN_FILES or (folder and _is_sae_folder(p))
-        if not ours:
-            found.append(p.name + ("/" if p.is_dir() else ""))
+    for folder, dirs, files in os.walk(out):
+        base = Path(folder).relative_to(out)
+        found += [(base / d).as_posix() for d in dirs if (Path(folder) / d).is_symlink()]
+        found += [(base / f).as_posix() for f in files]
+    return sorted(found)
+
+
+def tide_files(out: Path, kind: Kind) -> tuple[list[str], list[str]]:
+    """(the files of `out` tide wrote as output of `kind`, the others), relative and sorted. Raise
+    OutputError when `out` is tide output of another kind, or an old output tide cannot tell apart."""
+    ours = _rule(out, kind)
+    if ours is None:
+        _refuse_other_kind(out, kind)
+        ours = set().__contains__
+    everything = listing(out)
+    links = {f for f in everything if (out / f).is_symlink()}  # tide never writes a link
+    mine = [f for f in everything if f not in links and ours(f)]
+    return mine, [f for f in everything if f in links or not ours(f)]
+
+
+def _rule(out: Path, kind: Kind) -> Callable[[str], bool] | None:
+    """Which files of `out` are tide's output of `kind`: its manifest (a store: its metadata), or the files an
+    older tide wrote; None when `out` is no output of `kind`."""
+    if kind == "store":
+        from tide.store.store_files import store_rule
+
+        return store_rule(out)
+    found = read_manifest(out)
+    if found is not None:
+        return (found[1] | {MANIFEST}).__contains__ if found[0] == kind else None
+    legacy = _legacy(out, kind)
+    return legacy.__contains__ if legacy is not None else None
+
+
+def _refuse_other_kind(out: Path, kind: Kind) -> None:
+    """Raise OutputError when `out` is tide output, but of another kind or too old to be replaced."""
+    from tide.store.store_files import is_tide_store
+
+    found = read_manifest(out)
+    other = found[0] if found is not None else "store" if is_tide_store(out) else None
+    other = other or next((k for k in LEGACY if k != kind and LEGACY[k](out) is not None), None)
+    if other is not None:
+        raise OutputError(
+            f"--out {out} holds {WHAT.get(other, 'tide output')}, not {WHAT[kind]}; choose another --out, or "
+            "delete that folder by hand if you are sure"
+        )
+    if kind in MARKERS and (out / MARKERS[kind]).is_file():
+        raise OutputError(
+            f"--out {out} holds {WHAT[kind]} written by an older tide, which kept no list of the files it "
+            f"wrote ({MANIFEST}); tide will not guess which are its own: delete that folder by hand, or "
+            "choose another --out"
+        )
+
+
+MARKERS = {"features": "features.json", "splice": "report.json", "steer-demo": "sweep.json"}
+"""The file that made an older output of these kinds one (it cannot be replaced without its manifest)."""
+
+
+# --- outputs written before the manifest: the exact files those versions wrote -------------------------------
+
+RUN_FILES = ("train_config.json", "metrics.jsonl", "trainer_state.pt")
+SAE_FILES = ("sae.json", "sae.safetensors", "eval.json")
+_EVAL = re.compile(r"eval_b[1-9][0-9]*\.json")  # `tide eval --buckets N`'s file
+STEER_FILES = ("images.npy", "unsteered.npy", "labels.npy", "seeds.npy", "grid.png", "steer.json")
+DEMO_FILES = (
+    "model_index.json",
+    "README.md",
+    "scheduler/scheduler_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+)
+
+
+def _with_tmp(names) -> set[str]:
+    """Names and the `.tmp` names tide's atomic writes give them on the way."""
+    return set(names) | {n + ".tmp" for n in names}
+
+
+def _sae_folder_files(folder: Path, prefix: str = "") -> set[str] | None:
+    """The files tide writes in an SAE folder (present ones only), if its sae.json is tide's and names it."""
+    try:
+        meta = json.loads((folder / "sae.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(meta, dict) and meta.get("format") == "tide.sae" and meta.get("name") == folder.name):
+        return None
+    names = _with_tmp(SAE_FILES) | {p.name for p in folder.iterdir() if _EVAL.fullmatch(p.name)}
+    return {prefix + n for n in names}
+
+
+def _run_files(out: Path) -> set[str] | None:
+    if not ((out / "train_config.json").is_file() or (out / "trainer_state.pt").is_file()):
+        return None
+    found = _with_tmp(RUN_FILES)
+    for sub in out.iterdir():
+        if sub.is_dir() and not sub.is_symlink():
+            found |= _sae_folder_files(sub, sub.name + "/") or set()
     return found
 
 
-def _listing(names: list[str], shown: int = 4) -> str:
+def _fixed(marker: str, names: tuple[str, ...]) -> Callable[[Path], set[str] | None]:
+    return lambda out: set(names) if (out / marker).is_file() else None
+
+
+def _demo_files(out: Path) -> set[str] | None:
+    try:
+        index = json.loads((out / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return set(DEMO_FILES) if isinstance(index, dict) and "tide_default_guidance_scale" in index else None
+
+
+LEGACY: dict[str, Callable[[Path], set[str] | None]] = {
+    "run": _run_files,
+    "sae": _sae_folder_files,
+    "export": lambda out: {"cfg.json", "sae_weights.safetensors"} if (out / "cfg.json").is_file() else None,
+    "steer": _fixed("steer.json", STEER_FILES),
+    "demo-model": _demo_files,
+}
+
+
+def _legacy(out: Path, kind: Kind) -> set[str] | None:
+    """The files tide's versions before the manifest wrote in an output of `kind`; None when `out` is not one."""
+    if not out.is_dir():
+        return None
+    rule = LEGACY.get(kind)
+    return rule(out) if rule is not None else None
+
+
+# --- the rule ----------------------------------------------------------------------------------------------
+
+
+def _listing_text(names: list[str], shown: int = 3) -> str:
     head = ", ".join(names[:shown])
     return head + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def check_replaceable(out: Path, kind: Kind) -> None:
-    """Raise OutputError unless `out` is missing, empty, or tide output of `kind` with nothing foreign in it."""
-    if not out.exists():
-        return
+def check_replaceable(out: Path, kind: Kind, overwrite: bool = True) -> list[str]:
+    """The files of `out` that replacing it deletes (none when it is missing or empty); OutputError when it
+    must not be replaced: a file or link, a folder that holds anything tide did not write as output of
+    `kind` (named), or, without `overwrite`, an earlier output."""
+    if not out.exists() and not out.is_symlink():
+        return []
     if not out.is_dir() or out.is_symlink():
         raise OutputError(
             f"--out {out} is {'a link' if out.is_symlink() else 'a file'}; give a folder path for {WHAT[kind]}"
         )
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
-    if not entries:
-        return
-    found = kind_of(out)
-    if found is None:
+    ours, foreign = tide_files(out, kind)
+    if foreign and not ours:
+        entries = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir())
         raise OutputError(
-            f"--out {out} is not {WHAT[kind]}: it holds {_listing(entries)}. tide replaces only its own output, "
-            "even with --overwrite; choose another --out, or delete that folder by hand if you are sure"
+            f"--out {out} is not {WHAT[kind]}: it holds {_listing_text(entries)}. tide replaces only its own "
+            "output, even with --overwrite; choose another --out, or delete that folder by hand if you are sure"
         )
-    if found != kind:
-        raise OutputError(
-            f"--out {out} holds {WHAT[found]}, not {WHAT[kind]}; choose another --out, or delete that folder "
-            "by hand if you are sure"
-        )
-    foreign = foreign_entries(out, kind)
     if foreign:
         raise OutputError(
-            f"--out {out} holds {WHAT[kind]} but also {_listing(foreign)}, which tide did not write; it will not "
-            "delete them. Move them out of the folder (or delete it by hand) and run again, or choose another --out"
+            f"--out {out} holds {WHAT[kind]} but also {foreign[0]}"
+            + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else "")
+            + ", which tide did not write; it deletes only the files it wrote, even with --overwrite. Move "
+            "them out of the folder and run again, or choose another --out"
         )
+    if ours and not overwrite:
+        raise OutputError(
+            f"--out {out} holds {WHAT[kind]}; pass --overwrite to replace it, or choose another --out"
+        )
+    return ours
 
 
 def replace(out: Path, kind: Kind) -> None:
-    """Empty `out` (the folder itself stays) after check_replaceable."""
-    check_replaceable(out, kind)
-    if not out.exists():
+    """Delete the files of the output `out` after check_replaceable, and then the folders they leave empty;
+    the folder itself, and anything else, stays."""
+    removed = check_replaceable(out, kind)
+    for rel in removed:
+        (out / rel).unlink()
+    prune(out, removed)
+
+
+def prune(out: Path, removed: list[str]) -> None:
+    """Remove the folders under `out` that held removed files and are empty now, deepest first (a folder
+    someone made and left empty is no folder of tide's: it stays)."""
+    folders = {p for rel in removed for p in Path(rel).parents if p != Path(".")}
+    for folder in sorted(folders, key=lambda p: -len(p.parts)):
+        try:
+            (out / folder).rmdir()
+        except OSError:  # not empty (or gone): it stays
+            pass
+
+
+@contextmanager
+def staged(out: Path, kind: Kind, overwrite: bool) -> Iterator[Path]:
+    """Build a new output of `kind` for `out`: check `out` first (check_replaceable), yield an empty hidden
+    folder beside it to write into, and only when the block ends without error replace `out`'s old files
+    with the new ones and write the manifest. On an error the old output is left as it was."""
+    out = Path(out)
+    check_replaceable(out, kind, overwrite)
+    staging = out.parent / f".{out.name}.tide-new"
+    _clear_staging(staging)
+    staging.mkdir(parents=True)
+    (staging / STAGING_MARK).touch()
+    try:
+        yield staging
+        _swap(staging, out, kind, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _clear_staging(staging: Path) -> None:
+    """Remove a staging folder left by a killed run; refuse one that is not recognisably tide's."""
+    if not (staging.exists() or staging.is_symlink()):
         return
-    for p in out.iterdir():
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+    if staging.is_symlink() or not (staging / STAGING_MARK).is_file():
+        raise OutputError(
+            f"{staging} is in the way: tide writes a new output there before swapping it in, and this one is not "
+            "tide's; move it away and run again"
+        )
+    shutil.rmtree(staging)
+
+
+def _swap(staging: Path, out: Path, kind: Kind, overwrite: bool) -> None:
+    """Move the finished output in `staging` into `out`, replacing the old output's files (checked again:
+    the folder may have changed during the run)."""
+    (staging / STAGING_MARK).unlink()
+    new = set(listing(staging))
+    try:
+        old = check_replaceable(out, kind, overwrite)
+    except OutputError as e:  # the run's work is kept: say where
+        kept = out.parent / f"{out.name}.tide-new-output"
+        staging.rename(kept)
+        raise OutputError(f"{e} (the new output was kept in {kept})") from None
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, kind, set(old) | new)  # a kill mid-swap leaves every file of either listed
+    gone = [rel for rel in old if rel not in new and rel != MANIFEST]
+    for rel in gone:
+        (out / rel).unlink()
+    prune(out, gone)
+    for rel in sorted(new):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out / rel)
+    write_manifest(out, kind, new)
 
 
 def nested(a: Path, b: Path) -> bool:
@@ -144,23 +383,22 @@ def nested(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-# --- object stores (s3://, gs://): no folders, only keys ---------------------------------------------------
-
-
-def remote_foreign(zstore: Any, names: list[str]) -> list[str]:
-    """Top-level names of an object store that are not a tide store's: its files, or prefixes with a zarr.json."""
-    from zarr.core.sync import sync
-
-    found = []
-    for name in names:
-        if name in STORE_FILES or sync(zstore.exists(f"{name}/zarr.json")):
-            continue
-        found.append(name)
-    return found
-
-
-def replace_remote(zstore: Any) -> None:
-    """Delete every key of a tide store (the caller has checked it is one, with nothing foreign)."""
-    from zarr.core.sync import sync
-
-    sync(zstore.clear())
+def check_file(path: Path, tide_wrote: Callable[[str], bool], what: str) -> None:
+    """An output that is one file (`store card --out`, `eval --json`): a missing file is written; an existing
+    one is written over only when its text is one tide writes (`tide_wrote`, e.g. a dataset card), never a
+    file of someone else's; a folder or link is refused."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_file():
+        raise OutputError(
+            f"{path} is {'a link' if path.is_symlink() else 'a folder'}; give the path of {what}"
+        )
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if not tide_wrote(text):
+        raise OutputError(
+            f"{path} exists and is not {what} tide wrote; it will not write over it: choose another path, or "
+            "delete that file by hand if you are sure"
+        )

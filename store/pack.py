@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 from tide.store.card import card_text
 from tide.store.open import where, zarr_store
+from tide.store.outputs import local_out
 from tide.store.reader import Store, StoreError, checksummed, open_store, read_into
 from tide.store.schema import CODECS, chunk_region
 from tide.store.writer import WRITE_EVERY_CHUNK, _compressor, compressors
@@ -24,11 +25,11 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 
-def pack(source: str | Path, out: Path, codec: str | None = None) -> int:
+def pack(source: str | Path, out: str | Path, codec: str | None = None) -> int:
     """Write every key of the tide store `source` (a folder or a URL) into the zip file `out`, the data arrays
     recompressed with `codec` when it is given and is not the store's; returns the number of entries. `out`
     must end in .zip and not exist yet."""
-    out = Path(out)
+    out = local_out(out, "store pack")  # a local file: a URL is refused here, before anything is read
     if out.suffix != ".zip":
         raise StoreError(
             f"{out}: a packed store's name ends in .zip (e.g. {out.name}.zip), so that tide opens it"

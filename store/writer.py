@@ -75,8 +75,10 @@ def create_store(
 ) -> zarr.Group:
     """Create every array of a new store (empty where data comes later) at a folder or s3/gs URL, and write
     the metadata."""
+    # mode "w-": create, never clear. zarr's "w" first deletes everything under the path, the files of
+    # someone's that tide must never touch included (--overwrite deletes tide's own first: store/outputs.py).
     root = zarr.open_group(
-        zarr_store(where(path), "w"), mode="w", zarr_format=3, attributes=meta.model_dump(mode="json")
+        zarr_store(where(path), "w"), mode="w-", zarr_format=3, attributes=meta.model_dump(mode="json")
     )
     _per_step_and_sample(root, meta, timesteps, seeds, labels, prompt_index)
     if save_images_shape is not None:

@@ -151,10 +151,13 @@ def test_config_refuses_sizes_the_classifier_cannot_read():
 
 
 def test_cli_refuses_to_overwrite(tmp_path):
+    import shutil
+
     from tide.cli import app
+    from tide.harvest.config import DEMO_MODEL
     from typer.testing import CliRunner
 
-    (tmp_path / "m").mkdir()
+    shutil.copytree(DEMO_MODEL, tmp_path / "m")  # a pipeline there: refused before any training
     result = CliRunner().invoke(app, ["demo-model", "train", "--out", str(tmp_path / "m"), "--steps", "1"])
     assert result.exit_code != 0
     assert "--overwrite" in result.output

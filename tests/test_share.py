@@ -72,9 +72,9 @@ def test_card_and_xarray_coordinates(small, tmp_path):
     assert set(front["tags"]) == {"tide", "sparse-autoencoders", "diffusion-transformer", "zarr"}
     assert "license" in front and "synthetic" in text and "set_xindex" in text
     # The card is tide's own: verify and --overwrite's check still see a tide store and nothing foreign.
-    from tide.store.outputs import foreign_entries
+    from tide.store.outputs import tide_files
 
-    assert foreign_entries(small, "store") == []
+    assert tide_files(small, "store")[1] == []
 
     ds = xr.open_zarr(small, consolidated=False)
     assert {"timesteps", "step_index", "seed", "label", "done"} <= set(ds["resid_l00"].coords)

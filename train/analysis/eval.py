@@ -22,6 +22,7 @@ the mean of all steps) and `step_mean` (the mean over steps of each step's own f
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from tide.store.open import is_url
+from tide.store.outputs import record_file
 from tide.store.reader import Store, open_store
 from tide.store.schema import step_buckets
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
@@ -291,6 +293,16 @@ def _prefix_sizes(s: LoadedSAE) -> tuple[int, ...]:
     return tuple(getattr(s.sae.arch, "prefixes", ())[:-1])
 
 
+def is_eval_json(text: str) -> bool:
+    """Whether `text` is what `tide eval --json` writes: a list of results, each with its SAE's name and
+    overall metrics (so that a rerun may write over it, and nothing else)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, list) and all(isinstance(r, dict) and {"name", "overall"} <= r.keys() for r in doc)
+
+
 def eval_file(buckets: int) -> str:
     """Where an SAE folder keeps its results: eval.json for the default bucketing, eval_bN.json for N buckets,
     so that evaluating with other buckets never replaces the results of another bucketing."""
@@ -322,6 +334,7 @@ def evaluate_folders(
     results = evaluate(loaded, opened, **kwargs)
     name = eval_file(kwargs.get("buckets", DEFAULT_BUCKETS))
     for s, r in zip(loaded, results, strict=True):
+        record_file(s.folder / name)  # listed in the run's (or SAE folder's) manifest before it is written
         write_json(s.folder / name, r.to_json())
         if log is not None:
             log(f"wrote {s.folder / name}")

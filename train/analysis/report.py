@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from tide.store.outputs import check_replaceable, local_out, staged
 from tide.store.reader import Store, read_array, read_points, read_rows
 from tide.train.analysis.features import (
     FeaturesConfig,
@@ -516,22 +517,6 @@ class FeaturesResult(NamedTuple):
     """Rows read by the pass."""
 
 
-def prepare_report_out(out: Path, overwrite: bool) -> None:
-    """An empty --out; a previous report (it has features.json) is replaced only with overwrite."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the report")
-    if out.exists() and any(out.iterdir()):
-        if not (out / "features.json").is_file():
-            raise ValueError(
-                f"--out {out} is not empty and holds no tide features report (no features.json); choose an "
-                "empty or new folder"
-            )
-        if not overwrite:
-            raise ValueError(f"--out {out} holds a features report; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def features_report(
     sae_folder: Path,
     out: Path,
@@ -543,7 +528,8 @@ def features_report(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> FeaturesResult:
-    """`tide features`: the pass over the store, DIR/features.json and .npz, and the HTML report."""
+    """`tide features`: the pass over the store, DIR/features.json and .npz, and the HTML report. `out` is
+    checked first and replaced only once the new report is whole (store/outputs.py)."""
     import json
 
     from tide.store.open import is_url
@@ -563,10 +549,14 @@ def features_report(
             f"{sae_folder} was trained on the store {recorded} (identity {loaded.meta.store.identity}), but "
             f"{opened.path} has identity {opened.identity()}; pass the store it was trained on"
         )
-    prepare_report_out(out, overwrite)
+    out = local_out(out, "features")
+    check_replaceable(out, "features", overwrite)  # before the pass: refused at once
     stats = collect(loaded, opened, cfg, device)
     table = summarise(stats, cfg.dense_threshold)
-    (out / "features.json").write_text(json.dumps(features_json(loaded, opened, cfg, stats, table), indent=1))
-    save_arrays(out / "features.npz", stats, table)
-    pages = write_report(out, loaded, opened, stats, table, cfg, model=model, device=device, log=log)
+    with staged(out, "features", overwrite) as new:
+        (new / "features.json").write_text(
+            json.dumps(features_json(loaded, opened, cfg, stats, table), indent=1)
+        )
+        save_arrays(new / "features.npz", stats, table)
+        pages = write_report(new, loaded, opened, stats, table, cfg, model=model, device=device, log=log)
     return FeaturesResult(out, table, pages, int(stats.rows_S.sum()))

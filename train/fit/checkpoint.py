@@ -1,6 +1,7 @@
 """What a training run leaves on disk, and how it is read back.
 
     runs/saes/
+    ├── tide-manifest.json           every file tide writes here (store/outputs.py): what --overwrite deletes
     ├── train_config.json            the TrainConfig of the run
     ├── metrics.jsonl                one line per logged step
     ├── trainer_state.pt             everything an exact resume needs (see below), replaced atomically
@@ -16,8 +17,11 @@ the store's identity. The SAE folders are exports of the same step, for users; r
 Before a resume loads the state, every entry's CRC-32 (which the zip format records and torch.load never
 checks) is compared with its bytes: a damaged state is refused, never trained on.
 
-`prepare_out` readies a run's --out: it resumes the run there, or replaces it only when it is a tide
-training run with nothing else in it (store/outputs.py), and never when it holds the store or lies in it.
+`prepare_out` decides what a run does with its --out, reading only: resume the run there, or replace it
+when it is a tide training run with nothing else in it (store/outputs.py), never when it holds the store
+or lies in it. `claim_out` acts on it once every setting has been checked: a run refused for its settings
+(`--batch-size` larger than the data, an empty `--steps` range) has deleted nothing. Every run folder keeps
+the manifest of store/outputs.py (tide-manifest.json), which lists the files above.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict
 from tide.store.open import is_url
-from tide.store.outputs import check_replaceable, nested, replace
+from tide.store.outputs import check_replaceable, nested, record, replace
 from tide.train.fit.data import Split
 from tide.train.sae.model import SAE, SAEConfig, build_sae
 
@@ -211,8 +215,28 @@ def load_state(out: Path, device: torch.device) -> dict[str, Any] | None:
     )
 
 
-def prepare_out(cfg: TrainConfig, store_identity: str, device: torch.device) -> dict[str, Any] | None:
-    """The resume state in cfg.out if it is a resumable run of this config and store; else a fresh folder.
+def run_files(names: list[str]) -> list[str]:
+    """Every file a training run with SAEs `names` writes into its --out (with the `.tmp` names of its atomic
+    writes): what its manifest lists before they are written (store/outputs.py)."""
+    files = ["train_config.json", "metrics.jsonl", STATE_FILE]
+    files += [f"{n}/{f}" for n in names for f in ("sae.json", "sae.safetensors", "eval.json")]
+    return [*files, *(f + ".tmp" for f in files if not f.endswith(".jsonl"))]
+
+
+def claim_out(out: Path, names: list[str], replacing: bool) -> None:
+    """Make `out` the run's folder, once every setting has been checked: delete the run there when
+    `replacing` (only the files tide wrote: store/outputs.py), and list the run's files in its manifest."""
+    if replacing:
+        replace(out, "run")
+    out.mkdir(parents=True, exist_ok=True)
+    record(out, "run", run_files(names))
+
+
+def prepare_out(
+    cfg: TrainConfig, store_identity: str, device: torch.device
+) -> tuple[dict[str, Any] | None, bool]:
+    """(the resume state in cfg.out if it is a resumable run of this config and store, whether cfg.out holds a
+    run to replace). Reads only: `claim_out` deletes, after every other check has passed.
 
     Only a tide training run is ever replaced (store/outputs.py), and never a folder holding the store or
     inside it."""
@@ -248,19 +272,17 @@ def prepare_out(cfg: TrainConfig, store_identity: str, device: torch.device) -> 
                 + "\n  ".join(diffs)
                 + "\nPass --overwrite to replace it, or choose another --out."
             )
-        return state
-    if out.exists() and any(out.iterdir()):
-        check_replaceable(out, "run")  # refuses anything but a tide training run, naming what is there
-        # A run killed before its first checkpoint left only its config and metrics: nothing to keep.
-        unstarted = not any(p.is_dir() for p in out.iterdir())
-        if not (cfg.overwrite or unstarted):
-            raise CheckpointError(
-                f"--out {out} holds a tide training run with no resume state; pass --overwrite to replace it, "
-                "or choose another --out"
-            )
-        replace(out, "run")
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+        return state, False
+    # Refuses anything but a tide training run, naming what is there; lists what replacing it deletes.
+    old = check_replaceable(out, "run")
+    # A run killed before its first checkpoint left only its config and metrics: nothing to keep.
+    unstarted = not any("/" in f for f in old)
+    if old and not (cfg.overwrite or unstarted):
+        raise CheckpointError(
+            f"--out {out} holds a tide training run with no resume state; pass --overwrite to replace it, "
+            "or choose another --out"
+        )
+    return None, bool(old)
 
 
 def write_json(path: Path, data: Any) -> None:

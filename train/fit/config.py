@@ -14,6 +14,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
 from tide.store.open import as_location
+from tide.store.outputs import local_out
 from tide.store.schema import StoreMeta, act_name
 from tide.train.sae.archs import ARCHITECTURES, ArchName, ArchOptions
 from tide.train.sae.model import SAEConfig
@@ -144,6 +145,12 @@ class TrainConfig(ArchOptions):
     def _location(cls, value: Any) -> Any:
         # A URL stays a string (Path would fold `s3://b/x` into `s3:/b/x`); anything else is a Path.
         return as_location(value) if isinstance(value, str | Path) else value
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _local_out(cls, value: Any) -> Any:
+        # Before Path folds `s3://b/x` into a local `s3:/b/x`: a run folder is local (store/outputs.py).
+        return local_out(value, "train", option="") if isinstance(value, str | Path) else value
 
     @field_validator("archs", "k", "matryoshka_prefixes", mode="before")
     @classmethod

@@ -40,6 +40,7 @@ from tide.train.fit.checkpoint import (
     NORMALIZATION,
     SAEMeta,
     StoreRef,
+    claim_out,
     prepare_out,
     save_sae,
     save_state,
@@ -186,7 +187,7 @@ def _build(
         step_range = cfg.step_range(store.layout.num_steps)
         arrays = list(dict.fromkeys(s.array for s in specs))
         _check_arrays(store, arrays)  # before anything is written to cfg.out
-        state = prepare_out(cfg, store.identity(), device)
+        state, replacing = prepare_out(cfg, store.identity(), device)
         split = (
             Split(**state["split"])
             if state
@@ -226,6 +227,7 @@ def _build(
         members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
     if state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state instead
         _init_modulation(members, cfg, store, split, log)
+    claim_out(cfg.out, [s.name for s in specs], replacing)  # every setting checked: only now is --out touched
     store_ref = StoreRef(path=canonical(store.path), identity=store.identity())
     run = Run(members, total, store_ref, split, step_range)
     if state is not None:

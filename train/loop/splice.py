@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tide.store.fingerprint import check_same_model
+from tide.store.outputs import check_replaceable, local_out, staged
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
 from tide.train.loop.splice_report import build_report, save_grid
 
@@ -72,6 +72,12 @@ class SpliceConfig(BaseModel):
     """Replace an earlier `tide splice` output in --out."""
     progress: bool = True
     """Show a progress bar."""
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _local_out(cls, value: Any) -> Any:
+        # Before Path folds `s3://b/x` into a local `s3:/b/x`: the output is a local folder (store/outputs.py).
+        return local_out(value, "splice", option="") if isinstance(value, str | Path) else value
 
 
 class Target(NamedTuple):
@@ -188,19 +194,6 @@ class SpliceResult(NamedTuple):
     """The output folder."""
 
 
-def prepare_out(out: Path, overwrite: bool, marker: str) -> None:
-    """An empty --out, or one holding an earlier output of this command (`marker` file) with --overwrite."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not (out / marker).is_file():
-            raise ValueError(
-                f"--out {out} exists and is not an earlier output of this command; choose another"
-            )
-        if not overwrite:
-            raise ValueError(f"--out {out} holds an earlier run; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _ablations(saes: list[LoadedSAE], stores: dict) -> dict[tuple[str, int], list[tuple[str, Callable]]]:
     """(site, layer) -> [(name, edit)] of its zero and mean ablation; named with @array when several."""
     from tide.store.schema import act_name
@@ -292,7 +285,7 @@ def splice(cfg: SpliceConfig, log: Callable[[str], None] = print) -> SpliceResul
     grid.png, and return the report."""
     from tide.harvest.intervene import digits_classifier
 
-    prepare_out(cfg.out, cfg.overwrite, "report.json")
+    check_replaceable(cfg.out, "splice", cfg.overwrite)  # before anything is loaded: refused at once
     saes, stores, planned = _load(cfg, log)
     S = planned.meta.num_inference_steps
     steps = parse_steps(cfg.steps, S)
@@ -305,15 +298,15 @@ def splice(cfg: SpliceConfig, log: Callable[[str], None] = print) -> SpliceResul
     tallies = _run(cfg, planned, conds, clf)
     report = build_report(cfg, planned, saes, ablations, conds, tallies, steps, buckets, clf)
     labels = _labels(planned)
-    for c in conds:
-        if c.keep_images:
-            folder = cfg.out / c.name
-            folder.mkdir()
-            np.save(folder / "images.npy", np.concatenate(tallies[c.name].images))
-            np.save(folder / "labels.npy", labels)
-    save_grid(
-        cfg.out / "grid.png",
-        [(c.name, np.concatenate(tallies[c.name].images)) for c in conds if c.keep_images],
-    )
-    (cfg.out / "report.json").write_text(json.dumps(report, indent=2))
+    with staged(cfg.out, "splice", cfg.overwrite) as out:  # swapped in whole, once written
+        for c in conds:
+            if c.keep_images:
+                (out / c.name).mkdir()
+                np.save(out / c.name / "images.npy", np.concatenate(tallies[c.name].images))
+                np.save(out / c.name / "labels.npy", labels)
+        save_grid(
+            out / "grid.png",
+            [(c.name, np.concatenate(tallies[c.name].images)) for c in conds if c.keep_images],
+        )
+        (out / "report.json").write_text(json.dumps(report, indent=2))
     return SpliceResult(report, cfg.out)

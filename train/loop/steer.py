@@ -25,9 +25,10 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from tide.store.outputs import check_replaceable, local_out, staged
 from tide.train.fit.checkpoint import LoadedSAE, load_sae
-from tide.train.loop.splice import check_pipeline, parse_steps, prepare_out, sae_target
+from tide.train.loop.splice import check_pipeline, parse_steps, sae_target
 from tide.train.loop.splice_report import save_grid
 
 
@@ -79,6 +80,12 @@ class SteerConfig(BaseModel):
         if self.strength is None and self.clamp is None:
             raise ValueError("give --strength A (add A x the latent's direction) or --clamp V (set it to V)")
         return self
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _local_out(cls, value: Any) -> Any:
+        # Before Path folds `s3://b/x` into a local `s3:/b/x`: the output is a local folder (store/outputs.py).
+        return local_out(value, "steer", option="") if isinstance(value, str | Path) else value
 
 
 def _raw(sae, x_norm_BD: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
@@ -158,7 +165,7 @@ def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
     site, layer, _ = sae_target(s)
     check_pipeline(s, store.meta, planned.model.info, site, layer)
     steps = parse_steps(cfg.steps, planned.meta.num_inference_steps)
-    prepare_out(cfg.out, cfg.overwrite, "steer.json")
+    check_replaceable(cfg.out, "steer", cfg.overwrite)  # before the sampling: refused at once
     sae = s.sae.to(planned.model.transformer.device)
     edit = (
         add_edit(sae, cfg.latent, cfg.strength)
@@ -176,12 +183,13 @@ def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
     a = planned.arrays
     labels = np.asarray(a["labels"] if a.get("labels") is not None else a["prompt_index"])
     summary = _summary(cfg, s, planned, digits_classifier(planned.model), images, unsteered, labels)
-    np.save(cfg.out / "images.npy", images)
-    np.save(cfg.out / "unsteered.npy", unsteered)
-    np.save(cfg.out / "labels.npy", labels)
-    np.save(cfg.out / "seeds.npy", np.asarray(a["seeds"]))
-    save_grid(cfg.out / "grid.png", [("unsteered", unsteered), ("steered", images)], cols=16)
-    (cfg.out / "steer.json").write_text(json.dumps(summary, indent=2))
+    with staged(cfg.out, "steer", cfg.overwrite) as out:  # swapped in whole, once written
+        np.save(out / "images.npy", images)
+        np.save(out / "unsteered.npy", unsteered)
+        np.save(out / "labels.npy", labels)
+        np.save(out / "seeds.npy", np.asarray(a["seeds"]))
+        save_grid(out / "grid.png", [("unsteered", unsteered), ("steered", images)], cols=16)
+        (out / "steer.json").write_text(json.dumps(summary, indent=2))
     return SteerResult(images, unsteered, labels, summary)
 
 

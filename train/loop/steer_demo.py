@@ -37,9 +37,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tide.store.outputs import check_replaceable, local_out, staged
 from tide.store.reader import read_array
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
-from tide.train.loop.splice import prepare_out, sae_target
+from tide.train.loop.splice import sae_target
 from tide.train.loop.steer import direction
 
 MULTIPLES = (8.0, 16.0, 32.0, 64.0)
@@ -180,7 +181,7 @@ def sweep(
         raise ValueError(f"{saes_dir} holds no tide SAE; run `make train` (it trains tide and topk)")
     s = load_sae(tide[0])
     store = open_store(s.meta.store.path)
-    prepare_out(out, overwrite, "sweep.json")
+    check_replaceable(out, "steer-demo", overwrite)  # before the sweep: refused at once
     picks = class_latents(s, store, probe_samples)
     log(f"{s.folder.name}: latents per target class {[p['latent'] for p in picks]}")
     # per target c, samples of the classes c+1, c+2, ... (mod 10): every other class when per_target = 9
@@ -202,7 +203,8 @@ def sweep(
     bounds = {"baseline": _mean_difference(trial, store, s.meta.array), "ceiling": _ceiling(trial)}
     log(f"class-mean difference added (no SAE), by multiple: {bounds['baseline']}")
     log(f"ceiling (target run's activations patched in): {bounds['ceiling']}")
-    return _write(out, s, picks, trial.sources, trial.targets, clf(base), runs, multiples, bounds)
+    with staged(out, "steer-demo", overwrite) as new:  # swapped in whole, once written
+        return _write(new, s, picks, trial.sources, trial.targets, clf(base), runs, multiples, bounds)
 
 
 def _mean_difference(trial: _Trial, store, array: str) -> dict[float, dict[str, float]]:
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m tide.train.loop.steer_demo", description=__doc__.splitlines()[0]
     )
     p.add_argument("--saes", type=Path, default=Path("runs/saes"), help="`tide train --out` folder")
-    p.add_argument("--out", type=Path, default=Path("runs/steer-demo"))
+    p.add_argument("--out", default="runs/steer-demo")
     p.add_argument("--probe-samples", type=int, default=200, help="store samples used to pick the latents")
     p.add_argument(
         "--per-target", type=int, default=9, help="samples steered per target (1..9 other classes)"
@@ -313,7 +315,11 @@ def main(argv: list[str] | None = None) -> None:
             f"--per-target {a.per_target} must be 1..{NUM_CLASSES - 1} (one sample of each other class at most)"
         )
     multiples = tuple(float(m) for m in a.multiples.split(","))
-    print(format_sweep(sweep(a.saes, a.out, a.probe_samples, a.device, a.overwrite, a.per_target, multiples)))
+    try:
+        out = local_out(a.out, "steer-demo")  # a local folder; a URL is refused here, before any work
+    except ValueError as e:
+        p.error(str(e))
+    print(format_sweep(sweep(a.saes, out, a.probe_samples, a.device, a.overwrite, a.per_target, multiples)))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from tide.store.outputs import check_replaceable, local_out, staged
 from tide.train.fit.checkpoint import (
     LoadedSAE,
     SAEMeta,
@@ -164,24 +165,16 @@ def export_saelens(
     """Write the SAE folder `sae_dir` as a SAELens 6 folder `out` (module docstring: what folds and when)."""
     from safetensors.torch import save_file
 
+    out = local_out(out, "export")
     loaded = load_sae(sae_dir)
     _check_timestep(loaded, timestep)
-    if out.exists() and any(out.iterdir()):
-        if not (overwrite and set(p.name for p in out.iterdir()) <= {CFG_FILE, WEIGHTS_FILE}):
-            raise ExportError(
-                f"--out {out} is not empty; choose another folder"
-                + (
-                    ", or pass --overwrite to replace the SAELens export in it"
-                    if is_saelens_folder(out)
-                    else ""
-                )
-            )
+    check_replaceable(out, "export", overwrite)  # only an earlier export, with nothing else in it
     architecture = loaded.sae.arch.saelens
     with torch.no_grad():
         weights = _fold(loaded.sae, timestep)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / WEIGHTS_FILE))
-    (out / CFG_FILE).write_text(json.dumps(_cfg_json(loaded, architecture, timestep), indent=2))
+    with staged(out, "export", overwrite) as new:
+        save_file(weights, str(new / WEIGHTS_FILE))
+        (new / CFG_FILE).write_text(json.dumps(_cfg_json(loaded, architecture, timestep), indent=2))
     return ExportResult(out, architecture, timestep)
 
 
@@ -233,8 +226,11 @@ def _import_weights(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tens
     sae.set_input_normalization(torch.zeros(sae.cfg.d_model), 1.0)
 
 
-def import_saelens(folder: Path, store_path: str | Path, out: Path, *, array: str | None = None) -> Path:
-    """Write the SAELens folder `folder` as a tide SAE folder `out`, reading `array` of the store.
+def import_saelens(
+    folder: Path, store_path: str | Path, out: Path, *, array: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write the SAELens folder `folder` as a tide SAE folder `out`, reading `array` of the store; an earlier
+    import in `out` is replaced only with `overwrite` (store/outputs.py).
 
     The array defaults to metadata.hook_name when it names one of the store's arrays. Held-out samples: the
     split recorded by `tide export` when the store is the one it was trained on, else every done sample
@@ -243,8 +239,10 @@ def import_saelens(folder: Path, store_path: str | Path, out: Path, *, array: st
     from tide.store.open import canonical
     from tide.store.reader import open_store
 
+    out = local_out(out, "import")
     if not is_saelens_folder(folder):
         raise ValueError(f"{folder} is not a SAELens SAE folder (it needs {CFG_FILE} and {WEIGHTS_FILE})")
+    check_replaceable(out, "sae", overwrite)
     cfg = json.loads((folder / CFG_FILE).read_text())
     metadata = cfg.get("metadata") or {}
     sae = build_sae(_import_config(cfg, folder))
@@ -282,5 +280,6 @@ def import_saelens(folder: Path, store_path: str | Path, out: Path, *, array: st
         trained_rows=0,
         train_config={"imported_from": str(folder.resolve()), "saelens_metadata": metadata},
     )
-    save_sae(out, sae, meta)
+    with staged(out, "sae", overwrite) as new:
+        save_sae(new, sae, meta)
     return out
