@@ -483,6 +483,59 @@ async def _keys(zstore) -> list[str]:
     return [k async for k in zstore.list()]
 
 
+def _put(url: str, key: str, data: bytes) -> None:
+    from zarr.core.buffer import cpu
+
+    sync(zarr_store(where(url), "w").set(key, cpu.Buffer.from_bytes(data)))
+
+
+def _get(url: str, key: str) -> bytes | None:
+    buf = sync(zarr_store(where(url)).get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def test_overwrite_on_s3_never_deletes_a_key_tide_did_not_write(s3, small, tiny_dit):
+    url = upload(small, f"s3://{BUCKET}/deep.zarr")
+    foreign = {
+        "resid_l00/notes.txt": b"mine",
+        "analysis/zarr.json": b'{"zarr_format": 3, "node_type": "group"}',
+        "analysis/thesis.tex": b"years of work",
+        "resid_l00/c/99/0/0/0": b"outside the grid",
+    }
+    for key, data in foreign.items():
+        _put(url, key, data)
+    args = ["harvest", "--model", str(tiny_dit), "--out", url, "--num-samples", "2", "--num-steps", "2"]
+    args += ["--batch-size", "2", "--device", "cpu", "--no-progress", "--overwrite"]
+    refused = runner.invoke(app, args)
+    assert (
+        refused.exit_code == 2
+        and "analysis/thesis.tex (and 3 more), which tide did not write" in refused.output
+    )
+    assert all(_get(url, key) == data for key, data in foreign.items())
+    assert open_store(url).meta.num_samples == open_store(small).meta.num_samples  # the store is untouched
+    for key in foreign:
+        sync(zarr_store(where(url), "w").delete(key))
+    replaced = runner.invoke(app, args)
+    assert replaced.exit_code == 0, replaced.output
+    assert open_store(url).meta.num_samples == 2 and open_store(url).done().all()
+
+
+def test_card_out_to_s3_writes_the_key_and_keeps_someone_elses(s3, small):
+    from tide.store.card import card_text
+
+    out = f"s3://{BUCKET}/repo/README.md"
+    result = runner.invoke(app, ["store", "card", str(small), "--out", out])
+    assert result.exit_code == 0, result.output
+    assert _get(f"s3://{BUCKET}/repo", "README.md").decode() == card_text(open_store(small))
+    assert (
+        runner.invoke(app, ["store", "card", str(small), "--out", out]).exit_code == 0
+    )  # its own: rewritten
+    _put(f"s3://{BUCKET}/repo", "README.md", b"# my dataset\n")
+    result = runner.invoke(app, ["store", "card", str(small), "--out", out])
+    assert result.exit_code == 2 and "not a dataset card tide wrote" in result.output, result.output
+    assert _get(f"s3://{BUCKET}/repo", "README.md") == b"# my dataset\n"
+
+
 def test_cancelled_fetches_stop(s3, small, gets):
     # A loader that stops (closed early, or a damaged chunk) cancels the requests it started ahead.
     import time
