@@ -336,21 +336,33 @@ def reset_damaged(path: Path | str, damaged: list[ChunkError]) -> list[slice]:
 
 def verdict_advice(path: str, verdict: Verdict, quick: bool, reset: list[slice] | None) -> list[str]:
     """What `tide store verify` says after its FAIL lines: the next step for damage (or what --reset-damaged
-    did), or that the store is sound and, if so, whether its harvest is finished."""
-    if reset is not None:
+    did), or that the store is sound and, if so, whether its harvest is finished. Each damaged chunk is
+    mended its own way: a harvest rewrites the samples' arrays, `store stats --write` the sums, and only a
+    copy of the store the arrays written once (timesteps, step_index)."""
+    once = sorted({e.where.split(":")[0] for e in verdict.damaged if e.samples is None})
+    lines = [
+        f"{', '.join(once)} cannot be written again by tide (they are written once, when the store is created): "
+        "restore their damaged chunk files from a copy of the store"
+    ] if once else []  # fmt: skip
+    if any(e.where.startswith("stats/") for e in verdict.damaged):
+        lines.append(
+            f"`tide store stats {path} --write` rewrites the damaged stats/ chunks from the activations"
+        )
+    if reset:
         samples = ", ".join(f"{r.start}..{r.stop - 1}" for r in reset)
         return [
+            *lines,
             f"marked samples {samples} not done; run the `tide harvest --out {path}` command that made this "
-            "store again to write them anew, then verify again"
+            "store again to write them anew, then verify again",
         ]
-    if verdict.damaged:
-        return [
+    if any(e.samples is not None for e in verdict.damaged):
+        lines.append(
             f"{len(verdict.damaged)} chunk(s) are missing or unreadable: restore them from a copy of the store, "
             f"or run `tide store verify {path} --reset-damaged` and then the store's `tide harvest --out "
             f"{path}` command again to write their samples anew"
-        ]
+        )
     if verdict.problems:
-        return []
+        return lines
     lines = [
         f"ok: {path} is a sound tide store as far as --quick checks (metadata, shapes, and every chunk file "
         "of the done samples there with a plausible size); without --quick every chunk is also read and "

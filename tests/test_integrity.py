@@ -454,6 +454,13 @@ def test_a_lost_timesteps_chunk_stops_train_and_eval_instead_of_t_0(harvested, t
     for args in (train_args, ["eval", str(harvested[1]), "--store", str(path)]):
         msg = _one_line_error(runner.invoke(app, args))
         assert f"timesteps: chunk file {path / 'timesteps/c/0'}" in msg and "restore the file" in msg, msg
+    result = runner.invoke(
+        app, ["store", "verify", str(path), "--reset-damaged"]
+    )  # no harvest writes it again
+    assert result.exit_code == 1 and "timesteps cannot be written again by tide" in result.output, (
+        result.output
+    )
+    assert "marked samples" not in result.output and "--reset-damaged` and then" not in result.output
     _flip(path / "step_index/c/0")
     result = runner.invoke(app, ["store", "verify", str(path)])
     assert (

@@ -216,6 +216,22 @@ def _build(
             "lower --batch-size or harvest more samples"
         )
     total = cfg.max_steps or cfg.epochs * loader.batches_per_epoch
+    members = _members(cfg, store, specs, arrays, split, step_range, device)
+    if state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state instead
+        _init_modulation(members, cfg, store, split, log)
+    claim_out(cfg.out, [s.name for s in specs], replacing)  # every setting checked: only now is --out touched
+    store_ref = StoreRef(path=canonical(store.path), identity=store.identity())
+    run = Run(members, total, store_ref, split, step_range)
+    if state is not None:
+        _resume(run, state, cfg.out)
+    return run, loader
+
+
+def _members(
+    cfg: TrainConfig, store: Store, specs: list[SAESpec], arrays: list[str], split: Split,
+    step_range: tuple[int, int], device: torch.device,
+) -> list[Member]:  # fmt: skip
+    """Every SAE of the run, initialised, with its input normalisation over the training split and its AdamW."""
     timesteps = torch.as_tensor(store.timesteps[step_range[0] : step_range[1]])
     members = []
     for i, spec in enumerate(specs):
@@ -225,19 +241,17 @@ def _build(
         sae.set_input_normalization(mean_SD[step_range[0] : step_range[1]], scale, timesteps)
         opt = torch.optim.AdamW(sae.param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         members.append(Member(spec, sae, opt, arrays.index(spec.array), mean_SD.to(device), scale))
-    if state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state instead
-        _init_modulation(members, cfg, store, split, log)
-    claim_out(cfg.out, [s.name for s in specs], replacing)  # every setting checked: only now is --out touched
-    store_ref = StoreRef(path=canonical(store.path), identity=store.identity())
-    run = Run(members, total, store_ref, split, step_range)
-    if state is not None:
-        for m in members:
-            m.sae.load_state_dict(state["saes"][m.spec.name])
-            m.opt.load_state_dict(state["optims"][m.spec.name])
-        run.step, run.rows, run.position = state["step"], state["rows"], Position(*state["position"])
-        torch.set_rng_state(state["rng"].cpu())
-        _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
-    return run, loader
+    return members
+
+
+def _resume(run: Run, state: dict[str, Any], out: Path) -> None:
+    """Put the run where its resume state says: weights, optimisers, counters, data position, RNG."""
+    for m in run.members:
+        m.sae.load_state_dict(state["saes"][m.spec.name])
+        m.opt.load_state_dict(state["optims"][m.spec.name])
+    run.step, run.rows, run.position = state["step"], state["rows"], Position(*state["position"])
+    torch.set_rng_state(state["rng"].cpu())
+    _truncate_metrics(out / "metrics.jsonl", run.step)
 
 
 class Prepared(NamedTuple):
