@@ -177,6 +177,11 @@ def _refuse_other_kind(out: Path, kind: Kind) -> None:
     found = read_manifest(out)
     other = found[0] if found is not None else "store" if is_tide_store(out) else None
     other = other or next((k for k in LEGACY if k != kind and LEGACY[k](out) is not None), None)
+    if other == kind:  # e.g. a store of a newer format version: which files are its own is not known here
+        raise OutputError(
+            f"--out {out} holds {WHAT[kind]} that this tide cannot read, so it cannot tell which files are its "
+            "own; delete that folder by hand if you are sure, or choose another --out"
+        )
     if other is not None:
         raise OutputError(
             f"--out {out} holds {WHAT.get(other, 'tide output')}, not {WHAT[kind]}; choose another --out, or "
