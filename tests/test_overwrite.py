@@ -55,7 +55,7 @@ def made(tiny_dit, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
         "store": ["harvest", "--model", str(tiny_dit), "--num-samples", "4", "--num-steps", "3", "--batch-size",
                   "2", "--layers", "1", "--device", "cpu", "--no-progress"],  # another configuration
         "run": ["train", "--store", str(store), "--layers", "1", "--arch", "topk", "--k", "2", "--expansion",
-                "2", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "16", "--val-fraction", "0",
+                "2", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "16", "--val-fraction", "0.5",
                 "--device", "cpu", "--no-progress", "--no-eval"],
         "splice": ["splice", str(sae), "--num-samples", "2", "--batch-size", "2", "--buckets", "0",
                    "--device", "cpu", "--no-progress"],
@@ -241,9 +241,7 @@ def test_train_refuses_its_settings_before_deleting_the_old_run(made, tmp_path, 
 def test_train_overwrite_replaces_a_run_and_lists_only_the_new_files(made, tmp_path):
     out, command = made["run"]
     copy = Path(shutil.copytree(out, tmp_path / "runX"))
-    result = runner.invoke(
-        app, [*command, "--out", str(copy), "--overwrite", "--arch", "relu", "--val-fraction", "0.5"]
-    )
+    result = runner.invoke(app, [*command, "--out", str(copy), "--overwrite", "--arch", "relu"])
     assert result.exit_code == 0, result.output
     kind, files = read_manifest(copy)
     (new,) = [p.name for p in copy.iterdir() if p.is_dir()]

@@ -135,7 +135,8 @@ def test_cli_writes_a_report_and_refuses_to_overwrite(report, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("keep me")
     res = runner.invoke(app, ["features", str(sae), "--out", str(tmp_path / "other"), "--overwrite"])
-    assert res.exit_code == 2 and "no tide features report" in res.output
+    assert res.exit_code == 2 and "is not a tide features report" in res.output
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     res = runner.invoke(app, ["features", str(sae), "--out", str(tmp_path / "x"), "--store", str(tmp_path)])
     assert res.exit_code == 2 and "not a Zarr v3 store" in res.output
 
