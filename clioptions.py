@@ -301,7 +301,7 @@ class Export:
     Folder = Annotated[Path, typer.Argument(help="A SAELens SAE folder (cfg.json, sae_weights.safetensors).")]
     Store = Annotated[str, typer.Option(help="The tide store whose activations the SAE reads.")]
     ImportOut = Annotated[str, typer.Option(help="The tide SAE folder to write.")]
-    ImportOverwrite = Annotated[bool, overwrite("an SAE folder an earlier `tide import` wrote in --out")]
+    ImportOverwrite = Annotated[bool, overwrite("an earlier `tide import` in --out")]
     Array = Annotated[str | None, option("Its activation array, e.g. resid_l03.", "metadata.hook_name")]
 
 

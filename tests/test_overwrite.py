@@ -59,7 +59,7 @@ def made(tiny_dit, tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
                 "--device", "cpu", "--no-progress", "--no-eval"],
         "splice": ["splice", str(sae), "--num-samples", "2", "--batch-size", "2", "--buckets", "0",
                    "--device", "cpu", "--no-progress"],
-        "steer": ["steer", "--sae", str(sae), "--latent", "0", "--strength", "1", "--num-samples", "2", "--device",
+        "steer": ["steer", str(sae), "--latent", "0", "--strength", "1", "--num-samples", "2", "--device",
                   "cpu", "--no-progress"],
         "features": ["features", str(sae), "--split", "all", "--max-pages", "1", "--images", "1", "--device",
                      "cpu", "--no-progress"],
@@ -261,7 +261,7 @@ def test_an_out_url_is_refused_in_one_line_and_no_s3_folder_appears(made, tmp_pa
     if kind == "eval":
         args = ["eval", str(made["run"][0]), "--json", url]
     elif kind == "pack":
-        args = ["store", "pack", str(made["store"][0]), url + ".zarr.zip"]
+        args = ["store", "pack", str(made["store"][0]), "--out", url + ".zarr.zip"]
     else:
         args = [*made[kind][1], "--out", url]
     msg = _error(runner.invoke(app, args))
