@@ -19,6 +19,7 @@ import zarr
 from tide.harvest.config import HarvestConfig
 from tide.store.lock import LockedError
 from tide.store.lock import locked as store_lock
+from tide.store.manifest import listing
 from tide.store.open import (
     LocationError,
     Where,
@@ -30,7 +31,7 @@ from tide.store.open import (
     where,
     zarr_store,
 )
-from tide.store.outputs import check_replaceable, listing, prune, replace
+from tide.store.outputs import check_replaceable, prune, replace
 from tide.store.reader import StoreError, open_store
 from tide.store.schema import FORMAT, StoreMeta
 from tide.store.store_files import delete_keys, is_tide_store, remote_files, store_rule

@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tide.cli import app
 from tide.harvest.config import DEMO_MODEL
-from tide.store.outputs import MANIFEST, OutputError, listing, read_manifest, replace, staged
+from tide.store.manifest import MANIFEST, listing, read_manifest
+from tide.store.outputs import OutputError, replace, staged
 from tide.store.reader import open_store
 from typer.testing import CliRunner
 

@@ -29,8 +29,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from tide.store.manifest import record_file
 from tide.store.open import is_url
-from tide.store.outputs import record_file
 from tide.store.reader import Store, open_store
 from tide.store.schema import step_buckets
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders, write_json

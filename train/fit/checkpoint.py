@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from tide.store.manifest import record
 from tide.store.open import is_url
-from tide.store.outputs import check_replaceable, nested, record, replace
+from tide.store.outputs import check_replaceable, nested, replace
 from tide.train.fit.data import Split
 from tide.train.sae.model import SAE, SAEConfig, build_sae
 
