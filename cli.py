@@ -66,6 +66,7 @@ def harvest(
     dtype: opt.Harvest.Dtype = None,
     codec: opt.Harvest.Codec = None,
     model_dtype: opt.Harvest.ModelDtype = None,
+    cpu_threads: opt.Harvest.CpuThreads = None,
     save_images: opt.Harvest.SaveImages = False,
     device: opt.DeviceSetting = None,
     overwrite: opt.Harvest.Overwrite = False,

@@ -111,6 +111,14 @@ class Harvest:
     ModelDtype = Annotated[
         str | None, option("Dtype the transformer runs in: float32, float16 or bfloat16.", "float32")
     ]
+    CpuThreads = Annotated[
+        int | None,
+        option(
+            "torch threads per model call on the CPU, recorded in the store so that every process writing it "
+            "uses the same count and the bytes match; for more cores use --workers N.",
+            1,
+        ),
+    ]
     SaveImages = Annotated[bool, flag("--save-images", "Also store the final images.")]
     Overwrite = Annotated[bool, flag("--overwrite", "Replace an existing store with another configuration.")]
     Scheduler = Annotated[

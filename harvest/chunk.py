@@ -2,7 +2,8 @@
 
 `harvest_chunk` is the unit of work. The local loop (harvest/run.py) and a dask task (harvest/cluster.py)
 both call it; what it writes depends only on the model, the plan (StoreMeta + per-sample arrays) and the
-chunk index, so any process may (re)write any chunk and the store's bytes come out the same. Its writes
+chunk index, so any process may (re)write any chunk and the store's bytes come out the same: on the CPU
+its model calls run on the store's `cpu_threads`, whatever the process's own thread count. Its writes
 are whole chunks of every array, then the chunk's `done` flags last: a rerun of a chunk cut short
 overwrites, and a chunk counts as done only once all of it is on disk.
 
@@ -18,7 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from tide.harvest.capture import Conditioning, capture
-from tide.harvest.model import LoadedModel
+from tide.harvest.config import UNRECORDED
+from tide.harvest.model import LoadedModel, cpu_threads
 from tide.harvest.plan import TORCH_DTYPES
 from tide.harvest.sampler import cfg_rows, denoise, make_generators, to_images
 from tide.store.schema import StoreMeta, act_name, to_stored, token_subset
@@ -86,10 +88,12 @@ def harvest_chunk(
             for s in seeds
         ]
     )  # (B, S, T)
-    with capture(model.transformer, model.arch, list(meta.sites), list(meta.layers)) as acts:
-        latents = _run_and_write(c, model, meta, arrays, acts, writer, index_BST, on_step)
-    if save_images:
-        writer.submit(writer.write_images, c, to_images(model, latents).numpy())
+    threads = meta.harvest_config.get("cpu_threads", UNRECORDED["cpu_threads"])
+    with cpu_threads(model.transformer.device, threads):  # the store's count, whichever process runs this
+        with capture(model.transformer, model.arch, list(meta.sites), list(meta.layers)) as acts:
+            latents = _run_and_write(c, model, meta, arrays, acts, writer, index_BST, on_step)
+        if save_images:
+            writer.submit(writer.write_images, c, to_images(model, latents).numpy())
     writer.submit(writer.mark_done, c)
     b = len(seeds)
     return ChunkSummary(c, b, b * meta.num_inference_steps, time.perf_counter() - start)

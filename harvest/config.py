@@ -18,6 +18,9 @@ DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "digits-dit"
 
 # Fields that describe how a harvest runs, not what it stores: they may change between a crash and its resume.
 RUN_ONLY_FIELDS = frozenset({"out", "overwrite", "device", "progress", "writer_queue"})
+# Fields newer than some stores: the value a store made before the field existed is taken to have, so that
+# such a store still resumes.
+UNRECORDED = {"cpu_threads": 1}
 
 
 class HarvestConfig(BaseModel):
@@ -76,6 +79,10 @@ class HarvestConfig(BaseModel):
     (level 1, byte shuffle: 1.2x smaller at float16, 1.5x at bfloat16, for sharing), zstd."""
     model_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     """Dtype the transformer runs in."""
+    cpu_threads: int = Field(1, gt=0)
+    """torch threads of every model call when the model runs on the CPU. Part of the store: a sum split over
+    another number of threads rounds differently, so every process that writes the store (a resume, each dask
+    worker) runs with this count and the bytes do not depend on the layout. For more cores, use --workers N."""
     save_images: bool = False
     """Also store the final images (decoded by the VAE if the pipeline has one) as uint8."""
     device: str = "auto"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,23 @@ from tide.harvest.capture import REGISTRY, Arch, arch_for
 from tide.store.fingerprint import fingerprint
 from tide.store.schema import ModelInfo, SchedulerInfo
 from torch import nn
+
+
+@contextmanager
+def cpu_threads(device: torch.device, n: int) -> Iterator[None]:
+    """Run the block's torch ops on exactly `n` intra-op threads when `device` is the CPU; the count before is
+    restored after. MKL's sgemm splits a small batch's sums differently on 1 and 2 threads (measured: 0.08% of
+    the demo model's float16 values differ), so a store's bytes would depend on how many threads wrote it."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMPONENTS = ["model_index.json", "transformer/*", "scheduler/*", "vae/*", "text_encoder/*", "tokenizer/*"]

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tide.harvest.capture import check_sites
 from tide.harvest.config import HarvestConfig
-from tide.harvest.model import LoadedModel
+from tide.harvest.model import LoadedModel, cpu_threads
 from tide.harvest.target import HarvestError
 from tide.store.schema import StoreMeta, TokenSampling, choose_chunks, kept_tokens, numpy_storage_dtype
 
@@ -184,9 +184,9 @@ def _conditioning(
         return None
     # PixArt's files always carried the negative prompt; the joint backbones need it only for CFG.
     needs_negative = kind == "cfg" or model.sampling.encodes_prompts
-    prompts, arrays["prompt_embeds"] = _prompt_conditioning(
-        cfg, model, model.transformer.device, needs_negative
-    )
+    device = model.transformer.device
+    with cpu_threads(device, cfg.cpu_threads):  # text encoders on the CPU too: the embeddings feed every row
+        prompts, arrays["prompt_embeds"] = _prompt_conditioning(cfg, model, device, needs_negative)
     arrays["prompt_index"] = np.arange(cfg.num_samples) % len(prompts)
     return prompts
 

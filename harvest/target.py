@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import zarr
-from tide.harvest.config import HarvestConfig
+from tide.harvest.config import UNRECORDED, HarvestConfig
 from tide.store.lock import LockedError
 from tide.store.lock import locked as store_lock
 from tide.store.manifest import listing
@@ -58,7 +58,7 @@ class Target(NamedTuple):
 def differences(old: StoreMeta, new: StoreMeta) -> list[str]:
     """Fields that make two stores' contents differ."""
     diffs = []
-    a, b = old.harvest_config, new.harvest_config
+    a, b = {**UNRECORDED, **old.harvest_config}, {**UNRECORDED, **new.harvest_config}
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} in the store, {b.get(key)!r} now")
