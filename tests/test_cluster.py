@@ -9,10 +9,8 @@ plugins registered from the test, never by production flags.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,34 +25,14 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.run import HarvestError, harvest
 from tide.harvest.target import HarvestError as TargetError
 
+from tests.cluster_helpers import KillFirstWriter, assert_same_store, cli, free_port
+
 # The plugins below are defined here; workers (other processes, maybe started by hand) unpickle them by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 SETTINGS = dict(
     num_samples=6, num_steps=6, batch_size=2, sites=("resid", "mlp"), device="cpu", progress=False
 )
-
-
-def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store by relative path; the root zarr.json without its creation time."""
-    files = {}
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            data = f.read_bytes()
-            if f.relative_to(path).as_posix() == "zarr.json":
-                meta = json.loads(data)
-                del meta["attributes"]["created"]
-                data = json.dumps(meta, sort_keys=True).encode()
-            files[f.relative_to(path).as_posix()] = data
-    return files
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    fa, fb = store_files(a), store_files(b)
-    assert fa.keys() == fb.keys()
-    differ = [name for name in fa if fa[name] != fb[name]]
-    assert not differ, f"files that differ: {differ}"
-    assert any(name.startswith("stats/") for name in fa) and len(fa) > 50
 
 
 @pytest.fixture(scope="module")
@@ -70,29 +48,6 @@ def client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with Client(cluster) as c:
             yield c
-
-
-class KillFirstWriter(WorkerPlugin):
-    """SIGKILLs its worker process right after the first activation block it writes, once across the
-    cluster (the flag file says it happened): the chunk's other blocks and its done flag are never written."""
-
-    name = "kill-first-writer"
-
-    def __init__(self, flag: str):
-        self.flag = flag
-
-    def setup(self, worker):
-        from tide.store.writer import StoreWriter
-
-        flag, real = Path(self.flag), StoreWriter.write_block
-
-        def write_block(writer, *args):
-            real(writer, *args)
-            if not flag.exists():
-                flag.write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        StoreWriter.write_block = write_block
 
 
 class DiskFull(WorkerPlugin):
@@ -185,14 +140,8 @@ def test_workers_that_cannot_see_the_store(client, tmp_path):
     assert all(addr in str(e.value) for addr in client.nthreads())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_scheduler_fails_fast():
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(HarvestError) as e:
         with connect(scheduler=address, timeout=2):
@@ -207,15 +156,11 @@ def test_both_or_neither_of_scheduler_and_workers():
             pass
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from tide.cli import app; app()", "harvest", *args]
-
-
 def test_by_hand_cluster_with_a_worker_killed(reference, tmp_path):
     """`dask scheduler` + 2 `dask worker`s on 127.0.0.1, as docs/cluster.md starts them; one worker is SIGKILLed
     while it writes; `tide harvest --scheduler` still makes the single-process store."""
     dask = str(Path(sys.executable).parent / "dask")
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
             [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
@@ -235,7 +180,7 @@ def test_by_hand_cluster_with_a_worker_killed(reference, tmp_path):
             c.register_plugin(KillFirstWriter(str(flag)))
         args = ["--num-samples", "6", "--num-steps", "6", "--batch-size", "2", "--sites", "resid,mlp"]
         run = subprocess.run(
-            _cli(*args, "--device", "cpu", "--no-progress", "--out", str(out), "--scheduler", address),
+            cli(*args, "--device", "cpu", "--no-progress", "--out", str(out), "--scheduler", address),
             capture_output=True,
             text=True,
             timeout=240,
@@ -254,10 +199,10 @@ def test_by_hand_cluster_with_a_worker_killed(reference, tmp_path):
 
 
 def test_cli_unreachable_scheduler_in_one_paragraph(tmp_path):
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     start = time.monotonic()
     run = subprocess.run(
-        _cli("--out", str(tmp_path / "x.zarr"), "--scheduler", address),
+        cli("--out", str(tmp_path / "x.zarr"), "--scheduler", address),
         capture_output=True,
         text=True,
         timeout=60,
