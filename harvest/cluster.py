@@ -114,8 +114,18 @@ def local_cluster(n: int) -> Any:
     import dask
 
     key = "distributed.nanny.pre-spawn-environ"  # read when the nannies are made, below
-    with dask.config.set({key: {**dask.config.get(key, {}), **WORKER_MALLOC}}):
-        return _local_cluster(n)
+    # A nanny takes a variable of this process's environment over its config, and writes its own into that
+    # environment when it starts a worker: after any earlier local cluster, dask's 65536 would win here.
+    saved = {k: os.environ.pop(k, None) for k in WORKER_MALLOC}
+    try:
+        with dask.config.set({key: {**dask.config.get(key, {}), **WORKER_MALLOC}}):
+            return _local_cluster(n)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _local_cluster(n: int) -> Any:
