@@ -124,8 +124,8 @@ class Harvest:
     Scheduler = Annotated[
         str | None,
         option(
-            "Run on the dask.distributed cluster at this address, tcp://HOST:PORT; its workers must see --out at "
-            "the same path.",
+            "Run on the dask.distributed cluster at this address, tcp://HOST:PORT; its workers write --out "
+            "themselves: a folder they all see at the same path, or an s3:// or gs:// URL.",
             "none: this process",
         ),
     ]

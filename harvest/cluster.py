@@ -4,9 +4,12 @@ The client plans the store and creates it once (harvest/run.py's `opened`: the s
 refusals as a local harvest), then submits one task per unfinished sample chunk. A task runs
 `harvest_chunk` (harvest/chunk.py, the function the local loop calls) on its worker, which loads the model
 once and keeps it, and writes whole chunks of every array straight into the store, its stats sums and
-then its `done` flags; only a ChunkSummary travels back. The workers must see the store at the same path
-(a shared filesystem). A worker that dies mid-task (SIGKILL, lost node) has its task rerun elsewhere by
-dask; the rerun overwrites the same whole chunks, so the store is byte for byte what one process makes.
+then its `done` flags; only a ChunkSummary travels back. The store is a folder every worker sees at the
+same path (a shared filesystem), or an s3:// or gs:// URL that every worker opens itself through
+store/open.py, with the credentials of its own environment or the client's --storage-options, which travel
+with the job and are never written into the store. A worker that dies mid-task (SIGKILL, lost node) has its
+task rerun elsewhere by dask; the rerun overwrites the same whole chunks, so the store is byte for byte what
+one process makes (on the CPU every process runs the model on the store's cpu_threads).
 """
 
 from __future__ import annotations
@@ -24,12 +27,22 @@ from tide.harvest.model import LoadedModel
 from tide.harvest.run import HarvestResult, chunk_samples, load_for_harvest, opened
 from tide.harvest.target import HarvestError, os_error, writable_out, write_failure
 from tide.store.fingerprint import check_same_model
-from tide.store.open import where
+from tide.store.open import (
+    LocationError,
+    canonical,
+    current_storage_options,
+    explain,
+    first_line,
+    read_json,
+    storage_options,
+    where,
+    zarr_store,
+)
 from tide.store.schema import StoreMeta
 
 START_SCHEDULER = (
     "start one with `dask scheduler` (it prints its address, tcp://HOST:8786) and give it workers with "
-    "`dask worker tcp://HOST:8786 --nthreads 1` on machines that see the store's folder"
+    "`dask worker tcp://HOST:8786 --nthreads 1` on machines that can reach --out"
 )
 
 
@@ -45,7 +58,7 @@ class ClusterJob(NamedTuple):
     model_dtype: str
     """Dtype the transformer runs in."""
     out: str
-    """The store, an absolute path that every worker must see."""
+    """The store: an absolute folder that every worker must see, or an s3:// or gs:// URL."""
     meta: StoreMeta
     """The store's metadata."""
     arrays: dict[str, Any]
@@ -54,6 +67,9 @@ class ClusterJob(NamedTuple):
     """Also write the final images."""
     writer_queue: int
     """Pending writes a worker's writer thread holds."""
+    storage_options: dict[str, Any]
+    """The client's --storage-options, which the workers open the store with (they may hold credentials: they
+    travel with the job, never into the store)."""
 
 
 class ChunkFailed(HarvestError):
@@ -186,19 +202,13 @@ def harvest_on_cluster(cfg: HarvestConfig, client: Any, log: Callable[[str], Non
     shapes and scheduler) and holds the harvest lock while the workers write.
     """
     writable_out(cfg.out)  # a read-only URL or an unknown scheme, before loading the model
-    if not where(cfg.out).local:
-        raise HarvestError(
-            f"--out {cfg.out}: a harvest on a dask cluster writes into a folder the workers share; an object "
-            "store URL is not supported with --scheduler/--workers yet. Harvest into a shared folder and copy "
-            "it to the bucket, or harvest into the URL without --scheduler/--workers"
-        )
     model = load_for_harvest(cfg, device="cpu")
     with opened(cfg, model, log) as store:
         del model  # the workers load their own
         if not store.todo:
             return HarvestResult(cfg.out, 0, store.meta.num_samples)
         job = _job(cfg, store.meta, store.arrays)
-        _check_workers_see(client, job.out)
+        _check_workers_see(client, job.out, job.storage_options)
         _run_tasks(client, job, store.todo, cfg.progress)
     return HarvestResult(cfg.out, chunk_samples(store.meta, store.todo), store.meta.num_samples)
 
@@ -215,23 +225,35 @@ def _job(cfg: HarvestConfig, meta: StoreMeta, arrays: dict[str, Any]) -> Cluster
         cfg.revision,
         cfg.device,
         cfg.model_dtype,
-        str(cfg.out.resolve()),
+        canonical(cfg.out),
         meta,
         cpu,
         cfg.save_images,
         cfg.writer_queue,
+        current_storage_options(),
     )
 
 
-def _check_workers_see(client: Any, out: str) -> None:
-    seen = client.run(_sees_store, out)
-    blind = [f"{addr} (host {host})" for addr, (ok, host) in seen.items() if not ok]
-    if blind:
+def _check_workers_see(client: Any, out: str, options: dict[str, Any] | None = None) -> None:
+    seen = client.run(_sees_store, out, options or {})
+    blind = [
+        f"{addr} (host {host}{': ' + why if why else ''})" for addr, (ok, host, why) in seen.items() if not ok
+    ]
+    if not blind:
+        return
+    if where(out).local:
         raise HarvestError(
             f"dask worker(s) {', '.join(blind)} cannot see the store {out}; the workers write into it "
             "directly, so they must share the client's filesystem at the same path (run them on machines "
-            "that mount it, or choose an --out on a shared filesystem); nothing but the empty store was written"
+            "that mount it, choose an --out on a shared filesystem, or an s3:// or gs:// URL); nothing but "
+            "the empty store was written"
         )
+    raise HarvestError(
+        f"dask worker(s) {', '.join(blind)} cannot open the store {out}; the workers write into it directly: "
+        "give them credentials and the endpoint in their environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, ...) or pass them with --storage-options; nothing but "
+        "the empty store was written"
+    )
 
 
 def _run_tasks(client: Any, job: ClusterJob, todo: list[int], progress: bool) -> None:
@@ -285,8 +307,15 @@ def _the_job(job: ClusterJob) -> ClusterJob:
     return job
 
 
-def _sees_store(out: str) -> tuple[bool, str]:
-    return (Path(out, "zarr.json").is_file(), socket.gethostname())
+def _sees_store(out: str, options: dict[str, Any]) -> tuple[bool, str, str]:
+    """Whether this worker finds the store at `out` through store/open.py, its host, and why not."""
+    loc = where(out)
+    try:
+        with storage_options(options):
+            found = read_json(zarr_store(loc, "r"), loc) is not None
+    except LocationError as e:
+        return False, socket.gethostname(), str(e)
+    return found, socket.gethostname(), "" if found else "no store there"
 
 
 _LOADED: dict[tuple, LoadedModel] = {}
@@ -320,24 +349,33 @@ def _write_chunk(job: ClusterJob, c: int) -> ChunkSummary:
     import zarr
     from tide.store.writer import StoreWriter
 
-    if not _sees_store(job.out)[0]:
-        raise HarvestError(
-            f"this worker cannot see the store {job.out}; workers must share the client's filesystem at the "
-            "same path"
-        )
+    found, _, why = _sees_store(job.out, job.storage_options)
+    if not found:
+        shared = "a shared filesystem at the same path" if where(job.out).local else "credentials for it"
+        raise HarvestError(f"this worker cannot open the store {job.out} ({why}); workers need {shared}")
     model = _worker_model(job)
     arrays = dict(job.arrays)
     if "prompt_embeds" in arrays:
         arrays["prompt_embeds"] = {
             k: v.to(model.transformer.device) for k, v in arrays["prompt_embeds"].items()
         }
-    root = zarr.open_group(job.out, mode="r+", zarr_format=3)
+    with storage_options(job.storage_options):  # the store object keeps them: the writer thread needs none
+        root = zarr.open_group(zarr_store(where(job.out), "w"), mode="r+", zarr_format=3)
     writer = StoreWriter(root, job.meta, max_pending=job.writer_queue)
     try:
         summary = harvest_chunk(c, model, job.meta, arrays, writer, job.save_images)
     finally:
         writer.close()
     return summary
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception behind `e` (the writer thread re-raises its errors wrapped)."""
+    seen = {id(e)}
+    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
+        e = e.__cause__ or e.__context__
+        seen.add(id(e))
+    return e
 
 
 def _where() -> str:
@@ -351,11 +389,20 @@ def _where() -> str:
 
 
 def _reason(e: BaseException, job: ClusterJob) -> str:
+    """What went wrong, in one line that ends with what to do."""
+    loc, root = where(job.out), _root_cause(e)
+    told = (
+        None if loc.local else explain(loc, root)
+    )  # an object store's errors, said as store/open.py says them
+    if told is not None:
+        return f"{told}; the store is resumable: fix that and run the same command again"
     err = os_error(e)
     if err is not None:
-        return str(write_failure(Path(job.out), err, job.meta.num_samples))
-    if isinstance(e, HarvestError):
+        return str(write_failure(Path(job.out) if loc.local else job.out, err, job.meta.num_samples))
+    if isinstance(e, HarvestError | LocationError):
         return str(e)
     if type(e).__name__ == "OutOfMemoryError":
         return f"{e} Lower --batch-size, or use workers with more GPU memory; re-running resumes."
+    if isinstance(e, RuntimeError) and root is not e:  # the writer thread's error, wrapped
+        return f"writing the store failed ({first_line(root)}); it is resumable: run the same command again"
     return f"{type(e).__name__}: {e}"

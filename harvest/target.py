@@ -262,10 +262,10 @@ def os_error(e: BaseException) -> OSError | None:
 
 
 def write_failure(
-    out: Path, e: OSError, total: int, done: int | None = None, creating: bool = False
+    out: Path | str, e: OSError, total: int, done: int | None = None, creating: bool = False
 ) -> HarvestError:
-    """A one-paragraph error for an OSError met while creating (`creating`) or filling the store at `out`;
-    `done` is how many of its `total` samples are complete, when known."""
+    """A one-paragraph error for an OSError met while creating (`creating`) or filling the store at `out` (a
+    folder or a URL); `done` is how many of its `total` samples are complete, when known."""
     where = e.filename or out
     reason = e.strerror or str(e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):

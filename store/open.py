@@ -134,6 +134,11 @@ def storage_options(options: str | dict[str, Any] | None) -> Iterator[None]:
         _OPTIONS.reset(token)
 
 
+def current_storage_options() -> dict[str, Any]:
+    """The storage options in force here (see `storage_options`), e.g. to hand them to another process."""
+    return dict(_OPTIONS.get() or {})
+
+
 def zarr_store(loc: Where, mode: str = "r") -> Any:
     """The zarr store object at `loc`, opened read-only (mode 'r') or for writing ('w')."""
     from zarr.storage import FsspecStore, LocalStore, ZipStore

@@ -144,15 +144,24 @@ def kill_harvest_mid_run(cmd: list[str], env: dict[str, str], done: Callable[[],
     return partial
 
 
+def start_moto(port: int = 0):
+    """A moto S3 server on 127.0.0.1:`port` (0: a free one), started. Its buckets are this process's moto
+    state, which every server started here shares: stopping one loses nothing, and one started again on the
+    same port serves what the last one held."""
+    moto_server = pytest.importorskip("moto.server")
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server
+
+
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on 127.0.0.1 with one bucket; AWS_* point at it for the module. Yields the env."""
-    moto_server = pytest.importorskip("moto.server")
+    server = start_moto()
     import boto3
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
     host, port = server.get_host_and_port()
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -172,3 +181,14 @@ def s3():
             else:
                 os.environ[k] = v
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A dask Client of a local cluster of 2 single-threaded worker processes, shared by the session's tests."""
+    from distributed import Client, LocalCluster
+
+    # Worker processes inherit os.environ (PYTHONPATH included), so they import this checkout's tide.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as c:
+            yield c

@@ -1,5 +1,6 @@
-"""Harvest on a dask.distributed cluster (issue 9): the store equals a single-process run's byte for byte,
-also when a worker is SIGKILLed mid-task; failures read as one paragraph.
+"""Harvest on a dask.distributed cluster into a folder (issue 9): the store equals a single-process run's byte
+for byte, also when a worker is SIGKILLed mid-task; failures read as one paragraph. tests/test_cluster_s3.py
+does the same into object storage, on a cluster started by hand.
 
 The reference is `harvest(cfg)` in this process; stores are compared file by file (every chunk's bytes,
 the stats, every zarr.json), the root metadata's creation time excepted. Faults are injected by worker
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -42,14 +42,6 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def client():
-    # Worker processes inherit os.environ (PYTHONPATH included), so they import this checkout's tide.
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as c:
-            yield c
-
-
 class DiskFull(WorkerPlugin):
     """Every activation block write fails as on a full disk."""
 
@@ -71,23 +63,23 @@ class DiskFull(WorkerPlugin):
         StoreWriter.write_block = self.real
 
 
-def test_two_workers_equal_one_process(client, reference, tmp_path):
+def test_two_workers_equal_one_process(dask_client, reference, tmp_path):
     out = tmp_path / "cluster.zarr"
-    result = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
+    result = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), dask_client, log=lambda m: None)
     assert result.written == 6
     assert_same_store(out, reference)
-    again = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
+    again = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), dask_client, log=lambda m: None)
     assert again.written == 0  # complete: a re-run resumes, and here has nothing left
 
 
-def test_worker_killed_mid_task_still_equal(client, reference, tmp_path):
+def test_worker_killed_mid_task_still_equal(dask_client, reference, tmp_path):
     flag = tmp_path / "killed"
-    client.register_plugin(KillFirstWriter(str(flag)))
+    dask_client.register_plugin(KillFirstWriter(str(flag)))
     try:
         out = tmp_path / "cluster.zarr"
-        harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
+        harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), dask_client, log=lambda m: None)
     finally:
-        client.unregister_worker_plugin(KillFirstWriter.name)
+        dask_client.unregister_worker_plugin(KillFirstWriter.name)
     assert flag.exists(), "no worker was killed"
     assert_same_store(out, reference)
 
@@ -104,40 +96,40 @@ def test_the_only_worker_killed_mid_task_still_equal(reference, tmp_path):
     assert_same_store(out, reference)
 
 
-def test_failing_task_stops_the_run_in_one_paragraph(client, tmp_path):
-    client.register_plugin(DiskFull())
+def test_failing_task_stops_the_run_in_one_paragraph(dask_client, tmp_path):
+    dask_client.register_plugin(DiskFull())
     try:
         with pytest.raises(HarvestError) as e:
             harvest_on_cluster(
-                HarvestConfig(out=tmp_path / "full.zarr", **SETTINGS), client, log=lambda m: None
+                HarvestConfig(out=tmp_path / "full.zarr", **SETTINGS), dask_client, log=lambda m: None
             )
     finally:
-        client.unregister_worker_plugin(DiskFull.name)
+        dask_client.unregister_worker_plugin(DiskFull.name)
     msg = str(e.value)
     assert "failed on dask worker tcp://" in msg and "is full" in msg and "run the same command again" in msg
     assert "Traceback" not in msg and "\n" not in msg
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
-def test_bad_model_folder_on_a_worker(client, reference, tmp_path):
+def test_bad_model_folder_on_a_worker(dask_client, reference, tmp_path):
     from tide.store.reader import open_store
 
     store = open_store(reference)
     job = ClusterJob(
-        str(tmp_path / "no-model"), None, "cpu", "float32", str(reference), store.meta, {}, False, 2
+        str(tmp_path / "no-model"), None, "cpu", "float32", str(reference), store.meta, {}, False, 2, {}
     )
     with pytest.raises(TargetError) as e:
-        client.submit(_chunk_task, job, 0, pure=False).result()
+        dask_client.submit(_chunk_task, job, 0, pure=False).result()
     assert "sample chunk 0 failed on dask worker tcp://" in str(e.value)
     assert str(tmp_path / "no-model") in str(e.value)
 
 
-def test_workers_that_cannot_see_the_store(client, tmp_path):
+def test_workers_that_cannot_see_the_store(dask_client, tmp_path):
     elsewhere = tmp_path / "not-shared.zarr"  # no store there: as a worker without the shared mount sees it
     with pytest.raises(HarvestError, match="cannot see the store") as e:
-        _check_workers_see(client, str(elsewhere))
+        _check_workers_see(dask_client, str(elsewhere))
     assert str(elsewhere) in str(e.value)
-    assert all(addr in str(e.value) for addr in client.nthreads())
+    assert all(addr in str(e.value) for addr in dask_client.nthreads())
 
 
 def test_unreachable_scheduler_fails_fast():
@@ -156,48 +148,6 @@ def test_both_or_neither_of_scheduler_and_workers():
             pass
 
 
-def test_by_hand_cluster_with_a_worker_killed(reference, tmp_path):
-    """`dask scheduler` + 2 `dask worker`s on 127.0.0.1, as docs/cluster.md starts them; one worker is SIGKILLed
-    while it writes; `tide harvest --scheduler` still makes the single-process store."""
-    dask = str(Path(sys.executable).parent / "dask")
-    address = f"tcp://127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            [dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1], "--no-dashboard"],
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    try:
-        procs += [
-            subprocess.Popen(
-                [dask, "worker", address, "--nthreads", "1", "--no-dashboard"], stderr=subprocess.DEVNULL
-            )
-            for _ in range(2)
-        ]
-        flag, out = tmp_path / "killed", tmp_path / "by-hand.zarr"
-        with Client(address, timeout=30) as c:
-            c.wait_for_workers(2, timeout=60)
-            c.register_plugin(KillFirstWriter(str(flag)))
-        args = ["--num-samples", "6", "--num-steps", "6", "--batch-size", "2", "--sites", "resid,mlp"]
-        run = subprocess.run(
-            cli(*args, "--device", "cpu", "--no-progress", "--out", str(out), "--scheduler", address),
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert run.returncode == 0, run.stderr
-        assert flag.exists(), "no worker was killed"
-        assert_same_store(out, reference)
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 def test_cli_unreachable_scheduler_in_one_paragraph(tmp_path):
     address = f"tcp://127.0.0.1:{free_port()}"
     start = time.monotonic()
@@ -210,12 +160,6 @@ def test_cli_unreachable_scheduler_in_one_paragraph(tmp_path):
     assert run.returncode == 2 and time.monotonic() - start < 30
     assert run.stderr.startswith("error: ") and address in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "x.zarr").exists()
-
-
-def test_an_object_store_out_is_refused_on_a_cluster(client):
-    cfg = HarvestConfig(out="s3://bucket/x.zarr", **SETTINGS)
-    with pytest.raises(HarvestError, match="not supported with --scheduler/--workers"):
-        harvest_on_cluster(cfg, client, log=lambda m: None)
 
 
 def _worker_env() -> dict[str, str | None]:

@@ -9,7 +9,6 @@ process's own count, so the layout no longer shows in the bytes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,35 +17,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from distributed import Client, LocalCluster
 from tide.harvest.cluster import harvest_on_cluster
 from tide.harvest.config import HarvestConfig
 from tide.harvest.run import harvest
 from tide.store.reader import open_store
 
+from tests.cluster_helpers import assert_same_store, done_flags
 from tests.conftest import kill_harvest_mid_run
 
 SETTINGS = dict(num_samples=9, num_steps=4, batch_size=3, layers="3", device="cpu", progress=False)
-
-
-def store_bytes(path: Path) -> dict[str, bytes]:
-    """Every file of a store by relative path; the root zarr.json without its creation time."""
-    files = {}
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            data = f.read_bytes()
-            if f.relative_to(path).as_posix() == "zarr.json":
-                meta = json.loads(data)
-                del meta["attributes"]["created"]
-                data = json.dumps(meta, sort_keys=True).encode()
-            files[f.relative_to(path).as_posix()] = data
-    return files
-
-
-def assert_same_bytes(a: Path, b: Path) -> None:
-    fa, fb = store_bytes(a), store_bytes(b)
-    assert fa.keys() == fb.keys() and any(k.startswith("resid_l03/c/") for k in fa)
-    assert not [k for k in fa if fa[k] != fb[k]], "files that differ"
 
 
 def _local(out: Path, process_threads: int, **extra) -> Path:
@@ -66,51 +45,40 @@ def two_threads(tmp_path_factory) -> Path:
     return _local(tmp_path_factory.mktemp("local") / "two.zarr", 2)
 
 
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with Client(cluster) as c:
-            yield c
-
-
 def _worker_threads() -> int:
     return torch.get_num_threads()
 
 
-def test_cluster_of_one_thread_workers_equals_a_two_thread_process(client, two_threads, tmp_path):
-    assert set(client.run(_worker_threads).values()) == {1}
+def test_cluster_of_one_thread_workers_equals_a_two_thread_process(dask_client, two_threads, tmp_path):
+    assert set(dask_client.run(_worker_threads).values()) == {1}
     out = tmp_path / "cluster.zarr"
-    harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
-    assert_same_bytes(out, two_threads)
+    harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), dask_client, log=lambda m: None)
+    assert_same_store(out, two_threads)
 
 
-def test_local_run_killed_and_resumed_on_the_cluster_equals_one_run(client, two_threads, tmp_path):
+def test_local_run_killed_and_resumed_on_the_cluster_equals_one_run(dask_client, two_threads, tmp_path):
     out = tmp_path / "mixed.zarr"
     args = ["--num-samples", "9", "--num-steps", "4", "--batch-size", "3", "--layers", "3", "--device", "cpu"]
     cmd = [sys.executable, "-c", "from tide.cli import app; app()", "harvest", *args, "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
 
-    def done():
-        try:
-            return zarr.open_array(str(out / "done"), mode="r")[:]
-        except Exception:  # not created yet
-            return None
-
-    kill_harvest_mid_run([*cmd, "--out", str(out)], env, done)
-    result = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), client, log=lambda m: None)
+    kill_harvest_mid_run([*cmd, "--out", str(out)], env, lambda: done_flags(out))
+    result = harvest_on_cluster(HarvestConfig(out=out, **SETTINGS), dask_client, log=lambda m: None)
     assert 0 < result.written < 9
-    assert_same_bytes(out, two_threads)
+    assert_same_store(out, two_threads)
 
 
-def test_the_recorded_thread_count_is_what_every_layout_runs(client, two_threads, tmp_path):
+def test_the_recorded_thread_count_is_what_every_layout_runs(dask_client, two_threads, tmp_path):
     """cpu_threads=2 is recorded; a 1-thread process and 1-thread workers both follow it, and its bytes differ
     from the 1-thread store's: the count is what decides them. One chunk of 3 samples is enough."""
     one_chunk = {"num_samples": 3, "cpu_threads": 2}
     local = _local(tmp_path / "local2.zarr", 1, **one_chunk)
     assert open_store(local).meta.harvest_config["cpu_threads"] == 2
     cluster = tmp_path / "cluster2.zarr"
-    harvest_on_cluster(HarvestConfig(out=cluster, **{**SETTINGS, **one_chunk}), client, log=lambda m: None)
-    assert_same_bytes(cluster, local)
+    harvest_on_cluster(
+        HarvestConfig(out=cluster, **{**SETTINGS, **one_chunk}), dask_client, log=lambda m: None
+    )
+    assert_same_store(cluster, local)
     a, b = open_store(local).root["resid_l03"][:], open_store(two_threads).root["resid_l03"][:3]
     assert (a != b).sum() > 0, "2 threads made the same bytes as 1: these settings no longer show the cause"
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-2)
