@@ -7,7 +7,7 @@ import math
 from tests import bench
 
 HARVEST = ["harvest_plain_sampling_s", "harvest_wall_s", "harvest_overhead_ratio", "bytes_per_value"]
-HARVEST += ["harvest_cluster_speedup"]
+HARVEST += ["harvest_cluster_scaling", "harvest_cluster_overhead"]
 CODECS = [f"codec_{k}_{c}" for k in ("ratio", "read_slowdown") for c in ("none", "blosc_zstd1_shuffle")]
 READER = [
     f"reader_{k}{case}"
