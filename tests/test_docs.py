@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "store" / "FORMAT.md"]
 NOT_RUN = "# not run by the tests:"
 """First line of a python block that cannot run here; say why after the colon."""
-EXTERNAL = {"dask", "hf", "aws", "git", "cd", "export"}
+EXTERNAL = {"dask", "hf", "aws", "git", "cd", "export", "moto_server"}
 """Programs of not-run bash lines that the tests do not check (servers, network uploads)."""
 TINY = {
     ("harvest",): ["--num-samples", "20", "--num-steps", "6", "--batch-size", "10", "--no-progress"],
