@@ -371,10 +371,10 @@ def _write_chunk(job: ClusterJob, c: int) -> ChunkSummary:
 
 def _root_cause(e: BaseException) -> BaseException:
     """The innermost exception behind `e` (the writer thread re-raises its errors wrapped)."""
-    seen = {id(e)}
-    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
-        e = e.__cause__ or e.__context__
+    seen = set()
+    while id(e) not in seen and (e.__cause__ or e.__context__) is not None:
         seen.add(id(e))
+        e = e.__cause__ or e.__context__
     return e
 
 
@@ -391,9 +391,8 @@ def _where() -> str:
 def _reason(e: BaseException, job: ClusterJob) -> str:
     """What went wrong, in one line that ends with what to do."""
     loc, root = where(job.out), _root_cause(e)
-    told = (
-        None if loc.local else explain(loc, root)
-    )  # an object store's errors, said as store/open.py says them
+    # An object store's errors (credentials, bucket, connection), said as store/open.py says them.
+    told = None if loc.local else explain(loc, root)
     if told is not None:
         return f"{told}; the store is resumable: fix that and run the same command again"
     err = os_error(e)
