@@ -13,9 +13,8 @@ delta is written as output + (edited - delta) rather than input + edited so that
 input leaves the output bit for bit as it was. A step or row an intervention does not select is not
 touched at all, so an identity edit, or one outside the chosen steps, reproduces the unedited run exactly.
 
-`sample` runs harvest's own denoising loop (harvest/sampler.py) with the hooks in place; `plan_like` and
-`sample_batch` give it the seeds and conditioning a harvest of the same store would use. These three are
-the entry point `train/` (splice, steer) reaches harvest through.
+`sample` runs harvest's own denoising loop (harvest/sampler.py) with the hooks in place; train/loop/rerun.py
+gives it the model, seeds and conditioning a harvest of the same store used (splice, steer, features).
 
 Shape key: R model-batch rows (2B with CFG), B samples, N image tokens, D site width, S denoising steps.
 """
@@ -26,7 +25,6 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -34,8 +32,7 @@ import torch
 from tide.harvest.capture import Conditioning, check_sites
 from tide.harvest.model import LoadedModel
 from tide.harvest.sampler import CfgRows, cfg_rows, denoise, make_generators, to_images
-from tide.store.fingerprint import check_same_model
-from tide.store.schema import SITES, StoreMeta
+from tide.store.schema import SITES
 from torch import Tensor, nn
 
 Edit = Callable[[str, int, int, float, Tensor], Tensor]
@@ -231,74 +228,6 @@ def sample(
             if rec_handle is not None:
                 rec_handle.remove()
     return Sampled(latents, to_images(model, latents), torch.stack(outputs) if record_outputs else None)
-
-
-class Planned(NamedTuple):
-    """A model and per-sample arrays laid out exactly as a harvest of the store would make them."""
-
-    model: LoadedModel
-    meta: StoreMeta
-    """The planned run's metadata (num_samples, num_inference_steps, guidance_scale, conditioning)."""
-    arrays: dict[str, Any]
-    """seeds, labels or prompt_index (+ prompt_embeds), as harvest/plan.py makes them."""
-
-
-def plan_like(
-    store_meta: StoreMeta,
-    num_samples: int,
-    num_steps: int | None = None,
-    labels: str | None = None,
-    prompts: Path | None = None,
-    device: str = "auto",
-    model: str | None = None,
-) -> Planned:
-    """The store's model (checked against its fingerprint) and harvest's seeds and conditioning for
-    `num_samples` samples: sample i has seed `seed + i` and the label or prompt a harvest gives it."""
-    from tide.harvest.config import HarvestConfig
-    from tide.harvest.plan import plan
-    from tide.harvest.run import load_for_harvest
-
-    overrides: dict[str, Any] = {
-        "num_samples": num_samples,
-        "steps": "all",
-        "progress": False,
-        "device": device,
-    }
-    if num_steps is not None:
-        overrides["num_steps"] = num_steps
-    if labels is not None:
-        overrides["labels"] = labels
-    if prompts is not None:
-        overrides.update(prompts=prompts, prompt_embeds=None)
-    if model is not None:
-        overrides["model"] = model
-    cfg = HarvestConfig(**{**store_meta.harvest_config, **overrides, "out": Path("unused")})
-    loaded = load_for_harvest(cfg)
-    check_same_model(
-        store_meta.model, loaded.info.fingerprint, str(cfg.model),
-        "an SAE only reads the activations of its own model",
-        "point --model at the original model, or use SAEs trained on this one",
-    )  # fmt: skip
-    meta, arrays = plan(cfg, loaded)
-    return Planned(loaded, meta, arrays)
-
-
-def sample_batch(
-    planned: Planned,
-    samples: slice,
-    interventions: Sequence[Intervention] = (),
-    record_outputs: bool = False,
-) -> Sampled:
-    """Samples `samples` of a planned run, sampled as harvest would, with `interventions`."""
-    from tide.harvest.chunk import batch_conditioning
-
-    meta, arrays = planned.meta, planned.arrays
-    cond, uncond = batch_conditioning(meta, arrays, samples, planned.model.transformer.device)
-    seeds = np.asarray(arrays["seeds"][samples]).tolist()
-    return sample(
-        planned.model, cond, seeds, meta.num_inference_steps, meta.guidance_scale, interventions, uncond,
-        record_outputs,
-    )  # fmt: skip
 
 
 def digits_classifier(model: LoadedModel) -> Callable[[np.ndarray], np.ndarray] | None:

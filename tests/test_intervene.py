@@ -122,9 +122,9 @@ def test_demo_model_identity_and_recorded_outputs():
 def test_identity_edit_on_joint_blocks(backbone, layer, tmp_path, request):
     """SD3/FLUX joint blocks return (text, image) and joint attention (image, text): only the image is edited."""
     from tide.harvest.config import HarvestConfig
-    from tide.harvest.intervene import plan_like, sample_batch
     from tide.harvest.run import harvest
     from tide.store.reader import open_store
+    from tide.train.loop.rerun import rerun
 
     folder = request.getfixturevalue(f"tiny_{backbone}")
     cfg = HarvestConfig(
@@ -133,11 +133,11 @@ def test_identity_edit_on_joint_blocks(backbone, layer, tmp_path, request):
         prompt_embeds=folder / "embeds.safetensors", height=16, width=16, progress=False,
     )  # fmt: skip
     harvest(cfg, log=lambda m: None)
-    planned = plan_like(open_store(cfg.out).meta, 2)
-    clean = sample_batch(planned, slice(0, 2))
+    planned = rerun(open_store(cfg.out).meta, 2)
+    clean = planned.sample(slice(0, 2))
     single = backbone == "flux" and layer >= len(planned.model.transformer.transformer_blocks)
     sites = ("resid", "delta") if single else SITES
-    same = sample_batch(planned, slice(0, 2), [Intervention(s, layer, _identity) for s in sites])
+    same = planned.sample(slice(0, 2), [Intervention(s, layer, _identity) for s in sites])
     assert torch.equal(same.latents, clean.latents)
-    zero = sample_batch(planned, slice(0, 2), [Intervention(sites[-1], layer, lambda *a: a[-1] * 0)])
+    zero = planned.sample(slice(0, 2), [Intervention(sites[-1], layer, lambda *a: a[-1] * 0)])
     assert not torch.equal(zero.latents, clean.latents)

@@ -5,5 +5,7 @@
     analysis/   reading what a trained SAE learned: per-timestep eval, the feature pass and its HTML report
     loop/       the one place that runs the DiT again: splicing reconstructions in, steering through latents
 
-Data flows one way: store/ -> fit/ -> sae/ folders -> analysis/ and loop/. Only loop/ reaches into harvest/.
+Data flows one way: store/ -> fit/ -> sae/ folders -> analysis/ and loop/. One module imports harvest/:
+loop/rerun.py, which runs a store's model again (analysis/ redraws top images through it too);
+tests/test_layout.py holds every module to that.
 """

@@ -3,7 +3,7 @@
 Shape key: F SAE latents, S stored steps, K top rows, T stored tokens, H histogram bins, h x w token grid.
 
 Pictures: a top sample's final image comes from the store's `images` array (`tide harvest --save-images`)
-or is redrawn from its seed through harvest/regenerate.py, the one entry point train/ has into harvest/.
+or is redrawn from its seed through train/loop/rerun.py, the one entry point train/ has into harvest/.
 Its heatmap is the latent's activation on each stored token of the top row's (sample, step), drawn over
 the image patch that token covers; tokens that were not stored (token subsampling) stay uncoloured.
 Plots are matplotlib PNGs; the pages are plain files that open from disk, with a few lines of JavaScript
@@ -104,13 +104,13 @@ def final_images(
     if "images" in store.root:
         imgs = read_rows(store.root["images"], samples)
         return dict(zip(samples, imgs, strict=True))
-    from tide.harvest.regenerate import load_store_model, regenerate_images  # the one way into harvest/
+    from tide.train.loop.rerun import rerun
     from tqdm.auto import tqdm
 
     log(f"redrawing {len(samples)} top samples from their seeds (the store has no saved images)")
-    loaded = load_store_model(store.meta, model, device)
+    run = rerun(store.meta, device=device, model=model)
     with tqdm(total=len(samples), unit="image", desc="regenerate", disable=not progress) as bar:
-        imgs = regenerate_images(store.meta, samples, loaded, on_batch=bar.update)
+        imgs = run.images(samples, on_batch=bar.update)
     return dict(zip(samples, imgs, strict=True))
 
 

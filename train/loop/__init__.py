@@ -1,6 +1,8 @@
 """SAEs back inside the denoising loop: the only part of train/ that runs the DiT again.
 
-`splice.py` samples with an SAE's reconstruction substituted for the activations it reads and measures the
-fidelity recovered (`splice_report.py` prints and draws it), `steer.py` edits images through one latent
-(`tide steer`), and `steer_demo.py` is `make steer-demo`.
+`rerun.py` is its one way into harvest/: it loads a store's model (fingerprint checked) and samples any of
+the store's samples again, with edits at chosen sites. On it, `splice.py` samples with an SAE's
+reconstruction substituted for the activations it reads and measures the fidelity recovered
+(`splice_report.py` prints and draws it), `steer.py` edits images through one latent (`tide steer`), and
+`steer_demo.py` is `make steer-demo`.
 """

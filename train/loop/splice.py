@@ -1,7 +1,7 @@
 """Fidelity in the loop: sample with an SAE's reconstruction substituted for the activations it reads.
 
 `splice(cfg)` samples the same N images (same seeds, same labels or prompts, harvest's sampler, through
-harvest/intervene.py) under several conditions, batch by batch:
+train/loop/rerun.py) under several conditions, batch by batch:
 
     clean            the model untouched
     <SAE folder>     sae.forward_raw(x, t).x_hat replaces x at the SAE's site and layer
@@ -231,14 +231,14 @@ def _conditions(
 
 def _load(cfg: SpliceConfig, log) -> tuple[list[LoadedSAE], dict, Any]:
     """The SAEs, their stores, and the pipeline planned like a harvest of the first SAE's store."""
-    from tide.harvest.intervene import plan_like
     from tide.store.reader import open_store
+    from tide.train.loop.rerun import rerun
 
     saes = [load_sae(f) for f in sae_folders(list(cfg.saes))]
     stores = {p: open_store(p) for p in dict.fromkeys(s.meta.store.path for s in saes)}
     first = stores[saes[0].meta.store.path]
     log(f"pipeline: {first.meta.model.id}, the model of {saes[0].meta.store.path}")
-    planned = plan_like(first.meta, cfg.num_samples, cfg.num_steps, device=cfg.device, model=cfg.model)
+    planned = rerun(first.meta, cfg.num_samples, cfg.num_steps, device=cfg.device, model=cfg.model)
     for s in saes:
         t = sae_target(s)
         site = cfg.site if cfg.site is not None else t.site
@@ -250,11 +250,11 @@ def _load(cfg: SpliceConfig, log) -> tuple[list[LoadedSAE], dict, Any]:
 
 def _run(cfg: SpliceConfig, planned, conds: list[Condition], clf) -> dict[str, Tally]:
     """Every condition on every batch; clean first in each batch, the others compared with it."""
-    from tide.harvest.intervene import Intervention, sample_batch
+    from tide.train.loop.rerun import Intervention
     from tqdm.auto import tqdm
 
     n, S = planned.meta.num_samples, planned.meta.num_inference_steps
-    labels = _labels(planned)
+    labels = planned.labels()
     tallies = {c.name: Tally(S) for c in conds}
     bar = tqdm(total=n * len(conds), unit="img", disable=not cfg.progress, desc="splice")
     for start in range(0, n, cfg.batch_size):
@@ -262,7 +262,7 @@ def _run(cfg: SpliceConfig, planned, conds: list[Condition], clf) -> dict[str, T
         clean = None
         for c in conds:
             ivs = [Intervention(site, layer, edit, c.steps, cfg.rows) for site, layer, edit in c.edits]
-            r = sample_batch(planned, batch, ivs, record_outputs=True)
+            r = planned.sample(batch, ivs, record_outputs=True)
             img = r.images.numpy()
             clean = clean or (r.outputs, img)
             tallies[c.name].add(
@@ -275,16 +275,9 @@ def _run(cfg: SpliceConfig, planned, conds: list[Condition], clf) -> dict[str, T
     return tallies
 
 
-def _labels(planned) -> np.ndarray:
-    a = planned.arrays
-    return np.asarray(a["labels"] if a.get("labels") is not None else a["prompt_index"])
-
-
 def splice(cfg: SpliceConfig, log: Callable[[str], None] = print) -> SpliceResult:
     """Run every condition (module docstring), write DIR/<condition>/{images,labels}.npy, report.json and
     grid.png, and return the report."""
-    from tide.harvest.intervene import digits_classifier
-
     check_replaceable(cfg.out, "splice", cfg.overwrite)  # before anything is loaded: refused at once
     saes, stores, planned = _load(cfg, log)
     S = planned.meta.num_inference_steps
@@ -294,10 +287,10 @@ def splice(cfg: SpliceConfig, log: Callable[[str], None] = print) -> SpliceResul
     buckets = [frozenset(b.tolist()) for b in parts]
     ablations = _ablations(saes, stores)
     conds = _conditions(saes, ablations, steps, buckets)
-    clf = digits_classifier(planned.model)
+    clf = planned.classifier()
     tallies = _run(cfg, planned, conds, clf)
     report = build_report(cfg, planned, saes, ablations, conds, tallies, steps, buckets, clf)
-    labels = _labels(planned)
+    labels = planned.labels()
     with staged(cfg.out, "splice", cfg.overwrite) as out:  # swapped in whole, once written
         for c in conds:
             if c.keep_images:

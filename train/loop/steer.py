@@ -152,14 +152,14 @@ def check_latent(s: LoadedSAE, latent: int) -> None:
 
 def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
     """Sample cfg.num_samples images with and without the edit; write them, the grid and steer.json."""
-    from tide.harvest.intervene import Intervention, digits_classifier, plan_like, sample_batch
     from tide.store.reader import open_store
+    from tide.train.loop.rerun import Intervention, rerun
     from tqdm.auto import tqdm
 
     s = load_sae(cfg.sae)
     check_latent(s, cfg.latent)
     store = open_store(s.meta.store.path)
-    planned = plan_like(
+    planned = rerun(
         store.meta, cfg.num_samples, cfg.num_steps, cfg.labels, cfg.prompts, cfg.device, cfg.model
     )
     site, layer, _ = sae_target(s)
@@ -177,17 +177,16 @@ def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
     steered, plain = [], []
     for start in tqdm(range(0, n, cfg.batch_size), disable=not cfg.progress, desc="steer", unit="batch"):
         batch = slice(start, min(n, start + cfg.batch_size))
-        plain.append(sample_batch(planned, batch).images.numpy())
-        steered.append(sample_batch(planned, batch, iv).images.numpy())
+        plain.append(planned.sample(batch).images.numpy())
+        steered.append(planned.sample(batch, iv).images.numpy())
     images, unsteered = np.concatenate(steered), np.concatenate(plain)
-    a = planned.arrays
-    labels = np.asarray(a["labels"] if a.get("labels") is not None else a["prompt_index"])
-    summary = _summary(cfg, s, planned, digits_classifier(planned.model), images, unsteered, labels)
+    labels = planned.labels()
+    summary = _summary(cfg, s, planned, planned.classifier(), images, unsteered, labels)
     with staged(cfg.out, "steer", cfg.overwrite) as out:  # swapped in whole, once written
         np.save(out / "images.npy", images)
         np.save(out / "unsteered.npy", unsteered)
         np.save(out / "labels.npy", labels)
-        np.save(out / "seeds.npy", np.asarray(a["seeds"]))
+        np.save(out / "seeds.npy", np.asarray(planned.arrays["seeds"]))
         save_grid(out / "grid.png", [("unsteered", unsteered), ("steered", images)], cols=16)
         (out / "steer.json").write_text(json.dumps(summary, indent=2))
     return SteerResult(images, unsteered, labels, summary)

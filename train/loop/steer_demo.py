@@ -161,10 +161,10 @@ class _Trial(NamedTuple):
 
     def run(self, edit=None, planned=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(images, success, classifier says the target) of the samples sampled with `edit` at the site."""
-        from tide.harvest.intervene import Intervention, sample_batch
+        from tide.train.loop.rerun import Intervention
 
         ivs = [Intervention(self.site, self.layer, edit)] if edit is not None else []
-        images = sample_batch(planned or self.planned, slice(0, len(self.sources)), ivs).images.numpy()
+        images = (planned or self.planned).sample(slice(0, len(self.sources)), ivs).images.numpy()
         said = self.clf(images) == self.targets
         return images, said & (digit_distance(images) <= self.limit), said
 
@@ -173,8 +173,8 @@ def sweep(
     saes_dir: Path, out: Path, probe_samples: int, device: str, overwrite: bool, per_target: int = 9,
     multiples: tuple[float, ...] = MULTIPLES, log=print,
 ) -> dict:  # fmt: skip
-    from tide.harvest.intervene import digits_classifier, plan_like, sample_batch
     from tide.store.reader import open_store
+    from tide.train.loop.rerun import rerun
 
     tide = [f for f in sae_folders([saes_dir]) if load_sae(f).meta.sae.arch == "tide"]
     if not tide:
@@ -187,9 +187,9 @@ def sweep(
     # per target c, samples of the classes c+1, c+2, ... (mod 10): every other class when per_target = 9
     sources = [(c + i) % NUM_CLASSES for c in range(NUM_CLASSES) for i in range(1, per_target + 1)]
     targets = [c for c in range(NUM_CLASSES) for _ in range(per_target)]
-    planned = plan_like(store.meta, len(sources), labels=",".join(map(str, sources)), device=device)
-    clf = digits_classifier(planned.model)
-    base = sample_batch(planned, slice(0, len(sources))).images.numpy()
+    planned = rerun(store.meta, len(sources), labels=",".join(map(str, sources)), device=device)
+    clf = planned.classifier()
+    base = planned.sample(slice(0, len(sources))).images.numpy()
     site, layer, _ = sae_target(s)
     limit = float(digit_distance(base).max())
     trial = _Trial(planned, site, layer, np.asarray(sources), np.asarray(targets), clf, limit)
