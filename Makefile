@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q torch==2.13.0; fi
+	@# The distribution was called `tide` before (now tide-sae): its editable install would map the same package.
+	@if $(BIN)/pip show -q tide 2>/dev/null; then $(BIN)/pip uninstall -q -y tide; fi
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 

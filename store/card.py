@@ -68,7 +68,7 @@ denoising step, for training temporal-aware sparse autoencoders. Zarr v3, one ar
 
 ## Load it
 
-With tide (`pip install tide`; replace URL with where this folder or its .zarr.zip lives: a local path,
+With tide (`pip install tide-sae`; replace URL with where this folder or its .zarr.zip lives: a local path,
 s3://..., https://..., hf://datasets/ORG/NAME/PATH):
 
 ```
