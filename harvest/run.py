@@ -130,10 +130,7 @@ def opened(cfg: HarvestConfig, model: LoadedModel, log: Callable[[str], None]) -
             # Again under the lock: another harvest may have changed --out since the check above.
             target = inspect_out(cfg, meta)
             _check_space(cfg, target, arrays, log)
-            if not target.todo:
-                log(
-                    f"{cfg.out} is already complete: all {meta.num_samples} samples are done; nothing to write"
-                )
+            if not target.todo:  # the caller says so, from the result (written == 0): said once
                 yield Opened(None, target.meta, arrays, [])
                 return
             root, meta = open_target(cfg, target, arrays, log)
