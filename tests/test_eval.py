@@ -105,6 +105,11 @@ def test_metrics_equal_a_numpy_computation(tmp_path):
         for key in ("fvu", "explained_variance", "l0", "dead_fraction"):  # the table's `step mean` line
             want = np.mean([m[key] for m in per_step])
             assert getattr(res.step_mean, key) == pytest.approx(want, rel=1e-6, abs=1e-9), key
+        # Why `step mean` shows more dead latents than any bucket: a latent dead in a group is dead in each of
+        # its steps, so a single step has at least as many dead as its bucket, and a bucket as many as all rows.
+        for g in res.buckets:
+            steps_dead = [res.per_step[s - 1].metrics.dead_fraction for s in range(*g.steps)]
+            assert min(steps_dead) >= g.metrics.dead_fraction >= res.overall.dead_fraction
         saved = json.loads((folder / "eval_b2.json").read_text())  # 2 buckets: not the default eval.json
         assert saved["overall"]["fvu"] == pytest.approx(res.overall.fvu)
         assert saved["step_mean"]["fvu"] == pytest.approx(res.step_mean.fvu)
@@ -246,8 +251,17 @@ def test_eval_table_shows_pooled_and_step_mean():
     mean = next(ln for ln in lines if ln.startswith("step mean")).split()
     assert pooled[1:4] == ["900..100", "30", "0.1417"]
     assert mean[2:5] == ["900..100", "30", f"{np.mean(fvus):.4f}"] and mean[-3] == f"{np.mean(l0s):.1f}"
-    legend = " ".join(lines[-2:])
-    for word in ("pooled:", "step mean:", "fvu:", "ev:", "L0:", "dense", ">10% of rows"):
+    legend = " ".join(lines[-3:])
+    for word in (
+        "pooled:",
+        "step mean:",
+        "fvu:",
+        "ev:",
+        "L0:",
+        "dense",
+        ">10% of rows",
+        "silent at one step",
+    ):
         assert word in legend, legend
     assert result.to_json()["step_mean"]["fvu"] == pytest.approx(np.mean(fvus))
 

@@ -14,6 +14,9 @@ consecutive steps):
     dead_fraction      = fraction of latents that never fire on G's rows
     dense_fraction     = fraction of latents that fire on more than `dense_threshold` of G's rows
 Dead and dense are per group, so a latent that only fires at high noise is alive in the high-noise bucket.
+A smaller group has more dead latents: one that is silent at one step but fires at the next is dead in that
+step and alive in their bucket. So `step_mean`'s dead fraction (the mean over single steps) is above every
+bucket's (several steps pooled), and the pooled one is the lowest.
 A Matryoshka SAE also gets the fvu of each of its smaller prefixes (its first m latents alone, decoded with
 the same b_dec), pooled and as a step mean: `EvalResult.prefixes`.
 Two overall figures: `overall` ("pooled", G = every held-out row, whose fvu divides by the variance around
@@ -377,7 +380,8 @@ def format_table(result: EvalResult) -> str:
             ),
             "pooled: all rows at once (fvu against the variance of all steps together); step mean: mean over steps",
             "fvu: unexplained variance; ev: explained variance (offset-blind); L0: latents/row; "
-            f"dead, dense: latents firing on no row, on >{result.dense_threshold:.0%} of rows",
+            f"dead, dense: latents firing on no row, on >{result.dense_threshold:.0%} of rows, of the line's rows",
+            "(a latent silent at one step may fire at the next: dead is highest for single steps, as in step mean)",
         ]
     )
 
