@@ -130,6 +130,11 @@ def opened(cfg: HarvestConfig, model: LoadedModel, log: Callable[[str], None]) -
             # Again under the lock: another harvest may have changed --out since the check above.
             target = inspect_out(cfg, meta)
             _check_space(cfg, target, arrays, log)
+            if target.resume and target.meta.codec != cfg.codec and log is not None:
+                log(
+                    f"{cfg.out}: resumed in the store's own codec {target.meta.codec} (--codec {cfg.codec} is for a "
+                    f"new store; `tide store pack --codec {cfg.codec}` recompresses a finished one)"
+                )
             if not target.todo:  # the caller says so, from the result (written == 0): said once
                 yield Opened(None, target.meta, arrays, [])
                 return

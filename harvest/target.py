@@ -55,12 +55,17 @@ class Target(NamedTuple):
     """Sample chunks still to write."""
 
 
+# Settings of how the bytes are kept, not of what they are: a resume keeps the store's (its arrays carry their
+# codec chains), so a store harvested before the default codec changed resumes without naming its codec.
+STORAGE_ONLY = frozenset({"codec"})
+
+
 def differences(old: StoreMeta, new: StoreMeta) -> list[str]:
     """Fields that make two stores' contents differ."""
     diffs = []
     a, b = {**UNRECORDED, **old.harvest_config}, {**UNRECORDED, **new.harvest_config}
     for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
+        if key not in STORAGE_ONLY and a.get(key) != b.get(key):
             diffs.append(f"{key}: {a.get(key)!r} in the store, {b.get(key)!r} now")
     if old.model.transformer_config != new.model.transformer_config:
         diffs.append("model.transformer_config")

@@ -135,3 +135,27 @@ def test_pack_codec_refuses_a_damaged_chunk_and_an_unknown_codec(tmp_path):
     )
     assert bad.exit_code != 0 and "lz5" in bad.output and "blosc-zstd" in bad.output
     assert zarr.open_group(str(store.path), mode="r").attrs["codec"] == DEFAULT_CODEC
+
+
+def test_a_store_of_another_codec_resumes_in_its_own_codec(tiny_dit, tmp_path):
+    """A store harvested with blosc-zstd (the default before none) and cut short resumes under today's default
+    without naming its codec: the samples written on resume are in the store's codec, and the store ends
+    bitwise equal to an uninterrupted blosc-zstd harvest. (The resume refused it, naming the codec.)"""
+    import shutil
+
+    from tide.store.writer import everything
+
+    from tests.cluster_helpers import assert_same_store
+
+    settings = dict(model=str(tiny_dit), num_samples=6, num_steps=3, batch_size=2, layers="1", progress=False)
+    whole = tmp_path / "whole.zarr"
+    harvest(HarvestConfig(out=whole, codec="blosc-zstd", **settings), log=lambda m: None)
+    cut = tmp_path / "cut.zarr"
+    shutil.copytree(whole, cut)
+    everything(zarr.open_group(str(cut), mode="r+")["done"])[2:] = False  # as if killed after one batch
+    said: list[str] = []
+    result = harvest(HarvestConfig(out=cut, **settings), log=said.append)
+    assert result.written == 4
+    assert any("resumed in the store's own codec blosc-zstd" in m for m in said), said
+    assert open_store(cut).meta.codec == "blosc-zstd"
+    assert_same_store(whole, cut)
