@@ -138,58 +138,69 @@ def capture(
     forward. Hooks are removed on exit, also on error.
     """
     blocks = arch.blocks(model)
+    _check_request(arch, model, len(blocks), sites, layers)
+    acts: dict[Key, torch.Tensor] = {}
+    inputs: dict[int, torch.Tensor] = {}  # a block's input, kept from its pre-hook for its delta
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for layer in layers:
+            handles += _hook_block(blocks[layer], layer, arch, sites, acts, inputs)
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _check_request(
+    arch: Arch, model: nn.Module, num_blocks: int, sites: list[str], layers: list[int]
+) -> None:
+    """Refuse unknown sites, layers outside the model, and sites this block kind does not have."""
     bad = [s for s in sites if s not in SITES]
     if bad:
         raise ValueError(f"unknown site(s) {bad}; choose from {', '.join(SITES)}")
-    out_of_range = [i for i in layers if not 0 <= i < len(blocks)]
+    out_of_range = [i for i in layers if not 0 <= i < num_blocks]
     if out_of_range:
         raise ValueError(
-            f"layers {out_of_range} out of range: the model has {len(blocks)} blocks (0..{len(blocks) - 1})"
+            f"layers {out_of_range} out of range: the model has {num_blocks} blocks (0..{num_blocks - 1})"
         )
     check_sites(arch, model, sites, layers)
 
-    acts: dict[Key, torch.Tensor] = {}
-    inputs: dict[int, torch.Tensor] = {}
-    handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def block_pre_hook(layer: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs[layer] = args[0] if args else kwargs["hidden_states"]
+def _hook_block(
+    block: nn.Module,
+    layer: int,
+    arch: Arch,
+    sites: list[str],
+    acts: dict[Key, torch.Tensor],
+    inputs: dict[int, torch.Tensor],
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Register the hooks that fill `acts` with block `layer`'s chosen sites; returns their handles."""
 
-        return hook
+    def keep_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs[layer] = args[0] if args else kwargs["hidden_states"]
 
-    def block_hook(layer: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            out = arch.image_stream(output)
-            if "resid" in sites:
-                acts[("resid", layer)] = out
-            if "delta" in sites:
-                acts[("delta", layer)] = out - inputs.pop(layer)
+    def keep_output(module: nn.Module, args: tuple, output: Any) -> None:
+        out = arch.image_stream(output)
+        if "resid" in sites:
+            acts[("resid", layer)] = out
+        if "delta" in sites:
+            acts[("delta", layer)] = out - inputs.pop(layer)
 
-        return hook
-
-    def sub_hook(site: str, layer: int):
+    def keep_sub(site: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             acts[(site, layer)] = arch.sub_stream(output)
 
         return hook
 
-    try:
-        for layer in layers:
-            block = blocks[layer]
-            if "delta" in sites:
-                handles.append(block.register_forward_pre_hook(block_pre_hook(layer), with_kwargs=True))
-            if "resid" in sites or "delta" in sites:
-                handles.append(block.register_forward_hook(block_hook(layer)))
-            for site in ("attn", "mlp"):
-                if site in sites:
-                    handles.append(
-                        getattr(block, arch.submodules[site]).register_forward_hook(sub_hook(site, layer))
-                    )
-        yield acts
-    finally:
-        for h in handles:
-            h.remove()
+    handles = []
+    if "delta" in sites:
+        handles.append(block.register_forward_pre_hook(keep_input, with_kwargs=True))
+    if "resid" in sites or "delta" in sites:
+        handles.append(block.register_forward_hook(keep_output))
+    for site in ("attn", "mlp"):
+        if site in sites:
+            handles.append(getattr(block, arch.submodules[site]).register_forward_hook(keep_sub(site)))
+    return handles
 
 
 def _register_backbones() -> None:
