@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,6 +172,9 @@ def s3():
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # Every moto server of this process shares one backend: start each module from an empty one, or a key
+    # another module wrote (both test_remote and test_cluster_s3 kill a harvest into killed.zarr) is there.
+    urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"))
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
     try:
         yield env
