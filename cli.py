@@ -335,14 +335,12 @@ def steer(
     """
     sae = deprecated_flag(sae, sae_flag, "--sae", "tide steer SAE_FOLDER --latent F --strength A --out DIR")
     flags = given_flags(locals(), skip=("sae_flag",))
-    import json
-
-    from tide.train.loop.steer import SteerConfig
+    from tide.train.loop.steer import SteerConfig, format_summary
     from tide.train.loop.steer import steer as run_steer
 
     with user_errors():
         result = run_steer(flags_config(SteerConfig, **flags), log=log)
-    typer.echo(json.dumps(result.summary))
+    typer.echo(format_summary(result.summary))
     typer.echo(f"wrote {out}/images.npy, unsteered.npy, labels.npy, seeds.npy, grid.png, steer.json")
 
 

@@ -213,8 +213,10 @@ def sample(
     interventions: Sequence[Intervention] = (),
     uncond: Conditioning | None = None,
     record_outputs: bool = False,
+    on_step: Callable[[int], None] | None = None,
 ) -> Sampled:
-    """Sample one batch with harvest's loop and seeding, `interventions` applied."""
+    """Sample one batch with harvest's loop and seeding, `interventions` applied; `on_step(B)` after each
+    denoising step of the batch's B samples (a progress bar counting image-steps)."""
     use_cfg = model.guidance_kind(guidance_scale) == "cfg"
     outputs: list[Tensor] = []
     with intervene(model, interventions, len(seeds), use_cfg, num_steps) as clock:
@@ -224,6 +226,8 @@ def sample(
             for rec in denoise(model, cond, make_generators(list(seeds)), num_steps, guidance_scale, uncond):
                 latents = rec.latents
                 clock.step = rec.index + 1  # the next forward pass belongs to the next step
+                if on_step is not None:
+                    on_step(len(seeds))
         finally:
             if rec_handle is not None:
                 rec_handle.remove()

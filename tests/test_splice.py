@@ -139,3 +139,23 @@ def test_grid_places_each_image_and_names_each_row(tmp_path):
             left = label_w + pad + j * (size + pad)
             expected = np.kron(img[..., 0], np.ones((8, 8), dtype=np.uint8))
             np.testing.assert_array_equal(grid[top : top + size, left : left + size, 0], expected)
+
+
+def test_cli_progress_counts_image_steps_and_ends_with_the_table(setup, tmp_path):
+    """The bar counts samples x conditions x denoising steps (it moves every step, not every batch), and the
+    command ends with the report's table, each condition on a labelled row."""
+    import json
+    import re
+
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["splice", str(setup["exact"]), "--out", str(out), "--num-samples", "2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    conditions, steps = report["conditions"], report["num_steps"]
+    runs = len(conditions) + sum(
+        len(b["conditions"]) for b in report["buckets"]
+    )  # whole run, then per bucket
+    counts = [(int(a), int(b)) for a, b in re.findall(r"\b(\d+)/(\d+) \[", res.output)]
+    assert counts and counts[-1] == (2 * runs * steps,) * 2, counts
+    table = res.output.split(" [")[-1].splitlines()
+    assert all(any(line.split() and line.split()[0] == name for line in table) for name in conditions), table

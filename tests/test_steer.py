@@ -198,3 +198,39 @@ def test_demo_sweep_end_to_end_on_the_demo_model(tmp_path):
         r["ceiling"]["target_run_accuracy"] >= 0
         and r["ceiling"]["still_source"] + r["ceiling"]["classifier_only"] <= 1
     )
+
+
+def test_cli_ends_with_a_labelled_table_and_counts_image_steps(sae_dir, tmp_path):
+    """`tide steer` prints its summary as labelled lines (not JSON) that agree with steer.json, and its
+    progress bar counts image-steps: 2 runs (unsteered, steered) x samples x denoising steps."""
+    import json
+    import re
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(
+        app,
+        ["steer", str(sae_dir), "--latent", "3", "--strength", "5", "--num-samples", "3", "--out", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "steer.json").read_text())
+    assert f"SAE {sae_dir.name}, latent 3, strength 5, steps all, rows both" in res.output
+    assert f"3 samples x {summary['num_steps']} steps; {summary['pixels_changed']:.1%}" in res.output
+    assert not any(line.startswith("{") for line in res.output.splitlines())
+    counts = [(int(a), int(b)) for a, b in re.findall(r"\b(\d+)/(\d+) \[", res.output)]
+    assert counts and counts[-1] == (2 * 3 * summary["num_steps"],) * 2, counts
+
+
+def test_table_of_a_digits_summary_labels_each_row():
+    """The classifier part: accuracy and class counts under labelled rows, as in the summary."""
+    from tide.train.loop.steer import format_summary
+
+    summary = {
+        "sae": "tide", "latent": 7, "strength": None, "clamp": 0.0, "steps": "10:20", "rows": "cond",
+        "num_samples": 4, "num_steps": 50, "pixels_changed": 0.25, "predicted": [1, 0, 3] + [0] * 7,
+        "predicted_unsteered": [4] + [0] * 9, "unsteered_accuracy": 1.0, "steered_accuracy": 0.25,
+    }  # fmt: skip
+    lines = format_summary(summary).splitlines()
+    assert lines[0] == "SAE tide, latent 7, clamp 0, steps 10:20, rows cond"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert rows["unsteered"] == ["1.00", "4"] + ["0"] * 9
+    assert rows["steered"] == ["0.25", "1", "0", "3"] + ["0"] * 7

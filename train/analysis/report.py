@@ -109,8 +109,9 @@ def final_images(
 
     log(f"redrawing {len(samples)} top samples from their seeds (the store has no saved images)")
     run = rerun(store.meta, device=device, model=model)
-    with tqdm(total=len(samples), unit="image", desc="regenerate", disable=not progress) as bar:
-        imgs = run.images(samples, on_batch=bar.update)
+    total = len(samples) * run.meta.num_inference_steps
+    with tqdm(total=total, unit="img-step", desc="regenerate", disable=not progress) as bar:
+        imgs = run.images(samples, on_step=bar.update)
     return dict(zip(samples, imgs, strict=True))
 
 

@@ -46,25 +46,26 @@ class Rerun(NamedTuple):
         samples: slice | Sequence[int] | np.ndarray,
         interventions: Sequence[Intervention] = (),
         record_outputs: bool = False,
+        on_step: Callable[[int], None] | None = None,
     ) -> Sampled:
-        """The samples `samples` (a slice or indices), drawn as the harvest drew them, with `interventions`."""
+        """The samples `samples` (a slice or indices), drawn as the harvest drew them, with `interventions`;
+        `on_step(B)` after each denoising step of the B samples."""
         cond, uncond = batch_conditioning(self.meta, self.arrays, samples, self.model.transformer.device)
         seeds = np.asarray(self.arrays["seeds"][samples]).tolist()
         return sample(
             self.model, cond, seeds, self.meta.num_inference_steps, self.meta.guidance_scale, interventions,
-            uncond, record_outputs,
+            uncond, record_outputs, on_step,
         )  # fmt: skip
 
     def images(
-        self, samples: Sequence[int], batch_size: int = 32, on_batch: Callable[[int], None] | None = None
+        self, samples: Sequence[int], batch_size: int = 32, on_step: Callable[[int], None] | None = None
     ) -> np.ndarray:
-        """(n, H, W, C) uint8 final images of `samples`, unedited, `batch_size` at a time."""
+        """(n, H, W, C) uint8 final images of `samples`, unedited, `batch_size` at a time; `on_step` as in
+        `sample`."""
         idx = np.asarray(samples, dtype=np.int64)
         out = []
         for lo in range(0, len(idx), batch_size):
-            out.append(self.sample(idx[lo : lo + batch_size]).images.numpy())
-            if on_batch is not None:
-                on_batch(len(out[-1]))
+            out.append(self.sample(idx[lo : lo + batch_size], on_step=on_step).images.numpy())
         return np.concatenate(out) if out else np.zeros((0, 0, 0, 0), dtype=np.uint8)
 
     def labels(self) -> np.ndarray:

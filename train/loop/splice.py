@@ -256,13 +256,13 @@ def _run(cfg: SpliceConfig, planned, conds: list[Condition], clf) -> dict[str, T
     n, S = planned.meta.num_samples, planned.meta.num_inference_steps
     labels = planned.labels()
     tallies = {c.name: Tally(S) for c in conds}
-    bar = tqdm(total=n * len(conds), unit="img", disable=not cfg.progress, desc="splice")
+    bar = tqdm(total=n * len(conds) * S, unit="img-step", disable=not cfg.progress, desc="splice")
     for start in range(0, n, cfg.batch_size):
         batch = slice(start, min(n, start + cfg.batch_size))
         clean = None
         for c in conds:
             ivs = [Intervention(site, layer, edit, c.steps, cfg.rows) for site, layer, edit in c.edits]
-            r = planned.sample(batch, ivs, record_outputs=True)
+            r = planned.sample(batch, ivs, record_outputs=True, on_step=bar.update)
             img = r.images.numpy()
             clean = clean or (r.outputs, img)
             tallies[c.name].add(
@@ -270,7 +270,6 @@ def _run(cfg: SpliceConfig, planned, conds: list[Condition], clf) -> dict[str, T
             )
             if c.keep_images:
                 tallies[c.name].images.append(img)
-            bar.update(batch.stop - batch.start)
     bar.close()
     return tallies
 

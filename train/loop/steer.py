@@ -173,12 +173,13 @@ def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
         else clamp_edit(sae, cfg.latent, cfg.clamp)
     )
     iv = [Intervention(site, layer, edit, steps, cfg.rows)]
-    n = cfg.num_samples
+    n, S = cfg.num_samples, planned.meta.num_inference_steps
     steered, plain = [], []
-    for start in tqdm(range(0, n, cfg.batch_size), disable=not cfg.progress, desc="steer", unit="batch"):
-        batch = slice(start, min(n, start + cfg.batch_size))
-        plain.append(planned.sample(batch).images.numpy())
-        steered.append(planned.sample(batch, iv).images.numpy())
+    with tqdm(total=2 * n * S, disable=not cfg.progress, desc="steer", unit="img-step") as bar:
+        for start in range(0, n, cfg.batch_size):
+            batch = slice(start, min(n, start + cfg.batch_size))
+            plain.append(planned.sample(batch, on_step=bar.update).images.numpy())
+            steered.append(planned.sample(batch, iv, on_step=bar.update).images.numpy())
     images, unsteered = np.concatenate(steered), np.concatenate(plain)
     labels = planned.labels()
     summary = _summary(cfg, s, planned, planned.classifier(), images, unsteered, labels)
@@ -211,3 +212,28 @@ def _summary(cfg, s, planned, clf, images, unsteered, labels) -> dict[str, Any]:
         out["unsteered_accuracy"] = float((pred0 == labels).mean())
         out["steered_accuracy"] = float((pred == labels).mean())
     return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """steer.json as the labelled table `tide steer` prints: the edit, then for a digits model the
+    classifier's accuracy and the count of each predicted class, unsteered over steered."""
+    edit = f"strength {summary['strength']:g}" if summary["clamp"] is None else f"clamp {summary['clamp']:g}"
+    lines = [
+        f"SAE {summary['sae']}, latent {summary['latent']}, {edit}, steps {summary['steps'] or 'all'}, "
+        f"rows {summary['rows']}",
+        f"{summary['num_samples']} samples x {summary['num_steps']} steps; "
+        f"{summary['pixels_changed']:.1%} of pixel values changed",
+    ]
+    if "predicted" in summary:
+        classes = range(len(summary["predicted"]))
+        lines += [
+            "",
+            f"{'':<10} {'accuracy':>8}  "
+            + " ".join(f"{c:>4}" for c in classes)
+            + "  (predicted class counts)",
+            f"{'unsteered':<10} {summary['unsteered_accuracy']:>8.2f}  "
+            + " ".join(f"{v:>4}" for v in summary["predicted_unsteered"]),
+            f"{'steered':<10} {summary['steered_accuracy']:>8.2f}  "
+            + " ".join(f"{v:>4}" for v in summary["predicted"]),
+        ]
+    return "\n".join(lines)
