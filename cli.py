@@ -123,10 +123,12 @@ def store_verify(
     storage_options: opt.StorageOptions = None,
 ) -> None:
     """Check a store's integrity; exits non-zero naming every problem found (every damaged chunk by its file)."""
+    from tide.store.verify import check_resettable, verdict_advice, verify
     from tide.store.verify import reset_damaged as reset
-    from tide.store.verify import verdict_advice, verify
 
     with user_errors(storage_options):
+        if reset_damaged:  # before the checks, which can take long: a store tide only reads is refused
+            check_resettable(path)
         verdict = verify(path, check_values=not quick)
         ranges = reset(path, verdict.damaged) if verdict.damaged and reset_damaged else None
     for p in verdict.problems:

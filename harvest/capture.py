@@ -55,6 +55,8 @@ class Arch:
     """Index of the first single-stream block (FLUX), whose fused attention+MLP has no attn/mlp site."""
     sampling: Sampling | None = None
     """What the pipeline does around the model (harvest/backbones.py `Sampling`); None: DiT's and PixArt's."""
+    square_only: bool = False
+    """The transformer can only unpatchify a square image (diffusers' DiT takes the side as sqrt(tokens))."""
 
 
 def _dit_forward(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -91,6 +93,7 @@ REGISTRY: dict[str, Arch] = {
         blocks=lambda m: m.transformer_blocks,
         image_stream=_tensor_output,
         forward=_dit_forward,
+        square_only=True,
     ),
     "PixArtTransformer2DModel": Arch(
         conditioning="prompt",

@@ -25,7 +25,8 @@ from tide.harvest.chunk import ChunkSummary, harvest_chunk
 from tide.harvest.config import HarvestConfig
 from tide.harvest.model import LoadedModel
 from tide.harvest.run import HarvestResult, chunk_samples, load_for_harvest, opened
-from tide.harvest.target import HarvestError, os_error, writable_out, write_failure
+from tide.harvest.target import HarvestError, writable_out, write_failure
+from tide.store.failures import os_error
 from tide.store.fingerprint import check_same_model
 from tide.store.open import (
     LocationError,

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from tide.store.limits import Seed
 from tide.store.open import as_location
 from tide.store.schema import DEFAULT_CODEC, SITES, Codec
 
@@ -27,7 +28,7 @@ class HarvestConfig(BaseModel):
     """Everything that defines a harvest. Stored in the cache; a resume must match it field by field."""
 
     # use_attribute_docstrings: the docstring under each field is its description (docs/settings.md).
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     model: str = str(DEMO_MODEL)
     """A diffusers pipeline folder, or a hub id such as facebook/DiT-XL-2-256 (needs network)."""
@@ -68,7 +69,7 @@ class HarvestConfig(BaseModel):
     """Image height in pixels (a multiple of the VAE factor x patch size); default: the pipeline's default."""
     width: int | None = Field(None, gt=0)
     """Image width in pixels (a multiple of the VAE factor x patch size); default: the pipeline's default."""
-    seed: int = 0
+    seed: Seed = 0
     """Sample i has seed `seed + i`; labels='random' draws from this seed too."""
     batch_size: int = Field(50, gt=0)
     """Samples per forward pass; also the store's chunk size along samples (fixed for a store)."""
@@ -107,10 +108,15 @@ class HarvestConfig(BaseModel):
             raise ValueError(f"token_fraction={v} is outside (0, 1]; use e.g. 0.0625 for 1/16 of the tokens")
         return v
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", mode="before")
     @classmethod
-    def _guidance(cls, v: float | None) -> float | None:
-        if v is not None and not (math.isfinite(v) and v >= 1):
+    def _guidance(cls, v: Any) -> Any:
+        # Before pydantic's own finite-number check, so that NaN gets this message too.
+        try:
+            number = float(v)
+        except (TypeError, ValueError):
+            return v  # None, or not a number: pydantic's own message
+        if not (math.isfinite(number) and number >= 1):
             raise ValueError(
                 f"guidance_scale={v} is not a CFG scale: it must be a finite number >= 1, where 1 means no "
                 "classifier-free guidance; use e.g. 4, or 1 to sample without guidance"

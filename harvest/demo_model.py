@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tide.harvest.config import DEMO_MODEL
+from tide.store.limits import LearningRate, Seed
 from tide.store.outputs import check_replaceable, local_out, staged
 
 NUM_CLASSES = 10
@@ -37,13 +38,13 @@ DEFAULT_NUM_STEPS = 50  # tide's harvester samples with 50 steps; the sampling s
 class DemoTrainConfig(BaseModel):
     """How the demo DiT is built and trained. The defaults are the shipped model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(1000, gt=0)
     """Optimiser steps."""
     batch_size: int = Field(64, gt=0)
     """Images per step, drawn without replacement from a seeded permutation per epoch."""
-    lr: float = Field(1e-3, gt=0)
+    lr: LearningRate = 1e-3
     """Peak AdamW learning rate, reached after warmup_steps, then cosine-decayed to 0."""
     warmup_steps: int = Field(100, ge=0)
     """Linear learning-rate warmup (a shorter run warms up over all its steps)."""
@@ -53,7 +54,7 @@ class DemoTrainConfig(BaseModel):
     """Decay of the weight average that is saved (0 saves the raw weights)."""
     class_dropout: float = Field(0.1, ge=0, lt=1)
     """Fraction of labels replaced by the null class, so that the same model is also unconditional (CFG)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds the initial weights, the data order, the timesteps, the noise and the label dropout."""
     image_size: int = 16
     """Digits are upsampled (bilinear) from 8x8 to this size; with patch_size 2, 16 gives 64 tokens."""

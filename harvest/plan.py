@@ -208,14 +208,35 @@ def _guidance_kind(cfg: HarvestConfig, model: LoadedModel, guidance: float) -> s
     return kind
 
 
+MAX_SIZE_FACTOR = 8
+"""--height/--width at most this many times the pipeline's own size. A DiT is trained at one size (FLUX and
+PixArt-Sigma stretch to about 2x); the tokens, and attention's cost, grow with the square of the side, so far
+past it a harvest only runs for hours to store noise."""
+
+
 def _check_size(cfg: HarvestConfig, model: LoadedModel) -> None:
     m = model.size_multiple()
+    native = model.sampling.default_latent_size(model.transformer.config) * model.vae_scale_factor
     for name, px in (("height", cfg.height), ("width", cfg.width)):
+        if px is not None and px > MAX_SIZE_FACTOR * native:
+            tokens = ((cfg.height or native) // m) * ((cfg.width or native) // m)
+            raise HarvestError(
+                f"--{name} {px} is over {MAX_SIZE_FACTOR}x the {native} px {model.info.transformer_class} makes by "
+                f"default (at most {MAX_SIZE_FACTOR * native} here): it was not trained for such images, and each "
+                f"would take {tokens:,} tokens instead of {(native // m) ** 2:,}. Leave --{name} out, or stay "
+                f"near {native}"
+            )
         if px is not None and px % m:
             raise HarvestError(
                 f"--{name} {px} is not a multiple of {m} (the VAE's factor {model.vae_scale_factor} x "
                 f"{m // model.vae_scale_factor} latent pixels per token); use e.g. {max(m, px // m * m)}"
             )
+    h, w = (px or native for px in (cfg.height, cfg.width))
+    if model.arch.square_only and h != w:
+        raise HarvestError(
+            f"--height {h} and --width {w} differ, but {model.info.transformer_class} makes square images only; "
+            "give both the same size"
+        )
 
 
 def _version() -> str:

@@ -23,12 +23,12 @@ from tide.harvest.target import (
     inspect_out,
     locked,
     open_target,
-    os_error,
     writable_out,
     write_failure,
 )
 from tide.store.card import write_card
 from tide.store.device import resolve_device
+from tide.store.failures import os_error
 from tide.store.open import where
 from tide.store.schema import StoreMeta
 from tide.store.writer import StoreWriter, block_bytes, disk_bound, free_bytes

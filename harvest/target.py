@@ -255,17 +255,6 @@ def _discard(cfg: HarvestConfig, refuse: bool) -> None:
     delete_keys(zstore, ours)
 
 
-def os_error(e: BaseException) -> OSError | None:
-    """The OSError behind `e` (the writer thread re-raises its errors wrapped), if any."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def write_failure(
     out: Path | str, e: OSError, total: int, done: int | None = None, creating: bool = False
 ) -> HarvestError:

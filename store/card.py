@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tide.store.failures import writing
 from tide.store.open import is_url, read_only, where, zarr_store
 from tide.store.outputs import OutputError, check_file
 from tide.store.reader import Store, open_store
@@ -122,7 +123,8 @@ def write_card(path: str | Path, out: str | Path | None = None) -> str:
     text = card_text(store)
     if isinstance(target, Path):
         check_file(target, is_card, "a dataset card")
-        target.write_text(text)
+        with writing(target, OutputError):
+            target.write_text(text)
         return str(target)
     zstore, key = target if target is not None else (zarr_store(where(path), "w"), "README.md")
     if target is not None:
@@ -132,7 +134,9 @@ def write_card(path: str | Path, out: str | Path | None = None) -> str:
                 f"--out {out} exists and is not a dataset card tide wrote; it will not write over it: choose "
                 "another --out, or delete that object yourself"
             )
-    sync(zstore.set(key, cpu.Buffer.from_bytes(text.encode())))
+    # A store on a read-only disk: the card can still go to a file elsewhere (--out FILE).
+    with writing(out or path, OutputError, "--out FILE"):
+        sync(zstore.set(key, cpu.Buffer.from_bytes(text.encode())))
     return str(out) if out is not None else f"{path}/README.md"
 
 

@@ -46,6 +46,14 @@ S3FS_KEYS = {
     "endpoint_url": "endpoint",
     "region_name": "region",
 }
+# Where each object store looks for credentials, and how to read a public bucket without them.
+CREDENTIALS = {
+    "s3": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options "
+    "'{\"anon\": true}' for a public bucket",
+    "gs": "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or run `gcloud auth "
+    "application-default login`), or pass --storage-options '{\"skip_signature\": true}' for a public bucket",
+}
+CREDENTIALS["gcs"] = CREDENTIALS["gs"]
 KNOWN = "a local folder, file://, s3://, gs://, http(s)://, hf://datasets/ORG/NAME/PATH, or a .zarr.zip file"
 
 _OPTIONS: ContextVar[dict[str, Any] | None] = ContextVar("tide_storage_options", default=None)
@@ -83,7 +91,9 @@ def is_url(value: object) -> bool:
 
 
 def as_location(value: str | Path) -> str | Path:
-    """What a config field holding a store location keeps: the URL string, or a Path."""
+    """What a config field holding a store location keeps: the URL string, or a Path (file:// URLs too)."""
+    if is_url(value) and value.lower().startswith("file://"):
+        return Path(value[len("file://") :])
     return value if is_url(value) else Path(value)
 
 
@@ -117,15 +127,16 @@ def canonical(value: str | Path) -> str:
 def storage_options(options: str | dict[str, Any] | None) -> Iterator[None]:
     """Pass fsspec `storage_options` (a dict, or JSON text from --storage-options) to stores opened inside."""
     if isinstance(options, str):
+        text = options
         try:
-            options = json.loads(options)
+            options = json.loads(text)
         except ValueError as e:
             raise LocationError(
-                f"--storage-options {options!r} is not JSON ({e}); write e.g. '{{\"anon\": true}}'"
+                f"--storage-options {text!r} is not JSON ({e}); write e.g. '{{\"anon\": true}}'"
             ) from None
         if not isinstance(options, dict):
             raise LocationError(
-                f"--storage-options {options!r} must be a JSON object, e.g. '{{\"anon\": true}}'"
+                f"--storage-options {text!r} must be a JSON object, e.g. '{{\"anon\": true}}'"
             )
     token = _OPTIONS.set(dict(options or {}))
     try:
@@ -263,8 +274,7 @@ def explain(loc: Where, e: BaseException) -> LocationError | None:
         or "169.254.169.254" in text  # obstore found no credentials and asked the instance metadata service
     ):
         return LocationError(
-            f"{loc.text}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
-            "or pass --storage-options '{\"anon\": true}' for a public bucket"
+            f"{loc.text}: no credentials found; {CREDENTIALS.get(loc.scheme, CREDENTIALS['s3'])}"
         )
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return LocationError(
@@ -284,9 +294,8 @@ def explain(loc: Where, e: BaseException) -> LocationError | None:
         )
         or "error sending request" in text
     ):
-        return LocationError(
-            f"{loc.text}: cannot connect ({first_line(e)}); check the URL and AWS_ENDPOINT_URL"
-        )
+        endpoint = " and AWS_ENDPOINT_URL" if loc.scheme == "s3" else ""
+        return LocationError(f"{loc.text}: cannot connect ({first_line(e)}); check the URL{endpoint}")
     return None
 
 

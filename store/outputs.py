@@ -24,12 +24,14 @@ command ever writes a local folder named `s3:`.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tide.store.failures import write_error
 from tide.store.manifest import (
     LEGACY,
     MANIFEST,
@@ -53,6 +55,9 @@ WHAT = {
     "steer-demo": "a tide steering sweep",
     "demo-model": "a tide demo-model pipeline",
 }
+
+STAGED = frozenset(WHAT) - {"store", "run"}
+"""The kinds `staged` builds beside --out; a store and a training run are written in place."""
 
 STAGING_MARK = ".tide-staging"
 """First file of a staging folder: what makes a leftover one (from a killed run) recognisably tide's."""
@@ -147,7 +152,10 @@ def _listing_text(names: list[str], shown: int = 3) -> str:
 def check_replaceable(out: Path, kind: Kind, overwrite: bool = True) -> list[str]:
     """The files of `out` that replacing it deletes (none when it is missing or empty); OutputError when it
     must not be replaced: a file or link, a folder that holds anything tide did not write as output of
-    `kind` (named), or, without `overwrite`, an earlier output."""
+    `kind` (named), or, without `overwrite`, an earlier output; for an output `staged` builds, also when it
+    could not be written (check_writable), so that a command is refused before its work, not after."""
+    if kind in STAGED:
+        check_writable(out)
     if not out.exists() and not out.is_symlink():
         return []
     if not out.is_dir() or out.is_symlink():
@@ -173,6 +181,18 @@ def check_replaceable(out: Path, kind: Kind, overwrite: bool = True) -> list[str
             f"--out {out} holds {WHAT[kind]}; pass --overwrite to replace it, or choose another --out"
         )
     return ours
+
+
+def check_writable(out: Path) -> None:
+    """Refuse, before any work, an --out that `staged` could not write: the folder its staging folder goes in
+    (the nearest existing one above `out`) or the old output's own folder is read-only or not writable."""
+    above = out.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    for folder in [above, *([out] if out.is_dir() else [])]:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OutputError(write_error(out, OSError(code, os.strerror(code), str(folder))))
 
 
 def replace(out: Path, kind: Kind) -> None:
@@ -203,12 +223,14 @@ def staged(out: Path, kind: Kind, overwrite: bool) -> Iterator[Path]:
     out = Path(out)
     check_replaceable(out, kind, overwrite)
     staging = out.parent / f".{out.name}.tide-new"
-    _clear_staging(staging)
-    staging.mkdir(parents=True)
-    (staging / STAGING_MARK).touch()
     try:
+        _clear_staging(staging)
+        staging.mkdir(parents=True)
+        (staging / STAGING_MARK).touch()
         yield staging
         _swap(staging, out, kind, overwrite)
+    except OSError as e:  # a read-only or full disk, a file in the way: one line naming --out
+        raise OutputError(write_error(out, e)) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -10,6 +10,7 @@ and reads back bitwise the same.
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -23,6 +24,28 @@ from tide.store.schema import CODECS, chunk_region
 from tide.store.writer import WRITE_EVERY_CHUNK, _compressor, compressors
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+
+
+def unsafe_names(names: list[str]) -> list[str]:
+    """The keys (zip entry names) that would land outside the store's folder when unzipped or copied: absolute
+    ones, and those with a '..' part. No tide store has one; a zip edited by hand or by an attacker may."""
+    outside = re.compile(r"^([/\\]|[A-Za-z]:)|(^|[/\\])\.\.([/\\]|$)")  # /x, C:x, ../x, a/../../x
+    return [n for n in names if outside.search(n)]
+
+
+def unsafe_entries(path: str | Path) -> list[str]:
+    """A packed store's entries named outside the store, each as a problem `tide store verify` reports; none
+    for a store that is not a .zip."""
+    loc = where(path)
+    if loc.scheme != "zip":
+        return []
+    with zipfile.ZipFile(loc.path) as z:
+        names = z.namelist()
+    return [
+        f"entry {n!r} of {loc.text} is named outside the store: unzipping would write it outside the folder; "
+        "delete it (e.g. `zip -d`) or pack the store again from a clean copy"
+        for n in unsafe_names(names)
+    ]
 
 
 def pack(source: str | Path, out: str | Path, codec: str | None = None) -> int:
@@ -45,6 +68,7 @@ def pack(source: str | Path, out: str | Path, codec: str | None = None) -> int:
         return sorted([k async for k in zstore.list()])
 
     names = sync(keys())
+    _refuse_unsafe(source, names)
     recoded = _data_arrays(store) if codec not in (None, store.meta.codec) else []
     tmp = out.with_name(out.name + ".partial")
     try:
@@ -63,6 +87,18 @@ def pack(source: str | Path, out: str | Path, codec: str | None = None) -> int:
         tmp.unlink(missing_ok=True)
         raise
     return len(names)
+
+
+def _refuse_unsafe(source: str | Path, names: list[str]) -> None:
+    """Refuse to pack keys that unzipping the new zip would write outside its folder (a hand-edited source)."""
+    unsafe = unsafe_names(names)
+    if unsafe:
+        raise StoreError(
+            f"{source} holds {len(unsafe)} entr{'y' if len(unsafe) == 1 else 'ies'} named outside the store "
+            f"({', '.join(repr(n) for n in unsafe[:3])}{', ...' if len(unsafe) > 3 else ''}), which unzipping the "
+            "new zip would write outside its folder; nothing was written. Delete them from the source (e.g. "
+            "`zip -d`) or pack a clean copy of the store"
+        )
 
 
 def _data_arrays(store: Store) -> list[str]:

@@ -17,9 +17,11 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 import zarr
 from tide.store.open import where, zarr_store
+from tide.store.pack import unsafe_entries
 from tide.store.reader import (
     ChunkError,
     Store,
+    StoreError,
     _store_root,
     checksummed,
     chunk_error,
@@ -62,8 +64,9 @@ def verify(path: Path | str, check_values: bool = True) -> Verdict:
     except ValueError as e:
         return Verdict([str(e)], [], 0, 0)
     lay = store.layout
-    problems = _shape_problems(store)
-    if problems:
+    shape_problems = _shape_problems(store)
+    problems = unsafe_entries(path) + shape_problems
+    if shape_problems:
         return Verdict(problems, [], 0, lay.num_samples)
     done, damaged = _done_flags(store)
     done_chunks = [c for c in range(lay.num_sample_chunks) if done[lay.sample_chunk(c)].all()]
@@ -324,9 +327,24 @@ def _check_values(
     return bad
 
 
+def check_resettable(path: Path | str) -> None:
+    """Refuse --reset-damaged where the done flags cannot be rewritten: a store tide only reads."""
+    loc = where(path)
+    if not loc.writable:
+        kind = {"zip": "a packed .zip store", "hf": "a Hugging Face dataset"}.get(
+            loc.scheme, f"a store at an {loc.scheme}:// URL"
+        )
+        raise StoreError(
+            f"--reset-damaged rewrites the done flags of {loc.text}, but it is {kind}, which tide only reads: "
+            "run `tide store verify --reset-damaged` on the copy it was made from (a folder, s3:// or gs://), "
+            "then that store's `tide harvest` command, and share it again"
+        )
+
+
 def reset_damaged(path: Path | str, damaged: list[ChunkError]) -> list[slice]:
     """Mark the samples of damaged chunks not done, so that re-running the store's harvest command writes
     them again (a harvest redoes every sample chunk that is not done). Returns the sample ranges reset."""
+    check_resettable(path)
     ranges = sorted({(e.samples.start, e.samples.stop) for e in damaged if e.samples is not None})
     done = everything(zarr.open_array(zarr_store(where(path), "w"), path="done", mode="r+", zarr_format=3))
     for start, stop in ranges:  # whole chunks of `done`: a damaged one is replaced, never read

@@ -26,6 +26,7 @@ the mean of all steps) and `step_mean` (the mean over steps of each step's own f
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -335,13 +336,30 @@ def evaluate_folders(
         )
     opened = open_store(store if store is not None else next(iter(stores)))
     results = evaluate(loaded, opened, **kwargs)
-    name = eval_file(kwargs.get("buckets", DEFAULT_BUCKETS))
+    _save_results(loaded, results, eval_file(kwargs.get("buckets", DEFAULT_BUCKETS)), log)
+    return results
+
+
+def _save_results(
+    loaded: list[LoadedSAE], results: list[EvalResult], name: str, log: Callable[[str], None] | None
+) -> None:
+    """Write each SAE folder's results file; a folder on a read-only disk gets a note instead (the results
+    are still returned, and printed)."""
     for s, r in zip(loaded, results, strict=True):
-        record_file(s.folder / name)  # listed in the run's (or SAE folder's) manifest before it is written
-        write_json(s.folder / name, r.to_json())
+        try:
+            record_file(
+                s.folder / name
+            )  # listed in the run's (or SAE folder's) manifest before it is written
+            write_json(s.folder / name, r.to_json())
+        except OSError as e:
+            note = (
+                f"note: cannot write {s.folder / name} ({e.strerror or e}), so its results are not saved there "
+                "(`tide eval --json FILE` keeps them in a file of your choosing)"
+            )
+            log(note) if log is not None else warnings.warn(note, stacklevel=3)
+            continue
         if log is not None:
             log(f"wrote {s.folder / name}")
-    return results
 
 
 def format_table(result: EvalResult) -> str:

@@ -51,7 +51,7 @@ of order 1; scores below HIST_LOW share the first nonzero bin, above HIST_HIGH t
 class FeaturesConfig(BaseModel):
     """The feature pass of `tide features`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     split: Literal["val", "all"] = "val"
     """Rows to read: the SAE's held-out sample chunks (`val`, never trained on) or every done chunk (`all`)."""

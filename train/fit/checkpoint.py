@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from tide.store.failures import os_error
 from tide.store.manifest import record
 from tide.store.open import is_url
 from tide.store.outputs import check_replaceable, nested, replace
@@ -100,10 +101,18 @@ NORMALIZATION = (
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a file cut short by a full disk would only keep the disk full
+        err = os_error(e)
+        if err is None or err is e:
+            raise
+        # torch.save reports a failed write as a RuntimeError ("unexpected pos"); the OSError is its context
+        raise OSError(err.errno, err.strerror, str(tmp)) from e
 
 
 def save_sae(folder: Path, sae: SAE, meta: SAEMeta) -> None:
@@ -161,7 +170,13 @@ def sae_folders(paths: list[Path]) -> list[Path]:
 
 def save_state(out: Path, state: dict[str, Any]) -> None:
     """Write the resume state atomically."""
-    _atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
+    _atomic_write(out / STATE_FILE, lambda p: _torch_save(state, p))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # Through a Python file, so that a failed write raises (and chains) the OSError saying why.
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 STATE_KEYS = frozenset({"step", "rows", "position", "rng", "saes", "optims", "config", "store", "split"})

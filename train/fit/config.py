@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, ConfigDict, Field, field_validator, model_validator
+from tide.store.limits import LearningRate, Seed
 from tide.store.open import as_location
 from tide.store.outputs import local_out
 from tide.store.schema import StoreMeta, act_name
@@ -48,7 +49,7 @@ class TrainConfig(ArchOptions):
     """Everything that defines a training run. Saved next to the SAEs; a resume must match it."""
 
     # use_attribute_docstrings: the docstring under each field is its description (docs/settings.md).
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     store: Path | str = Path("runs/digits.zarr")
     """The tide store to train on (`tide harvest --out`)."""
@@ -83,7 +84,7 @@ class TrainConfig(ArchOptions):
     """A latent counts as dead (and AuxK revives it) after this many training rows without firing."""
     batch_size: int = Field(4096, gt=0)
     """Rows (tokens) per optimiser step."""
-    lr: float = Field(1e-3, gt=0)
+    lr: LearningRate = 1e-3
     """Peak AdamW learning rate."""
     warmup_steps: int = Field(DEFAULT_WARMUP, ge=0)
     """Optimiser steps of linear warm-up from 0 to lr. When not given and max_steps is 50 or less, it is
@@ -100,7 +101,7 @@ class TrainConfig(ArchOptions):
     """Stop after this many optimiser steps instead (the schedule is sized to it)."""
     val_fraction: float = Field(0.1, ge=0, lt=1)
     """Fraction of sample chunks (whole harvest batches of images) held out for evaluation."""
-    split_seed: int = 0
+    split_seed: Seed = 0
     """Seed of the choice of held-out sample chunks."""
     steps: str = "all"
     """Stored steps to train on: 'all' or a range 'start:stop' of stored step positions."""
@@ -111,7 +112,7 @@ class TrainConfig(ArchOptions):
     read_threads: int | None = Field(None, gt=0)
     """Threads reading (checking, decompressing) chunks in the background; default one per core this process
     may use (os.sched_getaffinity)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds the SAEs' initial weights and the data order."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ..."""
@@ -208,10 +209,12 @@ class TrainConfig(ArchOptions):
         if self.steps == "all":
             return 0, num_steps
         a, b = self.steps.split(":")
-        lo, hi = int(a or 0), min(int(b) if b else num_steps, num_steps)
-        if lo >= hi:
+        lo, hi = int(a or 0), int(b) if b else num_steps
+        if lo >= num_steps or hi > num_steps:
+            # Refused rather than cut to the store: a run recorded as '0:100' would not say what it trained on.
             raise ValueError(
-                f"steps={self.steps!r} selects no step: the store has stored steps 0..{num_steps - 1}"
+                f"steps={self.steps!r} reaches past the store's {num_steps} stored steps (0..{num_steps - 1}); "
+                f"give a range inside them, such as '{min(lo, num_steps - 1)}:{num_steps}', or 'all'"
             )
         return lo, hi
 

@@ -70,6 +70,9 @@ class Member:
     mean_SD: torch.Tensor
     """Per-step input mean over the training split (every stored step; only the step range is used)."""
     scale: float
+    first_bad: torch.Tensor | None = None
+    """(2,) int64 on the device: the first step whose input, then whose loss, held NaN or infinity; -1 while
+    none has. Kept on the device so that watching every step costs no sync; read when logging or saving."""
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Run:
     last: list[LossOutput] = field(default_factory=list)
     clock: tuple[float, int] = (0.0, 0)
     """(time, rows) at the last log line, for rows/s."""
+    saved: int = 0
+    """The step of the last checkpoint written (or resumed from)."""
 
 
 class TrainResult(NamedTuple):
@@ -250,6 +255,7 @@ def _resume(run: Run, state: dict[str, Any], out: Path) -> None:
         m.sae.load_state_dict(state["saes"][m.spec.name])
         m.opt.load_state_dict(state["optims"][m.spec.name])
     run.step, run.rows, run.position = state["step"], state["rows"], Position(*state["position"])
+    run.saved = run.step
     torch.set_rng_state(state["rng"].cpu())
     _truncate_metrics(out / "metrics.jsonl", run.step)
 
@@ -307,7 +313,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
                 f"the disk holding {cfg.out} is full ({e.strerror}); free some space and run the same command "
                 "again: it resumes from the run's last checkpoint"
             ) from e
-        raise
+        raise TrainError(f"writing the run in {cfg.out} failed at {path}: {e.strerror or e}") from e
 
 
 def _train(cfg: TrainConfig, log: Callable[[str], None]) -> TrainResult:
@@ -354,6 +360,7 @@ def _step(run: Run, batch: Batch, cfg: TrainConfig) -> None:
         with torch.autocast(batch.t_B.device.type, dtype=torch.bfloat16, enabled=amp):
             out = m.sae(x_BD, batch.t_B)
         loss = sae_loss(m.sae, x_BD, out)
+        _watch(m, run.step + 1, x_BD, loss.total)
         m.opt.zero_grad(set_to_none=True)
         loss.total.backward()
         m.sae.project_decoder_grad()
@@ -367,9 +374,48 @@ def _step(run: Run, batch: Batch, cfg: TrainConfig) -> None:
     run.position = batch.position
 
 
+def _watch(m: Member, step: int, x_BD: torch.Tensor, loss: torch.Tensor) -> None:
+    """Record the first step (counted from 1, as metrics.jsonl does) whose input or loss is not finite; no
+    device sync (see Member.first_bad)."""
+    if m.first_bad is None:
+        m.first_bad = torch.full((2,), -1, dtype=torch.long, device=x_BD.device)
+    bad_2 = torch.stack([~torch.isfinite(x_BD).all(), ~torch.isfinite(loss)])
+    m.first_bad.masked_fill_(bad_2 & (m.first_bad < 0), step)
+
+
+def _check_finite(run: Run, cfg: TrainConfig, weights: bool = False) -> None:
+    """Stop a run whose inputs or losses went non-finite (or, with `weights`, whose weights did) before a NaN
+    reaches metrics.jsonl or a checkpoint: the SAE folders keep the last finite checkpoint."""
+    kept = (
+        f"the checkpoint of step {run.saved} in {cfg.out} is kept and nothing after it was saved"
+        if run.saved
+        else f"no checkpoint had been written to {cfg.out}"
+    )
+    for m in run.members:
+        x_step, loss_step = m.first_bad.tolist() if m.first_bad is not None else (-1, -1)
+        if x_step >= 0:
+            raise TrainError(
+                f"the store's {m.spec.array} activations hold NaN or infinity (a batch at step {x_step} had some), "
+                f"so training stopped; {kept}. Run `tide store verify {cfg.store}`: it names the chunks that hold "
+                "them (a float16 harvest overflows where activations pass 65504; harvest with --dtype float32 or "
+                "bfloat16 then)"
+            )
+        if loss_step < 0 and weights and not all(bool(torch.isfinite(p).all()) for p in m.sae.parameters()):
+            loss_step, what = run.step, "weights"
+        else:
+            what = "loss"
+        if loss_step >= 0:
+            raise TrainError(
+                f"training diverged: {m.spec.name}'s {what} became NaN or infinite at step {loss_step} (learning "
+                f"rate {lr_at(loss_step - 1, cfg, run.total_steps):.3g} there), so it stopped; {kept}. Lower --lr "
+                f"(now {cfg.lr:g}) and run again with --overwrite, or into another --out"
+            )
+
+
 def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
     if run.step % cfg.log_every and run.step != run.total_steps:
         return
+    _check_finite(run, cfg)
     now = time.perf_counter()
     rate = (run.rows - run.clock[1]) / max(now - run.clock[0], 1e-9)
     run.clock = (now, run.rows)
@@ -393,6 +439,12 @@ def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
 def _maybe_checkpoint(run: Run, cfg: TrainConfig) -> None:
     if run.step % cfg.checkpoint_every and run.step != run.total_steps:
         return
+    _check_finite(run, cfg, weights=True)
+    _save(run, cfg)
+    run.saved = run.step
+
+
+def _save(run: Run, cfg: TrainConfig) -> None:
     save_state(
         cfg.out,
         {

@@ -42,7 +42,7 @@ from tide.train.loop.splice_report import build_report, save_grid
 class SpliceConfig(BaseModel):
     """A `tide splice` run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     saes: tuple[Path, ...]
     """SAE folders, or `tide train --out` folders holding them."""
@@ -229,12 +229,12 @@ def _conditions(
     return conds
 
 
-def _load(cfg: SpliceConfig, log) -> tuple[list[LoadedSAE], dict, Any]:
+def _load(cfg: SpliceConfig, folders: list[Path], log) -> tuple[list[LoadedSAE], dict, Any]:
     """The SAEs, their stores, and the pipeline planned like a harvest of the first SAE's store."""
     from tide.store.reader import open_store
     from tide.train.loop.rerun import rerun
 
-    saes = [load_sae(f) for f in sae_folders(list(cfg.saes))]
+    saes = [load_sae(f) for f in folders]
     stores = {p: open_store(p) for p in dict.fromkeys(s.meta.store.path for s in saes)}
     first = stores[saes[0].meta.store.path]
     log(f"pipeline: {first.meta.model.id}, the model of {saes[0].meta.store.path}")
@@ -277,8 +277,9 @@ def _run(cfg: SpliceConfig, planned, conds: list[Condition], clf) -> dict[str, T
 def splice(cfg: SpliceConfig, log: Callable[[str], None] = print) -> SpliceResult:
     """Run every condition (module docstring), write DIR/<condition>/{images,labels}.npy, report.json and
     grid.png, and return the report."""
+    folders = _distinct(sae_folders(list(cfg.saes)))  # refused before the run, not after it
     check_replaceable(cfg.out, "splice", cfg.overwrite)  # before anything is loaded: refused at once
-    saes, stores, planned = _load(cfg, log)
+    saes, stores, planned = _load(cfg, folders, log)
     S = planned.meta.num_inference_steps
     steps = parse_steps(cfg.steps, S)
     chosen = sorted(steps) if steps is not None else list(range(S))
@@ -302,3 +303,18 @@ def splice(cfg: SpliceConfig, log: Callable[[str], None] = print) -> SpliceResul
         )
         (out / "report.json").write_text(json.dumps(report, indent=2))
     return SpliceResult(report, cfg.out)
+
+
+def _distinct(folders: list[Path]) -> list[Path]:
+    """The SAE folders, refused when two share a name: each names a condition, its images' folder and its
+    row of report.json, so the second would overwrite the first after the whole run."""
+    seen: dict[str, Path] = {}
+    for f in folders:
+        if f.name in seen:
+            raise ValueError(
+                f"two SAE folders are named {f.name} ({seen[f.name]} and {f}): each SAE's results go under its "
+                "folder's name, so one would replace the other. Splice them in separate runs, or copy one to a "
+                "folder of another name"
+            )
+        seen[f.name] = f
+    return folders

@@ -25,17 +25,22 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from tide.store.outputs import check_replaceable, local_out, staged
 from tide.train.fit.checkpoint import LoadedSAE, load_sae
 from tide.train.loop.splice import check_pipeline, parse_steps, sae_target
 from tide.train.loop.splice_report import save_grid
 
+EDIT_LIMIT = 1e4
+"""The largest |--strength| or |--clamp|, in latent units. Far below it the edit already swamps the activations
+(on the demo model strengths 100 and 1e12 give the same images); far above it they overflow to NaN, which
+comes out as black images."""
+
 
 class SteerConfig(BaseModel):
     """A `tide steer` run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     sae: Path
     """The SAE folder."""
@@ -69,6 +74,19 @@ class SteerConfig(BaseModel):
     """Replace an earlier `tide steer` output in --out."""
     progress: bool = True
     """Show a progress bar."""
+
+    @field_validator("strength", "clamp", mode="before")
+    @classmethod
+    def _edit_size(cls, v: Any, info: ValidationInfo) -> Any:
+        # Before pydantic's own finite-number check, so that NaN and infinity get this message too.
+        if isinstance(v, int | float) and not abs(v) <= EDIT_LIMIT:
+            raise ValueError(
+                f"--{info.field_name} {v:g} is not an edit tide can apply: it takes a finite number of latent units "
+                f"up to {EDIT_LIMIT:g} either way (past a few hundred the direction swamps the activations, and far "
+                "past it they overflow to NaN: black images); use e.g. 10, guided by the activations the latent "
+                "takes on the store (`tide features`)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _one_edit(self) -> SteerConfig:
@@ -179,7 +197,9 @@ def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
         for start in range(0, n, cfg.batch_size):
             batch = slice(start, min(n, start + cfg.batch_size))
             plain.append(planned.sample(batch, on_step=bar.update).images.numpy())
-            steered.append(planned.sample(batch, iv, on_step=bar.update).images.numpy())
+            edited = planned.sample(batch, iv, on_step=bar.update)
+            _check_finite(cfg, edited.latents, batch)
+            steered.append(edited.images.numpy())
     images, unsteered = np.concatenate(steered), np.concatenate(plain)
     labels = planned.labels()
     summary = _summary(cfg, s, planned, planned.classifier(), images, unsteered, labels)
@@ -191,6 +211,17 @@ def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
         save_grid(out / "grid.png", [("unsteered", unsteered), ("steered", images)], cols=16)
         (out / "steer.json").write_text(json.dumps(summary, indent=2))
     return SteerResult(images, unsteered, labels, summary)
+
+
+def _check_finite(cfg: SteerConfig, latents: torch.Tensor, batch: slice) -> None:
+    """Refuse an edit that drove the sampler to NaN or infinity (its images would come out black)."""
+    if not torch.isfinite(latents).all():
+        edit = f"--strength {cfg.strength:g}" if cfg.clamp is None else f"--clamp {cfg.clamp:g}"
+        raise ValueError(
+            f"steering latent {cfg.latent} with {edit} drove the model to NaN or infinity (samples "
+            f"{batch.start}..{batch.stop - 1}; their images would be black); nothing was written. Use a smaller "
+            "edit: one this large only saturates the model"
+        )
 
 
 def _summary(cfg, s, planned, clf, images, unsteered, labels) -> dict[str, Any]:

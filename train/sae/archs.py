@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 class ArchOptions(BaseModel):
     """Architecture hyperparameters, declared once: `SAEConfig` and `TrainConfig` both inherit them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     aux_coeff: NonNegativeFloat = 1 / 32
     """Weight of the AuxK dead-latent loss (the TopK-style archs and relu; 0 turns it off)."""

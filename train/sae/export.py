@@ -31,6 +31,7 @@ latent (as SAELens saves a trained BatchTopK SAE); jumprelu -> `jumprelu`; relu 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,7 +46,7 @@ from tide.train.fit.checkpoint import (
     save_sae,
 )
 from tide.train.fit.data import Split
-from tide.train.sae.model import SAE, SAEConfig, build_sae
+from tide.train.sae.model import SAE, T_TOLERANCE, SAEConfig, build_sae
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -63,7 +64,7 @@ class ExportResult(NamedTuple):
 
 
 class ExportError(ValueError):
-    """An SAE that cannot be exported as asked; the message says why and what to do."""
+    """An SAE that cannot be exported or imported as asked; the message says why and what to do."""
 
 
 def _saelens_version() -> str:
@@ -111,6 +112,20 @@ def _check_timestep(loaded: LoadedSAE, timestep: float | None) -> None:
             f"{folder} ({sae.cfg.arch}) cannot be exported for every timestep at once: {why}, which SAELens "
             f"cannot express. Pass --timestep T to export it as it acts at scheduler timestep T, exactly (one "
             f"of {t_S[0]:g}, ..., {t_S[-1]:g}; the nearest stored mean is used)"
+        )
+    span = sae.timestep_range()
+    if timestep is not None and not (
+        math.isfinite(timestep)
+        and (span is None or span[0] - T_TOLERANCE <= timestep <= span[1] + T_TOLERANCE)
+    ):
+        trained = (
+            "on scheduler timesteps of its store"
+            if span is None
+            else f"on scheduler timesteps {span[0]:g}..{span[1]:g}"
+        )
+        raise ExportError(
+            f"--timestep {timestep:g}: {folder} was trained {trained}; give one of the values of the store's "
+            "`timesteps` array (the nearest stored mean is used)"
         )
     if timestep is not None and not (per_t or modulated):
         warnings.warn(f"{folder} does not depend on t: --timestep {timestep:g} changes nothing", stacklevel=3)
@@ -172,10 +187,20 @@ def export_saelens(
     architecture = loaded.sae.arch.saelens
     with torch.no_grad():
         weights = _fold(loaded.sae, timestep)
+    _check_finite(weights, f"{sae_dir}'s weights fold to", "the SAE is damaged or diverged: train it again")
     with staged(out, "export", overwrite) as new:
         save_file(weights, str(new / WEIGHTS_FILE))
         (new / CFG_FILE).write_text(json.dumps(_cfg_json(loaded, architecture, timestep), indent=2))
     return ExportResult(out, architecture, timestep)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str, fix: str) -> None:
+    """Refuse weights holding NaN or infinity, naming each tensor and how many of its values."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        counts = ", ".join(f"{k} ({n} of {tensors[k].numel()})" for k, n in bad.items())
+        raise ExportError(f"{what} NaN or infinite values in {counts}; {fix}")
 
 
 # --- import ----------------------------------------------------------------------------------------------
@@ -188,20 +213,54 @@ def is_saelens_folder(path: Path) -> bool:
     return (path / CFG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
+def _read_saelens(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """cfg.json and the weights of a SAELens folder, each refused with the reason when it is not what SAELens
+    writes (not JSON, not an object, not a safetensors file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not is_saelens_folder(folder):
+        raise ExportError(f"{folder} is not a SAELens SAE folder (it needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        cfg = json.loads((folder / CFG_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(
+            f"{folder / CFG_FILE} is not JSON ({e}); it must be the cfg.json SAELens writes"
+        ) from e
+    if not isinstance(cfg, dict):
+        raise ExportError(
+            f"{folder / CFG_FILE} holds a JSON {type(cfg).__name__}, not the object of settings SAELens writes "
+            '(e.g. {"architecture": "topk", "d_in": 768, "d_sae": 16384, ...})'
+        )
+    try:
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except SafetensorError as e:
+        raise ExportError(
+            f"{folder / WEIGHTS_FILE} is not a safetensors file ({e}); it must be the weights SAELens saves"
+        ) from e
+    return cfg, tensors
+
+
 def _import_config(cfg: dict[str, Any], folder: Path) -> SAEConfig:
     arch = cfg.get("architecture", "standard")
-    problems = {
-        arch not in TIDE_ARCH: f"architecture {arch!r} (tide imports {', '.join(TIDE_ARCH)})",
-        cfg.get("normalize_activations", "none") not in ("none", None): (
+    sizes = {key: cfg.get(key) for key in ("d_in", "d_sae", *(["k"] if arch == "topk" else []))}
+    problems = [
+        (arch not in TIDE_ARCH, f"architecture {arch!r} (tide imports {', '.join(TIDE_ARCH)})"),
+        (
+            cfg.get("normalize_activations", "none") not in ("none", None),
             f"normalize_activations={cfg.get('normalize_activations')!r}, a normalisation computed at run time "
-            "from data tide does not have (only 'none' is imported)"
+            "from data tide does not have (only 'none' is imported)",
         ),
-        cfg.get("reshape_activations", "none") != "none": "reshape_activations (attention-head SAEs)",
-        bool(cfg.get("rescale_acts_by_decoder_norm")): "rescale_acts_by_decoder_norm=true",
-    }
-    bad = [what for wrong, what in problems.items() if wrong]
+        (cfg.get("reshape_activations", "none") != "none", "reshape_activations (attention-head SAEs)"),
+        (bool(cfg.get("rescale_acts_by_decoder_norm")), "rescale_acts_by_decoder_norm=true"),
+        *(
+            (not (type(v) is int and v > 0), f"{k}={v!r} (a positive whole number is needed)")
+            for k, v in sizes.items()
+        ),
+    ]
+    bad = [what for wrong, what in problems if wrong]
     if bad:
-        raise ValueError(f"{folder} cannot be imported: it has {'; '.join(bad)}")
+        raise ExportError(f"{folder} cannot be imported: its {CFG_FILE} has {'; '.join(bad)}")
     tide_arch = TIDE_ARCH[arch]
     return SAEConfig(
         arch=tide_arch,
@@ -212,12 +271,24 @@ def _import_config(cfg: dict[str, Any], folder: Path) -> SAEConfig:
     )
 
 
-def _import_weights(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    need = ["W_enc", "W_dec", "b_enc", "b_dec"] + (["threshold"] if sae.cfg.arch == "jumprelu" else [])
+def _import_weights(sae: SAE, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    D, F = sae.cfg.d_model, sae.cfg.num_latents
+    need = {"W_enc": (D, F), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,)}
+    need |= {"threshold": (F,)} if sae.cfg.arch == "jumprelu" else {}
     missing = [n for n in need if n not in tensors]
     if missing:
-        raise ValueError(f"{WEIGHTS_FILE} lacks {missing}; it is not a SAELens {cfg['architecture']} SAE")
+        raise ExportError(f"{WEIGHTS_FILE} lacks {missing}; it is not a SAELens {cfg['architecture']} SAE")
+    wrong = [
+        f"{n} {tuple(tensors[n].shape)}" for n, shape in need.items() if tuple(tensors[n].shape) != shape
+    ]
+    if wrong:
+        expected = ", ".join(f"{n} {shape}" for n, shape in need.items())
+        raise ExportError(
+            f"{folder / WEIGHTS_FILE} has {', '.join(wrong)}, but its {CFG_FILE} (d_in={D}, d_sae={F}) means "
+            f"{expected}; the two files do not belong together"
+        )
     t = {n: tensors[n].float() for n in need}
+    _check_finite(t, f"{folder / WEIGHTS_FILE} holds", "such an SAE reconstructs nothing; fix or retrain it")
     if not cfg.get("apply_b_dec_to_input", True):  # SAELens encodes x, tide x - b_dec: move b_dec into b_enc
         t["b_enc"] = t["b_enc"] + t["b_dec"] @ t["W_enc"]
     with torch.no_grad():
@@ -235,18 +306,15 @@ def import_saelens(
     The array defaults to metadata.hook_name when it names one of the store's arrays. Held-out samples: the
     split recorded by `tide export` when the store is the one it was trained on, else every done sample
     chunk (the SAE never saw this store's samples)."""
-    from safetensors.torch import load_file
     from tide.store.open import canonical
     from tide.store.reader import open_store
 
     out = local_out(out, "import")
-    if not is_saelens_folder(folder):
-        raise ValueError(f"{folder} is not a SAELens SAE folder (it needs {CFG_FILE} and {WEIGHTS_FILE})")
+    cfg, tensors = _read_saelens(folder)
     check_replaceable(out, "sae", overwrite)
-    cfg = json.loads((folder / CFG_FILE).read_text())
-    metadata = cfg.get("metadata") or {}
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     sae = build_sae(_import_config(cfg, folder))
-    _import_weights(sae, cfg, load_file(str(folder / WEIGHTS_FILE)))
+    _import_weights(sae, cfg, tensors, folder)
     store = open_store(store_path)
     arrays = store.meta.act_names()
     array = array or metadata.get("hook_name") or cfg.get("hook_name")

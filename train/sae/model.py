@@ -238,6 +238,11 @@ class SAE(nn.Module):
         t_B = t_B.expand(B) if t_B.ndim == 0 else t_B
         if t_B.shape != (B,):
             raise ValueError(f"t_B has shape {tuple(t_B.shape)}, expected ({B},) or a scalar: one t per row")
+        if not self.training and not bool(torch.isfinite(t_B).all()):
+            raise ValueError(
+                f"t_B holds {t_B[~torch.isfinite(t_B)][0].item()}, which is no timestep; pass the scheduler's "
+                "timestep value of each row (the store's `timesteps` array)"
+            )
         expected = None if self.training else self.timestep_range()
         if expected is not None:
             lo, hi = torch.stack(torch.aminmax(t_B.float())).tolist()
