@@ -29,7 +29,7 @@ from tide.harvest.target import (
 from tide.store.card import write_card
 from tide.store.device import resolve_device
 from tide.store.failures import os_error
-from tide.store.open import where
+from tide.store.open import remote_error, where
 from tide.store.schema import StoreMeta
 from tide.store.writer import StoreWriter, block_bytes, disk_bound, free_bytes
 from tqdm.auto import tqdm
@@ -180,22 +180,24 @@ def _write(cfg: HarvestConfig, model: LoadedModel, job: Opened) -> int:
             bar.close()
         finally:
             writer.close()
-    except (OSError, RuntimeError) as e:
-        failure = chunk_failure(cfg.out, job.root, job.meta, e)
+    except Exception as e:
+        kept = job.meta.num_samples - todo_samples + writer.samples_done
+        failure = chunk_failure(cfg.out, job.meta, e, kept)
         if failure is None:
             raise
         raise failure from e
     return todo_samples
 
 
-def chunk_failure(out: Path, root: zarr.Group, meta: StoreMeta, e: BaseException) -> HarvestError | None:
-    """The HarvestError for a write error `e` met while filling the store, counting the samples done; None
-    when `e` is no OS error."""
+def chunk_failure(out: Path | str, meta: StoreMeta, e: BaseException, done: int) -> HarvestError | None:
+    """The HarvestError for an error `e` met while filling the store, with `done` samples complete in it: a
+    remote store that stopped answering, or a local write error; None when `e` is neither."""
+    loc = where(out)
+    lost = None if loc.local else remote_error(e, loc)
+    if lost is not None:
+        return HarvestError(
+            f"{lost}. {done} of {meta.num_samples} samples had been written completely and are kept; the store "
+            "is resumable: when the store answers again, run the same command, which writes the rest"
+        )
     err = os_error(e)
-    if err is None:
-        return None
-    try:
-        done = int(root["done"][:].sum())
-    except Exception:  # the done flags could not be read back: say nothing rather than a wrong number
-        done = None
-    return write_failure(out, err, meta.num_samples, done)
+    return None if err is None else write_failure(out, err, meta.num_samples, done)

@@ -26,6 +26,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from tide.store.timeouts import RemoteError, http_budget, obstore_budget
+
 # What reaches each remote scheme, and so what to install when it is missing.
 REMOTE = {
     "s3": "obstore",
@@ -171,8 +173,11 @@ def zarr_store(loc: Where, mode: str = "r") -> Any:
         return store
     if loc.scheme in OBJECT_STORES:
         return _object_store(loc, read_only=mode == "r")
+    options = _OPTIONS.get() or {}
     try:
-        return FsspecStore.from_url(loc.text, storage_options=_OPTIONS.get() or {}, read_only=mode == "r")
+        if loc.scheme in ("http", "https"):
+            options = http_budget(options)
+        return FsspecStore.from_url(loc.text, storage_options=options, read_only=mode == "r")
     except ImportError as e:
         raise missing_package(loc) from e
 
@@ -185,7 +190,7 @@ def _object_store(loc: Where, read_only: bool) -> Any:
     except ImportError as e:
         raise missing_package(loc) from e
     url = "gs://" + loc.text.split("://", 1)[1] if loc.scheme == "gcs" else loc.text
-    options = obstore_options(loc.scheme, _OPTIONS.get() or {})
+    options = obstore_budget(obstore_options(loc.scheme, _OPTIONS.get() or {}))
     if loc.scheme == "s3":
         options = _aws_credentials(loc, options)
     try:
@@ -296,6 +301,22 @@ def explain(loc: Where, e: BaseException) -> LocationError | None:
     ):
         endpoint = " and AWS_ENDPOINT_URL" if loc.scheme == "s3" else ""
         return LocationError(f"{loc.text}: cannot connect ({first_line(e)}); check the URL{endpoint}")
+    return None
+
+
+def remote_error(e: BaseException, loc: Where) -> LocationError | None:
+    """The one-line error for a request to the remote store at `loc` that failed (obstore's and aiohttp's
+    errors, store/timeouts.py's RemoteError, a timeout), found anywhere in `e`'s chain; None when there is none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, LocationError | RemoteError):
+            return LocationError(str(e))
+        if type(e).__module__.split(".")[0] in ("obstore", "aiohttp") or isinstance(e, TimeoutError):
+            return explain(loc, e) or LocationError(
+                f"{loc.text}: the store stopped answering ({first_line(e)})"
+            )
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
     return None
 
 

@@ -202,6 +202,8 @@ class StoreWriter:
         self.root, self.meta, self.layout = root, meta, meta.layout()
         self._queue: queue.Queue[tuple[Callable[..., None], tuple] | None] = queue.Queue(max_pending)
         self._error: BaseException | None = None
+        self.samples_done = 0
+        """Samples this writer has marked done: what a failed run kept, counted without asking the store."""
         self._thread = threading.Thread(target=self._run, name="tide-writer", daemon=True)
         self._thread.start()
 
@@ -252,6 +254,7 @@ class StoreWriter:
     def mark_done(self, sample_chunk: int) -> None:
         samples = self.layout.sample_chunk(sample_chunk)
         everything(self.root["done"])[samples] = np.ones(samples.stop - samples.start, dtype=bool)
+        self.samples_done += samples.stop - samples.start
 
 
 def _existing(path: Path) -> Path:

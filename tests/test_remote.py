@@ -20,6 +20,7 @@ from tide.cli import app
 from tide.harvest.config import DEMO_MODEL
 from tide.store.open import where, zarr_store
 from tide.store.reader import open_store
+from tide.store.timeouts import RETRIES, TIMEOUT_S
 from tide.train.fit.config import TrainConfig
 from tide.train.fit.trainer import train
 from typer.testing import CliRunner
@@ -430,7 +431,11 @@ def test_gs_url_reaches_obstores_gcs_store(monkeypatch):
     monkeypatch.setattr(obstore.store, "from_url", from_url)
     options = json.dumps({"service_account_path": "/key.json"})
     _one_line_error(["store", "info", "gcs://bkt/h.zarr", "--storage-options", options], "gcs://bkt/h.zarr")
-    assert seen == [("gs://bkt/h.zarr", {"service_account_path": "/key.json"})]
+    # The user's options reach obstore as given, with tide's timeouts and retry budget (store/timeouts.py).
+    [(url, given)] = seen
+    assert url == "gs://bkt/h.zarr" and given["service_account_path"] == "/key.json"
+    assert given["client_options"]["timeout"] == f"{TIMEOUT_S:g}s"
+    assert given["retry_config"]["max_retries"] == RETRIES
 
 
 def test_overwrite_replaces_a_tide_store_on_s3(s3, small, tiny_dit):

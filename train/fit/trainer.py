@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tide.store.device import resolve_device
 from tide.store.lock import LockedError, lock_path, locked
-from tide.store.open import canonical
+from tide.store.open import canonical, remote_error, where
 from tide.store.outputs import nested
 from tide.store.reader import Store, configure_read_threads, default_read_threads, open_store
 from tide.train.analysis.eval import progress_text
@@ -286,34 +286,55 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are.
 
-    A folder that cannot be written (read-only, no permission, a full disk) ends in a TrainError that says
-    what to do; a run stopped by a full disk resumes from its last checkpoint. The run holds the lock of
-    cfg.out (store/lock.py) throughout, so a second run into the same folder is refused while this one runs."""
+    A folder that cannot be written (read-only, no permission, a full disk) or a remote store that stops
+    answering ends in a TrainError that says what to do; such a run resumes from its last checkpoint. The run
+    holds the lock of cfg.out (store/lock.py) throughout, so a second run into the same folder is refused
+    while this one runs."""
     try:
         cfg.out.parent.mkdir(parents=True, exist_ok=True)
         with locked(cfg.out, "train"):  # a second `tide train` (or harvest) into this --out is refused
             return _train(cfg, log)
     except LockedError as e:
         raise TrainError(str(e)) from None
-    except OSError as e:
-        path = Path(e.filename) if e.filename else cfg.out
-        if not (nested(path, cfg.out) or path in (lock_path(cfg.out), cfg.out.parent)):  # the store, read
-            raise TrainError(
-                f"cannot read {path}: {e.strerror or e}; check the store with `tide store verify`"
-            ) from e
-        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            why = "the filesystem is read-only" if e.errno == errno.EROFS else "permission denied"
-            at = f" (at {path})" if path != cfg.out else ""
-            raise TrainError(
-                f"cannot write to {cfg.out}: {why}{at}. Choose an --out in a folder you can write to, or change "
-                "the folder's permissions"
-            ) from e
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TrainError(
-                f"the disk holding {cfg.out} is full ({e.strerror}); free some space and run the same command "
-                "again: it resumes from the run's last checkpoint"
-            ) from e
-        raise TrainError(f"writing the run in {cfg.out} failed at {path}: {e.strerror or e}") from e
+    except ValueError:  # tide's own errors, which say what happened already
+        raise
+    except Exception as e:
+        failure = _failure(cfg, e)
+        if failure is None:
+            raise
+        raise failure from e
+
+
+def _failure(cfg: TrainConfig, e: BaseException) -> TrainError | None:
+    """What went wrong, for `e` met during a run: a remote store that stopped answering, the store that could
+    not be read, or cfg.out that could not be written (told apart by the file named); None for other errors."""
+    loc = where(cfg.store)
+    lost = None if loc.local else remote_error(e, loc)
+    if lost is not None:
+        return TrainError(
+            f"{lost}. The run's checkpoints in {cfg.out} are kept: run the same command again when the store "
+            "answers, and it resumes from the last one"
+        )
+    if not isinstance(e, OSError):
+        return None
+    path = Path(e.filename) if e.filename else cfg.out
+    if not (nested(path, cfg.out) or path in (lock_path(cfg.out), cfg.out.parent)):  # the store, read
+        return TrainError(
+            f"cannot read {path}: {e.strerror or e}; check the store with `tide store verify {cfg.store}`"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "the filesystem is read-only" if e.errno == errno.EROFS else "permission denied"
+        at = f" (at {path})" if path != cfg.out else ""
+        return TrainError(
+            f"cannot write to {cfg.out}: {why}{at}. Choose an --out in a folder you can write to, or change "
+            "the folder's permissions"
+        )
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TrainError(
+            f"the disk holding {cfg.out} is full ({e.strerror}); free some space and run the same command "
+            "again: it resumes from the run's last checkpoint"
+        )
+    return TrainError(f"writing the run in {cfg.out} failed at {path}: {e.strerror or e}")
 
 
 def _train(cfg: TrainConfig, log: Callable[[str], None]) -> TrainResult:
