@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tide.harvest.config import DEMO_MODEL
-from tide.store.limits import LearningRate, Seed
+from tide.store.limits import SEED_MAX, LearningRate, Seed
 from tide.store.outputs import check_replaceable, local_out, staged
 
 NUM_CLASSES = 10
@@ -245,6 +245,14 @@ def generate(folder: Path | str, per_class: int, num_steps: int, guidance_scale:
     from tide.harvest.model import load_model
     from tide.harvest.sampler import generate as sample
 
+    if not 0 <= seed <= SEED_MAX:
+        raise ValueError(
+            f"--seed {seed} is not a seed: a seed is a whole number from 0 to {SEED_MAX}; use e.g. 0"
+        )
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 1):
+        raise ValueError(
+            f"--guidance-scale {guidance_scale} is not a CFG scale: a finite number >= 1 (1: no guidance); use e.g. 2"
+        )
     model = load_model(str(folder))
     g = model.default_guidance_scale if guidance_scale is None else guidance_scale
     labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import errno
+import functools
+import http.server
 import json
 import math
+import threading
 import zipfile
 from pathlib import Path
 
@@ -217,6 +220,21 @@ def test_seeds_out_of_range_name_the_option(syn, tiny_dit, tmp_path, seed):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--seed", "-1"], "--seed -1 is not a seed"),
+        (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is not a seed"),
+        (["--guidance-scale", "nan"], "--guidance-scale nan is not a CFG scale"),
+    ],
+)
+def test_demo_model_sampling_refuses_bad_seeds_and_guidance(tmp_path, args, needle):
+    _error(["demo-model", "eval", "--per-class", "1", "--num-steps", "2", *args], needle)
+    if "--seed" in args:
+        _error(["demo-model", "grid", "--out", str(tmp_path / "g.png"), *args], needle)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_huge_image_size_is_refused_before_work(tiny_dit, tmp_path):
     # The tiny DiT makes 8 px images: 100000 px would take 50000 x 4 = 200,000 tokens an image.
     _error(
@@ -419,9 +437,22 @@ def test_reset_damaged_of_a_store_tide_only_reads(syn, tmp_path):
     assert runner.invoke(app, ["store", "pack", str(syn.path), str(packed)]).exit_code == 0
     before = packed.read_bytes()
     _error(
-        ["store", "verify", str(packed), "--reset-damaged"], "--reset-damaged rewrites the done flags", "zip"
+        ["store", "verify", str(packed), "--reset-damaged"], "--reset-damaged rewrites the done flags", ".zip"
     )
     assert packed.read_bytes() == before
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(syn.path.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s.zarr"
+        _error(
+            ["store", "verify", url, "--reset-damaged"],
+            f"done flags of {url}",
+            "http:// URL, which tide only reads",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- 10. options and credentials ------------------------------------------------------------------------
