@@ -106,17 +106,7 @@ def test_an_sae_refuses_a_nan_timestep(trained):
 )
 def test_steer_refuses_non_finite_and_absurd_edits(tmp_path, edit, value):
     # Refused by the config, before the SAE or the model is even read.
-    args = [
-        "steer",
-        "--sae",
-        str(tmp_path / "no-sae"),
-        "--latent",
-        "0",
-        edit,
-        value,
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    args = ["steer", str(tmp_path / "no-sae"), "--latent", "0", edit, value, "--out", str(tmp_path / "o")]
     _error(args, f"{edit} {float(value):g} is not an edit", "up to 10000", "use e.g. 10")
     assert not (tmp_path / "o").exists()
 
@@ -127,7 +117,7 @@ def test_an_edit_that_drives_the_model_to_nan_is_refused(looped, tmp_path, monke
 
     monkeypatch.setattr(steer, "EDIT_LIMIT", math.inf)
     out = tmp_path / "o"
-    args = ["steer", "--sae", str(looped), "--latent", "3", "--strength", "1e38", "--out", str(out)]
+    args = ["steer", str(looped), "--latent", "3", "--strength", "1e38", "--out", str(out)]
     _error(
         [*args, "--num-samples", "2", "--no-progress"],
         "drove the model to NaN or infinity",
@@ -420,7 +410,7 @@ def test_splice_of_two_sae_folders_of_one_name_is_refused_first(looped, tmp_path
 
 def test_pack_and_verify_refuse_entries_named_outside_the_store(syn, tmp_path):
     packed = tmp_path / "s.zarr.zip"
-    assert runner.invoke(app, ["store", "pack", str(syn.path), str(packed)]).exit_code == 0
+    assert runner.invoke(app, ["store", "pack", str(syn.path), "--out", str(packed)]).exit_code == 0
     with zipfile.ZipFile(packed, "a") as z:
         z.writestr("../evil.txt", "outside")
         z.writestr("resid_l00/../../up.txt", "outside")
@@ -428,13 +418,17 @@ def test_pack_and_verify_refuse_entries_named_outside_the_store(syn, tmp_path):
     assert result.exit_code == 1 and "sound" not in result.output, result.output
     assert "entry '../evil.txt'" in result.output and "entry 'resid_l00/../../up.txt'" in result.output
     again = tmp_path / "again.zarr.zip"
-    _error(["store", "pack", str(packed), str(again)], "2 entries named outside the store", "'../evil.txt'")
+    _error(
+        ["store", "pack", str(packed), "--out", str(again)],
+        "2 entries named outside the store",
+        "'../evil.txt'",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr.zip"]
 
 
 def test_reset_damaged_of_a_store_tide_only_reads(syn, tmp_path):
     packed = tmp_path / "s.zarr.zip"
-    assert runner.invoke(app, ["store", "pack", str(syn.path), str(packed)]).exit_code == 0
+    assert runner.invoke(app, ["store", "pack", str(syn.path), "--out", str(packed)]).exit_code == 0
     before = packed.read_bytes()
     _error(
         ["store", "verify", str(packed), "--reset-damaged"], "--reset-damaged rewrites the done flags", ".zip"
@@ -465,7 +459,7 @@ def test_malformed_storage_options_name_the_option(syn, tmp_path, options):
         ["store", "verify", str(syn.path)],
         ["store", "stats", str(syn.path)],
         ["store", "card", str(syn.path), "--out", str(tmp_path / "card.md")],
-        ["store", "pack", str(syn.path), str(tmp_path / "p.zarr.zip")],
+        ["store", "pack", str(syn.path), "--out", str(tmp_path / "p.zarr.zip")],
     ):
         _error([*args, "--storage-options", options], f"--storage-options {options!r}", "'{\"anon\": true}'")
     assert list(tmp_path.iterdir()) == []
