@@ -331,6 +331,37 @@ def test_read_only_disks_give_one_line_naming_the_folder(trained, looped, syn, t
         _error(["store", "card", str(copy)], f"cannot write to {copy}", "--out FILE")
 
 
+def test_a_read_only_out_is_refused_before_the_work(looped, tmp_path, monkeypatch):
+    """Commands that build their output beside --out check that they can write there first, not after running
+    the model for the whole run."""
+    import tide.train.loop.splice as splice
+
+    monkeypatch.setattr(splice, "_load", lambda *a, **k: pytest.fail("splice loaded the model"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with _unwritable(locked):
+        _error(
+            ["splice", str(looped), "--out", str(locked / "new" / "x")], f"cannot write to {locked / 'new'}"
+        )
+
+
+def test_a_disk_that_fails_while_an_output_is_written_keeps_the_old_one(trained, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    out = tmp_path / "x"
+    args = ["export", str(trained), "--out", str(out), "--timestep", "999"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".x.tide-new" / "w"))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    _error([*args, "--overwrite"], f"the disk holding {out} is full", "free some space")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no staging folder left
+
+
 def test_eval_of_read_only_saes_prints_its_results_with_a_note(trained, tmp_path):
     with _unwritable(trained):
         result = runner.invoke(app, ["eval", str(trained), "--json", str(tmp_path / "r.json")])
