@@ -316,25 +316,9 @@ def import_saelens(
     sae = build_sae(_import_config(cfg, folder))
     _import_weights(sae, cfg, tensors, folder)
     store = open_store(store_path)
-    arrays = store.meta.act_names()
-    array = array or metadata.get("hook_name") or cfg.get("hook_name")
-    if array not in arrays:
-        raise ValueError(
-            f"which activations does {folder} read? hook_name {array!r} is not an array of {store.path} "
-            f"({', '.join(arrays)}); pass --array NAME"
-        )
-    if sae.cfg.d_model != store.meta.d_model:
-        raise ValueError(
-            f"{folder} has d_in={sae.cfg.d_model}, but {store.path} has d_model {store.meta.d_model}"
-        )
+    array = _imported_array(folder, store, sae, array or metadata.get("hook_name") or cfg.get("hook_name"))
     identity = store.identity()
-    same = (metadata.get("tide_store") or {}).get("identity") == identity and "tide_split" in metadata
-    split = (
-        Split(**metadata["tide_split"])
-        if same
-        else Split(val_fraction=1.0, split_seed=0, train_chunks=[], val_chunks=store.done_chunks())
-    )
-    step_range = tuple(metadata["tide_step_range"]) if same else (0, store.layout.num_steps)
+    split, step_range = _imported_split(store, metadata, identity)
     meta = SAEMeta(
         name=out.name,
         array=array,
@@ -351,3 +335,27 @@ def import_saelens(
     with staged(out, "sae", overwrite) as new:
         save_sae(new, sae, meta)
     return out
+
+
+def _imported_array(folder: Path, store, sae, array: str | None) -> str:
+    """The store array an imported SAE reads: `array` when the store has it and its width is the SAE's."""
+    arrays = store.meta.act_names()
+    if array not in arrays:
+        raise ValueError(
+            f"which activations does {folder} read? hook_name {array!r} is not an array of {store.path} "
+            f"({', '.join(arrays)}); pass --array NAME"
+        )
+    if sae.cfg.d_model != store.meta.d_model:
+        raise ValueError(
+            f"{folder} has d_in={sae.cfg.d_model}, but {store.path} has d_model {store.meta.d_model}"
+        )
+    return array
+
+
+def _imported_split(store, metadata: dict, identity: str) -> tuple[Split, tuple[int, int]]:
+    """Held-out samples and step range: those `tide export` recorded when the store is the one the SAE was
+    trained on, else every done sample chunk and every step (the SAE never saw this store's samples)."""
+    if (metadata.get("tide_store") or {}).get("identity") == identity and "tide_split" in metadata:
+        return Split(**metadata["tide_split"]), tuple(metadata["tide_step_range"])
+    held_out = Split(val_fraction=1.0, split_seed=0, train_chunks=[], val_chunks=store.done_chunks())
+    return held_out, (0, store.layout.num_steps)
