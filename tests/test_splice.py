@@ -119,26 +119,31 @@ def test_pixart_exact_sae_equals_clean(tiny_pixart, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "o" / "clean" / "labels.npy"), [0, 1, 2])  # prompt index
 
 
-def test_grid_places_each_image_and_names_each_row(tmp_path):
-    from PIL import Image
-    from tide.train.loop.splice_report import save_grid
+def test_grid_places_each_image_names_each_row_and_says_which_samples(tmp_path):
+    from PIL import Image, ImageDraw, ImageFont
+    from tide.train.loop.splice_report import grid_caption, save_grid
 
     rng = np.random.default_rng(0)
     rows = [
-        (name, rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)) for name in ("clean", "resid_l03-tide")
+        (name, rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)) for name in ("clean", "resid_l03-tide")
     ]
     save_grid(tmp_path / "g.png", rows, cols=3)
     grid = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
     pad, size = 4, 64  # 8-pixel images are drawn 8x, 4 pixels apart
-    label_w = grid.shape[1] - 3 * (size + pad) - pad
-    assert grid.shape[0] == 2 * (size + pad) + pad
+    font = ImageFont.load_default()
+    label_w = pad + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength("resid_l03-tide", font))
+    head = 2 * pad + int(font.getbbox(grid_caption(3, 5))[3])
+    assert grid.shape[0] == head + 2 * (size + pad) + pad
+    assert (grid[pad : head - pad] < 128).any(), "no caption above the rows"
     for i, (_, images) in enumerate(rows):
-        top = pad + i * (size + pad)
+        top = head + pad + i * (size + pad)
         assert (grid[top : top + size, pad:label_w] < 128).any(), f"row {i} has no name"
-        for j, img in enumerate(images):
+        for j, img in enumerate(images[:3]):
             left = label_w + pad + j * (size + pad)
             expected = np.kron(img[..., 0], np.ones((8, 8), dtype=np.uint8))
             np.testing.assert_array_equal(grid[top : top + size, left : left + size, 0], expected)
+    assert grid_caption(3, 5).startswith("the first 3 of 5 samples")
+    assert grid_caption(8, 8).startswith("all 8 samples")
 
 
 def test_cli_progress_counts_image_steps_and_ends_with_the_table(setup, tmp_path):

@@ -180,15 +180,27 @@ class _Plots:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.figure import SubplotParams
 
         self.plt, self.stats, self.table, self.t_S = plt, stats, table, t_S
         self.steps = np.flatnonzero(stats.rows_S > 0)
         self.spark = plt.figure(figsize=(1.6, 0.4), dpi=75)
-        # Fixed margins: tight_layout would measure every text on every save, most of a plot's cost.
-        margins = dict(left=0.09, right=0.9, bottom=0.2, top=0.76)
-        self.fig_t = plt.figure(figsize=(8, 3.8), dpi=80, subplotpars=SubplotParams(**margins))
-        self.fig_c = plt.figure(figsize=(8, 3.8), dpi=80, subplotpars=SubplotParams(**margins))
+        # Fixed margins (tight_layout would measure every text on every save, most of a plot's cost), set
+        # again after each clf(), which resets them: room for the title and bucket AUROCs above the axes and
+        # the legend below them (timesteps), and for the legend at the right (classes), so that nothing is
+        # drawn over the data or cut off. 100 dpi at 7.2 in: the page shows them at their own 720 px.
+        self.fig_t, self.fig_c = (
+            plt.figure(figsize=(7.2, 4.2), dpi=100),
+            plt.figure(figsize=(7.2, 3.6), dpi=100),
+        )
+        self.margins = {
+            self.fig_t: dict(left=0.1, right=0.89, bottom=0.25, top=0.85),
+            self.fig_c: dict(left=0.1, right=0.68, bottom=0.15, top=0.95),
+        }
+
+    def _axes(self, fig):
+        fig.clf()
+        fig.subplots_adjust(**self.margins[fig])
+        return fig.add_subplot(1, 1, 1)
 
     def profile(self, f: int, path: Path) -> None:
         fig = self.spark
@@ -203,8 +215,7 @@ class _Plots:
     def timesteps(self, f: int, path: Path) -> None:
         """Mean activation where it fires and the top rows (left axis), firing frequency (right), per step."""
         fig, s = self.fig_t, self.steps
-        fig.clf()
-        ax = fig.add_subplot(1, 1, 1)
+        ax = self._axes(fig)
         t = self.t_S[s]
         with np.errstate(invalid="ignore", divide="ignore"):
             active = self.stats.sum_SF[s, f] / self.stats.fires_SF[s, f]
@@ -214,14 +225,15 @@ class _Plots:
         ax.scatter(self.t_S[steps], self.stats.top.value_FK[f, top], s=8, color="#cc0000", label="top rows")
         ax.set_xlabel("timestep t (noisiest left)")
         ax.set_ylabel("activation")
-        ax.set_xlim(t.max(), t.min())  # denoising runs from high t to low t: read left to right
+        pad = 0.01 * (t.max() - t.min())  # the first and last steps' points drawn whole
+        ax.set_xlim(t.max() + pad, t.min() - pad)  # denoising runs from high t to low t: read left to right
         ax.set_ylim(bottom=0)
         ax2 = ax.twinx()
         ax2.plot(t, self.table.frequency_SF[s, f], color="#888", ls="--", label="firing frequency (right)")
         ax2.set_ylabel("firing frequency")
         ax2.set_ylim(bottom=0)
         self._bucket_aurocs(ax, f)
-        fig.legend(loc="upper center", ncol=3, fontsize=7, frameon=False)
+        fig.legend(loc="lower center", ncol=3, fontsize=9, frameon=False)
         fig.savefig(path)
 
     def _bucket_aurocs(self, ax, f: int) -> None:
@@ -229,7 +241,7 @@ class _Plots:
         if self.table.best_class_F is None or self.table.best_class_F[f] < 0:
             return
         c = self.table.best_class_F[f]
-        ax.set_title(f"AUROC of class {self.stats.class_names[c]} per timestep bucket", fontsize=8, pad=14)
+        ax.set_title(f"AUROC of class {self.stats.class_names[c]} per timestep bucket", fontsize=10, pad=16)
         for g, (a, b) in enumerate(self.stats.bucket_steps):
             lo, hi = self.t_S[a], self.t_S[b - 1]
             if g % 2:
@@ -242,13 +254,12 @@ class _Plots:
                 transform=ax.get_xaxis_transform(),
                 ha="center",
                 va="bottom",
-                fontsize=7,
+                fontsize=9,
             )
 
     def classes(self, f: int, path: Path, names: list[str]) -> None:
         fig = self.fig_c
-        fig.clf()
-        ax = fig.add_subplot(1, 1, 1)
+        ax = self._axes(fig)
         hist_CH = self.stats.hist_GCFH[0, :, f, :].astype(np.float64)
         n_C = hist_CH.sum(1)
         edges = np.concatenate([hist_edges(), [hist_edges()[-1] * 1.07]])
@@ -269,8 +280,16 @@ class _Plots:
                     label=f"{names[c]} (0 on {zero:.0%})",
                     color=None if c != best else "#cc0000",
                 )
+            from matplotlib.ticker import LogFormatter
+
             ax.set_xscale("log")
-            ax.legend(fontsize=6, ncol=2, title="class (share never firing)", title_fontsize=7)
+            # 2 and 0.5, not 2 x 10^0 and 5 x 10^-1; minor ticks labelled only where few decades show
+            ax.xaxis.set_major_formatter(LogFormatter())
+            ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+            ax.legend(
+                loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, ncol=1 if len(n_C) <= 12 else 2,
+                title="class (share never firing)", title_fontsize=9, frameon=False,
+            )  # fmt: skip
         ax.set_xlabel("largest activation over the sample's tokens (all steps)")
         ax.set_ylabel("fraction of the class's samples")
         fig.savefig(path)

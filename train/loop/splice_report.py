@@ -114,9 +114,15 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def grid_caption(shown: int, total: int) -> str:
+    """The line above a grid saying which samples it shows."""
+    which = f"all {total} samples" if shown >= total else f"the first {shown} of {total} samples"
+    return f"{which}, one per column (the same seed down each column)"
+
+
 def save_grid(path: Path, rows: list[tuple[str, np.ndarray]], cols: int = 8) -> None:
     """A PNG with one row of images (B, H, W, C) uint8 per condition, the first `cols` samples each, the
-    condition's name written at the row's left."""
+    condition's name written at the row's left and `grid_caption` above the rows."""
     from PIL import Image, ImageDraw, ImageFont
 
     h, w, c = rows[0][1].shape[1:]
@@ -124,15 +130,16 @@ def save_grid(path: Path, rows: list[tuple[str, np.ndarray]], cols: int = 8) -> 
     pad, size_h, size_w = 4, h * scale, w * scale
     n = min(cols, len(rows[0][1]))
     font = ImageFont.load_default()
-    label_w = pad + max(
-        int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(name, font)) for name, _ in rows
-    )
-    grid = Image.new(
-        "RGB", (label_w + n * (size_w + pad) + pad, len(rows) * (size_h + pad) + pad), color=(255, 255, 255)
-    )
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    caption = grid_caption(n, len(rows[0][1]))
+    label_w = pad + max(int(measure.textlength(name, font)) for name, _ in rows)
+    head = 2 * pad + int(font.getbbox(caption)[3])
+    width = max(label_w + n * (size_w + pad) + pad, 2 * pad + int(measure.textlength(caption, font)))
+    grid = Image.new("RGB", (width, head + len(rows) * (size_h + pad) + pad), color=(255, 255, 255))
     draw = ImageDraw.Draw(grid)
+    draw.text((pad, pad), caption, fill=(0, 0, 0), font=font)
     for i, (name, images) in enumerate(rows):
-        top = pad + i * (size_h + pad)
+        top = head + pad + i * (size_h + pad)
         draw.text((pad, top + size_h // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
         for j, img in enumerate(images[:n]):
             cell = (
