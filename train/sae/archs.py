@@ -6,7 +6,7 @@ Shape key: B batch (tokens), D model width, F SAE latents, P Matryoshka prefixes
 modulation, the decoder, the input normalisation. An `Architecture` adds what differs:
     - `activate(sae, pre_BF)`: the sparsifying non-linearity;
     - `add_state(sae)`: parameters and buffers of its own (batchtopk's threshold, jumprelu's thresholds);
-    - `loss_terms(sae, x_BD, out)`: its loss beyond the reconstruction FVU and AuxK (train/sae/loss.py);
+    - `loss_terms(sae, x_BD, out, batch)`: its loss beyond the reconstruction FVU and AuxK (train/sae/loss.py);
     - `fields`: the `ArchOptions` hyperparameters it reads, so `TrainConfig.specs` passes only those;
     - `modulated`: whether the SAE has tide's timestep modulation; `uses_k`, `uses_auxk`;
     - `saelens`: the SAELens architecture an export writes (train/sae/export.py).
@@ -32,12 +32,11 @@ prefixes' FVUs, so early latents must carry the most general directions.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, NonNegativeFloat, PositiveFloat
-from tide.train.sae.loss import _variance_sum
+from tide.train.sae.batch import Moments
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -116,10 +115,10 @@ ArchName = Annotated[str, AfterValidator(_known)]
 """An architecture's name, checked against ARCHITECTURES (pydantic errors point at the bad item)."""
 
 
-def fvu(x_BD: Tensor, x_hat_BD: Tensor) -> Tensor:
-    """sum ||x_hat - x||^2 / sum ||x - mean_B x||^2, in float32 (the loss's reconstruction term)."""
-    x_BD = x_BD.float()
-    return (x_hat_BD.float() - x_BD).pow(2).sum() / _variance_sum(x_BD)
+def fvu(x_BD: Tensor, x_hat_BD: Tensor, var_sum: Tensor) -> Tensor:
+    """sum ||x_hat - x||^2 / var_sum, in float32 (the loss's reconstruction term); var_sum is the batch's
+    sum ||x - mean_B x||^2 (`Moments.var_sum`: over the whole batch, when it is split across processes)."""
+    return (x_hat_BD.float() - x_BD.float()).pow(2).sum() / var_sum
 
 
 class Architecture:
@@ -160,7 +159,8 @@ class Architecture:
     def activate(self, sae: SAE, pre_BF: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput) -> LossTerms:
+    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput, batch: Moments) -> LossTerms:
+        """Means over rows are sums over this process's rows divided by batch.rows, the whole batch's."""
         zero = out.x_hat_BD.new_zeros((), dtype=torch.float32)
         return LossTerms(zero, zero, zero)
 
@@ -174,18 +174,18 @@ def topk(pre_BF: Tensor, k: int) -> Tensor:
 def batchtopk(sae: SAE, pre_BF: Tensor, k: int) -> Tensor:
     """Training: the k*B largest over the batch, updating sae.threshold; inference: pre above the threshold."""
     if sae.training:
-        vals, idx = pre_BF.relu().flatten().topk(k * pre_BF.shape[0], sorted=False)
-        _update_threshold(sae, vals)
-        return torch.zeros_like(pre_BF).flatten().scatter(0, idx, vals).view_as(pre_BF)
+        flat = pre_BF.relu().flatten()
+        kept = sae.batch.top(flat, k, pre_BF.shape[0])  # over the whole batch, when it is split
+        _update_threshold(sae, kept.smallest)
+        return torch.zeros_like(flat).scatter(0, kept.idx, flat[kept.idx]).view_as(pre_BF)
     if sae.threshold.item() < 0:
         raise ValueError("batchtopk has no inference threshold yet: run training forwards first")
     return torch.where(pre_BF > sae.threshold, pre_BF, torch.zeros_like(pre_BF))
 
 
 @torch.no_grad()
-def _update_threshold(sae: SAE, kept: Tensor) -> None:
-    # Smallest positive kept value, computed without a host sync; batches with none leave it unchanged.
-    low = torch.where(kept > 0, kept, torch.full_like(kept, math.inf)).min().float()
+def _update_threshold(sae: SAE, low: Tensor) -> None:
+    # low: the batch's smallest positive kept value (inf when none: such a batch leaves it unchanged).
     decay = sae.cfg.threshold_ema
     ema = torch.where(sae.threshold < 0, low, decay * sae.threshold + (1 - decay) * low)
     sae.threshold.copy_(torch.where(torch.isfinite(low), ema, sae.threshold))
@@ -241,8 +241,8 @@ class ReLU(Architecture):
     def activate(self, sae: SAE, pre_BF: Tensor) -> Tensor:
         return pre_BF.relu()
 
-    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput) -> LossTerms:
-        l1 = (out.z_BF.float().abs() * sae.W_dec.float().norm(dim=-1)).sum(-1).mean()
+    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput, batch: Moments) -> LossTerms:
+        l1 = (out.z_BF.float().abs() * sae.W_dec.float().norm(dim=-1)).sum() / batch.rows
         return LossTerms(self.cfg.l1_coeff * l1, l1, l1.new_zeros(()))
 
 
@@ -324,8 +324,8 @@ class JumpReLU(Architecture):
     def activate(self, sae: SAE, pre_BF: Tensor) -> Tensor:
         return jumprelu(pre_BF, sae.threshold, self.cfg.jumprelu_bandwidth)
 
-    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput) -> LossTerms:
-        l0 = step(out.pre_BF.float(), sae.threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput, batch: Moments) -> LossTerms:
+        l0 = step(out.pre_BF.float(), sae.threshold, self.cfg.jumprelu_bandwidth).sum() / batch.rows
         return LossTerms(self.cfg.l0_coeff * l0, l0.new_zeros(()), l0)
 
 
@@ -377,8 +377,9 @@ class Matryoshka(Architecture):
         """x_hat of every prefix but the full dictionary (that one is out.x_hat_BD), smallest first."""
         return [z_BF[:, :m] @ sae.W_dec[:m] + sae.b_dec for m in self.prefixes[:-1]]
 
-    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput) -> LossTerms:
-        parts = [fvu(x_BD, x_hat_BD) for x_hat_BD in self.prefix_reconstructions(sae, out.z_BF)]
+    def loss_terms(self, sae: SAE, x_BD: Tensor, out: ForwardOutput, batch: Moments) -> LossTerms:
+        prefixes = self.prefix_reconstructions(sae, out.z_BF)
+        parts = [fvu(x_BD, x_hat_BD, batch.var_sum) for x_hat_BD in prefixes]
         penalty = torch.stack(parts).sum() if parts else out.x_hat_BD.new_zeros((), dtype=torch.float32)
         return LossTerms(penalty, penalty.new_zeros(()), penalty)
 

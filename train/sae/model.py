@@ -59,6 +59,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from pydantic import ConfigDict, Field, PositiveInt, model_validator
 from tide.train.sae.archs import Architecture, ArchName, ArchOptions, architecture
+from tide.train.sae.batch import HERE, BatchScope
 from torch import Tensor, nn
 
 T_TOLERANCE = 0.5
@@ -184,6 +185,10 @@ class ForwardOutput(NamedTuple):
 class SAE(nn.Module):
     """One SAE of any `SAEConfig.arch`. Decoder rows are unit norm; see the module docstring for the maths."""
 
+    batch: BatchScope = HERE
+    """Where a training batch's rows are (train/sae/batch.py): this process (the default), or several
+    processes' shares, whose batch-wide quantities (BatchTopK, fired latents, loss normalisers) it sums."""
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -297,7 +302,7 @@ class SAE(nn.Module):
         z_BF = self.activate(pre_BF)
         if self.training:
             with torch.no_grad():
-                fired_F = (z_BF > 0).any(dim=0)
+                fired_F = self.batch.any((z_BF > 0).any(dim=0))  # a latent fired in any share of the batch
                 self.steps_since_fired.add_(1).masked_fill_(fired_F, 0)
         return ForwardOutput(self.decode(z_BF), z_BF, pre_BF, x_mod_BD)
 
