@@ -95,6 +95,32 @@ def test_resume_from_a_position_continues_the_same_stream(index_store):
         assert _rows(rest) == _rows(full[cut:]), cut
 
 
+@pytest.mark.parametrize("stratify", [False, True])
+def test_rank_shares_split_every_batch_of_one_process(index_store, stratify):
+    """N ranks (torchrun): each reads its own chunks of every window, the ranks' chunks are disjoint and
+    together the window's, and their shares of batch j are one process's batch j, split (from a resume
+    position too)."""
+    kw = {"seed": 3, "stratify_steps": stratify, "drop_last": True}
+    one = _loader(index_store, [0, 1, 2, 3], **kw)
+    start = Position(1, 14)
+    whole = list(one.batches(start, epochs=2))
+    for ranks in (2, 3):
+        loaders = [_loader(index_store, [0, 1, 2, 3], rank=r, ranks=ranks, **kw) for r in range(ranks)]
+        for w in one.plan(1):
+            dealt = [loader._own(w)[0].reads for loader in loaders]
+            assert sorted(r.chunk for reads in dealt for r in reads) == sorted(r.chunk for r in w.reads)
+            sizes = [sum(r.rows for r in reads) for reads in dealt]
+            assert max(sizes) - min(sizes) <= max(r.rows for r in w.reads)  # dealt evenly, to a chunk
+        shares = [list(loader.batches(start, epochs=2)) for loader in loaders]
+        assert [len(s) for s in shares] == [len(whole)] * ranks
+        for j, batch in enumerate(whole):
+            parts = [s[j] for s in shares]
+            assert all(p.position == batch.position and p.global_rows == 7 for p in parts)
+            assert Counter(_rows(parts)) == Counter(_rows([batch])), (ranks, j)
+            reads = [{(i // 3, s // 2, t // 2) for i, s, t in _rows([p])} for p in parts]
+            assert all(not a & b for a in reads for b in reads if a is not b)  # chunks read by one rank
+
+
 def test_step_range_filter(index_store):
     rows = _rows(_loader(index_store, [0, 2], step_range=(1, 4)).batches(epochs=1))
     assert Counter(rows) == Counter(

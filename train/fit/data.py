@@ -32,6 +32,15 @@ non_blocking=True, and permuted on the device.
 
 A "chunks consumed" count and a saved RNG state would say the same as Position: the chunks consumed are
 those of the windows before `rows`, and every generator is re-made from (seed, epoch, window).
+
+Shares (`tide train` on N ranks, train/fit/distributed.py): the stream above is the same whatever N is.
+Each window's chunks are dealt to the ranks (in the window's seeded order, each to the rank with the fewest
+rows so far), and a rank reads only its own. The permutation is computed from the chunks' indices alone, so
+every rank knows where each of its rows lands in the stream; its share of a batch is its rows among the
+batch's stream positions. The ranks' shares of batch j are batch j of one process, split: N ranks train on
+the same batches as one process, and a run resumed on another number of ranks goes on with the same data.
+A share's size varies around B / N from batch to batch (by about sqrt(B / N) rows, more when a window's
+chunks cannot be dealt evenly); the trainer's batch-wide sums do not care.
 """
 
 from __future__ import annotations
@@ -118,6 +127,8 @@ class Batch(NamedTuple):
     """Sample index of each row (int64)."""
     position: Position
     """The loader's position after this batch: resume from here to continue with the next one."""
+    global_rows: int | None = None
+    """Rows of the whole batch, every rank's share together (None: len(t_B), this process holds them all)."""
 
 
 class Window(NamedTuple):
@@ -142,6 +153,8 @@ class _Loaded(NamedTuple):
     sample_R: Tensor
     order_R: Tensor | None
     slot: int
+    positions_R: np.ndarray | None
+    """Stream positions (in the window) of this rank's rows, ascending; None when it holds every row."""
 
 
 class _Slot:
@@ -156,6 +169,15 @@ class _Slot:
         """The window's permutation, pinned too: a copy from pageable memory is not asynchronous."""
         self.ready: torch.cuda.Event | None = None
         """Set on CUDA: the copy out of this slot that must finish before it is refilled."""
+
+
+def _span(positions_R: np.ndarray | None, lo: int, hi: int) -> tuple[int, int]:
+    """A rank's rows at stream positions [lo, hi) of a window, as a range of its own rows (the same range
+    when it holds every row)."""
+    if positions_R is None:
+        return lo, hi
+    first, end = np.searchsorted(positions_R, [lo, hi])
+    return int(first), int(end)
 
 
 def _pairs(items: Iterator) -> Iterator[tuple[Any, Any]]:
@@ -191,10 +213,16 @@ class ActivationLoader:
         prefetch: int = 2,
         device: str | torch.device = "cpu",
         source: Sequence[np.ndarray] | None = None,
+        rank: int = 0,
+        ranks: int = 1,
     ):
         """`read_threads`: default one per core (store.reader.default_read_threads). `source`: numpy arrays
         (e.g. memmaps) shaped and typed like the store's arrays, read instead of the Zarr arrays; used to
-        measure the store's cost against raw memory."""
+        measure the store's cost against raw memory. `rank` of `ranks`: read only this rank's share of every
+        window and yield its share of every batch (see the module docstring)."""
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank={rank} must be in 0..{ranks - 1} (ranks={ranks})")
+        self.rank, self.ranks = rank, ranks
         self.store, self.layout, self.arrays = store, store.layout, list(arrays)
         self._zarr = [store.array(n) for n in self.arrays]
         self._source = list(source) if source is not None else None
@@ -247,6 +275,23 @@ class ActivationLoader:
                 cur, start = [], done
         return windows
 
+    def deal(self, window: Window) -> list[int]:
+        """The rank that reads each of a window's reads: in the window's order, each goes to the rank with the
+        fewest rows so far (the lowest such rank on a tie)."""
+        rows, owner = [0] * self.ranks, []
+        for r in window.reads:
+            k = min(range(self.ranks), key=lambda i: (rows[i], i))
+            owner.append(k)
+            rows[k] += r.rows
+        return owner
+
+    def _own(self, window: Window) -> tuple[Window, list[int]]:
+        """This rank's part of a window (its reads, in window order) and their indices in window.reads."""
+        if self.ranks == 1:
+            return window, list(range(len(window.reads)))
+        mine = [i for i, k in enumerate(self.deal(window)) if k == self.rank]
+        return window._replace(reads=[window.reads[i] for i in mine]), mine
+
     def _order(self, epoch: int, window: Window, step_R: np.ndarray) -> np.ndarray:
         """The permutation of a window's rows (identity when not shuffling)."""
         R = window.rows
@@ -271,10 +316,12 @@ class ActivationLoader:
 
     def _fetch_ahead(self, window: Window) -> list[Fetches]:
         """Start fetching a window's chunks from a remote store, all at once (store.remote.fetch_ahead): per
-        array, a future of each read's bytes, or None where the read goes to a local file as it happens."""
+        array, a future of each read's bytes, or None where the read goes to a local file as it happens. A rank
+        fetches its own reads only."""
+        reads = self._own(window)[0].reads
         if self._source is not None:
-            return [Fetches([None] * len(window.reads)) for _ in self._zarr]
-        return [fetch_ahead(z, [r.selection for r in window.reads]) for z in self._zarr]
+            return [Fetches([None] * len(reads)) for _ in self._zarr]
+        return [fetch_ahead(z, [r.selection for r in reads]) for z in self._zarr]
 
     def _read_window(
         self,
@@ -354,30 +401,35 @@ class ActivationLoader:
         ahead: list[Fetches],
     ) -> _Loaded:
         sample_R, step_R = self._rows_of(w)
-        order_R = self._order(epoch, w, step_R)
-        offsets = np.cumsum([0] + [r.rows for r in w.reads])
+        order_R = self._order(epoch, w, step_R)  # stream position -> row (in read order)
+        mine, positions_R = w, None
+        if self.ranks > 1:
+            mine, order_R, positions_R, own_R = self._share(w, order_R)
+            sample_R, step_R = sample_R[own_R], step_R[own_R]
+        R = len(order_R)
+        offsets = np.cumsum([0] + [r.rows for r in mine.reads])
         storage = numpy_storage_dtype(self.store.meta.dtype)
         if self.device.type == "cuda":  # read in order into the pinned slot; the device applies order_R
             x = slot.x_ARD.numpy().view(storage)
             self._read_window(
-                w, x, [slice(offsets[j], offsets[j + 1]) for j in range(len(w.reads))], pool, ahead
+                mine, x, [slice(offsets[j], offsets[j + 1]) for j in range(len(mine.reads))], pool, ahead
             )
-            slot.step_R[: w.rows] = torch.from_numpy(step_R)
-            slot.sample_R[: w.rows] = torch.from_numpy(sample_R)
-            slot.order_R[: w.rows] = torch.from_numpy(order_R)
-            x_ARD = slot.x_ARD[:, : w.rows]
+            slot.step_R[:R] = torch.from_numpy(step_R)
+            slot.sample_R[:R] = torch.from_numpy(sample_R)
+            slot.order_R[:R] = torch.from_numpy(order_R)
+            x_ARD = slot.x_ARD[:, :R]
             return _Loaded(
-                epoch, w, x_ARD, slot.step_R[: w.rows], slot.sample_R[: w.rows], slot.order_R[: w.rows], i
+                epoch, w, x_ARD, slot.step_R[:R], slot.sample_R[:R], slot.order_R[:R], i, positions_R
             )
         # On CPU every row is decoded straight to its shuffled place in an array of the window's own, so
         # batches are plain slices of it (no copy, no torch op in the consumer) that stay valid as long as
         # they are held.
         free.put(i)
         dest_R = np.empty_like(order_R)
-        dest_R[order_R] = np.arange(w.rows)
-        x = self._window_array(w.rows, storage)
+        dest_R[order_R] = np.arange(R)
+        x = self._window_array(R, storage)
         self._read_window(
-            w, x, [dest_R[offsets[j] : offsets[j + 1]] for j in range(len(w.reads))], pool, ahead
+            mine, x, [dest_R[offsets[j] : offsets[j + 1]] for j in range(len(mine.reads))], pool, ahead
         )
         return _Loaded(
             epoch,
@@ -387,7 +439,20 @@ class ActivationLoader:
             torch.from_numpy(sample_R[order_R]),
             None,
             i,
+            positions_R,
         )
+
+    def _share(self, w: Window, order_R: np.ndarray) -> tuple[Window, np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's part of window w: (its reads, its rows' order (local stream index -> its row, in its
+        read order), their stream positions (ascending), its rows' indices among the window's)."""
+        mine, own = self._own(w)
+        offsets = np.cumsum([0] + [r.rows for r in w.reads])
+        own_R = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in own] or [np.zeros(0, int)])
+        position_R = np.empty_like(order_R)
+        position_R[order_R] = np.arange(w.rows)
+        position_R = position_R[own_R]  # where each of its rows lands in the window's stream
+        local_R = np.argsort(position_R, kind="stable")
+        return mine, local_R, position_R[local_R], own_R
 
     def _producer(
         self,
@@ -490,14 +555,14 @@ class ActivationLoader:
             first = False
             while pos < w.rows:
                 n = min(B - have, w.rows - pos)
-                parts.append(take(pos, pos + n))
+                parts.append(take(*_span(item.positions_R, pos, pos + n)))
                 pos, have = pos + n, have + n
                 if have == B:
-                    yield self._batch(parts, Position(item.epoch, w.start + pos))
+                    yield self._batch(parts, Position(item.epoch, w.start + pos), have)
                     parts, have = [], 0
             if w.start + w.rows == self.rows_per_epoch:  # the epoch's last window
                 if parts and not self.drop_last:
-                    yield self._batch(parts, Position(item.epoch, self.rows_per_epoch))
+                    yield self._batch(parts, Position(item.epoch, self.rows_per_epoch), have)
                 parts, have = [], 0
 
     def _taker(
@@ -518,10 +583,11 @@ class ActivationLoader:
 
         return take
 
-    def _batch(self, parts: list[tuple[Tensor, Tensor, Tensor]], position: Position) -> Batch:
+    def _batch(self, parts: list[tuple[Tensor, Tensor, Tensor]], position: Position, rows: int) -> Batch:
         if len(parts) == 1:
             x_ABD, step_B, sample_B = parts[0]
         else:
             x_ABD = torch.cat([p[0] for p in parts], dim=1)
             step_B, sample_B = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-        return Batch(x_ABD.view(self._view), self.timesteps_S[step_B], step_B, sample_B, position)
+        total = rows if self.ranks > 1 else None
+        return Batch(x_ABD.view(self._view), self.timesteps_S[step_B], step_B, sample_B, position, total)
