@@ -6,6 +6,7 @@ torch and diffusers are imported inside the commands so that `tide --help` is in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -213,16 +214,19 @@ def train(
     no_eval: opt.Train.NoEval = False,
     storage_options: opt.StorageOptions = None,
     config: opt.ConfigFile = None,
+    nproc: opt.Train.Nproc = None,
 ) -> None:
     """Train SAEs (default: a tide and a topk SAE on the middle layer) and print their held-out metrics per timestep.
 
     Re-running the same command after an interruption resumes it exactly where its last checkpoint was.
+    Under torchrun, every rank runs this command and trains its share of each batch (docs/cluster.md).
     """
-    flags = given_flags(locals(), skip=("config", "no_eval", "storage_options"))
+    flags = given_flags(locals(), skip=("config", "no_eval", "storage_options", "nproc"))
     from tide.train.fit.config import DEFAULT_WARMUP, TrainConfig
 
     cfg, given = build_config(TrainConfig, config, flags)
-    if "warmup_steps" not in given and cfg.warmup_steps != DEFAULT_WARMUP:
+    rank_0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 says it for every rank
+    if "warmup_steps" not in given and cfg.warmup_steps != DEFAULT_WARMUP and rank_0:
         log(
             f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does "
             f"not fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
@@ -230,11 +234,28 @@ def train(
     from tide.train.analysis.eval import evaluate_run, format_tables
     from tide.train.fit.trainer import train as run_train
 
+    if nproc is not None:
+        _launch(cfg, nproc, no_eval, storage_options)
+        return
     with user_errors(storage_options):
         trained = run_train(cfg, log=log)
+        if not trained.main:  # another torchrun rank: rank 0 reports and evaluates
+            return
         typer.echo(f"wrote {', '.join(str(p) for p in trained.saes)}")
         tables = format_tables([] if no_eval else evaluate_run(trained, cfg, log=log))
         typer.echo(tables, nl=bool(tables))
+
+
+def _launch(cfg, nproc: int, no_eval: bool, storage_options: str | None) -> None:
+    """`tide train --nproc N`: the same command on N torchrun ranks of this machine."""
+    from tide.train.fit.distributed import launch
+
+    flags = ["--no-eval"] if no_eval else []
+    flags += ["--storage-options", storage_options] if storage_options else []
+    with user_errors():
+        code = launch(cfg, nproc, flags)
+    if code:
+        raise typer.Exit(code=code)
 
 
 @app.command("eval")

@@ -39,7 +39,9 @@ def user_errors(storage: str | None = None) -> Iterator[None]:
         with storage_options(storage):
             yield
     except (ValueError, OSError) as e:
-        fail(str(e))
+        if getattr(e, "shown", True):
+            fail(str(e))
+        raise typer.Exit(code=2) from None  # under torchrun, rank 0 prints what every rank met
 
 
 def deprecated_flag(value: Any, old: Any, name: str, usage: str) -> Any:

@@ -185,6 +185,16 @@ class Train:
     CheckpointEvery = Annotated[int | None, option("Steps between checkpoints.", 50)]
     Overwrite = Annotated[bool, flag("--overwrite", "Replace a run with another configuration in --out.")]
     NoEval = Annotated[bool, flag("--no-eval", "Skip the held-out evaluation at the end.")]
+    Nproc = Annotated[
+        int | None,
+        option(
+            "Train on N processes of this machine (torchrun; one GPU each, or CPU processes sharing the cores), "
+            "each on a share of every batch: the same SAEs as one process at the same --batch-size. For several "
+            "machines run torchrun yourself (docs/cluster.md).",
+            None,
+            min=1,
+        ),
+    ]
 
 
 class Store:

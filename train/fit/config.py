@@ -25,7 +25,17 @@ DEFAULT_WARMUP = 50
 
 # Fields that say how a run goes, not what it computes: they may change between a kill and its resume.
 RUN_ONLY_FIELDS = frozenset(
-    {"store", "out", "overwrite", "device", "progress", "log_every", "checkpoint_every", "read_threads"}
+    {
+        "store",
+        "out",
+        "overwrite",
+        "device",
+        "progress",
+        "log_every",
+        "checkpoint_every",
+        "read_threads",
+        "rank_timeout",
+    }
 )
 
 
@@ -128,6 +138,9 @@ class TrainConfig(ArchOptions):
     """Show a progress bar."""
     overwrite: bool = False
     """Replace a finished run, or one with another configuration, in out."""
+    rank_timeout: float = Field(600.0, gt=0)
+    """Under torchrun: seconds a rank waits for the others at any exchange before every rank stops with an
+    error, so that a stuck or stopped rank fails the run instead of hanging it (train/fit/distributed.py)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -24,6 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,6 +49,7 @@ from tide.train.fit.checkpoint import (
 )
 from tide.train.fit.config import SAESpec, TrainConfig
 from tide.train.fit.data import ActivationLoader, Batch, Position, Split, split_samples
+from tide.train.fit.distributed import ALONE, World, joined
 from tide.train.sae.adaln import AdaLNInitError, init_from_dit, load_transformer
 from tide.train.sae.loss import LossOutput, sae_loss
 from tide.train.sae.model import SAE, build_sae
@@ -92,6 +94,8 @@ class Run:
     """(time, rows) at the last log line, for rows/s."""
     saved: int = 0
     """The step of the last checkpoint written (or resumed from)."""
+    world: World = ALONE
+    """The processes training it together (train/fit/distributed.py); rank 0 writes."""
 
 
 class TrainResult(NamedTuple):
@@ -103,6 +107,8 @@ class TrainResult(NamedTuple):
     """Optimiser steps trained in total."""
     split: Split
     """The sample chunks trained on and held out (none held out: nothing to evaluate on)."""
+    main: bool = True
+    """This process wrote the run (False on torchrun's ranks other than 0): it evaluates and reports it."""
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -184,25 +190,59 @@ def _init_modulation(members: list[Member], cfg: TrainConfig, store: Store, spli
         raise TrainError(str(e)) from e
 
 
-def _build(
-    cfg: TrainConfig, store: Store, device: torch.device, log: Callable[[str], None]
-) -> tuple[Run, ActivationLoader]:
+class _Opened(NamedTuple):
+    """The store and what the run reads from it (every rank opens it)."""
+
+    store: Store
+    specs: list[SAESpec]
+    step_range: tuple[int, int]
+    arrays: list[str]
+
+
+def _open(cfg: TrainConfig) -> _Opened:
+    store = open_store(cfg.store)
     try:
         specs = cfg.specs(store.meta)
         step_range = cfg.step_range(store.layout.num_steps)
-        arrays = list(dict.fromkeys(s.array for s in specs))
-        _check_arrays(store, arrays)  # before anything is written to cfg.out
-        state, replacing = prepare_out(cfg, store.identity(), device)
-        split = (
-            Split(**state["split"])
-            if state
-            else split_samples(store.layout, store.done_chunks(), cfg.val_fraction, cfg.split_seed)
-        )
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    arrays = list(dict.fromkeys(s.array for s in specs))
+    _check_arrays(store, arrays)  # before anything is written to cfg.out
+    return _Opened(store, specs, step_range, arrays)
+
+
+class _Start(NamedTuple):
+    """What rank 0 finds in cfg.out, sent to every rank."""
+
+    state: dict[str, Any] | None
+    """The resume state (its CRC-32s checked, on the CPU, so that it can be sent), or None."""
+    split: Split
+    replacing: bool
+    """cfg.out holds a run to replace (`claim_out` deletes it once every setting has been checked)."""
+
+
+def _start(cfg: TrainConfig, opened: _Opened, world: World) -> _Start:
+    """Rank 0 reads cfg.out (read only; `claim_out` acts later): the resume state, verified where it is
+    loaded, and the split. The other ranks receive it; each moves the state to its device."""
+    if world.restarts:  # torchrun restarted the ranks: go on from the checkpoint --overwrite would delete
+        cfg = cfg.model_copy(update={"overwrite": False})
+    store = opened.store
+    try:
+        state, replacing = prepare_out(cfg, store.identity(), torch.device("cpu"))
+        if state:
+            return _Start(state, Split(**state["split"]), replacing)
+        split = split_samples(store.layout, store.done_chunks(), cfg.val_fraction, cfg.split_seed)
+        return _Start(None, split, replacing)
     except TrainError:
         raise
     except ValueError as e:
         raise TrainError(str(e)) from None
-    _warn_partial(store, split, log)
+
+
+def _build(
+    cfg: TrainConfig, opened: _Opened, start: _Start, device: torch.device, world: World
+) -> tuple[Run, ActivationLoader]:
+    (store, specs, step_range, arrays), split = opened, start.split
     loader = ActivationLoader(
         store,
         arrays,
@@ -214,6 +254,8 @@ def _build(
         step_range=step_range,
         read_threads=cfg.read_threads,
         device=device,
+        rank=world.rank,
+        ranks=world.size,
     )
     if loader.batches_per_epoch == 0:
         raise TrainError(
@@ -222,13 +264,12 @@ def _build(
         )
     total = cfg.max_steps or cfg.epochs * loader.batches_per_epoch
     members = _members(cfg, store, specs, arrays, split, step_range, device)
-    if state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state instead
-        _init_modulation(members, cfg, store, split, log)
-    claim_out(cfg.out, [s.name for s in specs], replacing)  # every setting checked: only now is --out touched
+    for m in members:
+        m.sae.batch = world.batch  # batch-wide sums over every rank's share
     store_ref = StoreRef(path=canonical(store.path), identity=store.identity())
-    run = Run(members, total, store_ref, split, step_range)
-    if state is not None:
-        _resume(run, state, cfg.out)
+    run = Run(members, total, store_ref, split, step_range, world=world)
+    if start.state is not None:
+        _resume(run, start.state)
     return run, loader
 
 
@@ -249,7 +290,7 @@ def _members(
     return members
 
 
-def _resume(run: Run, state: dict[str, Any], out: Path) -> None:
+def _resume(run: Run, state: dict[str, Any]) -> None:
     """Put the run where its resume state says: weights, optimisers, counters, data position, RNG."""
     for m in run.members:
         m.sae.load_state_dict(state["saes"][m.spec.name])
@@ -257,7 +298,6 @@ def _resume(run: Run, state: dict[str, Any], out: Path) -> None:
     run.step, run.rows, run.position = state["step"], state["rows"], Position(*state["position"])
     run.saved = run.step
     torch.set_rng_state(state["rng"].cpu())
-    _truncate_metrics(out / "metrics.jsonl", run.step)
 
 
 class Prepared(NamedTuple):
@@ -270,32 +310,77 @@ class Prepared(NamedTuple):
     device: torch.device
 
 
-def prepare(cfg: TrainConfig, log: Callable[[str], None] = print) -> Prepared:
+def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, world: World = ALONE) -> Prepared:
     """Open the store, set up cfg.out (resuming a run left there), and build every SAE and the loader.
 
     `train` is `prepare` then `fit`; call the two yourself to feed `fit` other batches (make bench does).
+    On torchrun's ranks (`world`, train/fit/distributed.py) each step of the set-up ends with the ranks
+    comparing notes, so that a rank that fails stops them all with one error instead of a hang.
     """
     configure_read_threads(cfg.read_threads or default_read_threads())
-    device = resolve_device(cfg.device)
-    store = open_store(cfg.store)
-    run, loader = _build(cfg, store, device, log)
-    write_json(cfg.out / "train_config.json", cfg.model_dump(mode="json"))
+    log = log if world.main else _quiet
+    device = world.device or resolve_device(cfg.device)
+    opened = world.everywhere(lambda: _plainly(cfg, lambda: _open(cfg)))
+    fix = "every rank must read the same store (one bucket, or identical copies) with the same settings"
+    world.same("stores", f"{opened.store.path} (identity {opened.store.identity()})", fix)
+    world.same("settings", cfg.identity(), fix)
+    start = world.from_main(lambda: _plainly(cfg, lambda: _start(cfg, opened, world)))
+    _warn_partial(opened.store, start.split, log)
+    run, loader = world.everywhere(lambda: _plainly(cfg, lambda: _build(cfg, opened, start, device, world)))
+    if start.state is None and cfg.init_modulation == "adaln":  # a resume takes the weights from its state
+        weights = world.from_main(lambda: _adaln_weights(run.members, cfg, opened.store, run.split, log))
+        for m in run.members:
+            m.sae.load_state_dict(weights[m.spec.name])
+    # Every setting checked on every rank: only now is --out touched, by rank 0.
+    world.from_main(lambda: _plainly(cfg, lambda: _claim(cfg, run, start)))
     return Prepared(run, loader, device)
+
+
+def _claim(cfg: TrainConfig, run: Run, start: _Start) -> None:
+    """Rank 0 makes cfg.out the run's folder (replacing the run there when `start.replacing`), drops the
+    metrics a resume will log again, and writes the run's config."""
+    claim_out(cfg.out, [m.spec.name for m in run.members], start.replacing)
+    if start.state is not None:
+        _truncate_metrics(cfg.out / "metrics.jsonl", run.step)
+    write_json(cfg.out / "train_config.json", cfg.model_dump(mode="json"))
+
+
+def _adaln_weights(members: list[Member], cfg: TrainConfig, store: Store, split: Split, log) -> dict:
+    """Every SAE's weights after --init-modulation adaln (computed by rank 0, sent to the others)."""
+    _init_modulation(members, cfg, store, split, log)
+    return {m.spec.name: {k: v.cpu() for k, v in m.sae.state_dict().items()} for m in members}
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: rank 0 says everything once."""
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
     """Train every SAE of `cfg` (resuming a run left in cfg.out), write them, and return where they are.
 
+    Under torchrun, every rank calls it and trains its share (train/fit/distributed.py); rank 0 writes.
     A folder that cannot be written (read-only, no permission, a full disk) or a remote store that stops
     answering ends in a TrainError that says what to do; such a run resumes from its last checkpoint. The run
-    holds the lock of cfg.out (store/lock.py) throughout, so a second run into the same folder is refused
-    while this one runs."""
+    holds the lock of cfg.out (store/lock.py; under torchrun rank 0 holds it) throughout, so a second run into
+    the same folder is refused while this one runs."""
+    with joined(cfg) as world, ExitStack() as held:
+        world.from_main(lambda: _plainly(cfg, lambda: _lock(cfg, held)))  # refused: every rank stops
+        return _plainly(cfg, lambda: _train(cfg, log, world))
+
+
+def _lock(cfg: TrainConfig, held: ExitStack) -> None:
+    """Take the lock of cfg.out into `held`: a second `tide train` (or harvest) into this --out is refused."""
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        cfg.out.parent.mkdir(parents=True, exist_ok=True)
-        with locked(cfg.out, "train"):  # a second `tide train` (or harvest) into this --out is refused
-            return _train(cfg, log)
+        held.enter_context(locked(cfg.out, "train"))
     except LockedError as e:
         raise TrainError(str(e)) from None
+
+
+def _plainly(cfg: TrainConfig, fn: Callable[[], Any]) -> Any:
+    """fn(), with a failure of the store or of cfg.out said as what it means for the run (`_failure`)."""
+    try:
+        return fn()
     except ValueError:  # tide's own errors, which say what happened already
         raise
     except Exception as e:
@@ -337,12 +422,14 @@ def _failure(cfg: TrainConfig, e: BaseException) -> TrainError | None:
     return TrainError(f"writing the run in {cfg.out} failed at {path}: {e.strerror or e}")
 
 
-def _train(cfg: TrainConfig, log: Callable[[str], None]) -> TrainResult:
-    run, loader, device = prepare(cfg, log)
+def _train(cfg: TrainConfig, log: Callable[[str], None], world: World) -> TrainResult:
+    run, loader, device = prepare(cfg, log, world)
+    log = log if world.main else _quiet
     names = ", ".join(m.spec.name for m in run.members)
+    ranks = f" on {world.size} ranks" if world.joined else ""
     log(
         f"{cfg.out}: {names} on {loader.rows_per_epoch} training rows ({len(run.split.train_chunks)} sample chunks; "
-        f"{len(run.split.val_chunks)} held out), {run.total_steps} steps of {cfg.batch_size} on {device}"
+        f"{len(run.split.val_chunks)} held out), {run.total_steps} steps of {cfg.batch_size} on {device}{ranks}"
         + (f", resuming at step {run.step}" if run.step else "")
     )
     if run.step < run.total_steps:
@@ -351,12 +438,14 @@ def _train(cfg: TrainConfig, log: Callable[[str], None]) -> TrainResult:
             fit(run, batches, cfg)
         finally:
             batches.close()
-    return TrainResult(cfg.out, [cfg.out / m.spec.name for m in run.members], run.step, run.split)
+    saes = [cfg.out / m.spec.name for m in run.members]
+    return TrainResult(cfg.out, saes, run.step, run.split, world.main)
 
 
 def fit(run: Run, batches: Iterable[Batch], cfg: TrainConfig) -> Run:
     """The training loop: one step of every SAE per batch, logging and checkpointing as configured."""
-    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", disable=not cfg.progress, smoothing=0.1)
+    shown = cfg.progress and run.world.main
+    bar = tqdm(total=run.total_steps, initial=run.step, unit="step", disable=not shown, smoothing=0.1)
     run.clock = (time.perf_counter(), run.rows)
     for batch in batches:
         if run.step >= run.total_steps:
@@ -376,14 +465,15 @@ def _step(run: Run, batch: Batch, cfg: TrainConfig) -> None:
     for m in run.members:
         x_BD = batch.x_ABD[m.array_index].float()
         x_BD = (x_BD - m.mean_SD[batch.step_B]) / m.scale
-        if run.step == 0:
-            m.sae.init_from_data(x_BD, batch.t_B)
+        if run.step == 0:  # from the whole first batch, every rank's share
+            m.sae.init_from_data(*run.world.gather_rows(x_BD, batch.t_B))
         with torch.autocast(batch.t_B.device.type, dtype=torch.bfloat16, enabled=amp):
             out = m.sae(x_BD, batch.t_B)
         loss = sae_loss(m.sae, x_BD, out)
         _watch(m, run.step + 1, x_BD, loss.total)
         m.opt.zero_grad(set_to_none=True)
         loss.total.backward()
+        run.world.reduce_grads(m.sae)  # the ranks' gradients sum to the whole batch's
         m.sae.project_decoder_grad()
         for group in m.opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints from before lr_scale have none
@@ -391,7 +481,7 @@ def _step(run: Run, batch: Batch, cfg: TrainConfig) -> None:
         m.sae.normalize_decoder()
         run.last.append(LossOutput(*(v.detach() for v in loss)))  # keep numbers, not the graph
     run.step += 1
-    run.rows += len(batch.t_B)
+    run.rows += batch.global_rows or len(batch.t_B)
     run.position = batch.position
 
 
@@ -412,31 +502,58 @@ def _check_finite(run: Run, cfg: TrainConfig, weights: bool = False) -> None:
         if run.saved
         else f"no checkpoint had been written to {cfg.out}"
     )
-    for m in run.members:
-        x_step, loss_step = m.first_bad.tolist() if m.first_bad is not None else (-1, -1)
+    for m, (x_step, loss_step) in zip(run.members, _first_bad(run), strict=True):
         if x_step >= 0:
-            raise TrainError(
+            raise _stopped(
+                run,
                 f"the store's {m.spec.array} activations hold NaN or infinity (a batch at step {x_step} had some), "
                 f"so training stopped; {kept}. Run `tide store verify {cfg.store}`: it names the chunks that hold "
                 "them (a float16 harvest overflows where activations pass 65504; harvest with --dtype float32 or "
-                "bfloat16 then)"
+                "bfloat16 then)",
             )
         if loss_step < 0 and weights and not all(bool(torch.isfinite(p).all()) for p in m.sae.parameters()):
             loss_step, what = run.step, "weights"
         else:
             what = "loss"
         if loss_step >= 0:
-            raise TrainError(
+            raise _stopped(
+                run,
                 f"training diverged: {m.spec.name}'s {what} became NaN or infinite at step {loss_step} (learning "
                 f"rate {lr_at(loss_step - 1, cfg, run.total_steps):.3g} there), so it stopped; {kept}. Lower --lr "
-                f"(now {cfg.lr:g}) and run again with --overwrite, or into another --out"
+                f"(now {cfg.lr:g}) and run again with --overwrite, or into another --out",
             )
+
+
+def _first_bad(run: Run) -> list[list[int]]:
+    """Each SAE's Member.first_bad, the earliest over every rank's shares of the batches (-1: none), so that
+    every rank stops at the same check."""
+    none = torch.full((2,), -1, dtype=torch.long)
+    bad_M2 = torch.stack(
+        [none.to(m.mean_SD.device) if m.first_bad is None else m.first_bad for m in run.members]
+    )
+    if run.world.joined:
+        every_RM2 = run.world.gather(bad_M2)
+        never = torch.iinfo(torch.long).max
+        bad_M2 = torch.where(every_RM2 < 0, never, every_RM2).amin(0)
+        bad_M2 = torch.where(bad_M2 == never, -1, bad_M2)
+    return bad_M2.tolist()
+
+
+def _stopped(run: Run, message: str) -> TrainError:
+    """The error that stops a run: under torchrun every rank raises it alike, and rank 0 alone shows it."""
+    error = TrainError(message)
+    error.shown = run.world.main  # read by cliconfig.user_errors
+    return error
 
 
 def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
     if run.step % cfg.log_every and run.step != run.total_steps:
         return
     _check_finite(run, cfg)
+    # Each rank's loss terms are its rows' share of the batch's: their sum is the batch's.
+    losses_MK = run.world.sum(torch.stack([torch.stack(list(loss)) for loss in run.last]))
+    if not run.world.main:
+        return
     now = time.perf_counter()
     rate = (run.rows - run.clock[1]) / max(now - run.clock[0], 1e-9)
     run.clock = (now, run.rows)
@@ -446,8 +563,8 @@ def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
         "lr": lr_at(run.step - 1, cfg, run.total_steps),
         "rows_per_s": round(rate, 1),
     }
-    for m, loss in zip(run.members, run.last, strict=True):
-        values = {k: float(v) for k, v in loss._asdict().items()}
+    for m, loss_K in zip(run.members, losses_MK.tolist(), strict=True):
+        values = dict(zip(LossOutput._fields, loss_K, strict=True))
         values["dead_fraction"] = float(m.sae.dead_mask().float().mean())
         line[m.spec.name] = values
     with open(cfg.out / "metrics.jsonl", "a") as f:
@@ -460,8 +577,9 @@ def _log(run: Run, bar: tqdm, cfg: TrainConfig) -> None:
 def _maybe_checkpoint(run: Run, cfg: TrainConfig) -> None:
     if run.step % cfg.checkpoint_every and run.step != run.total_steps:
         return
-    _check_finite(run, cfg, weights=True)
-    _save(run, cfg)
+    _check_finite(run, cfg, weights=True)  # on every rank: the ranks' watches are merged
+    if run.world.main:
+        _save(run, cfg)
     run.saved = run.step
 
 
@@ -479,6 +597,7 @@ def _save(run: Run, cfg: TrainConfig) -> None:
             "store": run.store_ref.model_dump(),
             "split": run.split.model_dump(),
             "finished": run.step == run.total_steps,
+            "world_size": run.world.size,
         },
     )
     for m in run.members:
