@@ -183,7 +183,7 @@ def bench_codecs(store_path: Path, work: Path, repeats: int = 3) -> dict[str, fl
 # `make bench` fails CI. Its figures mean nothing.
 QUICK = {"num_samples": 2, "num_steps": 4, "repeats": 1}
 QUICK_TRAIN = ["--num-samples", "4", "--num-samples-d1152", "2", "--epochs", "1", "--batch-size", "256"]
-QUICK_TRAIN += ["--train-steps", "2", "--repeats", "1"]
+QUICK_TRAIN += ["--train-steps", "2", "--repeats", "1", "--ddp-steps", "6"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -9,6 +9,11 @@
   cores: reading scales with cores).
 - train_cache_vs_memory_ratio: training throughput (a tide and a topk SAE, one optimiser step each per
   batch) fed from the Zarr store, divided by the same training fed from the rows held in memory. Aim >= 0.9.
+- train_ddp_scaling: rows/s of `tide train --nproc 2` (2 torchrun ranks, gloo, each reading and training its
+  share of every batch) divided by rows/s of one `tide train` process, both 1 torch thread and 1 read thread
+  per process, same store, SAEs and global batch; runs alternate and the figure is the median of the pairs'
+  ratios (_min and _max give the spread). Aim >= 1.7 on 2 cores. Start-up (imports, the first window's read)
+  is left out: rates come from the run's own metrics.jsonl after its first logged interval.
 
 Runs alternate (store, baseline, store, baseline, ...) and each figure is a ratio of medians, so that
 load from the rest of the machine falls on both sides alike. torch runs on one thread unless --threads says
@@ -248,6 +253,67 @@ def bench_train(store: Store, work: Path, steps: int, batch_size: int, repeats: 
     return {"train_cache_rows_per_s": c, "train_memory_rows_per_s": m, "train_cache_vs_memory_ratio": c / m}
 
 
+def _steady_rows_per_s(metrics: Path) -> float:
+    """Rows/s of a run from its metrics.jsonl, leaving out the first logged interval (start-up: the first
+    window's read, step 0's initialisation): each line's interval took (its rows - the last line's) / its
+    rows_per_s seconds."""
+    import json
+
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [line["rows"] for line in lines]
+    seconds = sum(
+        (b - a) / line["rows_per_s"] for a, b, line in zip(rows[:-1], rows[1:], lines[1:], strict=True)
+    )
+    return (rows[-1] - rows[0]) / seconds
+
+
+def bench_ddp(store: Store, work: Path, steps: int, batch_size: int, repeats: int) -> dict[str, float]:
+    """rows/s of `tide train --nproc 2` against one `tide train` process, 1 thread each, same global batch."""
+    import subprocess
+
+    # Windows of several chunks each, so that both ranks read a share of every window.
+    (work / "ddp.yaml").write_text(f"window_rows: {32 * batch_size}\nread_threads: 1\nlog_every: 2\n")
+    args = [
+        sys.executable,
+        "-m",
+        "tide.cli",
+        "train",
+        "--store",
+        str(store.path),
+        "--config",
+        str(work / "ddp.yaml"),
+    ]
+    args += [
+        "--layers",
+        "0",
+        "--batch-size",
+        str(batch_size),
+        "--max-steps",
+        str(steps),
+        "--warmup-steps",
+        "1",
+    ]
+    args += ["--checkpoint-every", str(10**6), "--val-fraction", "0", "--device", "cpu", "--no-progress"]
+    args += ["--no-eval", "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def rate(nproc: int) -> float:
+        out = work / f"ddp{nproc}"
+        subprocess.run([*args, "--out", str(out), *(["--nproc", "2"] if nproc > 1 else [])], env=env,
+                       check=True, capture_output=True)  # fmt: skip
+        return _steady_rows_per_s(out / "metrics.jsonl")
+
+    pairs = [(rate(1), rate(2)) for _ in range(repeats)]
+    ratios = [two / one for one, two in pairs]
+    return {
+        "train_ddp_1rank_rows_per_s": statistics.median(one for one, _ in pairs),
+        "train_ddp_2ranks_rows_per_s": statistics.median(two for _, two in pairs),
+        "train_ddp_scaling": statistics.median(ratios),
+        "train_ddp_scaling_min": min(ratios),
+        "train_ddp_scaling_max": max(ratios),
+    }
+
+
 def reader_figures(args: argparse.Namespace, work: Path) -> dict[str, float]:
     """The reader at the demo model's width (d = 128) and at DiT-XL's (d = 1152), with the default codec, and
     at d = 1152 with the smaller codec for sharing (blosc-zstd)."""
@@ -402,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ddp-steps", type=int, default=40, help="Optimiser steps of each train_ddp run.")
     parser.add_argument(
         "--read-threads", type=int, default=None, help="Read threads (default one per core, as tide train)."
     )
@@ -426,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             values="random",
         )
         figures |= bench_train(store, work, args.train_steps, args.batch_size, args.repeats)
+        figures |= bench_ddp(store, work, args.ddp_steps, args.batch_size, min(args.repeats, 3))
         figures |= bench_s3(store, args.batch_size, repeats=min(args.repeats, 3))
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}")
     print(f"torch_threads: {torch.get_num_threads()}")

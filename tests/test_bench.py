@@ -17,7 +17,8 @@ READER = [
 READER += ["reader_thread_scaling_d1152", "reader_rows_per_s_d1152_1_thread"]
 TRAIN = ["train_cache_rows_per_s", "train_memory_rows_per_s", "train_cache_vs_memory_ratio"]
 TRAIN += ["reader_s3_rows_per_s", "s3_server_raw_get_rows_per_s", "reader_s3_vs_local_ratio"]
-TRAIN += ["reader_s3_vs_server_ratio"]
+TRAIN += ["reader_s3_vs_server_ratio", "train_ddp_1rank_rows_per_s", "train_ddp_2ranks_rows_per_s"]
+TRAIN += ["train_ddp_scaling"]
 FEATURES = ["features_reader_rows_per_s", "features_rows_per_s", "features_vs_reader_ratio"]
 FEATURES += ["features_vs_sae_encode_ratio"]
 
