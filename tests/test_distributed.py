@@ -268,7 +268,8 @@ def _rank_main(rank: int, size: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-SHARES = [slice(0, 13), slice(13, 40)]  # uneven, as a window's deal can leave them
+SHARES = {"uneven": [slice(0, 13), slice(13, 40)], "one empty": [slice(0, 0), slice(0, 40)]}
+"""Two ways to split a batch of 40 rows over 2 ranks, as a window's deal can leave them."""
 TIES = torch.tensor([3.0, 2.0, 2.0, 0.5, 3.0, 2.0, 2.0, 3.0, 2.0, 2.0, 2.0, 3.0, 3.0, 2.0, 2.0, 0.0])
 """5 values of 3.0 and 9 of 2.0 over two ranks (7 and 9 values): the 8 largest cut through the 2.0s."""
 
@@ -276,7 +277,7 @@ TIES = torch.tensor([3.0, 2.0, 2.0, 0.5, 3.0, 2.0, 2.0, 3.0, 2.0, 2.0, 2.0, 3.0,
 def _share_results(world) -> dict:
     """What rank `world.rank` computes on its share of a batch of 40 rows: each architecture's latents, loss
     and (summed) gradients and buffers after one step; and BatchTopK's selection among tied values."""
-    results = _arch_results(world, SHARES[world.rank])
+    results = {split: _arch_results(world, rows[world.rank]) for split, rows in SHARES.items()}
     mine = TIES[:7] if world.rank == 0 else TIES[7:]
     kept = world.batch.top(mine, 2, 4 if world.rank == 0 else 0)  # 2 per row, 4 rows in all
     results["ties"] = (mine[kept.idx], float(kept.smallest))
@@ -332,18 +333,15 @@ def test_batch_wide_quantities_on_two_ranks_are_the_whole_batchs():
     for p in procs:
         p.join(timeout=60)
     whole = _arch_results(ALONE, slice(0, 40))
-    for arch, want in whole.items():
-        z = torch.cat([got[r][arch]["z"] for r in range(2)])
-        torch.testing.assert_close(z, want["z"], rtol=1e-5, atol=1e-6, msg=arch)
-        torch.testing.assert_close(got[0][arch]["loss"], want["loss"], rtol=1e-5, atol=1e-7, msg=arch)
-        for r, (name, g) in itertools.product(range(2), want["grads"].items()):
-            torch.testing.assert_close(
-                got[r][arch]["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"{arch} {name}"
-            )
-        for r, (name, b) in itertools.product(range(2), want["buffers"].items()):
-            torch.testing.assert_close(
-                got[r][arch]["buffers"][name], b, rtol=1e-5, atol=1e-6, msg=f"{arch} {name}"
-            )
+    for (split, arch), r in itertools.product(itertools.product(SHARES, whole), range(2)):
+        want, mine, at = whole[arch], got[r][split][arch], f"{split} {arch} rank {r}"
+        z = torch.cat([got[q][split][arch]["z"] for q in range(2)])
+        torch.testing.assert_close(z, want["z"], rtol=1e-5, atol=1e-6, msg=at)
+        torch.testing.assert_close(mine["loss"], want["loss"], rtol=1e-5, atol=1e-7, msg=at)
+        for name, g in want["grads"].items():
+            torch.testing.assert_close(mine["grads"][name], g, rtol=1e-4, atol=1e-6, msg=f"{at} {name}")
+        for name, b in want["buffers"].items():
+            torch.testing.assert_close(mine["buffers"][name], b, rtol=1e-5, atol=1e-6, msg=f"{at} {name}")
     assert float(whole["batchtopk"]["buffers"]["threshold"]) > 0
     kept = torch.cat([got[r]["ties"][0] for r in range(2)])
     assert sorted(kept.tolist()) == sorted(TIES.topk(8).values.tolist()) == [2.0] * 3 + [3.0] * 5

@@ -164,6 +164,15 @@ def check_pip(argv: list[str]) -> None:
             assert extra in project["optional-dependencies"], f"{requirement}: no extra {extra!r}"
 
 
+def check_torchrun(argv: list[str]) -> None:
+    """`torchrun OPTIONS -m tide.cli ARGS`: torchrun's own parser takes OPTIONS, and ARGS parse as tide's."""
+    from torch.distributed.run import parse_args
+
+    args = parse_args(argv[1:])
+    assert args.module and args.training_script == "tide.cli", "torchrun runs tide as `-m tide.cli ...`"
+    parse_tide(args.training_script_args)
+
+
 def check_command(argv: list[str]) -> None:
     program = Path(argv[0]).name
     if program == "tide":
@@ -174,6 +183,8 @@ def check_command(argv: list[str]) -> None:
         check_python_m(argv)
     elif program == "pip":
         check_pip(argv)
+    elif program == "torchrun":
+        check_torchrun(argv)
     else:
         assert program in EXTERNAL, f"{program}: not a command the docs' test knows; add it to EXTERNAL"
 
@@ -195,6 +206,10 @@ def test_a_wrong_option_or_name_is_caught():
         parse_tide(["harvest", "--num-samples", "many"])
     with pytest.raises(ClickException, match="No such command 'infos'"):
         parse_tide(["store", "infos", "x"])
+    with pytest.raises(ClickException, match="No such option: --nprocs"):
+        check_torchrun(["torchrun", "--standalone", "-m", "tide.cli", "train", "--nprocs", "2"])
+    with pytest.raises(SystemExit):  # argparse's refusal of an option torchrun does not have
+        check_torchrun(["torchrun", "--nproc-per-gpu", "2", "-m", "tide.cli", "train"])
     with pytest.raises(AssertionError, match="No rule to make target"):
         check_make(["make", "harvst"])
     with pytest.raises(AssertionError, match="unresolved"):

@@ -298,7 +298,8 @@ def joined(cfg: TrainConfig) -> Iterator[World]:
         raise RankError(
             f"{world.where()} could not join the other ranks at {os.environ['MASTER_ADDR']}:"
             f"{os.environ['MASTER_PORT']} within {cfg.rank_timeout:g} s ({e}); start every rank with the same "
-            "torchrun --rdzv-endpoint (or --master-addr/--master-port) and check that they can reach it"
+            "torchrun --rdzv-endpoint (or --master-addr/--master-port) and check that they can reach it. After "
+            "a torchrun restart on several machines: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun"
         ) from e
     try:
         yield world
@@ -309,7 +310,10 @@ def joined(cfg: TrainConfig) -> Iterator[World]:
 def _init_group(dist, backend: str, world: World, timeout_s: float) -> None:
     """init_process_group from torchrun's environment. When torchrun shares its own store with the ranks
     (its default), the keys of a restarted group go under a prefix of their own: the store outlives the
-    ranks, and a restarted rank would otherwise read its dead predecessor's address (torch issue #135712)."""
+    ranks, and a restarted rank would otherwise read its dead predecessor's address (torch issue #135712).
+    One machine's torchrun restarts every rank and counts it; on several machines each counts its own
+    restarts, so a run that may restart needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (a fresh store per
+    restart, docs/cluster.md) there."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend, timeout=timeout)

@@ -77,7 +77,8 @@ class BatchScope:
 
 def smallest_positive(vals_N: Tensor) -> Tensor:
     """Smallest positive value, inf when none, as a float32 scalar; no host sync."""
-    return torch.where(vals_N > 0, vals_N, torch.full_like(vals_N, math.inf)).min().float()
+    inf = vals_N.new_full((1,), math.inf)  # also the answer for no values at all
+    return torch.cat([torch.where(vals_N > 0, vals_N, inf), inf]).min().float()
 
 
 HERE = BatchScope()
