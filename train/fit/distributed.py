@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from tide.store.device import resolve_device
-from tide.train.sae.batch import BatchScope, Kept, smallest_positive
+from tide.train.sae.batch import HERE, BatchScope, Kept, smallest_positive
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class World:
     @property
     def batch(self) -> BatchScope:
         """The batch scope of the SAEs (train/sae/batch.py): the whole batch is here, or split over ranks."""
-        return RankBatch(self) if self.joined else BatchScope()
+        return RankBatch(self) if self.joined else HERE
 
     def where(self) -> str:
         return f"rank {self.rank} of {self.size} (host {socket.gethostname()}, pid {os.getpid()})"
@@ -357,7 +357,8 @@ def launch(cfg: TrainConfig, nproc: int, flags: list[str]) -> int:
         saved = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = threads
         quiet = logging.getLogger("torch.distributed.elastic")
-        level, quiet.level = quiet.level, logging.CRITICAL  # the ranks print their own errors
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)  # the ranks print their own errors
         try:
             run(parse_args(argv))
             return 0
