@@ -138,14 +138,16 @@ class World:
             raise RankError(value, shown=False)  # rank 0 shows it
         return value
 
-    def same(self, what: str, value: Any, fix: str) -> None:
-        """Every rank must hold the same `value`; otherwise every rank stops with an error listing them."""
+    def same(self, what: str, value: Any, fix: str, label: str | None = None) -> None:
+        """Every rank must hold the same `value`; otherwise every rank stops with an error listing each rank's
+        `label` (default: the value)."""
         if not self.joined:
             return
         values: list[Any] = [None] * self.size
-        self._call(f"comparing {what}", lambda: _dist().all_gather_object(values, (value, self.where())))
-        if any(v != values[0][0] for v, _ in values):
-            seen = "; ".join(f"{where}: {v}" for v, where in values)
+        mine = (value, label or str(value), self.where())
+        self._call(f"comparing {what}", lambda: _dist().all_gather_object(values, mine))
+        if any(v != values[0][0] for v, _, _ in values):
+            seen = "; ".join(f"{where}: {text}" for _, text, where in values)
             raise RankError(f"the ranks see different {what}: {seen}. {fix}", shown=self.main)
 
     # -- collectives of the training loop -----------------------------------------------------------------

@@ -322,7 +322,8 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None] = print, world: World =
     device = world.device or resolve_device(cfg.device)
     opened = world.everywhere(lambda: _plainly(cfg, lambda: _open(cfg)))
     fix = "every rank must read the same store (one bucket, or identical copies) with the same settings"
-    world.same("stores", f"{opened.store.path} (identity {opened.store.identity()})", fix)
+    store = opened.store  # copies at other paths are the same store: their identities agree
+    world.same("stores", store.identity(), fix, label=f"{store.path} (identity {store.identity()})")
     world.same("settings", cfg.identity(), fix)
     start = world.from_main(lambda: _plainly(cfg, lambda: _start(cfg, opened, world)))
     _warn_partial(opened.store, start.split, log)
