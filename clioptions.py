@@ -191,7 +191,7 @@ class Train:
             "Train on N processes of this machine (torchrun; one GPU each, or CPU processes sharing the cores), "
             "each on a share of every batch: the same SAEs as one process at the same --batch-size. For several "
             "machines run torchrun yourself (docs/cluster.md).",
-            None,
+            "none: this process",
             min=1,
         ),
     ]

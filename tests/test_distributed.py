@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pickle
@@ -217,6 +218,41 @@ def test_a_rank_without_the_store_stops_every_rank_with_one_error(store, tmp_pat
     else:
         assert "the ranks see different stores" in text0 and "identical copies" in text0, text0
     assert not (folders[0] / "saes").exists() or not any((folders[0] / "saes").iterdir())
+
+
+def _flip_a_tensor(state: Path) -> None:
+    """Flip bytes inside the largest entry of a torch.save zip (a tensor's storage): its CRC-32 fails."""
+    import zipfile
+
+    with zipfile.ZipFile(state) as z:
+        entry = max(z.infolist(), key=lambda i: i.file_size)
+    data = bytearray(state.read_bytes())
+    start = entry.header_offset + 30 + len(entry.filename.encode()) + len(entry.extra) + 16
+    data[start : start + 64] = bytes(b ^ 0x5A for b in data[start : start + 64])
+    state.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("problem", ["locked", "damaged state"])
+def test_rank_0s_refusal_of_out_stops_every_rank_with_one_error(store, two_ranks, tmp_path, problem):
+    """--out's lock and the resume state's CRC check are rank 0's alone: their refusal stops the other rank
+    too (no hang), said once, and the run folder is left as it was."""
+    from tide.store.lock import locked
+
+    out = tmp_path / "run"
+    shutil.copytree(two_ranks, out)
+    if problem == "damaged state":
+        _flip_a_tensor(out / "trainer_state.pt")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with locked(out, "train") if problem == "locked" else contextlib.nullcontext():
+        (rc0, text0), (rc1, text1) = _finish(_start_ranks(_args(store, out), [tmp_path, tmp_path]))
+    assert (rc0, rc1) == (2, 2)
+    assert text0.count("error:") == 1 and "Traceback" not in text0, text0
+    assert text1 == "", text1
+    if problem == "locked":
+        assert f"another tide train (pid {os.getpid()}) is writing {out}" in text0, text0
+    else:
+        assert "is damaged (its entry" in text0 and "fails its CRC-32" in text0, text0
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_a_stuck_rank_stops_the_others_after_rank_timeout(store, tmp_path):
