@@ -256,19 +256,23 @@ def test_rank_0s_refusal_of_out_stops_every_rank_with_one_error(store, two_ranks
 
 
 def test_a_stuck_rank_stops_the_others_after_rank_timeout(store, tmp_path):
+    """Each rank in a folder of its own with a relative --out, as on machines that share nothing: rank 0 alone
+    writes (rank 1's folder stays empty: no run folder, no lock); a stopped rank 1 fails rank 0 after
+    rank_timeout instead of hanging it."""
     folders = [tmp_path / "node0", tmp_path / "node1"]
     for f in folders:
         f.mkdir()
     (tmp_path / "t.yaml").write_text(f"rank_timeout: 3\nwindow_rows: {SETTINGS['window_rows']}\n")
-    args = ["train", "--store", str(store.path), "--out", str(tmp_path / "saes"), "--k", "4"]
+    args = ["train", "--store", str(store.path), "--out", "saes", "--k", "4"]
     args += ["--batch-size", "32", "--max-steps", "100000", "--warmup-steps", "5", "--checkpoint-every", "10"]
     args += ["--device", "cpu", "--no-progress", "--config", str(tmp_path / "t.yaml")]
     procs = _start_ranks(args, folders)
     deadline = time.monotonic() + 300
-    while not (tmp_path / "saes" / "trainer_state.pt").exists():
+    while not (folders[0] / "saes" / "trainer_state.pt").exists():
         assert all(p.poll() is None for p in procs), _finish(procs)
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    assert list(folders[1].iterdir()) == []  # rank 1 trains, but writes nothing
     os.kill(procs[1].pid, signal.SIGSTOP)  # stuck: alive, but answers nothing
     stopped = time.monotonic()
     try:
@@ -280,6 +284,7 @@ def test_a_stuck_rank_stops_the_others_after_rank_timeout(store, tmp_path):
     assert rc0 == 2 and text0.count("error:") == 1 and "Traceback" not in text0, text0
     assert "rank 0 of 2" in text0 and "waited 3 s for the other ranks" in text0, text0
     assert 2.5 < waited < 60
+    assert list(folders[1].iterdir()) == []
 
 
 # --- batch-wide quantities on real ranks, against the whole batch in one process -----------------------------
