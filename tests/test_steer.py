@@ -100,7 +100,7 @@ def test_the_old_sae_flag_still_works_with_a_note(sae_dir, tmp_path):
 
 
 def test_demo_rows_edit_is_add_edit_per_sample(sae_dir):
-    from tide.train.loop.steer_demo import rows_edit
+    from tide.train.loop.steer_classes import rows_edit
 
     s = load_sae(sae_dir).sae
     t = float(s.input_mean_t[0])
@@ -113,7 +113,7 @@ def test_demo_rows_edit_is_add_edit_per_sample(sae_dir):
 
 def test_digit_distance_real_digits_near_noise_far():
     from sklearn.datasets import load_digits
-    from tide.train.loop.steer_demo import digit_distance
+    from tide.train.loop.steer_classes import digit_distance
 
     real = load_digits().images[:5] / 16 * 255  # (5, 8, 8)
     up = np.repeat(np.repeat(real, 2, 1), 2, 2).round().astype(np.uint8)[..., None]  # (5, 16, 16, 1)
@@ -123,7 +123,7 @@ def test_digit_distance_real_digits_near_noise_far():
 
 
 def test_demo_replay_writes_back_what_recorder_saw():
-    from tide.train.loop.steer_demo import recorder, replay
+    from tide.train.loop.steer_classes import recorder, replay
 
     seen: dict[int, torch.Tensor] = {}
     x0, x1 = torch.randn(4, 3, 16), torch.randn(4, 3, 16)
@@ -137,7 +137,7 @@ def test_demo_replay_writes_back_what_recorder_saw():
 
 def test_demo_class_means_and_mean_difference_edit(sae_dir):
     from tide.store.reader import open_store
-    from tide.train.loop.steer_demo import class_means, mean_difference_edit
+    from tide.train.loop.steer_classes import class_means, mean_difference_edit
 
     store = open_store(load_sae(sae_dir).meta.store.path)
     array = load_sae(sae_dir).meta.array
@@ -161,7 +161,7 @@ def test_demo_sweep_end_to_end_on_the_demo_model(tmp_path):
     from tide.harvest.config import DEMO_MODEL, HarvestConfig
     from tide.harvest.demo_model import DIGITS_MAX, fit_classifier, to_digits_BF
     from tide.harvest.run import harvest
-    from tide.train.loop.steer_demo import digit_distance, sweep
+    from tide.train.loop.steer_classes import digit_distance, sweep
 
     cfg = HarvestConfig(
         out=tmp_path / "s.zarr", num_samples=10, num_steps=4, batch_size=10, layers="1", token_fraction=1.0,

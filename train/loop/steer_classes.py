@@ -1,6 +1,7 @@
-"""`make steer-demo`: turn digits of other classes into a chosen target digit through one tide-SAE latent.
+"""Class steering: turn digits of other classes into a chosen target digit through one tide-SAE latent.
 
-Method, all measured, nothing hand-picked:
+`python -m tide.train.loop.steer_classes` (it was `make steer-demo` before the attribute demo). Method, all
+measured, nothing hand-picked:
 1. Latent per target class c: the SAE encodes the store's rows (first `probe_samples` samples, every
    stored step and token); each sample's mean activation per latent is scored by Cohen's d between class c
    and the other classes; the latent with the largest d is c's. Its unit is `active_mean`, the mean of
@@ -296,7 +297,7 @@ def format_sweep(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m tide.train.loop.steer_demo", description=__doc__.splitlines()[0]
+        prog="python -m tide.train.loop.steer_classes", description=__doc__.splitlines()[0]
     )
     p.add_argument("--saes", type=Path, default=Path("runs/saes"), help="`tide train --out` folder")
     p.add_argument("--out", default="runs/steer-demo")
