@@ -38,7 +38,7 @@ splice: $(STAMP)
 
 steer-demo: $(STAMP)
 	@test -d $(SAES) || $(MAKE) train
-	$(BIN)/python -m tide.train.loop.steer_classes --saes $(SAES) --out $(STEER_OUT) --overwrite
+	$(BIN)/python -m tide.train.loop.steer_demo --saes $(SAES) --out $(STEER_OUT) --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

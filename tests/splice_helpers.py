@@ -24,11 +24,12 @@ def tiny_store(model: Path, out: Path) -> Path:
     return out
 
 
-def write_sae(folder: Path, store_path: Path, array: str, sae) -> Path:
+def write_sae(folder: Path, store_path: Path, array: str, sae, split: Split | None = None) -> Path:
+    """An SAE folder for `sae` on the store's `array`; by default trained on chunks 0 and 1, none held out."""
     store = open_store(store_path)
     meta = SAEMeta(
         name=folder.name, array=array, sae=sae.cfg, store=StoreRef(path=str(store_path), identity=store.identity()),
-        split=Split(val_fraction=0, split_seed=0, train_chunks=[0, 1], val_chunks=[]), step_range=(0, NUM_STEPS),
+        split=split or Split(val_fraction=0, split_seed=0, train_chunks=[0, 1], val_chunks=[]), step_range=(0, NUM_STEPS),
         normalization="test", input_scale=float(sae.input_scale), trained_steps=0, trained_rows=0, train_config={},
     )  # fmt: skip
     save_sae(folder, sae, meta)

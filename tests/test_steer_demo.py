@@ -1,0 +1,153 @@
+"""`make steer-demo` (train/loop/steer_demo.py): attribute steering on a small demo-model store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tide.train.analysis.attributes import ATTRIBUTES, as_array, attributes
+from tide.train.fit.data import Split
+
+from tests.splice_helpers import random_sae, tiny_store, write_sae
+
+
+def test_correlations_match_numpy_within_and_across_classes():
+    from tide.train.loop.steer_demo import correlations
+
+    rng = np.random.default_rng(0)
+    act_NF, attr_NA = rng.random((40, 7)), rng.random((40, 3))
+    act_NF[:, 2] = 0  # a latent that never fires: r 0, not NaN
+    class_N = rng.integers(0, 4, 40)
+    got = correlations(act_NF, attr_NA, None)
+    within = correlations(act_NF, attr_NA, class_N)
+
+    def minus_class_means(x):
+        return x - np.stack([x[class_N == c].mean(0) for c in class_N])
+
+    x, y = minus_class_means(act_NF), minus_class_means(attr_NA)
+    for a in range(3):
+        for f in (0, 1, 3, 4, 5, 6):
+            assert got[a, f] == pytest.approx(np.corrcoef(attr_NA[:, a], act_NF[:, f])[0, 1])
+            assert within[a, f] == pytest.approx(np.corrcoef(y[:, a], x[:, f])[0, 1])
+        assert got[a, 2] == 0 and within[a, 2] == 0
+    # one sample per class leaves nothing to correlate within a class: refused, not an arbitrary latent
+    from tide.train.loop.steer_demo import pick_latents
+
+    with pytest.raises(ValueError, match="give more --probe-samples"):
+        pick_latents(act_NF[:4], act_NF[:4] > 0, np.ones(7), rng.random((4, 6)), np.arange(4))
+
+
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    """12 demo-model samples of classes 3 and 5 (3 chunks of 4), 4 steps, final images saved; a random tide
+    SAE on layer 1 that trained on chunks 0 and 1 and holds out chunk 2."""
+    from tide.harvest.config import HarvestConfig
+    from tide.harvest.run import harvest
+
+    root = tmp_path_factory.mktemp("demo")
+    cfg = HarvestConfig(
+        out=root / "s.zarr", num_samples=12, num_steps=4, batch_size=4, layers="1", token_fraction=0.25,
+        labels="3,5", dtype="float32", save_images=True, progress=False,
+    )  # fmt: skip
+    harvest(cfg, log=lambda m: None)
+    split = Split(val_fraction=0.3, split_seed=0, train_chunks=[0, 1], val_chunks=[2])
+    sae = random_sae(128, cfg.out, "resid_l01")
+    write_sae(root / "saes" / "tide", cfg.out, "resid_l01", sae, split)
+    return root
+
+
+def _mean_activations(sae, x_NSTD: np.ndarray, t_S: np.ndarray) -> np.ndarray:
+    """(N, F) each sample's activation averaged over its steps and tokens, one (sample, step) at a time."""
+    N, S = x_NSTD.shape[:2]
+    out = [
+        [sae.forward_raw(torch.as_tensor(x_NSTD[i, k]), float(t_S[k])).z_BF.numpy() for k in range(S)]
+        for i in range(N)
+    ]
+    return np.stack([np.mean(rows, axis=(0, 1)) for rows in out])
+
+
+def _run(root, out, **kw):
+    from tide.train.loop.steer_demo import AttributeDemoConfig, run_demo
+
+    cfg = AttributeDemoConfig(saes=root / "saes", out=out, batch_size=3, device="cpu", progress=False, **kw)
+    return run_demo(cfg, log=lambda m: None)
+
+
+def test_strength_zero_reproduces_the_unsteered_images_bitwise(demo_store, tmp_path):
+    from tide.store.reader import open_store
+
+    r = _run(demo_store, tmp_path / "o", multiples=(0.0,), down=(), off=False)
+    store = open_store(demo_store / "s.zarr")
+    stored = store.root["images"][8:12]  # the held-out chunk's final images, as the harvest drew them
+    assert r["held_out_samples"] == [8, 9, 10, 11]
+    for name in ATTRIBUTES:
+        folder = tmp_path / "o" / name
+        np.testing.assert_array_equal(np.load(folder / "unsteered.npy"), stored)
+        np.testing.assert_array_equal(np.load(folder / "images.npy"), stored)  # strength 0: bit for bit
+        np.testing.assert_array_equal(np.load(folder / "labels.npy"), store.root["label"][8:12])
+        assert (folder / "direction.txt").read_text().strip() in ("+1", "-1") and (
+            folder / "grid.png"
+        ).is_file()
+    for a in r["attributes"]:
+        (e,) = a["edits"]
+        assert (e["edit"], e["change_sd"], e["class_kept"], e["digit_like"]) == ("up 0x", 0.0, 1.0, 1.0)
+
+
+def test_picks_and_figures_agree_with_the_saved_images(demo_store, tmp_path):
+    """Each attribute's latent is the best within-class predictor on the training samples' own stored images,
+    and the printed figures are the ones the saved images give (plain recomputation, shipped classifier)."""
+    from tide.harvest.demo_model import DIGITS_MAX, fit_classifier, to_digits_BF
+    from tide.store.reader import open_store
+    from tide.train.fit.checkpoint import load_sae
+    from tide.train.loop.steer_demo import format_table
+
+    r = _run(demo_store, tmp_path / "o", multiples=(1.0, 40.0), down=(), off=True, probe_samples=8)
+    store = open_store(demo_store / "s.zarr")
+    s = load_sae(demo_store / "saes" / "tide")
+    # the per-sample mean activation over every stored row, by a plain loop over samples and steps
+    x = store.root["resid_l01"][:8].astype(np.float32)  # (8, S, T, D)
+    with torch.no_grad():
+        act = _mean_activations(s.sae, x, store.timesteps)
+
+    attr = as_array(attributes(store.root["images"][:8]))
+    labels = store.root["label"][:8]
+    for a, pick in enumerate(r["attributes"]):
+        y = attr[:, a] - np.array([attr[labels == c, a].mean() for c in labels])
+        z = act - np.stack([act[labels == c].mean(0) for c in labels])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r_F = np.nan_to_num(
+                [np.corrcoef(y, z[:, f])[0, 1] if z[:, f].std() > 0 else 0 for f in range(512)]
+            )
+        assert abs(pick["r_within"]) == pytest.approx(np.abs(r_F).max(), abs=1e-5)
+        assert pick["direction"] == (1 if pick["r_within"] >= 0 else -1)
+    clf, _ = fit_classifier()
+
+    def predict(images):
+        return clf.predict(
+            to_digits_BF(torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1).numpy() / DIGITS_MAX
+        )
+
+    for a, pick in enumerate(r["attributes"]):
+        folder = tmp_path / "o" / pick["attribute"]
+        images, base = np.load(folder / "images.npy"), np.load(folder / "unsteered.npy")
+        assert not np.array_equal(images, base)  # 40 units of a latent change the images
+        a0, a1 = as_array(attributes(base))[:, a], as_array(attributes(images))[:, a]
+        top = next(e for e in pick["edits"] if e["edit"] == "up 40x")
+        assert top["change_sd"] == pytest.approx(np.nanmean(a1 - a0) / np.nanstd(a0, ddof=1))
+        assert top["class_kept"] == pytest.approx(np.mean(predict(images) == predict(base)))
+        assert [e["edit"] for e in pick["edits"]] == ["up 1x", "up 40x", "off"]
+    table = format_table(r)
+    assert all(f"{name}: latent" in table for name in ATTRIBUTES) and "up 40x" in table
+
+
+def test_demo_refuses_a_model_that_does_not_draw_digits(tiny_dit, tmp_path):
+    from tide.train.loop.steer_demo import AttributeDemoConfig, run_demo
+
+    store = tiny_store(tiny_dit, tmp_path / "s.zarr")
+    split = Split(val_fraction=0.5, split_seed=0, train_chunks=[0], val_chunks=[1])
+    write_sae(tmp_path / "saes" / "tide", store, "resid_l01", random_sae(16, store, "resid_l01"), split)
+    with pytest.raises(ValueError, match="is not a digits model"):
+        run_demo(
+            AttributeDemoConfig(saes=tmp_path / "saes", out=tmp_path / "o", device="cpu", progress=False)
+        )
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,384 @@
+"""`make steer-demo`: steer what a digit looks like (its ink, size, position, slant) through one tide-SAE latent.
+
+Method, measured from pixels (train/analysis/attributes.py), nothing picked by hand:
+1. Latent per attribute. The final images of the SAE's training samples (the first `probe_samples`, never
+   the held-out ones; from the store, else redrawn from their seeds) give the six attributes. A sample's
+   activation of a latent is its mean over the store's rows of the sample (every stored step and token).
+   The latent picked for an attribute has the largest |Pearson r| between the two *within class* (class means
+   subtracted from both): the class comes from the label, which this model reads through adaLN in every
+   block and which no residual edit changes (docs/results.md, "Class steering"), so a latent that predicts the
+   attribute only through the class would have nothing to move. The sign of r is the attribute's
+   `direction`: the way it should move when the latent is turned up. The latent's unit is its mean
+   activation where it fires, over those rows.
+2. Steering. The SAE's held-out samples (same seeds and labels as the store) are drawn unsteered, then with
+   `tide steer`'s edits (train/loop/steer.py) at the SAE's site, every step, both CFG rows: up, adding
+   m x unit x the latent's decoder direction for each multiple m (`tide steer --strength`); off, the
+   latent clamped to 0 in the SAE's code with the error term kept (`--clamp 0`: down as far as the latent
+   goes, since its activation is never negative; it changes only rows where the latent fires); and with
+   `--down`, subtracting m x unit x the direction, beyond the latent's own range.
+3. Scoring, per attribute and edit: the mean change of the attribute, steered minus unsteered on the same
+   seed, in units of the unsteered samples' standard deviation; how often the shipped real-digits classifier
+   gives the steered image the class it gives the unsteered one; and how often the steered image still lies
+   as close to a real digit as the farthest unsteered one (the classifier labels noise too).
+
+Writes DIR/<attribute>/images.npy (steered at the strongest up multiple), unsteered.npy, labels.npy,
+direction.txt (+1 or -1) and grid.png (unsteered, then each edit), and DIR/attributes.json with every figure.
+
+Shape key: N samples, S steps, T tokens, D width, F latents, A attributes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tide.store.outputs import check_replaceable, local_out, staged
+from tide.train.analysis.attributes import ATTRIBUTES, as_array, attributes
+from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
+from tide.train.loop.splice import sae_target
+from tide.train.loop.steer import add_edit, clamp_edit
+
+MULTIPLES = (1.0, 2.0, 4.0)
+"""Up strengths, in units of the latent's mean activation where it fires."""
+
+
+class AttributeDemoConfig(BaseModel):
+    """A `make steer-demo` run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    saes: Path
+    """A `tide train --out` folder (its first tide SAE is used) or one SAE folder."""
+    out: Path
+    """Folder for <attribute>/ and attributes.json."""
+    probe_samples: int = Field(200, gt=1)
+    """Training samples of the SAE redrawn to pick the latents."""
+    multiples: tuple[float, ...] = Field(MULTIPLES, min_length=1)
+    """Up strengths / the latent's unit; the largest is the strongest (images.npy)."""
+    down: tuple[float, ...] = ()
+    """Down strengths / unit, subtracted (beyond the latent's own range: its activation is never negative)."""
+    off: bool = True
+    """Also clamp the latent to 0."""
+    batch_size: int = Field(50, gt=0)
+    """Samples per forward pass."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    overwrite: bool = False
+    """Replace an earlier demo output in --out."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _local_out(cls, value: Any) -> Any:
+        # Before Path folds `s3://b/x` into a local `s3:/b/x`: the output is a local folder (store/outputs.py).
+        return local_out(value, "steer-demo", option="") if isinstance(value, str | Path) else value
+
+
+class Pick(NamedTuple):
+    """The latent chosen for one attribute."""
+
+    attribute: str
+    latent: int
+    r_within: float
+    """Pearson r of the latent's per-sample mean activation with the attribute, class means removed."""
+    r: float
+    """The same without removing class means (for comparison)."""
+    direction: int
+    """+1 or -1: the sign of r_within, the way the attribute should move when the latent goes up."""
+    unit: float
+    """The latent's mean activation where it fires (the steering strengths are multiples of it)."""
+    fires: float
+    """Fraction of the probe samples on which it fires at some stored row."""
+
+
+def tide_sae(saes: Path) -> LoadedSAE:
+    found = [f for f in sae_folders([saes]) if load_sae(f).meta.sae.arch == "tide"]
+    if not found:
+        raise ValueError(f"{saes} holds no tide SAE; run `make train` (it trains tide and topk)")
+    return load_sae(found[0])
+
+
+@torch.no_grad()
+def sample_activity(s: LoadedSAE, store, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, F) each sample's mean activation over its stored rows (the SAE's steps, every stored token), (N, F)
+    whether it fired anywhere, and (F,) each latent's mean activation where it fires."""
+    lo, hi = s.meta.step_range
+    x_NSTD = torch.as_tensor(store.root[s.meta.array].get_orthogonal_selection((samples,)).astype(np.float32))
+    t_S = store.timesteps
+    N, _, T, D = x_NSTD.shape
+    F = s.meta.sae.num_latents
+    mean_NF, fired_NF = torch.zeros(N, F), torch.zeros(N, F, dtype=torch.bool)
+    total_F, count_F = torch.zeros(F, dtype=torch.float64), torch.zeros(F, dtype=torch.float64)
+    for step in range(lo, hi):
+        z_NTF = s.sae.forward_raw(x_NSTD[:, step].reshape(N * T, D), float(t_S[step])).z_BF.reshape(N, T, F)
+        mean_NF += z_NTF.mean(1) / (hi - lo)
+        fired_NF |= (z_NTF > 0).any(1)
+        total_F += z_NTF.sum((0, 1)).double()
+        count_F += (z_NTF > 0).sum((0, 1)).double()
+    return mean_NF.numpy(), fired_NF.numpy(), (total_F / count_F.clamp_min(1)).numpy()
+
+
+def correlations(act_NF: np.ndarray, attr_NA: np.ndarray, class_N: np.ndarray | None) -> np.ndarray:
+    """(A, F) Pearson r of every attribute with every latent, class means removed first when classes are
+    given; 0 where a latent (or attribute) does not vary."""
+    x, y = act_NF.astype(np.float64), attr_NA.astype(np.float64)
+    if class_N is not None:
+        for c in np.unique(class_N):
+            x[class_N == c] -= x[class_N == c].mean(0)
+            y[class_N == c] -= y[class_N == c].mean(0)
+    x, y = x - x.mean(0), y - y.mean(0)
+    norm_AF = np.sqrt((y**2).sum(0))[:, None] * np.sqrt((x**2).sum(0))[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_AF = (y.T @ x) / norm_AF
+    return np.nan_to_num(r_AF, nan=0.0)
+
+
+def pick_latents(act_NF, fired_NF, unit_F, attr_NA, class_N) -> list[Pick]:
+    """Per attribute, the latent with the largest |r| within class (module docstring, step 1)."""
+    within_AF, plain_AF = correlations(act_NF, attr_NA, class_N), correlations(act_NF, attr_NA, None)
+    picks = []
+    for a, name in enumerate(ATTRIBUTES):
+        f = int(np.abs(within_AF[a]).argmax())
+        if within_AF[a, f] == 0:
+            raise ValueError(
+                f"no latent's activation varies with {name} within a class over the {len(act_NF)} probe samples "
+                "(each class needs two samples or more); give more --probe-samples"
+            )
+        picks.append(
+            Pick(
+                name, f, float(within_AF[a, f]), float(plain_AF[a, f]), 1 if within_AF[a, f] >= 0 else -1,
+                float(unit_F[f]), float(fired_NF[:, f].mean()),
+            )
+        )  # fmt: skip
+    return picks
+
+
+class _Edit(NamedTuple):
+    name: str
+    """up 2x, down 2x, off."""
+    strength: float | None
+    """Added multiple of the direction, in latent units; None for the clamp."""
+    make: Callable[[Any], Callable]
+    """sae -> the edit (train/loop/steer.py)."""
+
+
+def edits(cfg: AttributeDemoConfig, pick: Pick) -> list[_Edit]:
+    """The edits of one attribute's latent: up at each multiple, down at each, and off."""
+    f, u = pick.latent, pick.unit
+    out = [_Edit(f"up {m:g}x", m * u, lambda sae, a=m * u: add_edit(sae, f, a)) for m in cfg.multiples]
+    out += [_Edit(f"down {m:g}x", -m * u, lambda sae, a=-m * u: add_edit(sae, f, a)) for m in cfg.down]
+    if cfg.off:
+        out.append(_Edit("off", None, lambda sae: clamp_edit(sae, f, 0.0)))
+    return out
+
+
+def _score(attr0_NA, attr_NA, a: int, pred0, pred, dist, limit: float) -> dict[str, float]:
+    """One edit's figures for attribute a (module docstring, step 3)."""
+    sd = float(np.nanstd(attr0_NA[:, a], ddof=1))
+    change = attr_NA[:, a] - attr0_NA[:, a]
+    return {
+        "change_sd": float(np.nanmean(change) / sd) if sd > 0 else float("nan"),
+        "class_kept": float((pred == pred0).mean()),
+        "digit_like": float((dist <= limit).mean()),
+    }
+
+
+def held_out(s: LoadedSAE, layout) -> np.ndarray:
+    """The SAE's held-out samples (its val chunks), refused when it has none."""
+    if not s.meta.split.val_chunks:
+        raise ValueError(
+            f"{s.folder.name} has no held-out samples (trained with val_fraction {s.meta.split.val_fraction}); "
+            "the demo steers samples the SAE never saw: train with --val-fraction > 0"
+        )
+    return np.concatenate([np.arange(a, b) for a, b in s.meta.split.val_samples(layout)])
+
+
+def probe_samples(s: LoadedSAE, layout, n: int) -> np.ndarray:
+    """The first n of the SAE's training samples: the latents are picked on them, never on held-out ones."""
+    train = np.concatenate(
+        [np.arange(*layout.sample_chunk(c).indices(layout.num_samples)) for c in s.meta.split.train_chunks]
+    )
+    return np.sort(train)[:n]
+
+
+class _Draw(NamedTuple):
+    """Draws samples of the store's run (train/loop/rerun.py), with or without an edit at the SAE's site."""
+
+    run: Any
+    site: str
+    layer: int
+    batch_size: int
+    bar: Any
+
+    def __call__(self, samples: np.ndarray, edit: Callable | None = None) -> np.ndarray:
+        from tide.train.loop.rerun import Intervention
+
+        ivs = [Intervention(self.site, self.layer, edit)] if edit is not None else []
+        out = []
+        for lo in range(0, len(samples), self.batch_size):
+            idx = samples[lo : lo + self.batch_size]
+            out.append(self.run.sample(idx, ivs).images.numpy())
+            self.bar.update(len(idx))
+        return np.concatenate(out)
+
+
+def _final_images(store, samples: np.ndarray, draw: _Draw) -> np.ndarray:
+    """The samples' final images: the store's (`tide harvest --save-images`), else redrawn from their seeds."""
+    if "images" in store.root:
+        draw.bar.update(len(samples))
+        return store.root["images"].get_orthogonal_selection((samples,))
+    return draw(samples)
+
+
+def run_demo(cfg: AttributeDemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Pick a latent per attribute, steer the held-out samples with it, score and write (module docstring)."""
+    from tide.store.reader import open_store
+    from tide.train.loop.rerun import rerun
+    from tide.train.loop.steer_classes import digit_distance
+    from tqdm.auto import tqdm
+
+    s = tide_sae(cfg.saes)
+    store = open_store(s.meta.store.path)
+    held, probe = held_out(s, store.layout), probe_samples(s, store.layout, cfg.probe_samples)
+    check_replaceable(cfg.out, "steer-demo", cfg.overwrite)  # before the redraws: refused at once
+    run = rerun(store.meta, device=cfg.device)
+    clf = run.classifier()
+    if clf is None:
+        raise ValueError(
+            f"{store.meta.model.id} is not a digits model (10 classes, one channel, pixel space): the demo "
+            "scores steered images with the shipped demo's digit classifier"
+        )
+    site, layer, _ = sae_target(s)
+    s.sae.to(run.model.transformer.device)
+    n_edits = len(cfg.multiples) + len(cfg.down) + cfg.off
+    total = len(probe) + len(held) * (1 + len(ATTRIBUTES) * n_edits)
+    with tqdm(total=total, unit="image", desc="steer-demo", disable=not cfg.progress) as bar:
+        draw = _Draw(run, site, layer, cfg.batch_size, bar)
+        labels = run.labels()
+        probe_attr_NA = as_array(attributes(_final_images(store, probe, draw)))
+        picks = pick_latents(*sample_activity(s, store, probe), probe_attr_NA, labels[probe])
+        log(f"{s.folder.name}: latents per attribute {', '.join(f'{p.attribute} {p.latent}' for p in picks)}")
+        base = draw(held)
+        steered = {p.attribute: {e.name: draw(held, e.make(s.sae)) for e in edits(cfg, p)} for p in picks}
+    report = _report(cfg, s, held, labels[held], probe, picks, base, steered, clf, digit_distance)
+    with staged(cfg.out, "steer-demo", cfg.overwrite) as new:  # swapped in whole, once written
+        _write(new, cfg, picks, labels[held], base, steered, report)
+    return report
+
+
+def _report(cfg, s, held, labels, probe, picks, base, steered, clf, digit_distance) -> dict[str, Any]:
+    """Every figure of the run (attributes.json)."""
+    attr0_NA = as_array(attributes(base))
+    pred0, limit = clf(base), float(digit_distance(base).max())
+    per = []
+    for a, p in enumerate(picks):
+        rows = []
+        for e in edits(cfg, p):
+            imgs = steered[p.attribute][e.name]
+            attr_NA = as_array(attributes(imgs))
+            rows.append(
+                {"edit": e.name, "strength": e.strength,
+                 **_score(attr0_NA, attr_NA, a, pred0, clf(imgs), digit_distance(imgs), limit)}
+            )  # fmt: skip
+        per.append(
+            {**p._asdict(), "unsteered_mean": float(np.nanmean(attr0_NA[:, a])),
+             "unsteered_sd": float(np.nanstd(attr0_NA[:, a], ddof=1)), "edits": rows}
+        )  # fmt: skip
+    return {
+        "sae": s.folder.name,
+        "held_out_samples": held.tolist(),
+        "probe_samples": len(probe),
+        "multiples": list(cfg.multiples),
+        "down": list(cfg.down),
+        "unsteered_accuracy": float((pred0 == labels).mean()),
+        "attributes": per,
+    }
+
+
+def _write(out: Path, cfg, picks, labels, base, steered, report) -> None:
+    """DIR/<attribute>/{images,unsteered,labels}.npy, direction.txt, grid.png; DIR/attributes.json."""
+    from tide.train.loop.splice_report import save_grid
+
+    strongest = f"up {max(cfg.multiples):g}x"
+    for p in picks:
+        folder = out / p.attribute
+        folder.mkdir()
+        np.save(folder / "images.npy", steered[p.attribute][strongest])
+        np.save(folder / "unsteered.npy", base)
+        np.save(folder / "labels.npy", labels)
+        (folder / "direction.txt").write_text(f"{p.direction:+d}\n")
+        save_grid(folder / "grid.png", [("unsteered", base), *steered[p.attribute].items()], cols=16)
+    (out / "attributes.json").write_text(json.dumps(report, indent=2))
+
+
+def format_table(r: dict[str, Any]) -> str:
+    """The printed result: per attribute, its latent and every edit's figures."""
+    lines = [
+        f"{r['sae']}: {len(r['held_out_samples'])} held-out samples (classifier accuracy unsteered "
+        f"{r['unsteered_accuracy']:.2f}); latents picked on {r['probe_samples']} training samples"
+    ]
+    for a in r["attributes"]:
+        lines += [
+            "",
+            f"{a['attribute']}: latent {a['latent']} (within-class r {a['r_within']:+.2f}, r {a['r']:+.2f}, "
+            f"fires on {a['fires']:.0%} of samples, unit {a['unit']:.3g}); direction {a['direction']:+d}; "
+            f"unsteered {a['unsteered_mean']:.3g} +- {a['unsteered_sd']:.3g}",
+            f"  {'edit':<12}{'change (sd)':>12}{'class kept':>12}{'digit-like':>12}",
+        ]
+        lines += [
+            f"  {e['edit']:<12}{e['change_sd']:>+12.2f}{e['class_kept']:>12.2f}{e['digit_like']:>12.2f}"
+            for e in a["edits"]
+        ]
+    top = f"up {max(r['multiples']):g}x"
+    moved = [
+        a["attribute"] for a in r["attributes"] for e in a["edits"]
+        if e["edit"] == top and e["change_sd"] * a["direction"] >= 1 and e["class_kept"] >= 0.8
+    ]  # fmt: skip
+    lines += ["", f"at {top}: moved >= 1 sd in the declared direction with >= 80% class kept: "
+              f"{len(moved)} of {len(r['attributes'])} ({', '.join(moved) or 'none'})"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(m) for m in text.split(",") if m.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m tide.train.loop.steer_demo", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--saes", type=Path, default=Path("runs/saes"), help="`tide train --out` folder or SAE folder"
+    )
+    p.add_argument("--out", default="runs/steer-demo")
+    p.add_argument(
+        "--probe-samples", type=int, default=200, help="training samples redrawn to pick the latents"
+    )
+    p.add_argument("--multiples", default=",".join(f"{m:g}" for m in MULTIPLES), help="up strengths / unit")
+    p.add_argument("--down", default="", help="down strengths / unit, subtracted (default none)")
+    p.add_argument("--no-off", action="store_true", help="do not clamp the latent to 0")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        cfg = AttributeDemoConfig(
+            saes=a.saes, out=a.out, probe_samples=a.probe_samples, multiples=_floats(a.multiples),
+            down=_floats(a.down), off=not a.no_off, batch_size=a.batch_size, device=a.device,
+            overwrite=a.overwrite, progress=not a.no_progress,
+        )  # fmt: skip
+        print(format_table(run_demo(cfg)))
+    except ValueError as e:
+        p.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
