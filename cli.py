@@ -414,6 +414,7 @@ def features(
     buckets: opt.Features.Buckets = 5,
     max_pages: opt.Features.MaxPages = 256,
     images: opt.Features.Images = 8,
+    causal: opt.Features.Causal = 2,
     model: opt.Features.Model = None,
     batch_size: opt.Features.BatchSize = 4096,
     device: opt.Device = "auto",
@@ -433,7 +434,7 @@ def features(
     with user_errors(storage_options):
         cfg = FeaturesConfig(
             split=split, top_k=top_k, buckets=buckets, max_pages=max_pages or None, images_per_page=images,
-            batch_size=batch_size, progress=not no_progress,
+            causal_samples=causal, batch_size=batch_size, progress=not no_progress,
         )  # fmt: skip
         result = features_report(
             sae, out, cfg, store=store, model=model, device=str(resolve_device(device)), overwrite=overwrite, log=log

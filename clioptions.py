@@ -340,6 +340,17 @@ class Features:
         ),
     ]
     Images = Annotated[int, typer.Option(min=1, help="Top samples pictured per latent page.")]
+    Causal = Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Top samples per page redrawn with the latent off and scaled up (the causal section; 0 skips it).",
+        ),
+    ]
+    CausalScale = Annotated[
+        float,
+        typer.Option(min=1, help="Factor the latent is scaled by in the causal section's scaled-up redraw."),
+    ]
     Model = Annotated[
         str | None,
         option("Pipeline folder to redraw images with when the store has none.", "the recorded one"),

@@ -108,6 +108,40 @@ def test_heatmaps_colour_only_stored_tokens(report):
         assert same == (n not in stored), f"token {n}: stored={n in stored}, tinted={not same}"
 
 
+def test_causal_section_shows_the_redraws_and_their_differences(report):
+    """Each page's first two top samples: clean, off, off - clean, x4, x4 - clean, the redraws equal to the
+    ones train/loop/causal.py draws alone; no attribute table, since the tiny DiT is not the shipped model."""
+    from tide.train.fit.checkpoint import load_sae
+    from tide.train.loop.causal import Request, redraw
+    from tide.train.loop.rerun import rerun
+
+    work, sae, result = report
+    store = open_store(work / "s.zarr")
+    data = json.loads((result.out / "features.json").read_text())
+    f = result.pages[0]
+    samples = list(dict.fromkeys(t["sample"] for t in data["latents"][f]["top"]))[:2]
+    page = (result.out / "latents" / f"{f:05d}.html").read_text()
+    assert "What it does: turned off and scaled up" in page and "class=attrs" not in page
+    assert [int(m) for m in re.findall(r"<figcaption>sample (\d+): clean", page)] == samples
+    s = load_sae(sae)
+    drawn = redraw(
+        s, rerun(store.meta, device="cpu"), [Request(samples[0], f, 0.0), Request(samples[0], f, 4.0)]
+    )
+    pic = np.asarray(Image.open(result.out / "img/causal" / f"{f:05d}_0.png").convert("RGB")).astype(int)
+    panels = [pic[:, k * (PIXELS + 4) : k * (PIXELS + 4) + PIXELS] for k in range(5)]
+    assert pic.shape[1] == 5 * PIXELS + 4 * 4
+    clean = store.root["images"][samples[0]][..., 0].astype(int)  # (8, 8): 16x16 screen pixels each
+    for k, want in ((0, clean), (1, drawn[0][..., 0]), (3, drawn[1][..., 0])):
+        np.testing.assert_array_equal(panels[k][::16, ::16, 0], want)
+    for k, edited in ((2, drawn[0][..., 0].astype(int)), (4, drawn[1][..., 0].astype(int))):
+        heat = panels[k][
+            ::16, ::16
+        ]  # red where brighter than clean, blue where darker, one colour where equal
+        d = edited - clean
+        assert (heat[d > 0, 0] > heat[d > 0, 2]).all() and (heat[d < 0, 2] > heat[d < 0, 0]).all()
+        assert len({tuple(c) for c in heat[d == 0]}) <= 1
+
+
 def test_images_are_regenerated_from_seeds_without_saved_images(report, tmp_path):
     work, _, _ = report
     copy = tmp_path / "noimages.zarr"
@@ -203,7 +237,8 @@ def test_report_in_headless_chromium(report):
     assert index["rows"] == F and index["images"] == F and index["broken"] == []
     assert index["freqs"] == sorted(index["freqs"], reverse=True)  # the sort ran
     page = _browse(result.out / "latents" / f"{result.pages[0]:05d}.html")
-    assert page["images"] == 3 + 2 and page["broken"] == []  # top samples, timestep and class plots
+    # top samples, timestep and class plots, the causal section's pictures
+    assert page["images"] == 3 + 2 + 2 and page["broken"] == []
 
 
 def test_prompt_store_images_are_regenerated_from_seeds_and_prompts(tiny_pixart, tmp_path):

@@ -72,6 +72,11 @@ class FeaturesConfig(BaseModel):
     about a second of plotting on a CPU, so the default keeps a report of a wide SAE to minutes."""
     images_per_page: int = Field(8, gt=0)
     """Top samples (distinct) pictured on a latent page; at most top_k."""
+    causal_samples: int = Field(2, ge=0)
+    """Top samples per latent page redrawn with the latent off and scaled up (the page's causal section);
+    0: no causal section. Each costs two samplings of the model, batched across latents."""
+    causal_scale: float = Field(4.0, gt=1)
+    """The factor the latent's activation is multiplied by in the causal section's scaled-up redraw."""
     read_threads: int | None = Field(None, gt=0)
     """Threads reading chunks; default one per core this process may use (os.sched_getaffinity)."""
     progress: bool = True

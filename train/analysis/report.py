@@ -332,12 +332,7 @@ def index_rows(table: LatentTable, stats: LatentStats, pages: set[int]) -> str:
     return "\n".join(rows)
 
 
-def latent_page(
-    f: int,
-    ctx: dict,
-    tops: list[PageTop],
-    nav: str,
-) -> str:
+def latent_page(f: int, ctx: dict, tops: list[PageTop], nav: str, causal: str = "") -> str:
     """One latent's page."""
     stats, table, store = ctx["stats"], ctx["table"], ctx["store"]
     t_S, class_N, names = store.timesteps, ctx["class_N"], stats.class_names
@@ -362,6 +357,7 @@ def latent_page(
         summary=summary,
         heatmap_note=ctx["heatmap_note"],
         tops="\n".join(figures) or "<p>no row activates this latent</p>",
+        causal=causal,
         file=f"{f:05d}",
         classes=(
             "<h2>Largest activation per sample, by class</h2>\n"
@@ -427,12 +423,19 @@ def write_report(
     """index.html, one page per latent of `page_latents`, their pictures and plots; returns the paged latents."""
     from tqdm.auto import tqdm
 
-    for sub in ("latents", "img/profile", "img/timestep", "img/classes", "img/top"):
+    for sub in ("latents", "img/profile", "img/timestep", "img/classes", "img/top", "img/causal"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for name in ("style.css", "sort.js"):
         shutil.copyfile(TEMPLATES / name, out / name)
     pages = page_latents(table, cfg.max_pages)
     pics = _pictures(loaded, store, stats, pages, cfg, model, device, log)
+    causal = None
+    if cfg.causal_samples and pages:
+        from tide.train.analysis.causal_section import redraw_all
+
+        causal = redraw_all(
+            loaded, store, pics.tops, cfg.causal_samples, cfg.causal_scale, model, device, cfg.progress, log
+        )
     ctx = {
         "stats": stats,
         "table": table,
@@ -457,15 +460,17 @@ def write_report(
                 )
                 if g is not None
             )
-            _write_page(out, f, ctx, pics, plots, nav)
+            _write_page(out, f, ctx, pics, plots, nav, causal)
     finally:
         plots.close()
     _write_index(out, loaded, store, stats, table, set(pages), cfg.dense_threshold)
     return pages
 
 
-def _write_page(out: Path, f: int, ctx: dict, pics: _Pictures, plots: _Plots, nav: str) -> None:
-    """Latent f's pictures, plots and page."""
+def _write_page(out: Path, f: int, ctx: dict, pics: _Pictures, plots: _Plots, nav: str, causal) -> None:
+    """Latent f's pictures, plots and page (with its causal section when `causal` holds its redraws)."""
+    from tide.train.analysis.causal_section import section
+
     stats = ctx["stats"]
     vmax = float(stats.top.value_FK[f, 0])
     for j, t in enumerate(pics.tops[f]):
@@ -480,7 +485,8 @@ def _write_page(out: Path, f: int, ctx: dict, pics: _Pictures, plots: _Plots, na
     plots.timesteps(f, out / "img/timestep" / f"{f:05d}.png")
     if stats.hist_GCFH is not None:
         plots.classes(f, out / "img/classes" / f"{f:05d}.png", stats.class_names)
-    (out / "latents" / f"{f:05d}.html").write_text(latent_page(f, ctx, pics.tops[f], nav))
+    what = section(out, f, causal, pics.images, PIXELS) if causal is not None else ""
+    (out / "latents" / f"{f:05d}.html").write_text(latent_page(f, ctx, pics.tops[f], nav, what))
 
 
 def _token_index(store: Store, pairs: dict[tuple[int, int], list[int]]) -> dict[tuple[int, int], np.ndarray]:

@@ -8,7 +8,8 @@ any grouping (a sample's trajectory does not depend on which samples share its b
 denoising loop, with `Intervention`s (harvest/intervene.py) editing the sites they name.
 
 Everything in train/ that samples goes through here: `tide features` redraws the final images of top
-samples, `tide splice` and `tide steer` sample with edits, `make steer-demo` sweeps them.
+samples and, for its causal section, the same samples with a latent scaled (train/loop/causal.py); `tide
+splice` and `tide steer` sample with edits; `make steer-demo` sweeps them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from tide.harvest.chunk import batch_conditioning
-from tide.harvest.config import HarvestConfig
+from tide.harvest.config import DEMO_MODEL, HarvestConfig
 from tide.harvest.intervene import Intervention, Sampled, digits_classifier, sample
-from tide.harvest.model import LoadedModel
+from tide.harvest.model import LoadedModel, load_model
 from tide.harvest.plan import plan
 from tide.harvest.run import load_for_harvest
 from tide.store.fingerprint import check_same_model
@@ -76,6 +77,15 @@ class Rerun(NamedTuple):
     def classifier(self) -> Callable[[np.ndarray], np.ndarray] | None:
         """For a digits model (the demo's kind): images -> the class a real-digits classifier sees; else None."""
         return digits_classifier(self.model)
+
+    def shipped_demo(self) -> bool:
+        """Whether the model is the shipped demo (harvest/demo/digits-dit): the same weights, by fingerprint,
+        in the dtype it runs in (the pixel attributes of train/analysis/attributes.py are defined on it)."""
+        found = self.model.info.fingerprint
+        if found is None:
+            return False
+        demo = load_model(str(DEMO_MODEL), None, device="cpu", dtype=self.model.transformer.dtype)
+        return demo.info.fingerprint == found
 
 
 def rerun(
