@@ -415,6 +415,7 @@ def features(
     max_pages: opt.Features.MaxPages = 256,
     images: opt.Features.Images = 8,
     causal: opt.Features.Causal = 2,
+    causal_scale: opt.Features.CausalScale = 4.0,
     model: opt.Features.Model = None,
     batch_size: opt.Features.BatchSize = 4096,
     device: opt.Device = "auto",
@@ -422,7 +423,8 @@ def features(
     no_progress: opt.NoProgress = False,
     storage_options: opt.StorageOptions = None,
 ) -> None:
-    """A browsable report of every latent: frequency, timestep profile, class AUROC, top images with heatmaps.
+    """A browsable report of every latent: frequency, timestep profile, class AUROC, top images with heatmaps,
+    and what it does (its top samples redrawn with it off and scaled up).
 
     One streaming pass of the SAE over the store, then DIR/index.html (a sortable table of every latent)
     linking to one page per latent, and DIR/features.json / features.npz with the numbers.
@@ -434,7 +436,7 @@ def features(
     with user_errors(storage_options):
         cfg = FeaturesConfig(
             split=split, top_k=top_k, buckets=buckets, max_pages=max_pages or None, images_per_page=images,
-            causal_samples=causal, batch_size=batch_size, progress=not no_progress,
+            causal_samples=causal, causal_scale=causal_scale, batch_size=batch_size, progress=not no_progress,
         )  # fmt: skip
         result = features_report(
             sae, out, cfg, store=store, model=model, device=str(resolve_device(device)), overwrite=overwrite, log=log
