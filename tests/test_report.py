@@ -3,12 +3,9 @@ regeneration from seeds, the CLI, and the report in a real headless Chromium."""
 
 from __future__ import annotations
 
-import html
 import json
 import re
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +19,8 @@ from tide.train.analysis.report import PIXELS, features_report, final_images
 from tide.train.fit.config import TrainConfig
 from tide.train.fit.trainer import train
 from typer.testing import CliRunner
+
+from tests.browser_helpers import CHROMIUM, browse
 
 runner = CliRunner()
 
@@ -191,52 +190,16 @@ def test_no_progress_hides_every_bar_of_features(report, tmp_path):
     assert not bar.search(hidden.output) and "%|" not in hidden.output, hidden.output
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-# Appended to a copy of a page (beside it, so that its relative links hold): after load, write what the
-# test needs into the DOM, which --dump-dom prints.
-CHECK = """<script>
-window.addEventListener("load", () => {
-  const imgs = Array.from(document.images);
-  const th = document.querySelectorAll("#latents th")[1];
-  if (th) th.click();  // sort by frequency, largest first
-  const rows = Array.from(document.querySelectorAll("#latents tbody tr"));
-  const out = document.createElement("pre");
-  out.id = "tide-check";
-  out.textContent = JSON.stringify({
-    images: imgs.length,
-    broken: imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute("src")),
-    rows: rows.length,
-    freqs: rows.map(r => parseFloat(r.children[1].dataset.v)),
-  });
-  document.body.appendChild(out);
-});
-</script>
-"""
-
-
-def _browse(page: Path) -> dict:
-    probe = page.with_name("_check_" + page.name)
-    probe.write_text(page.read_text().replace("</body>", CHECK + "</body>"))
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
-    cmd += ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
-    probe.unlink()
-    found = re.search(r'<pre id="tide-check">(.*?)</pre>', dom, re.S)
-    assert found, f"the check script did not run; chromium printed: {dom[:500]}"
-    return json.loads(html.unescape(found[1]))
-
-
 @pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium; .ci/run installs it)"
 )
 def test_report_in_headless_chromium(report):
     _, _, result = report
     F = len(result.table.frequency_F)
-    index = _browse(result.out / "index.html")
+    index = browse(result.out / "index.html")
     assert index["rows"] == F and index["images"] == F and index["broken"] == []
     assert index["freqs"] == sorted(index["freqs"], reverse=True)  # the sort ran
-    page = _browse(result.out / "latents" / f"{result.pages[0]:05d}.html")
+    page = browse(result.out / "latents" / f"{result.pages[0]:05d}.html")
     # top samples, timestep and class plots, the causal section's pictures
     assert page["images"] == 3 + 2 + 2 and page["broken"] == []
 
