@@ -34,13 +34,27 @@ window.addEventListener("load", () => {
 """
 
 
-def browse(page: Path) -> dict:
+BASE = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
+BASE += ["--hide-scrollbars", "--force-device-scale-factor=1"]
+
+
+def browse(page: Path, check: str = CHECK, window: tuple[int, int] = (1280, 1024)) -> dict:
+    """The JSON that `check` (a <script> writing it into <pre id="tide-check">) finds on `page` once loaded."""
     probe = page.with_name("_check_" + page.name)
-    probe.write_text(page.read_text().replace("</body>", CHECK + "</body>"))
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"]
-    cmd += ["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    probe.write_text(page.read_text().replace("</body>", check + "</body>"))
+    cmd = [*BASE, f"--window-size={window[0]},{window[1]}", "--virtual-time-budget=10000"]
+    dom = subprocess.run(
+        [*cmd, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     probe.unlink()
     found = re.search(r'<pre id="tide-check">(.*?)</pre>', dom, re.S)
     assert found, f"the check script did not run; chromium printed: {dom[:500]}"
     return json.loads(html.unescape(found[1]))
+
+
+def screenshot(page: Path, png: Path, window: tuple[int, int]) -> Path:
+    """`page` as Chromium draws it in a `window` (width, height) viewport, saved to `png`."""
+    cmd = [*BASE, f"--window-size={window[0]},{window[1]}", "--virtual-time-budget=10000"]
+    subprocess.run([*cmd, f"--screenshot={png}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    assert png.is_file(), f"chromium wrote no screenshot of {page}"
+    return png
