@@ -184,7 +184,13 @@ def test_no_progress_hides_every_bar_of_features(report, tmp_path):
     bar = re.compile(r"\d+/\d+ \[")  # tqdm's `3/3 [00:01<00:00, ...]`
     shown = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert shown.exit_code == 0, shown.output
-    assert {"regenerate", "pages"} <= {m for m in re.findall(r"(\w+): +\d+%", shown.output)}, shown.output
+    assert {"regenerate", "causal", "pages"} <= {m for m in re.findall(r"(\w+): +\d+%", shown.output)}
+    # the causal bar counts image-steps: each picture is 2 redraws (off, scaled up) of 4 denoising steps
+    pictures = len(list((tmp_path / "a" / "img/causal").glob("*.png")))
+    counts = [
+        (int(a), int(b)) for a, b in re.findall(r"causal: +\d+%\|[^|]*\| *(\d+)/(\d+) \[", shown.output)
+    ]
+    assert pictures and counts[-1] == (2 * pictures * 4,) * 2, counts
     hidden = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--no-progress"])
     assert hidden.exit_code == 0, hidden.output
     assert not bar.search(hidden.output) and "%|" not in hidden.output, hidden.output

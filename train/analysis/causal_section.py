@@ -46,8 +46,9 @@ def redraw_all(loaded, store, tops: dict, n: int, scale: float, model, device, p
     requests = [Request(i, f, c) for f, ss in samples.items() for i in ss for c in (0.0, scale)]
     log(f"causal section: redrawing {len(requests)} images (latents off and x{scale:g}; --causal 0 skips it)")
     run = rerun(store.meta, device=device, model=model)
-    with tqdm(total=len(requests), unit="image", desc="causal", disable=not progress) as bar:
-        images = redraw(loaded, run, requests, on_batch=bar.update)
+    total = len(requests) * run.meta.num_inference_steps
+    with tqdm(total=total, unit="img-step", desc="causal", disable=not progress) as bar:
+        images = redraw(loaded, run, requests, on_step=bar.update)
     drawn = {(r.latent, r.sample, r.factor): img for r, img in zip(requests, images, strict=True)}
     off = {(f, i): drawn[(f, i, 0.0)] for f, ss in samples.items() for i in ss}
     up = {(f, i): drawn[(f, i, scale)] for f, ss in samples.items() for i in ss}

@@ -58,11 +58,11 @@ def redraw(
     run: Rerun,
     requests: Sequence[Request],
     batch_size: int = 64,
-    on_batch: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """(len(requests), H, W, C) uint8 images: each request's sample drawn by `run` (the store's model,
     train/loop/rerun.py) as its harvest drew it, with its latent scaled at the SAE's site and layer, at every
-    step and in both CFG rows."""
+    step and in both CFG rows; `on_step(B)` after each denoising step of a batch of B."""
     site, layer, _ = sae_target(s)
     sae = s.sae.to(run.model.transformer.device).eval()
     out = []
@@ -70,7 +70,5 @@ def redraw(
         batch = requests[lo : lo + batch_size]
         edit = scale_edit(sae, [r.latent for r in batch], [r.factor for r in batch])
         samples = np.asarray([r.sample for r in batch], dtype=np.int64)
-        out.append(run.sample(samples, [Intervention(site, layer, edit)]).images.numpy())
-        if on_batch is not None:
-            on_batch(len(batch))
+        out.append(run.sample(samples, [Intervention(site, layer, edit)], on_step=on_step).images.numpy())
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 0), dtype=np.uint8)

@@ -224,15 +224,14 @@ class _Draw(NamedTuple):
         out = []
         for lo in range(0, len(samples), self.batch_size):
             idx = samples[lo : lo + self.batch_size]
-            out.append(self.run.sample(idx, ivs).images.numpy())
-            self.bar.update(len(idx))
+            out.append(self.run.sample(idx, ivs, on_step=self.bar.update).images.numpy())
         return np.concatenate(out)
 
 
 def _final_images(store, samples: np.ndarray, draw: _Draw) -> np.ndarray:
     """The samples' final images: the store's (`tide harvest --save-images`), else redrawn from their seeds."""
     if "images" in store.root:
-        draw.bar.update(len(samples))
+        draw.bar.update(len(samples) * draw.run.meta.num_inference_steps)
         return store.root["images"].get_orthogonal_selection((samples,))
     return draw(samples)
 
@@ -258,8 +257,8 @@ def run_demo(cfg: AttributeDemoConfig, log: Callable[[str], None] = print) -> di
     site, layer, _ = sae_target(s)
     s.sae.to(run.model.transformer.device)
     n_edits = len(cfg.multiples) + len(cfg.down) + cfg.off
-    total = len(probe) + len(held) * (1 + len(ATTRIBUTES) * n_edits)
-    with tqdm(total=total, unit="image", desc="steer-demo", disable=not cfg.progress) as bar:
+    total = (len(probe) + len(held) * (1 + len(ATTRIBUTES) * n_edits)) * run.meta.num_inference_steps
+    with tqdm(total=total, unit="img-step", desc="steer-demo", disable=not cfg.progress) as bar:
         draw = _Draw(run, site, layer, cfg.batch_size, bar)
         labels = run.labels()
         probe_attr_NA = as_array(attributes(_final_images(store, probe, draw)))
