@@ -143,7 +143,7 @@ def test_every_float_setting_refuses_nan_and_infinity():
         (TrainConfig, ["aux_coeff", "l1_coeff", "l0_coeff", "min_lr_ratio", "weight_decay", "val_fraction"]),
         (HarvestConfig, ["token_fraction"]),
         (DemoTrainConfig, ["lr", "weight_decay", "ema_decay", "class_dropout"]),
-        (FeaturesConfig, ["dense_threshold"]),
+        (FeaturesConfig, ["dense_threshold", "causal_scale"]),
     ]
     for cls, fields in cases:
         for name in fields:

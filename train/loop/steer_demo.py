@@ -51,7 +51,7 @@ MULTIPLES = (1.0, 2.0, 4.0)
 class AttributeDemoConfig(BaseModel):
     """A `make steer-demo` run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     saes: Path
     """A `tide train --out` folder (its first tide SAE is used) or one SAE folder."""
