@@ -12,7 +12,7 @@ from tests.splice_helpers import random_sae, tiny_store, write_sae
 
 
 def test_correlations_match_numpy_within_and_across_classes():
-    from tide.train.loop.steer_demo import correlations
+    from tide.train.loop.steer_pick import correlations
 
     rng = np.random.default_rng(0)
     act_NF, attr_NA = rng.random((40, 7)), rng.random((40, 3))
@@ -31,7 +31,7 @@ def test_correlations_match_numpy_within_and_across_classes():
             assert within[a, f] == pytest.approx(np.corrcoef(y[:, a], x[:, f])[0, 1])
         assert got[a, 2] == 0 and within[a, 2] == 0
     # one sample per class leaves nothing to correlate within a class: refused, not an arbitrary latent
-    from tide.train.loop.steer_demo import pick_latents
+    from tide.train.loop.steer_pick import pick_latents
 
     with pytest.raises(ValueError, match="give more --probe-samples"):
         pick_latents(act_NF[:4], act_NF[:4] > 0, np.ones(7), rng.random((4, 6)), np.arange(4))
