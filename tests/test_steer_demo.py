@@ -151,3 +151,64 @@ def test_demo_refuses_a_model_that_does_not_draw_digits(tiny_dit, tmp_path):
             AttributeDemoConfig(saes=tmp_path / "saes", out=tmp_path / "o", device="cpu", progress=False)
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_pick_by_effect_picks_the_latent_whose_steering_moves_the_attribute_most(demo_store, tmp_path):
+    """--pick effect: each candidate redrawn alone with `tide steer`'s edit (one latent, every row) changes the
+    screened training samples' attributes by the figures the screen reports; each attribute's pick is the
+    candidate with the largest |change| among those keeping class and digit-likeness on >= 80% of them (the
+    largest of all when none does), declared in the direction of its change; candidates are each attribute's
+    best within-class predictors."""
+    from tide.harvest.demo_model import DIGITS_MAX, fit_classifier, to_digits_BF
+    from tide.store.reader import open_store
+    from tide.train.fit.checkpoint import load_sae
+    from tide.train.loop.rerun import Intervention, rerun
+    from tide.train.loop.steer import add_edit
+    from tide.train.loop.steer_classes import digit_distance
+    from tide.train.loop.steer_demo import format_table
+
+    r = _run(
+        demo_store, tmp_path / "o", multiples=(40.0,), off=False, probe_samples=8, pick="effect",
+        candidates=2, screen_samples=3,
+    )  # fmt: skip
+    sc, store = r["screen"], open_store(demo_store / "s.zarr")
+    assert (sc["samples"], sc["multiple"], r["pick"]) == (3, 40.0, "effect")
+    s = load_sae(demo_store / "saes" / "tide")
+    probe0 = store.root["images"][:8]  # the probe samples (training chunks 0 and 1), as the harvest drew them
+    sd = np.nanstd(as_array(attributes(probe0)), axis=0, ddof=1)
+    base, a0 = probe0[:3], as_array(attributes(probe0[:3]))
+    clf, _ = fit_classifier()
+
+    def predict(images):
+        x = to_digits_BF(torch.as_tensor(images).permute(0, 3, 1, 2).float() / 127.5 - 1).numpy() / DIGITS_MAX
+        return clf.predict(x)
+
+    run, limit = rerun(store.meta, device="cpu"), digit_distance(base).max()
+    ok, size = {}, {}
+    for cand in sc["candidates"]:
+        f = cand["latent"]
+        edit = add_edit(s.sae, f, 40.0 * cand["unit"])
+        imgs = run.sample(np.arange(3), [Intervention("resid", 1, edit)]).images.numpy()
+        change = np.nanmean(as_array(attributes(imgs)) - a0, axis=0) / sd
+        np.testing.assert_allclose([cand["change_sd"][n] for n in ATTRIBUTES], change, atol=1e-9)
+        kept, like = np.mean(predict(imgs) == predict(base)), np.mean(digit_distance(imgs) <= limit)
+        assert (cand["class_kept"], cand["digit_like"]) == pytest.approx((kept, like))
+        ok[f], size[f] = kept >= 0.8 and like >= 0.8, np.abs(change)
+    chosen = [f for f in size if ok[f]] or list(size)
+    for a, pick in enumerate(r["attributes"]):
+        assert pick["latent"] == max(chosen, key=lambda f: size[f][a])
+        screened = next(c for c in sc["candidates"] if c["latent"] == pick["latent"])["change_sd"]
+        assert pick["screened"] == screened[pick["attribute"]]
+        assert pick["direction"] == (1 if pick["screened"] >= 0 else -1)
+    # candidates: the union of each attribute's 2 best within-class predictors on the probe samples
+    with torch.no_grad():
+        act = _mean_activations(s.sae, store.root["resid_l01"][:8].astype(np.float32), store.timesteps)
+    labels, attr = store.root["label"][:8], as_array(attributes(probe0))
+    z = act - np.stack([act[labels == c].mean(0) for c in labels])
+    best = set()
+    for a in range(len(ATTRIBUTES)):
+        y = attr[:, a] - np.array([attr[labels == c, a].mean() for c in labels])
+        r_F = [abs(np.corrcoef(y, z[:, f])[0, 1]) if z[:, f].std() > 1e-7 else 0 for f in range(z.shape[1])]
+        best |= set(np.argsort(r_F, kind="stable")[::-1][:2].tolist())
+    assert [c["latent"] for c in sc["candidates"]] == sorted(best)
+    assert "picked by effect" in format_table(r) and "screened change" in format_table(r)

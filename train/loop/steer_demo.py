@@ -6,10 +6,11 @@ Method, measured from pixels (train/analysis/attributes.py), nothing picked by h
    activation of a latent is its mean over the store's rows of the sample (every stored step and token).
    The latent picked for an attribute has the largest |Pearson r| between the two *within class* (class means
    subtracted from both): the class comes from the label, which this model reads through adaLN in every
-   block and which no residual edit changes (docs/results.md, "Class steering"), so a latent that predicts the
-   attribute only through the class would have nothing to move. The sign of r is the attribute's
+   block and which no residual edit changes (docs/results.md, "Steering digits into other classes"), so a
+   latent that predicts the attribute only through the class would have nothing to move. The sign of r is the attribute's
    `direction`: the way it should move when the latent is turned up. The latent's unit is its mean
-   activation where it fires, over those rows.
+   activation where it fires, over those rows. With `--pick effect` the latent is instead the one of the
+   attribute's best predictors whose steering moves it most on training samples (train/loop/steer_pick.py).
 2. Steering. The SAE's held-out samples (same seeds and labels as the store) are drawn unsteered, then with
    `tide steer`'s edits (train/loop/steer.py) at the SAE's site, every step, both CFG rows: up, adding
    m x unit x the latent's decoder direction for each multiple m (`tide steer --strength`); off, the
@@ -33,7 +34,7 @@ import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,7 +43,7 @@ from tide.train.analysis.attributes import ATTRIBUTES, as_array, attributes
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
 from tide.train.loop.splice import sae_target
 from tide.train.loop.steer import add_edit, clamp_edit
-from tide.train.loop.steer_pick import Pick, pick_latents, sample_activity
+from tide.train.loop.steer_pick import Pick, pick_by_effect, pick_latents, sample_activity
 
 MULTIPLES = (1.0, 2.0, 4.0)
 """Up strengths, in units of the latent's mean activation where it fires."""
@@ -59,6 +60,14 @@ class AttributeDemoConfig(BaseModel):
     """Folder for <attribute>/ and attributes.json."""
     probe_samples: int = Field(200, gt=1)
     """Training samples of the SAE redrawn to pick the latents."""
+    pick: Literal["correlation", "effect"] = "correlation"
+    """How each attribute's latent is chosen (train/loop/steer_pick.py): the best within-class predictor of
+    it, or, among each attribute's `candidates` best predictors, the one whose steering moves it most on
+    `screen_samples` training samples."""
+    candidates: int = Field(8, gt=0)
+    """pick effect: the best predictors of each attribute that are screened."""
+    screen_samples: int = Field(20, gt=1)
+    """pick effect: probe samples each candidate is steered on (the first ones)."""
     multiples: tuple[float, ...] = Field(MULTIPLES, min_length=1)
     """Up strengths / the latent's unit; the largest is the strongest (images.npy)."""
     down: tuple[float, ...] = ()
@@ -146,13 +155,18 @@ class _Draw(NamedTuple):
     bar: Any
 
     def __call__(self, samples: np.ndarray, edit: Callable | None = None) -> np.ndarray:
+        return self.rows(samples, lambda lo, hi: edit)
+
+    def rows(self, samples: np.ndarray, edit_of: Callable[[int, int], Callable | None]) -> np.ndarray:
+        """The samples, batch by batch, samples[lo:hi] with the edit `edit_of(lo, hi)` (None: unedited)."""
         from tide.train.loop.rerun import Intervention
 
-        ivs = [Intervention(self.site, self.layer, edit)] if edit is not None else []
         out = []
         for lo in range(0, len(samples), self.batch_size):
-            idx = samples[lo : lo + self.batch_size]
-            out.append(self.run.sample(idx, ivs, on_step=self.bar.update).images.numpy())
+            hi = min(lo + self.batch_size, len(samples))
+            edit = edit_of(lo, hi)
+            ivs = [Intervention(self.site, self.layer, edit)] if edit is not None else []
+            out.append(self.run.sample(samples[lo:hi], ivs, on_step=self.bar.update).images.numpy())
         return np.concatenate(out)
 
 
@@ -189,15 +203,54 @@ def run_demo(cfg: AttributeDemoConfig, log: Callable[[str], None] = print) -> di
     with tqdm(total=total, unit="img-step", desc="steer-demo", disable=not cfg.progress) as bar:
         draw = _Draw(run, site, layer, cfg.batch_size, bar)
         labels = run.labels()
-        probe_attr_NA = as_array(attributes(_final_images(store, probe, draw)))
-        picks = pick_latents(*sample_activity(s, store, probe), probe_attr_NA, labels[probe])
+        probe_images = _final_images(store, probe, draw)
+        probe_attr_NA = as_array(attributes(probe_images))
+        activity = sample_activity(s, store, probe)
+        picks, screened = pick_latents(*activity, probe_attr_NA, labels[probe]), None
+        if cfg.pick == "effect":
+            screen_on = _screen_on(
+                cfg, s, draw, probe, probe_images, probe_attr_NA, activity.unit_F, clf, digit_distance
+            )
+            picks, screened = pick_by_effect(
+                activity, probe_attr_NA, labels[probe], cfg.candidates, screen_on
+            )
         log(f"{s.folder.name}: latents per attribute {', '.join(f'{p.attribute} {p.latent}' for p in picks)}")
         base = draw(held)
         steered = {p.attribute: {e.name: draw(held, e.make(s.sae)) for e in edits(cfg, p)} for p in picks}
     report = _report(cfg, s, held, labels[held], probe, picks, base, steered, clf, digit_distance)
+    if screened is not None:
+        n, m = min(cfg.screen_samples, len(probe)), max(cfg.multiples)
+        report["screen"] = {"samples": n, "multiple": m, **screened}
     with staged(cfg.out, "steer-demo", cfg.overwrite) as new:  # swapped in whole, once written
         _write(new, cfg, picks, labels[held], base, steered, report)
     return report
+
+
+def _screen_on(cfg, s, draw: _Draw, probe, probe_images, attr_NA, unit_F, clf, digit_distance) -> Callable:
+    """latents -> their screen (train/loop/steer_pick.py, step 2) on the first `screen_samples` probe samples,
+    each latent steered up at the strongest multiple in its own rows."""
+    from tide.train.loop.steer_classes import rows_edit
+    from tide.train.loop.steer_pick import screen
+
+    n, m = min(cfg.screen_samples, len(probe)), max(cfg.multiples)
+    limit = float(digit_distance(probe_images[:n]).max())
+    sd_A = np.nanstd(attr_NA, axis=0, ddof=1)
+
+    def judge(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return clf(images), digit_distance(images) <= limit
+
+    def draw_rows(samples_R: np.ndarray, latents_R: list[int]) -> np.ndarray:
+        def edit_of(lo: int, hi: int) -> Callable:
+            return rows_edit(s.sae, latents_R[lo:hi], [m * float(unit_F[f]) for f in latents_R[lo:hi]])
+
+        return draw.rows(samples_R, edit_of)
+
+    def screen_on(latents: list[int]):
+        draw.bar.total += len(latents) * n * draw.run.meta.num_inference_steps
+        draw.bar.refresh()
+        return screen(draw_rows, latents, probe[:n], probe_images[:n], sd_A, judge)
+
+    return screen_on
 
 
 def _report(cfg, s, held, labels, probe, picks, base, steered, clf, digit_distance) -> dict[str, Any]:
@@ -222,6 +275,8 @@ def _report(cfg, s, held, labels, probe, picks, base, steered, clf, digit_distan
         "sae": s.folder.name,
         "held_out_samples": held.tolist(),
         "probe_samples": len(probe),
+        "pick": cfg.pick,
+        "candidates": cfg.candidates,
         "multiples": list(cfg.multiples),
         "down": list(cfg.down),
         "unsteered_accuracy": float((pred0 == labels).mean()),
@@ -251,12 +306,20 @@ def format_table(r: dict[str, Any]) -> str:
         f"{r['sae']}: {len(r['held_out_samples'])} held-out samples (classifier accuracy unsteered "
         f"{r['unsteered_accuracy']:.2f}); latents picked on {r['probe_samples']} training samples"
     ]
+    sc = r.get("screen")
+    if sc is not None:
+        lines.append(
+            f"picked by effect: each attribute's {r['candidates']} best predictors ({len(sc['candidates'])} "
+            f"latents) steered up {sc['multiple']:g}x on {sc['samples']} of them; per attribute the largest "
+            f"change among those keeping class and digit-likeness on >= {sc['min_kept']:.0%}"
+        )
     for a in r["attributes"]:
         lines += [
             "",
             f"{a['attribute']}: latent {a['latent']} (within-class r {a['r_within']:+.2f}, r {a['r']:+.2f}, "
             f"fires on {a['fires']:.0%} of samples, unit {a['unit']:.3g}); direction {a['direction']:+d}; "
-            f"unsteered {a['unsteered_mean']:.3g} +- {a['unsteered_sd']:.3g}",
+            f"unsteered {a['unsteered_mean']:.3g} +- {a['unsteered_sd']:.3g}"
+            + (f"; screened change {a['screened']:+.2f} sd" if a.get("screened") is not None else ""),
             f"  {'edit':<12}{'change (sd)':>12}{'class kept':>12}{'digit-like':>12}",
         ]
         lines += [
@@ -288,6 +351,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--probe-samples", type=int, default=200, help="training samples redrawn to pick the latents"
     )
+    p.add_argument(
+        "--pick", choices=("correlation", "effect"), default="correlation",
+        help="latent per attribute: its best within-class predictor, or the one of its --candidates best "
+        "predictors whose steering moves it most on --screen-samples training samples",
+    )  # fmt: skip
+    p.add_argument(
+        "--candidates", type=int, default=8, help="--pick effect: predictors screened per attribute"
+    )
+    p.add_argument("--screen-samples", type=int, default=20, help="--pick effect: training samples steered")
     p.add_argument("--multiples", default=",".join(f"{m:g}" for m in MULTIPLES), help="up strengths / unit")
     p.add_argument("--down", default="", help="down strengths / unit, subtracted (default none)")
     p.add_argument("--no-off", action="store_true", help="do not clamp the latent to 0")
@@ -298,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     try:
         cfg = AttributeDemoConfig(
-            saes=a.saes, out=a.out, probe_samples=a.probe_samples, multiples=_floats(a.multiples),
+            saes=a.saes, out=a.out, probe_samples=a.probe_samples, pick=a.pick, candidates=a.candidates,
+            screen_samples=a.screen_samples, multiples=_floats(a.multiples),
             down=_floats(a.down), off=not a.no_off, batch_size=a.batch_size, device=a.device,
             overwrite=a.overwrite, progress=not a.no_progress,
         )  # fmt: skip
