@@ -7,11 +7,12 @@ import pytest
 import torch
 import zarr
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import HarvestError, harvest
+from tide.harvest.run import HarvestError
 from tide.store.reader import open_store
 from tide.store.schema import token_subset
 from typer.testing import CliRunner
+
+from tests.factories import harvested
 
 
 def _reference_dit(folder, seed, label, null, num_steps, guidance, step, layer):
@@ -46,20 +47,11 @@ def _reference_dit(folder, seed, label, null, num_steps, guidance, step, layer):
 
 
 def test_dit_store_equals_plain_forward(tiny_dit, tmp_path):
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "s.zarr",
-        num_samples=5,
-        num_steps=6,
-        batch_size=2,
-        sites="all",
-        token_fraction=0.5,
-        guidance_scale=2.5,
-        cfg_branch="both",
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    out = harvested(
+        tiny_dit, tmp_path / "s.zarr", num_samples=5, num_steps=6, sites="all", token_fraction=0.5,
+        guidance_scale=2.5, cfg_branch="both",
+    )  # fmt: skip
+    store = open_store(out)
     meta = store.meta
     assert meta.layers == [0, 1, 2] and meta.tokens.kept == 8 and meta.guidance_scale == 2.5
     assert store.done().all()
@@ -86,19 +78,11 @@ def test_dit_store_equals_plain_forward(tiny_dit, tmp_path):
 
 
 def test_stats_match_numpy(tiny_dit, tmp_path):
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "s.zarr",
-        num_samples=5,
-        num_steps=4,
-        batch_size=2,
-        layers="1",
-        token_fraction=1.0,
+    out = harvested(
+        tiny_dit, tmp_path / "s.zarr", num_samples=5, num_steps=4, layers="1", token_fraction=1.0,
         guidance_scale=1.0,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    )  # fmt: skip
+    store = open_store(out)
     assert "token_index" not in store.root  # all tokens kept, in order
     x = store.root["resid_l01"][:].astype(np.float64)  # (N, S, T, D)
     stats = store.stats("resid_l01")
@@ -112,21 +96,12 @@ def test_pixart_store_equals_plain_forward(tiny_pixart, tmp_path):
     from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
     from safetensors.torch import load_file
 
-    cfg = HarvestConfig(
-        model=str(tiny_pixart),
-        out=tmp_path / "p.zarr",
-        num_samples=4,
-        num_steps=3,
-        batch_size=2,
-        layers="1",
-        prompts=tiny_pixart / "prompts.txt",
-        prompt_embeds=tiny_pixart / "embeds.safetensors",
-        guidance_scale=3.0,
-        token_fraction=1.0,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    out = harvested(
+        tiny_pixart, tmp_path / "p.zarr", num_samples=4, num_steps=3, layers="1",
+        prompts=tiny_pixart / "prompts.txt", prompt_embeds=tiny_pixart / "embeds.safetensors",
+        guidance_scale=3.0, token_fraction=1.0,
+    )  # fmt: skip
+    store = open_store(out)
     assert store.meta.conditioning == "prompt" and len(store.meta.prompts) == 3
     np.testing.assert_array_equal(store.root["prompt_index"][:], [0, 1, 2, 0])
 
@@ -157,24 +132,12 @@ def test_pixart_store_equals_plain_forward(tiny_pixart, tmp_path):
 
 
 def test_bfloat16_store_keeps_bits_and_range(tiny_dit, tmp_path):
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "b.zarr",
-        num_samples=2,
-        num_steps=2,
-        batch_size=2,
-        layers="0",
-        dtype="bfloat16",
-        token_fraction=1.0,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    f32 = HarvestConfig(**{**cfg.model_dump(), "out": tmp_path / "f.zarr", "dtype": "float32"})
-    harvest(f32, log=lambda m: None)
-    bits = zarr.open_array(str(cfg.out / "resid_l00"))
+    bf16 = harvested(tiny_dit, tmp_path / "b.zarr", layers="0", dtype="bfloat16", token_fraction=1.0)
+    f32 = harvested(tiny_dit, tmp_path / "f.zarr", layers="0", dtype="float32", token_fraction=1.0)
+    bits = zarr.open_array(str(bf16 / "resid_l00"))
     assert bits.dtype == np.uint16 and bits.attrs["logical_dtype"] == "bfloat16"
     as_bf16 = torch.from_numpy(bits[:].view(np.int16)).view(torch.bfloat16).float().numpy()
-    ref = torch.from_numpy(zarr.open_array(str(f32.out / "resid_l00"))[:]).bfloat16().float().numpy()
+    ref = torch.from_numpy(zarr.open_array(str(f32 / "resid_l00"))[:]).bfloat16().float().numpy()
     np.testing.assert_array_equal(as_bf16, ref)
 
 
@@ -182,55 +145,29 @@ def test_learned_sigma_and_ddim(tmp_path):
     from tests.conftest import save_tiny_dit
 
     folder = save_tiny_dit(tmp_path / "m", scheduler="DDIMScheduler", learned_sigma=True)
-    cfg = HarvestConfig(
-        model=str(folder),
-        out=tmp_path / "s.zarr",
-        num_samples=3,
-        num_steps=3,
-        batch_size=3,
-        layers="-1",
-        steps="::2",
+    out = harvested(
+        folder, tmp_path / "s.zarr", num_samples=3, num_steps=3, batch_size=3, layers="-1", steps="::2",
         save_images=True,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    )  # fmt: skip
+    store = open_store(out)
     assert store.meta.step_indices == [0, 2] and store.root["resid_l02"].shape == (3, 2, 4, 16)
     assert store.root["images"].shape == (3, 8, 8, 1) and store.root["images"][:].std() > 0
 
 
 def test_xarray_reads_named_dimensions(tiny_dit, tmp_path):
     xr = pytest.importorskip("xarray")
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "x.zarr",
-        num_samples=2,
-        num_steps=2,
-        batch_size=2,
-        layers="0",
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    ds = xr.open_zarr(cfg.out, consolidated=False)
+    out = harvested(tiny_dit, tmp_path / "x.zarr", num_samples=2, num_steps=2, layers="0")
+    ds = xr.open_zarr(out, consolidated=False)
     assert ds["resid_l00"].dims == ("sample", "step", "token", "d")
     assert ds["timesteps"].dims == ("step",) and ds.sizes["sample"] == 2
 
 
 def test_refuses_other_config_unless_overwrite(tiny_dit, tmp_path):
-    base = dict(
-        model=str(tiny_dit),
-        out=tmp_path / "s.zarr",
-        num_samples=2,
-        num_steps=2,
-        batch_size=2,
-        layers="0",
-        progress=False,
-    )
-    harvest(HarvestConfig(**base), log=lambda m: None)
+    out = harvested(tiny_dit, tmp_path / "s.zarr", num_samples=2, num_steps=2, layers="0")
     with pytest.raises(HarvestError, match=r"num_steps: 2 in the store, 3 now"):
-        harvest(HarvestConfig(**{**base, "num_steps": 3}), log=lambda m: None)
-    harvest(HarvestConfig(**{**base, "num_steps": 3, "overwrite": True}), log=lambda m: None)
-    assert open_store(base["out"]).meta.num_inference_steps == 3
+        harvested(tiny_dit, out, num_samples=2, num_steps=3, layers="0")
+    harvested(tiny_dit, out, num_samples=2, num_steps=3, layers="0", overwrite=True)
+    assert open_store(out).meta.num_inference_steps == 3
 
 
 runner = CliRunner()
@@ -294,17 +231,9 @@ def test_pixart_text_encoder_path_equals_precomputed_embeddings(tmp_path):
     prompts.write_text("a red cat\na blue dog\n")
 
     common = dict(
-        model=str(folder),
-        num_samples=2,
-        num_steps=2,
-        batch_size=2,
-        layers="0",
-        guidance_scale=2.0,
-        token_fraction=1.0,
-        prompts=prompts,
-        progress=False,
+        num_samples=2, num_steps=2, layers="0", guidance_scale=2.0, token_fraction=1.0, prompts=prompts
     )
-    harvest(HarvestConfig(out=tmp_path / "enc.zarr", **common), log=lambda m: None)
+    harvested(folder, tmp_path / "enc.zarr", **common)
 
     def encode(texts):
         t = fast(texts, padding="max_length", max_length=120, truncation=True, return_tensors="pt")
@@ -322,10 +251,7 @@ def test_pixart_text_encoder_path_equals_precomputed_embeddings(tmp_path):
         },
         str(tmp_path / "emb.safetensors"),
     )
-    harvest(
-        HarvestConfig(out=tmp_path / "pre.zarr", prompt_embeds=tmp_path / "emb.safetensors", **common),
-        log=lambda m: None,
-    )
+    harvested(folder, tmp_path / "pre.zarr", prompt_embeds=tmp_path / "emb.safetensors", **common)
     a = zarr.open_array(str(tmp_path / "enc.zarr" / "resid_l00"))[:]
     b = zarr.open_array(str(tmp_path / "pre.zarr" / "resid_l00"))[:]
     np.testing.assert_array_equal(a, b)
@@ -336,27 +262,16 @@ def test_refuses_when_disk_is_too_small(tiny_dit, tmp_path, monkeypatch):
     import tide.harvest.run as run
 
     monkeypatch.setattr(run, "free_bytes", lambda path: 1000)
-    cfg = HarvestConfig(
-        model=str(tiny_dit), out=tmp_path / "s.zarr", num_samples=4, num_steps=2, batch_size=2, progress=False
-    )
+    out = tmp_path / "s.zarr"
     with pytest.raises(HarvestError, match=r"needs up to [\d.]+ KiB .* but only 1000 B is free"):
-        harvest(cfg, log=lambda m: None)
-    assert not cfg.out.exists() and list(tmp_path.iterdir()) == []  # refused before writing anything
+        harvested(tiny_dit, out, num_samples=4, num_steps=2)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # refused before writing anything
 
 
 def test_format_doc_recipe_reads_with_plain_zarr(tiny_dit, tmp_path):
     """The 'Reading without tide' recipe of store/FORMAT.md, on a real store."""
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "s.zarr",
-        num_samples=3,
-        num_steps=2,
-        batch_size=2,
-        layers="1",
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    root = zarr.open_group(str(cfg.out), mode="r")
+    out = harvested(tiny_dit, tmp_path / "s.zarr", num_samples=3, num_steps=2, layers="1")
+    root = zarr.open_group(str(out), mode="r")
     assert dict(root.attrs)["format"] == "tide.activations" and root["done"][:].all()
     x = root["resid_l01"][:]
     mean = root["stats/resid_l01/sum"][:].sum(0) / root["stats/resid_l01/count"][:].sum(0)[:, None]
