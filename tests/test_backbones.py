@@ -13,6 +13,8 @@ from tide.harvest.config import HarvestConfig
 from tide.harvest.run import HarvestError, harvest
 from tide.store.reader import open_store
 
+from tests.factories import harvest_config, harvested
+
 
 def _randomise_zeros(model: torch.nn.Module) -> None:
     # diffusers zero-initialises adaLN gates and output layers, which would make blocks the identity.
@@ -207,27 +209,12 @@ def _assert_store_matches(store, seen, sample: int, row: int, sites=("resid", "d
 def test_sd3_store_equals_pipeline_hooks(tiny_sd3, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    cfg = HarvestConfig(
-        model=str(tiny_sd3),
-        out=tmp_path / "sd3.zarr",
-        num_samples=3,
-        num_steps=3,
-        batch_size=2,
-        sites="all",
-        token_fraction=1.0,
-        dtype="float32",
-        prompts=tiny_sd3 / "prompts.txt",
-        prompt_embeds=tiny_sd3 / "embeds.safetensors",
-        guidance_scale=3.0,
-        cfg_branch="both",
-        height=16,
-        width=24,
-        save_images=True,
-        progress=False,
-        device="cpu",
-    )
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    out = harvested(
+        tiny_sd3, tmp_path / "sd3.zarr", num_samples=3, num_steps=3, sites="all", token_fraction=1.0,
+        dtype="float32", prompts=tiny_sd3 / "prompts.txt", prompt_embeds=tiny_sd3 / "embeds.safetensors",
+        guidance_scale=3.0, cfg_branch="both", height=16, width=24, save_images=True, device="cpu",
+    )  # fmt: skip
+    store = open_store(out)
     meta = store.meta
     assert meta.guidance == "cfg" and meta.tokens.num_tokens == 4 * 6 and meta.d_model == 16
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3 / "scheduler")
@@ -258,26 +245,13 @@ def test_sd3_store_equals_pipeline_hooks(tiny_sd3, tmp_path):
 def test_flux_store_equals_pipeline_hooks(tiny_flux, tmp_path):
     from diffusers import FluxPipeline
 
-    cfg = HarvestConfig(
-        model=str(tiny_flux),
-        out=tmp_path / "flux.zarr",
-        num_samples=2,
-        num_steps=3,
-        batch_size=2,
-        sites="resid,delta",
-        layers="1,2,3",
-        token_fraction=1.0,
-        dtype="float32",
-        prompts=tiny_flux / "prompts.txt",
-        prompt_embeds=tiny_flux / "embeds.safetensors",
-        guidance_scale=2.5,
-        height=24,
-        width=16,
-        progress=False,
-        device="cpu",
+    flux = dict(
+        num_samples=2, num_steps=3, token_fraction=1.0, dtype="float32", prompts=tiny_flux / "prompts.txt",
+        prompt_embeds=tiny_flux / "embeds.safetensors", guidance_scale=2.5, height=24, width=16, device="cpu",
+    )  # fmt: skip
+    store = open_store(
+        harvested(tiny_flux, tmp_path / "flux.zarr", sites="resid,delta", layers="1,2,3", **flux)
     )
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
     meta = store.meta
     assert meta.guidance == "distilled" and meta.double_stream_blocks == 2 and meta.num_layers == 4
     assert meta.tokens.num_tokens == 6 * 4
@@ -294,54 +268,31 @@ def test_flux_store_equals_pipeline_hooks(tiny_flux, tmp_path):
     )
     _assert_store_matches(store, seen, sample=1, row=0)
     # attn/mlp exist in the double-stream blocks only (single-stream ones are refused, see below).
-    harvest(
-        cfg.model_copy(update={"out": tmp_path / "f2.zarr", "sites": ("attn", "mlp"), "layers": "1"}),
-        log=lambda m: None,
-    )
-    _assert_store_matches(
-        open_store(tmp_path / "f2.zarr"), {1: seen[1]}, sample=1, row=0, sites=("attn", "mlp")
-    )
+    f2 = harvested(tiny_flux, tmp_path / "f2.zarr", sites="attn,mlp", layers="1", **flux)
+    _assert_store_matches(open_store(f2), {1: seen[1]}, sample=1, row=0, sites=("attn", "mlp"))
 
 
 def test_refusals_name_the_fix(tiny_flux, tiny_sd3, tmp_path):
-    base = dict(
-        model=str(tiny_flux),
-        num_samples=1,
-        num_steps=2,
-        prompts=tiny_flux / "prompts.txt",
-        prompt_embeds=tiny_flux / "embeds.safetensors",
-        height=16,
-        width=16,
-        progress=False,
-        device="cpu",
-    )
+    base = dict(num_samples=1, num_steps=2, height=16, width=16, device="cpu")
+    flux = dict(prompts=tiny_flux / "prompts.txt", prompt_embeds=tiny_flux / "embeds.safetensors", **base)
     with pytest.raises(HarvestError, match="single-stream blocks"):
-        harvest(
-            HarvestConfig(out=tmp_path / "a.zarr", sites="attn", layers="1,2", **base), log=lambda m: None
-        )
+        harvested(tiny_flux, tmp_path / "a.zarr", sites="attn", layers="1,2", **flux)
     with pytest.raises(HarvestError, match="--cfg-branch cond"):
-        harvest(
-            HarvestConfig(out=tmp_path / "b.zarr", guidance_scale=2, cfg_branch="both", **base),
-            log=lambda m: None,
-        )
+        harvested(tiny_flux, tmp_path / "b.zarr", guidance_scale=2, cfg_branch="both", **flux)
     with pytest.raises(HarvestError, match="multiple of 4"):
-        harvest(HarvestConfig(out=tmp_path / "c.zarr", **{**base, "height": 18}), log=lambda m: None)
+        harvested(tiny_flux, tmp_path / "c.zarr", **{**flux, "height": 18})
     schnell = save_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
     # schnell's default is no guidance at all, and the store says so.
-    meta = harvest(
-        HarvestConfig(out=tmp_path / "s.zarr", **{**base, "model": str(schnell)}), log=lambda m: None
-    )
-    assert (open_store(meta.out).meta.guidance, open_store(meta.out).meta.guidance_scale) == ("none", 1.0)
+    meta = open_store(harvested(schnell, tmp_path / "s.zarr", **flux)).meta
+    assert (meta.guidance, meta.guidance_scale) == ("none", 1.0)
     with pytest.raises(HarvestError, match="takes no guidance"):
-        harvest(
-            HarvestConfig(out=tmp_path / "d.zarr", **{**base, "model": str(schnell), "guidance_scale": 3.0})
-        )
-    sd3 = {**base, "model": str(tiny_sd3), "prompts": tiny_sd3 / "prompts.txt", "guidance_scale": 2.0}
+        harvested(schnell, tmp_path / "d.zarr", guidance_scale=3.0, **flux)
+    sd3 = dict(prompts=tiny_sd3 / "prompts.txt", guidance_scale=2.0, **base)
     with pytest.raises(HarvestError, match="has no text_encoder/ for SD3Transformer2DModel"):
-        harvest(HarvestConfig(out=tmp_path / "e.zarr", **{**sd3, "prompt_embeds": None}), log=lambda m: None)
+        harvested(tiny_sd3, tmp_path / "e.zarr", **sd3)
     # FLUX's file has no negative embeddings: SD3 with CFG needs them, and says which.
     with pytest.raises(HarvestError, match="negative_pooled_prompt_embeds"):
-        harvest(HarvestConfig(out=tmp_path / "f.zarr", **{**sd3, "prompt_embeds": base["prompt_embeds"]}))
+        harvested(tiny_sd3, tmp_path / "f.zarr", prompt_embeds=flux["prompt_embeds"], **sd3)
 
 
 def _cli_harvest(folder: Path, out: Path, *extra: str):
@@ -437,12 +388,11 @@ def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
     dit = DiTTransformer2DModel(**wide, sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
     dit.save_pretrained(tmp_path / "dit" / "transformer")
     DDPMScheduler().save_pretrained(tmp_path / "dit" / "scheduler")
-    cfg = HarvestConfig(
-        model=str(tmp_path / "dit"), out=tmp_path / "dit.zarr", num_samples=2, num_steps=1, batch_size=2,
-        token_fraction=1.0, guidance_scale=1.0, labels="7,300", progress=False, device="cpu",
+    out = harvested(
+        tmp_path / "dit", tmp_path / "dit.zarr", num_samples=2, num_steps=1, token_fraction=1.0,
+        guidance_scale=1.0, labels="7,300", device="cpu",
     )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    store = open_store(out)
     # 256 px, DiT-XL/2: 32 x 32 latent, 2 x 2 patches -> 256 tokens of width 1152; 2 x 256 rows fit one chunk.
     assert (store.meta.d_model, store.meta.tokens.num_tokens) == (1152, 256)
     assert store.root["resid_l00"].shape == store.root["resid_l00"].chunks == (2, 1, 256, 1152)
@@ -468,12 +418,7 @@ def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
     emb = {"prompt_embeds": torch.randn(1, 4, 4096, generator=g), "prompt_attention_mask": torch.ones(1, 4)}
     emb |= {"negative_" + k: v.clone() for k, v in emb.items()}
     save_file(emb, str(tmp_path / "emb.safetensors"))
-    text = dict(
-        prompts=tmp_path / "prompts.txt",
-        prompt_embeds=tmp_path / "emb.safetensors",
-        progress=False,
-        device="cpu",
-    )
+    text = dict(prompts=tmp_path / "prompts.txt", prompt_embeds=tmp_path / "emb.safetensors", device="cpu")
     # PixArt-Sigma's default 1024 px: 128 x 128 latent -> 4096 tokens; a batch's 2 x 4096 rows of 1152 float16
     # exceed the ~4 MiB chunk target (2048 rows), so tokens are split into chunks of 1024.
     sigma = load_model(str(tmp_path / "px"))
@@ -484,12 +429,11 @@ def test_dit_xl_and_pixart_sigma_shapes_at_width_1152(tmp_path):
         1024,
         1,
     )
-    cfg = HarvestConfig(
-        model=str(tmp_path / "px"), out=tmp_path / "px.zarr", num_samples=2, num_steps=1, batch_size=2,
-        height=256, width=256, guidance_scale=1.0, **text,
+    out = harvested(
+        tmp_path / "px", tmp_path / "px.zarr", num_samples=2, num_steps=1, height=256, width=256,
+        guidance_scale=1.0, **text,
     )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    store = open_store(out)
     assert store.meta.tokens.num_tokens == 256 and store.root["resid_l00"].shape == (2, 1, 64, 1152)
     assert np.isfinite(store.root["resid_l00"][:].astype(np.float32)).all()
 
@@ -529,6 +473,13 @@ def _save_text_encoders(folder: Path, clips: list[tuple[str, str, int, int]], t5
     (folder / "model_index.json").write_text(json.dumps(index))
 
 
+# The prompt harvests of the text-encoder tests: the folder's own prompts.txt, encoded by its encoders.
+_TEXT_ENCODED = dict(
+    num_samples=2, num_steps=2, sites="resid,delta", token_fraction=1.0, dtype="float32", guidance_scale=2.0,
+    height=16, width=16, device="cpu",
+)  # fmt: skip
+
+
 def test_sd3_text_encoders_equal_pipeline_with_prompts(tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
@@ -536,13 +487,9 @@ def test_sd3_text_encoders_equal_pipeline_with_prompts(tmp_path):
     clip = "CLIPTextModelWithProjection"
     _save_text_encoders(folder, [("", clip, 8, 6), ("_2", clip, 8, 6)])
     (folder / "prompts.txt").write_text("lower tower\na blue sun\n")
-    cfg = HarvestConfig(
-        model=str(folder), out=tmp_path / "s.zarr", num_samples=2, num_steps=2, batch_size=2, layers="1",
-        sites="resid,delta", token_fraction=1.0, dtype="float32", prompts=folder / "prompts.txt",
-        guidance_scale=2.0, height=16, width=16, progress=False, device="cpu",
-    )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    store = open_store(
+        harvested(folder, tmp_path / "s.zarr", layers="1", prompts=folder / "prompts.txt", **_TEXT_ENCODED)
+    )
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
     seen, _ = _hook_blocks(pipe.transformer.transformer_blocks, [1])
     gen = torch.Generator().manual_seed(1)
@@ -556,13 +503,9 @@ def test_flux_text_encoders_equal_pipeline_with_prompts(tmp_path):
     folder = save_tiny_flux(tmp_path / "flux")
     _save_text_encoders(folder, [("", "CLIPTextModel", 12, 12)], t5="_2")
     (folder / "prompts.txt").write_text("lower tower\na blue sun\n")
-    cfg = HarvestConfig(
-        model=str(folder), out=tmp_path / "f.zarr", num_samples=2, num_steps=2, batch_size=2, layers="2",
-        sites="resid,delta", token_fraction=1.0, dtype="float32", prompts=folder / "prompts.txt",
-        guidance_scale=2.0, height=16, width=16, progress=False, device="cpu",
-    )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    store = open_store(cfg.out)
+    store = open_store(
+        harvested(folder, tmp_path / "f.zarr", layers="2", prompts=folder / "prompts.txt", **_TEXT_ENCODED)
+    )
     pipe = FluxPipeline.from_pretrained(folder)
     seen, _ = _hook_blocks(
         [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks], [2]
@@ -575,11 +518,11 @@ def test_flux_text_encoders_equal_pipeline_with_prompts(tmp_path):
 def test_flux_harvest_resumes_to_the_uninterrupted_bytes(tiny_flux, tmp_path, monkeypatch):
     import tide.harvest.run as run
 
-    cfg = dict(
-        model=str(tiny_flux), num_samples=4, num_steps=1, batch_size=2, layers="1,3", prompts=tiny_flux / "prompts.txt",
-        prompt_embeds=tiny_flux / "embeds.safetensors", height=16, width=16, progress=False, device="cpu",
+    flux = dict(
+        num_samples=4, num_steps=1, layers="1,3", prompts=tiny_flux / "prompts.txt",
+        prompt_embeds=tiny_flux / "embeds.safetensors", height=16, width=16, device="cpu",
     )  # fmt: skip
-    clean = harvest(HarvestConfig(out=tmp_path / "clean.zarr", **cfg), log=lambda m: None)
+    clean = harvested(tiny_flux, tmp_path / "clean.zarr", **flux)
     original = run.harvest_chunk
 
     def crash_on_second_chunk(c, *args, **kwargs):
@@ -589,11 +532,11 @@ def test_flux_harvest_resumes_to_the_uninterrupted_bytes(tiny_flux, tmp_path, mo
 
     monkeypatch.setattr(run, "harvest_chunk", crash_on_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        harvest(HarvestConfig(out=tmp_path / "cut.zarr", **cfg), log=lambda m: None)
+        harvested(tiny_flux, tmp_path / "cut.zarr", **flux)
     assert open_store(tmp_path / "cut.zarr").done().tolist() == [True, True, False, False]
     monkeypatch.setattr(run, "harvest_chunk", original)
-    resumed = harvest(HarvestConfig(out=tmp_path / "cut.zarr", **cfg), log=lambda m: None)
+    resumed = harvest(harvest_config(tiny_flux, tmp_path / "cut.zarr", **flux), log=lambda m: None)
     assert resumed.written == 2
-    a, b = open_store(clean.out), open_store(resumed.out)
+    a, b = open_store(clean), open_store(resumed.out)
     for name in ("resid_l01", "resid_l03", "token_index", "timesteps"):
         np.testing.assert_array_equal(a.root[name][:], b.root[name][:], err_msg=name)
