@@ -1,9 +1,9 @@
-"""Factories for the tests' small set-ups: a harvest config and a real store of a tiny model, a train config and
-a tiny SAE run. Each starts from small, quiet defaults (named in its docstring); a test passes every setting
-it depends on, so a reader sees them at the call and a change of defaults changes no test's meaning.
+"""Factories for the tests' small set-ups: a harvest config and a real store of a tiny model, a store of random
+rows without a model, a train config and a tiny SAE run. Each starts from small, quiet defaults (named in its
+docstring); a test passes every setting it depends on, so a reader sees them at the call and a change of
+defaults changes no test's meaning.
 
-Models come from conftest.py's fixtures (tiny_dit, tiny_pixart, ...) or its save_tiny_* builders; stores
-without a model from tests/bench_train.py's synthetic_store.
+Models come from conftest.py's fixtures (tiny_dit, tiny_pixart, ...) or its save_tiny_* builders.
 """
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ from pathlib import Path
 
 from tide.harvest.config import HarvestConfig
 from tide.harvest.run import harvest
+from tide.store.reader import Store
 from tide.train.fit.config import TrainConfig
 from tide.train.fit.trainer import train
 
+from tests.bench_train import synthetic_store
+
 SMALL_HARVEST = dict(num_samples=2, num_steps=2, batch_size=2, progress=False)
 """What harvest_config sets unless told otherwise (every other field keeps HarvestConfig's default)."""
+
+RANDOM_STORE = dict(num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random")
+"""What random_store sets unless told otherwise (every other argument keeps synthetic_store's default)."""
 
 TINY_TRAIN = dict(
     archs=("topk",), k=(2,), expansion=2, batch_size=16, max_steps=2, warmup_steps=1, progress=False
@@ -34,6 +40,13 @@ def harvest_config(model: Path | str, out: Path | str, **overrides) -> HarvestCo
 def harvested(model: Path | str, out: Path | str, **overrides) -> Path:
     """Harvest harvest_config(model, out, **overrides) with its log silenced; return the store's path."""
     return harvest(harvest_config(model, out, **overrides), log=lambda m: None).out
+
+
+def random_store(path: Path, **overrides) -> Store:
+    """synthetic_store (tests/bench_train.py: the real writer, no model) at `path`: 16 samples x 4 steps x 8
+    tokens x D 16 in batches of 4, Gaussian rows whose mean and scale vary with the step, like a DiT's; one
+    layer (0), resid, float16. `overrides` are synthetic_store's arguments."""
+    return synthetic_store(path, **{**RANDOM_STORE, **overrides})
 
 
 def train_config(store: Path | str, out: Path, **overrides) -> TrainConfig:

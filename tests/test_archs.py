@@ -20,6 +20,7 @@ from tide.train.sae.loss import sae_loss
 from tide.train.sae.model import SAE, SAEConfig, build_sae
 
 from tests.bench_train import synthetic_store
+from tests.factories import random_store, train_config, trained
 
 B, D, F, K = 64, 12, 32, 3
 
@@ -151,24 +152,12 @@ def test_trainer_moves_jumprelu_thresholds_faster_than_lr_allows(tmp_path):
     """Adam moves a parameter by about lr per step, so without jumprelu_threshold_lr_scale no threshold could
     leave its start by more than the summed lr of the run, and l0_coeff would have nothing to act on (on
     the demo store, l0_coeff 0 and 2e-3 gave the same L0 and FVU to 3 digits: train/RESULTS.md)."""
-    store = synthetic_store(
-        tmp_path / "s.zarr", num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random"
-    )
+    store = random_store(tmp_path / "s.zarr")
     start = 0.5
-    cfg = TrainConfig(
-        store=store.path,
-        out=tmp_path / "o",
-        layers="0",
-        archs="jumprelu",
-        k=(4,),
-        expansion=2,
-        jumprelu_init_threshold=start,
-        batch_size=64,
-        max_steps=8,
-        lr=1e-3,
-        val_fraction=0.25,
-        progress=False,
-    )
+    cfg = train_config(
+        store.path, tmp_path / "o", layers="0", archs="jumprelu", k=(4,), jumprelu_init_threshold=start,
+        batch_size=64, max_steps=8, warmup_steps=0, lr=1e-3, val_fraction=0.25,
+    )  # fmt: skip
     (folder,) = train(cfg, log=lambda m: None).saes
     moved = float((load_sae(folder).sae.threshold.detach() - start).abs().max())
     assert moved > 3 * 8 * 1e-3, moved  # beyond what lr alone allows (warm-up lowers it further)
@@ -266,29 +255,11 @@ def test_each_matryoshka_prefix_reconstructs_alone(one_thread):
 
 # ---- the one-pass-many-SAEs loop and eval -------------------------------------------------------------
 def test_new_archs_train_in_one_pass_and_eval_reports_prefix_fvu(tmp_path):
-    store = synthetic_store(
-        tmp_path / "s.zarr",
-        num_samples=16,
-        num_steps=4,
-        tokens=8,
-        d_model=16,
-        batch_size=4,
-        values="random",
-    )
-    cfg = TrainConfig(
-        store=store.path,
-        out=tmp_path / "o",
-        layers="0",
-        archs="jumprelu,tide-jumprelu,matryoshka,tide-matryoshka",
-        k=(4,),
-        expansion=2,
-        matryoshka_prefixes=(8, 16),
-        batch_size=64,
-        max_steps=6,
-        val_fraction=0.25,
-        progress=False,
-    )
-    folders = train(cfg, log=lambda m: None).saes
+    store = random_store(tmp_path / "s.zarr")
+    folders = trained(
+        store.path, tmp_path / "o", layers="0", archs="jumprelu,tide-jumprelu,matryoshka,tide-matryoshka",
+        k=(4,), matryoshka_prefixes=(8, 16), batch_size=64, max_steps=6, warmup_steps=0, val_fraction=0.25,
+    )  # fmt: skip
     assert [f.name for f in folders] == [
         "resid_l00-jumprelu-k4",
         "resid_l00-tide-jumprelu-k4",
