@@ -12,12 +12,11 @@ from safetensors.torch import load_file
 from tide.cli import app
 from tide.train.analysis.eval import evaluate_folders
 from tide.train.fit.checkpoint import load_sae, save_sae
-from tide.train.fit.config import TrainConfig
 from tide.train.fit.trainer import train
 from tide.train.sae.export import export_saelens, import_saelens
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
+from tests.factories import random_store, train_config
 
 runner = CliRunner()
 ARCHS = ("topk", "batchtopk", "relu", "jumprelu", "tide", "matryoshka")
@@ -28,22 +27,11 @@ STEP = 2
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export")
-    store = synthetic_store(
-        tmp / "s.zarr", num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random"
-    )
-    cfg = TrainConfig(
-        store=store.path,
-        out=tmp / "saes",
-        layers="0",
-        archs=ARCHS,
-        k=(4,),
-        expansion=2,
-        batch_size=64,
-        max_steps=8,
-        val_fraction=0.25,
-        progress=False,
-        jumprelu_init_threshold=0.5,
-    )
+    store = random_store(tmp / "s.zarr")
+    cfg = train_config(
+        store.path, tmp / "saes", layers="0", archs=ARCHS, k=(4,), batch_size=64, max_steps=8, warmup_steps=0,
+        val_fraction=0.25, jumprelu_init_threshold=0.5,
+    )  # fmt: skip
     folders = dict(zip(ARCHS, train(cfg, log=lambda m: None).saes, strict=True))
     with torch.no_grad():  # a tide SAE with a visible modulation, so folding it is really tested
         tide = load_sae(folders["tide"])

@@ -8,35 +8,21 @@ import torch
 from sklearn.metrics import roc_auc_score
 from tide.train.analysis.features import FeaturesConfig, collect, hist_edges, summarise
 from tide.train.fit.checkpoint import load_sae
-from tide.train.fit.config import TrainConfig
-from tide.train.fit.trainer import train
 
-from tests.bench_train import synthetic_store
+from tests.factories import random_store, trained
 
 
 def _store(path, num_samples=40):
-    return synthetic_store(
-        path, num_samples=num_samples, num_steps=6, tokens=8, d_model=16, batch_size=4, values="random"
-    )
+    return random_store(path, num_samples=num_samples, num_steps=6)
 
 
 def _store_and_sae(tmp_path):
     store = _store(tmp_path / "s.zarr")
-    cfg = TrainConfig(
-        store=store.path,
-        out=tmp_path / "o",
-        layers="0",
-        archs=("topk",),
-        k=(3,),
-        expansion=2,
-        batch_size=64,
-        max_steps=6,
-        warmup_steps=1,
-        val_fraction=0.25,
+    (folder,) = trained(
+        store.path, tmp_path / "o", layers="0", k=(3,), batch_size=64, max_steps=6, val_fraction=0.25,
         steps="1:6",  # the SAE skips step 0: its rows must not count
-        progress=False,
-    )
-    return store, load_sae(train(cfg, log=lambda m: None).saes[0])
+    )  # fmt: skip
+    return store, load_sae(folder)
 
 
 def _all_latents(store, loaded):

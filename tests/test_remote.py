@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from tests.bench_train import synthetic_store
 from tests.conftest import BUCKET, kill_harvest_mid_run
+from tests.factories import random_store, train_config
 
 runner = CliRunner()
 
@@ -143,7 +143,7 @@ def test_killed_harvest_into_s3_resumes_to_the_uninterrupted_result(s3, tiny_dit
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("remote") / "s.zarr"
-    synthetic_store(folder, num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random")
+    random_store(folder)
     return folder
 
 
@@ -151,27 +151,15 @@ def small(tmp_path_factory) -> Path:
 def small_blosc(tmp_path_factory) -> Path:
     """`small` compressed: verify --quick reads its frame headers (an uncompressed chunk has none to read)."""
     folder = tmp_path_factory.mktemp("remote") / "b.zarr"
-    synthetic_store(
-        folder, num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random",
-        codec="blosc-zstd",
-    )  # fmt: skip
+    random_store(folder, codec="blosc-zstd")
     return folder
 
 
 def _train_cfg(store, out) -> TrainConfig:
-    return TrainConfig(
-        store=store,
-        out=out,
-        k=(4,),
-        expansion=2,
-        batch_size=32,
-        max_steps=4,
-        warmup_steps=1,
-        val_fraction=0.25,
-        window_rows=128,
-        progress=False,
-        device="cpu",
-    )
+    return train_config(
+        store, out, archs=("tide", "topk"), k=(4,), batch_size=32, max_steps=4, val_fraction=0.25,
+        window_rows=128, device="cpu",
+    )  # fmt: skip
 
 
 def _weights(result) -> dict[str, np.ndarray]:

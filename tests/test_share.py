@@ -10,11 +10,10 @@ import pytest
 import zarr
 from tide.cli import app
 from tide.store.reader import open_store
-from tide.train.fit.config import TrainConfig
-from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store
+from tests.factories import random_store, trained
 
 runner = CliRunner()
 
@@ -22,7 +21,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     folder = tmp_path_factory.mktemp("share") / "s.zarr"
-    synthetic_store(folder, num_samples=16, num_steps=4, tokens=8, d_model=16, batch_size=4, values="random")
+    random_store(folder)
     return folder
 
 
@@ -39,13 +38,14 @@ def test_pack_verify_train_and_open_with_xarray(small, tmp_path):
     ok = runner.invoke(app, ["store", "verify", str(packed)])
     assert ok.exit_code == 0 and "is a sound tide store" in ok.output, ok.output
 
-    cfg = dict(k=(4,), expansion=2, batch_size=32, max_steps=3, warmup_steps=1, val_fraction=0.25)
-    cfg |= dict(window_rows=128, progress=False, device="cpu")
+    cfg = dict(
+        archs=("tide", "topk"), k=(4,), batch_size=32, max_steps=3, val_fraction=0.25, window_rows=128,
+        device="cpu",
+    )  # fmt: skip
     from safetensors.numpy import load_file
 
-    a = train(TrainConfig(store=packed, out=tmp_path / "zip", **cfg), log=lambda m: None)
-    b = train(TrainConfig(store=small, out=tmp_path / "dir", **cfg), log=lambda m: None)
-    for p, q in zip(a.saes, b.saes, strict=True):
+    zipped, folder = trained(packed, tmp_path / "zip", **cfg), trained(small, tmp_path / "dir", **cfg)
+    for p, q in zip(zipped, folder, strict=True):
         wa, wb = load_file(p / "sae.safetensors"), load_file(q / "sae.safetensors")
         for k in wa:
             np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
