@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import harvest
 from tide.store.reader import open_store
 from tide.train.fit.checkpoint import load_sae
 from tide.train.fit.config import TrainConfig
 from tide.train.fit.trainer import TrainError, train
 from typer.testing import CliRunner
+
+from tests.factories import harvested, train_config
 
 runner = CliRunner()
 T = torch.tensor([999.0, 640.5, 250.0, 3.0])
@@ -29,41 +29,21 @@ def dit(tiny_dit, tmp_path_factory):
     """(model folder, store): a private copy of the tiny DiT (tests move it) and a store of both CFG branches."""
     root = tmp_path_factory.mktemp("adaln")
     model = shutil.copytree(tiny_dit, root / "model")
-    cfg = HarvestConfig(
-        model=str(model),
-        out=root / "s.zarr",
-        num_samples=8,
-        num_steps=4,
-        batch_size=2,
-        sites=("resid", "attn"),
-        cfg_branch="both",
+    store = harvested(
+        model, root / "s.zarr", num_samples=8, num_steps=4, sites="resid,attn", cfg_branch="both",
         token_fraction=0.5,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    return model, cfg.out
+    )  # fmt: skip
+    return model, store
 
 
 def _train(store, out, **kw):
     # lr 1e-9: one AdamW step moves every weight by ~1e-9, so the saved SAE holds its initial modulation.
     base = dict(
-        store=store,
-        out=out,
-        archs=("tide",),
-        init_modulation="adaln",
-        k=(2,),
-        expansion=2,
-        batch_size=16,
-        max_steps=1,
-        warmup_steps=0,
-        lr=1e-9,
-        val_fraction=0.25,
-        window_rows=64,
-        progress=False,
-        device="cpu",
-    )
+        archs=("tide",), init_modulation="adaln", max_steps=1, warmup_steps=0, lr=1e-9, val_fraction=0.25,
+        window_rows=64, device="cpu",
+    )  # fmt: skip
     logs = []
-    result = train(TrainConfig(**(base | kw)), log=logs.append)
+    result = train(train_config(store, out, **(base | kw)), log=logs.append)
     return [load_sae(p) for p in result.saes], logs
 
 
@@ -186,19 +166,11 @@ def test_other_errors(dit, tiny_pixart, tmp_path):
     _, store = dit
     _fails([*_args(store, tmp_path / "a"), "--arch", "topk"], "init_modulation='adaln'", "arch=['topk']")
     _fails([*_args(store, tmp_path / "b"), "--init-modulation", "dit"], "--init-modulation: got 'dit'")
-    cfg = HarvestConfig(
-        model=str(tiny_pixart),
-        out=tmp_path / "p.zarr",
-        num_samples=2,
-        num_steps=2,
-        batch_size=1,
-        prompts=tiny_pixart / "prompts.txt",
-        prompt_embeds=tiny_pixart / "embeds.safetensors",
-        guidance_scale=1.0,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
+    pixart = harvested(
+        tiny_pixart, tmp_path / "p.zarr", num_samples=2, num_steps=2, batch_size=1,
+        prompts=tiny_pixart / "prompts.txt", prompt_embeds=tiny_pixart / "embeds.safetensors", guidance_scale=1.0,
+    )  # fmt: skip
     with pytest.raises(
         TrainError, match="PixArtTransformer2DModel has no adaLN-zero blocks.*ada_norm_single"
     ):
-        _train(cfg.out, tmp_path / "c", val_fraction=0.5, batch_size=8)
+        _train(pixart, tmp_path / "c", val_fraction=0.5, batch_size=8)
