@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 import torch
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import harvest
 from tide.store.reader import open_store
-from tide.train.fit.config import TrainConfig
-from tide.train.fit.trainer import train
 from tide.train.loop.rerun import rerun
 from typer.testing import CliRunner
+
+from tests.factories import harvested, trained
 
 runner = CliRunner()
 
@@ -25,16 +23,10 @@ def made(tiny_dit, tmp_path_factory):
     """A store of a copy of the tiny DiT (with its final images) and a topk SAE on its layer 1."""
     work = tmp_path_factory.mktemp("rerun")
     model = shutil.copytree(tiny_dit, work / "model")
-    cfg = HarvestConfig(
-        model=str(model), out=work / "s.zarr", num_samples=6, num_steps=3, batch_size=4, layers="1",
-        save_images=True, progress=False,
-    )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    tcfg = TrainConfig(
-        store=cfg.out, out=work / "saes", archs=("topk",), k=(2,), expansion=2, batch_size=16, max_steps=2,
-        warmup_steps=1, progress=False,
-    )  # fmt: skip
-    return work, model, train(tcfg, log=lambda m: None).saes[0]
+    store = harvested(
+        model, work / "s.zarr", num_samples=6, num_steps=3, batch_size=4, layers="1", save_images=True
+    )
+    return work, model, trained(store, work / "saes")[0]
 
 
 def test_any_samples_in_any_grouping_are_the_harvests(made):

@@ -11,10 +11,10 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import harvest
 from tide.store.schema import Layout, choose_chunks, token_subset
 from typer.testing import CliRunner
+
+from tests.factories import harvested
 
 runner = CliRunner()
 
@@ -59,18 +59,9 @@ def test_token_subset_is_sorted_unique_and_seeded():
 
 @pytest.fixture()
 def small_store(tiny_dit, tmp_path):
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "s.zarr",
-        num_samples=4,
-        num_steps=3,
-        batch_size=2,
-        layers="0,2",
-        token_fraction=0.5,
-        progress=False,
+    return harvested(
+        tiny_dit, tmp_path / "s.zarr", num_samples=4, num_steps=3, layers="0,2", token_fraction=0.5
     )
-    harvest(cfg, log=lambda m: None)
-    return cfg.out
 
 
 def test_info_reports_the_store(small_store):
