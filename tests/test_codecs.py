@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from tests.bench_train import synthetic_store
+from tests.factories import harvest_config, harvested
 
 runner = CliRunner()
 
@@ -67,23 +68,18 @@ def test_a_store_written_with_each_codec_reads_bitwise_equal(tmp_path, dtype):
 
 
 @pytest.fixture(scope="module")
-def harvested(tiny_dit, tmp_path_factory):
+def dit_store(tiny_dit, tmp_path_factory):
     """A real harvest (token_index included) with the default codec."""
     out = tmp_path_factory.mktemp("codec") / "h.zarr"
-    cfg = HarvestConfig(
-        model=str(tiny_dit), out=out, num_samples=6, num_steps=4, batch_size=2, layers="0,2",
-        token_fraction=0.5, progress=False,
-    )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    return out
+    return harvested(tiny_dit, out, num_samples=6, num_steps=4, layers="0,2", token_fraction=0.5)
 
 
-def test_pack_codec_recompresses_and_reads_back_bitwise(harvested, tmp_path):
-    source = open_store(harvested)
+def test_pack_codec_recompresses_and_reads_back_bitwise(dit_store, tmp_path):
+    source = open_store(dit_store)
     assert source.meta.codec == "none"
     packed = tmp_path / "small.zarr.zip"
     result = runner.invoke(
-        app, ["store", "pack", str(harvested), "--out", str(packed), "--codec", "blosc-zstd"]
+        app, ["store", "pack", str(dit_store), "--out", str(packed), "--codec", "blosc-zstd"]
     )
     assert result.exit_code == 0, result.output
     with zipfile.ZipFile(packed) as z:
@@ -100,7 +96,7 @@ def test_pack_codec_recompresses_and_reads_back_bitwise(harvested, tmp_path):
     for key, values in _every_read(zipped).items():
         assert values.tobytes() == _every_read(source)[key].tobytes(), key
     # The chunks are smaller than the folder's, and every one of them passes a full verify.
-    chunks = [p for p in (harvested / "resid_l00" / "c").rglob("*") if p.is_file()]
+    chunks = [p for p in (dit_store / "resid_l00" / "c").rglob("*") if p.is_file()]
     assert zipped_bytes < 0.95 * sum(p.stat().st_size for p in chunks)
     ok = runner.invoke(app, ["store", "verify", str(packed)])
     assert ok.exit_code == 0 and "is a sound tide store" in ok.output, ok.output
@@ -147,14 +143,13 @@ def test_a_store_of_another_codec_resumes_in_its_own_codec(tiny_dit, tmp_path):
 
     from tests.cluster_helpers import assert_same_store
 
-    settings = dict(model=str(tiny_dit), num_samples=6, num_steps=3, batch_size=2, layers="1", progress=False)
-    whole = tmp_path / "whole.zarr"
-    harvest(HarvestConfig(out=whole, codec="blosc-zstd", **settings), log=lambda m: None)
+    settings = dict(num_samples=6, num_steps=3, layers="1")
+    whole = harvested(tiny_dit, tmp_path / "whole.zarr", codec="blosc-zstd", **settings)
     cut = tmp_path / "cut.zarr"
     shutil.copytree(whole, cut)
     everything(zarr.open_group(str(cut), mode="r+")["done"])[2:] = False  # as if killed after one batch
     said: list[str] = []
-    result = harvest(HarvestConfig(out=cut, **settings), log=said.append)
+    result = harvest(harvest_config(tiny_dit, cut, **settings), log=said.append)
     assert result.written == 4
     assert any("resumed in the store's own codec blosc-zstd" in m for m in said), said
     assert open_store(cut).meta.codec == "blosc-zstd"
