@@ -19,7 +19,6 @@ import pytest
 import torch
 import zarr
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
 from tide.harvest.run import HarvestError, harvest
 from tide.store.reader import open_store
 from tide.store.schema import Layout
@@ -29,6 +28,7 @@ from tide.train.fit.data import split_samples
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store
+from tests.factories import harvest_config, harvested, train_config
 
 runner = CliRunner()
 
@@ -325,17 +325,11 @@ def test_run_folder_that_turns_unwritable_mid_run(syn, tmp_path, monkeypatch, co
 
 
 def test_second_harvest_of_one_out_is_refused_while_the_first_writes(tiny_dit, clean, tmp_path):
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "s.zarr",
-        num_samples=6,
-        num_steps=3,
-        batch_size=2,
-        layers="0",
-        token_fraction=0.5,
+    # _harvest_args' settings, so that the store equals `clean`.
+    cfg = harvest_config(
+        tiny_dit, tmp_path / "s.zarr", num_samples=6, num_steps=3, layers="0", token_fraction=0.5,
         device="cpu",
-        progress=False,
-    )
+    )  # fmt: skip
     inside, release, first = threading.Event(), threading.Event(), {}
 
     def log(message):  # the first harvest stops here, holding --out, until the second one has tried
@@ -358,13 +352,11 @@ def test_second_harvest_of_one_out_is_refused_while_the_first_writes(tiny_dit, c
 
 
 def test_second_train_into_one_out_is_refused_while_the_first_runs(syn, tmp_path):
-    from tide.train.fit.config import TrainConfig
     from tide.train.fit.trainer import TrainError, train
 
-    cfg = TrainConfig(
-        store=syn.path, out=tmp_path / "saes", max_steps=4, warmup_steps=1, batch_size=16, k=(2,),
-        expansion=2, archs=("topk",), device="cpu", progress=False, log_every=1, checkpoint_every=1,
-    )  # fmt: skip
+    cfg = train_config(
+        syn.path, tmp_path / "saes", max_steps=4, device="cpu", log_every=1, checkpoint_every=1
+    )
     inside, release, first = threading.Event(), threading.Event(), {}
 
     def log(message):  # the first run stops here, holding --out, until the second one has tried
@@ -455,13 +447,10 @@ def test_adaln_init_refuses_a_model_that_did_not_make_the_store(tiny_dit, tmp_pa
     from diffusers import DiTTransformer2DModel
 
     model = shutil.copytree(tiny_dit, tmp_path / "model")
-    cfg = HarvestConfig(
-        model=str(model), out=tmp_path / "s.zarr", num_samples=8, num_steps=2, batch_size=2, progress=False
-    )
-    harvest(cfg, log=lambda m: None)
-    recorded = open_store(cfg.out).meta.model.fingerprint
+    out = harvested(model, tmp_path / "s.zarr", num_samples=8, num_steps=2)
+    recorded = open_store(out).meta.model.fingerprint
     assert re.fullmatch(r"sha256:[0-9a-f]{64}", recorded)
-    args = _train_args(cfg.out, tmp_path / "a", "--arch", "tide", "--init-modulation", "adaln")
+    args = _train_args(out, tmp_path / "a", "--arch", "tide", "--init-modulation", "adaln")
     assert runner.invoke(app, args).exit_code == 0  # the same model: fine
 
     perturbed = DiTTransformer2DModel.from_pretrained(model / "transformer")
@@ -469,23 +458,21 @@ def test_adaln_init_refuses_a_model_that_did_not_make_the_store(tiny_dit, tmp_pa
         perturbed.transformer_blocks[1].norm1.linear.weight[0, 0] += 1e-3
     perturbed.save_pretrained(model / "transformer")
     msg = _error(
-        runner.invoke(
-            app, _train_args(cfg.out, tmp_path / "b", "--arch", "tide", "--init-modulation", "adaln")
-        )
+        runner.invoke(app, _train_args(out, tmp_path / "b", "--arch", "tide", "--init-modulation", "adaln"))
     )
     assert f"{model} holds other weights" in msg and f"fingerprint {recorded[:19]}..." in msg
     found = re.search(r"holds other weights \(fingerprint (sha256:[0-9a-f]{12})\.\.\.\)", msg).group(1)
     assert found != recorded[:19]
     with pytest.raises(HarvestError, match="model weights: fingerprint"):  # nor does a harvest resume with it
-        harvest(HarvestConfig(**{**cfg.model_dump(), "num_samples": 8}), log=lambda m: None)
+        harvested(model, out, num_samples=8, num_steps=2)
 
     # A store from before fingerprints: a warning, and training goes on.
-    zarr_json = cfg.out / "zarr.json"
+    zarr_json = out / "zarr.json"
     meta = json.loads(zarr_json.read_text())
     del meta["attributes"]["model"]["fingerprint"]
     zarr_json.write_text(json.dumps(meta))
     result = runner.invoke(
-        app, _train_args(cfg.out, tmp_path / "c", "--arch", "tide", "--init-modulation", "adaln")
+        app, _train_args(out, tmp_path / "c", "--arch", "tide", "--init-modulation", "adaln")
     )
     assert result.exit_code == 0 and "records no fingerprint" in result.output, result.output
 
@@ -518,15 +505,12 @@ def test_resume_state_with_flipped_bytes_inside_a_tensor_is_refused(syn, tmp_pat
     import itertools
     import zipfile
 
-    from tide.train.fit.config import TrainConfig
     from tide.train.fit.trainer import fit, prepare
 
     out = tmp_path / "saes"
     args = _train_args(syn.path, out, "--no-eval", "--checkpoint-every", "1", "--max-steps", "4")
-    cfg = TrainConfig(
-        store=syn.path, out=out, max_steps=4, warmup_steps=1, batch_size=16, k=(2,), expansion=2,
-        device="cpu", progress=False, checkpoint_every=1,
-    )  # fmt: skip
+    # args' settings, so that the command resumes this run.
+    cfg = train_config(syn.path, out, archs=("tide", "topk"), max_steps=4, device="cpu", checkpoint_every=1)
     run, loader, _ = prepare(cfg, log=lambda m: None)  # a run stopped after 2 of its 4 steps
     fit(run, itertools.islice(loader.batches(run.position), 2), cfg)
     state = out / "trainer_state.pt"
