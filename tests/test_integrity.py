@@ -18,13 +18,12 @@ from tide.store.reader import ChunkError, MissingChunkWarning, StoreError, open_
 from tide.store.schema import FORMAT_VERSION
 from tide.store.stats import recompute_sums
 from tide.store.writer import everything
-from tide.train.fit.config import TrainConfig
 from tide.train.fit.data import ActivationLoader
-from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 from zarr.codecs import Crc32cCodec
 
 from tests.bench_train import synthetic_store
+from tests.factories import harvest_config, harvested, random_store, trained
 
 runner = CliRunner()
 
@@ -33,18 +32,10 @@ KEY = "c/1/1/1/0"
 
 
 def _store(path: Path, codec: str = "blosc-zstd", num_samples: int = 12):
-    return synthetic_store(
-        path,
-        num_samples=num_samples,
-        num_steps=5,
-        tokens=4,
-        d_model=8,
-        batch_size=3,
-        steps_per_chunk=2,
-        tokens_per_chunk=2,
-        codec=codec,
-        values="random",
-    )
+    return random_store(
+        path, num_samples=num_samples, num_steps=5, tokens=4, d_model=8, batch_size=3, steps_per_chunk=2,
+        tokens_per_chunk=2, codec=codec,
+    )  # fmt: skip
 
 
 def _flip(file: Path) -> None:
@@ -298,20 +289,7 @@ def test_stats_recomputed_chunk_by_chunk_equal_the_writers(tmp_path):
 
 def test_train_and_eval_on_a_damaged_store_fail_with_one_paragraph(tmp_path):
     store = _store(tmp_path / "s.zarr")
-    cfg = TrainConfig(
-        store=store.path,
-        out=tmp_path / "saes",
-        layers="0",
-        archs=("topk",),
-        k=(2,),
-        expansion=2,
-        batch_size=16,
-        max_steps=2,
-        warmup_steps=1,
-        val_fraction=0.25,
-        progress=False,
-    )
-    folders = train(cfg, log=lambda m: None).saes
+    folders = trained(store.path, tmp_path / "saes", layers="0", max_steps=2, val_fraction=0.25)
     for c in range(4):  # every sample chunk: whichever are held out, one is damaged
         _truncate(store.path / f"resid_l00/c/{c}/0/0/0")
     result = runner.invoke(app, ["eval", str(folders[0])])
@@ -328,58 +306,39 @@ def test_train_and_eval_on_a_damaged_store_fail_with_one_paragraph(tmp_path):
 
 
 def test_reset_damaged_then_the_same_harvest_writes_those_samples_again(tiny_dit, tmp_path):
-    from tide.harvest.config import HarvestConfig
-    from tide.harvest.run import harvest
-
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path / "s.zarr",
-        num_samples=6,
-        num_steps=3,
-        batch_size=2,
-        layers="0,2",
-        token_fraction=0.5,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
+    settings = dict(num_samples=6, num_steps=3, layers="0,2", token_fraction=0.5)
+    out = harvested(tiny_dit, tmp_path / "s.zarr", **settings)
     before = {
-        n: zarr.open_array(str(cfg.out / n), mode="r")[:] for n in ("resid_l00", "resid_l02", "token_index")
+        n: zarr.open_array(str(out / n), mode="r")[:] for n in ("resid_l00", "resid_l02", "token_index")
     }
-    lost = sorted(p for p in (cfg.out / "resid_l02/c/1").rglob("*") if p.is_file())[0]
+    lost = sorted(p for p in (out / "resid_l02/c/1").rglob("*") if p.is_file())[0]
     lost.unlink()
-    _flip(sorted(p for p in (cfg.out / "token_index/c/2").rglob("*") if p.is_file())[0])
-    result = runner.invoke(app, ["store", "verify", str(cfg.out), "--reset-damaged"])
+    _flip(sorted(p for p in (out / "token_index/c/2").rglob("*") if p.is_file())[0])
+    result = runner.invoke(app, ["store", "verify", str(out), "--reset-damaged"])
     assert result.exit_code == 1 and str(lost) in result.output
     assert "marked samples 2..3, 4..5 not done" in result.output, result.output
-    result = runner.invoke(app, ["store", "verify", str(cfg.out)])
+    result = runner.invoke(app, ["store", "verify", str(out)])
     assert result.exit_code == 0 and "incomplete: 2 of 6 samples done" in result.output, result.output
-    harvest(cfg, log=lambda m: None)
-    result = runner.invoke(app, ["store", "verify", str(cfg.out)])
+    harvested(tiny_dit, out, **settings)
+    result = runner.invoke(app, ["store", "verify", str(out)])
     assert result.exit_code == 0 and "incomplete" not in result.output, result.output
     for name, values in before.items():
-        np.testing.assert_array_equal(zarr.open_array(str(cfg.out / name), mode="r")[:], values, err_msg=name)
+        np.testing.assert_array_equal(zarr.open_array(str(out / name), mode="r")[:], values, err_msg=name)
 
 
 # --- format version 3: every array checksummed, every chunk written, and every read checked ------------------
 
 
-@pytest.fixture(scope="module")
-def harvested(tiny_dit, tmp_path_factory):
-    """A finished harvest holding every kind of array (labels, token_index, images), and a topk SAE on it."""
-    from tide.harvest.config import HarvestConfig
-    from tide.harvest.run import harvest
+DIT_RUN = dict(num_samples=8, num_steps=3, layers="1", token_fraction=0.5, save_images=True)
+"""The harvest of `dit_run`."""
 
+
+@pytest.fixture(scope="module")
+def dit_run(tiny_dit, tmp_path_factory):
+    """A finished harvest holding every kind of array (labels, token_index, images), and a topk SAE on it."""
     work = tmp_path_factory.mktemp("harvested")
-    cfg = HarvestConfig(
-        model=str(tiny_dit), out=work / "s.zarr", num_samples=8, num_steps=3, batch_size=2, layers="1",
-        token_fraction=0.5, save_images=True, progress=False,
-    )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    tcfg = TrainConfig(
-        store=cfg.out, out=work / "saes", layers="1", archs=("topk",), k=(2,), expansion=2, batch_size=16,
-        max_steps=2, warmup_steps=1, val_fraction=0.25, progress=False,
-    )  # fmt: skip
-    return cfg.out, train(tcfg, log=lambda m: None).saes[0]
+    store = harvested(tiny_dit, work / "s.zarr", **DIT_RUN)
+    return store, trained(store, work / "saes", layers="1", val_fraction=0.25)[0]
 
 
 def _arrays_on_disk(path: Path) -> list[str]:
@@ -395,8 +354,8 @@ def _chunk_files(path: Path, name: str) -> list[Path]:
     return sorted(p for p in (path / name / "c").rglob("*") if p.is_file())
 
 
-def test_version_3_stores_checksum_every_array_and_write_every_chunk(harvested):
-    path, _ = harvested
+def test_version_3_stores_checksum_every_array_and_write_every_chunk(dit_run):
+    path, _ = dit_run
     root = zarr.open_group(str(path), mode="r")
     names = _arrays_on_disk(path)
     assert {"timesteps", "step_index", "seed", "label", "done", "token_index", "images"} <= set(names)
@@ -412,11 +371,11 @@ def test_version_3_stores_checksum_every_array_and_write_every_chunk(harvested):
 
 
 @pytest.mark.parametrize("damage", ["delete", "flip"])
-def test_damage_to_any_array_is_named_by_verify_and_by_every_read(harvested, tmp_path, damage):
+def test_damage_to_any_array_is_named_by_verify_and_by_every_read(dit_run, tmp_path, damage):
     from tide.store.reader import read_array
     from tide.store.verify import verify
 
-    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+    path = Path(shutil.copytree(dit_run[0], tmp_path / "s.zarr"))
     assert verify(path).problems == []
     for name in _arrays_on_disk(path):
         for file in {_chunk_files(path, name)[0], _chunk_files(path, name)[-1]}:
@@ -441,8 +400,8 @@ def _one_line_error(result) -> str:
     return msg
 
 
-def test_a_lost_timesteps_chunk_stops_train_and_eval_instead_of_t_0(harvested, tmp_path):
-    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+def test_a_lost_timesteps_chunk_stops_train_and_eval_instead_of_t_0(dit_run, tmp_path):
+    path = Path(shutil.copytree(dit_run[0], tmp_path / "s.zarr"))
     (path / "timesteps/c/0").unlink()
     result = runner.invoke(app, ["store", "verify", str(path)])
     assert (
@@ -451,7 +410,7 @@ def test_a_lost_timesteps_chunk_stops_train_and_eval_instead_of_t_0(harvested, t
     )
     train_args = ["train", "--store", str(path), "--out", str(tmp_path / "saes"), "--layers", "1", "--arch",
                   "topk", "--max-steps", "2", "--warmup-steps", "1", "--batch-size", "16", "--no-progress"]  # fmt: skip
-    for args in (train_args, ["eval", str(harvested[1]), "--store", str(path)]):
+    for args in (train_args, ["eval", str(dit_run[1]), "--store", str(path)]):
         msg = _one_line_error(runner.invoke(app, args))
         assert f"timesteps: chunk file {path / 'timesteps/c/0'}" in msg and "restore the file" in msg, msg
     result = runner.invoke(
@@ -471,19 +430,19 @@ def test_a_lost_timesteps_chunk_stops_train_and_eval_instead_of_t_0(harvested, t
 
 
 @pytest.mark.parametrize("name", ["label", "token_index", "images"])
-def test_features_refuses_a_lost_chunk_instead_of_fill_values(harvested, tmp_path, name):
-    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+def test_features_refuses_a_lost_chunk_instead_of_fill_values(dit_run, tmp_path, name):
+    path = Path(shutil.copytree(dit_run[0], tmp_path / "s.zarr"))
     lost = _chunk_files(path, name)[1]
     lost.unlink()
-    args = ["features", str(harvested[1]), "--store", str(path), "--out", str(tmp_path / "rep"), "--split",
+    args = ["features", str(dit_run[1]), "--store", str(path), "--out", str(tmp_path / "rep"), "--split",
             "all", "--max-pages", "2", "--images", "2", "--no-progress"]  # fmt: skip
     msg = _one_line_error(runner.invoke(app, args))
     assert f"{name}: chunk file {lost} (samples 2..3" in msg and "is missing" in msg, msg
     assert "--reset-damaged" in msg
 
 
-def test_a_damaged_stats_chunk_is_named_and_stats_write_repairs_it(harvested, tmp_path):
-    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+def test_a_damaged_stats_chunk_is_named_and_stats_write_repairs_it(dit_run, tmp_path):
+    path = Path(shutil.copytree(dit_run[0], tmp_path / "s.zarr"))
     before = {
         s: zarr.open_array(str(path / f"stats/resid_l01/{s}"), mode="r")[:] for s in ("count", "sum", "sumsq")
     }
@@ -507,19 +466,14 @@ def test_a_damaged_stats_chunk_is_named_and_stats_write_repairs_it(harvested, tm
         )
 
 
-def test_reset_damaged_then_harvest_mends_a_lost_done_chunk(tiny_dit, harvested, tmp_path):
-    from tide.harvest.config import HarvestConfig
+def test_reset_damaged_then_harvest_mends_a_lost_done_chunk(tiny_dit, dit_run, tmp_path):
     from tide.harvest.run import harvest
 
-    path = Path(shutil.copytree(harvested[0], tmp_path / "s.zarr"))
+    path = Path(shutil.copytree(dit_run[0], tmp_path / "s.zarr"))
     (path / "done/c/1").unlink()
     result = runner.invoke(app, ["store", "verify", str(path), "--reset-damaged"])
     assert result.exit_code == 1 and "done: chunk file" in result.output, result.output
     assert "marked samples 2..3 not done" in result.output, result.output
-    cfg = HarvestConfig(
-        model=str(tiny_dit), out=path, num_samples=8, num_steps=3, batch_size=2, layers="1",
-        token_fraction=0.5, save_images=True, progress=False,
-    )  # fmt: skip
-    assert harvest(cfg, log=lambda m: None).written == 2
+    assert harvest(harvest_config(tiny_dit, path, **DIT_RUN), log=lambda m: None).written == 2
     result = runner.invoke(app, ["store", "verify", str(path)])
     assert result.exit_code == 0 and "incomplete" not in result.output, result.output
