@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 import torch
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import harvest
 from tide.train.analysis.eval import EvalResult, Group, Metrics, evaluate_folders, format_table, progress_text
 from tide.train.fit.checkpoint import load_sae
-from tide.train.fit.config import TrainConfig
-from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 
 from tests.bench_train import synthetic_store
+from tests.factories import harvested, random_store, trained
 
 runner = CliRunner()
 
@@ -41,31 +38,11 @@ def _numpy_metrics(x, x_hat, z, dense_threshold=0.1):
 
 
 def test_metrics_equal_a_numpy_computation(tmp_path):
-    store = synthetic_store(
-        tmp_path / "s.zarr",
-        num_samples=16,
-        num_steps=6,
-        tokens=8,
-        d_model=16,
-        batch_size=4,
-        steps_per_chunk=4,
-        values="random",
-    )
-    cfg = TrainConfig(
-        store=store.path,
-        out=tmp_path / "o",
-        layers="0",
-        archs=("tide", "batchtopk"),
-        k=(3,),
-        expansion=2,
-        batch_size=64,
-        max_steps=8,
-        warmup_steps=1,
-        val_fraction=0.25,
-        steps="1:6",
-        progress=False,
-    )
-    folders = train(cfg, log=lambda m: None).saes
+    store = random_store(tmp_path / "s.zarr", num_steps=6, steps_per_chunk=4)
+    folders = trained(
+        store.path, tmp_path / "o", layers="0", archs=("tide", "batchtopk"), k=(3,), batch_size=64, max_steps=8,
+        val_fraction=0.25, steps="1:6",
+    )  # fmt: skip
     results = evaluate_folders(folders, batch_size=50, buckets=2)
     x_all = store.root["resid_l00"][:].astype(np.float32)
     for folder, res in zip(folders, results, strict=True):
@@ -118,44 +95,21 @@ def test_metrics_equal_a_numpy_computation(tmp_path):
 
 @pytest.fixture(scope="module")
 def dit_store(tiny_dit, tmp_path_factory):
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path_factory.mktemp("dit") / "s.zarr",
-        num_samples=8,
-        num_steps=6,
-        batch_size=2,
-        layers="0,1,2",
-        token_fraction=0.5,
-        guidance_scale=1.0,
-        progress=False,
+    out = tmp_path_factory.mktemp("dit") / "s.zarr"
+    return harvested(
+        tiny_dit, out, num_samples=8, num_steps=6, layers="0,1,2", token_fraction=0.5, guidance_scale=1.0
     )
-    harvest(cfg, log=lambda m: None)
-    return cfg.out
+
+
+def _train(store, out, *extra: str):
+    """`tide train` of `store` into `out`, 32 rows a step with k=4 after a warm-up of 1; `extra` adds flags."""
+    args = ["train", "--store", str(store), "--out", str(out), "--warmup-steps", "1", "--batch-size", "32"]
+    return runner.invoke(app, [*args, "--k", "4", "--no-progress", *extra])
 
 
 def test_tide_train_then_tide_eval(dit_store, tmp_path):
     out = tmp_path / "saes"
-    result = runner.invoke(
-        app,
-        [
-            "train",
-            "--store",
-            str(dit_store),
-            "--out",
-            str(out),
-            "--max-steps",
-            "4",
-            "--warmup-steps",
-            "1",
-            "--batch-size",
-            "32",
-            "--k",
-            "4",
-            "--val-fraction",
-            "0.25",
-            "--no-progress",
-        ],
-    )
+    result = _train(dit_store, out, "--max-steps", "4", "--val-fraction", "0.25")
     assert result.exit_code == 0, result.output
     for name in ("resid_l01-tide-k4", "resid_l01-topk-k4"):  # the middle of the stored layers 0, 1, 2
         assert f"{name} (held-out samples" in result.output
@@ -175,31 +129,7 @@ def test_tide_train_then_tide_eval(dit_store, tmp_path):
 
 def test_eval_errors(dit_store, tmp_path):
     out = tmp_path / "saes"
-    assert (
-        runner.invoke(
-            app,
-            [
-                "train",
-                "--store",
-                str(dit_store),
-                "--out",
-                str(out),
-                "--max-steps",
-                "2",
-                "--warmup-steps",
-                "1",
-                "--batch-size",
-                "32",
-                "--k",
-                "4",
-                "--arch",
-                "topk",
-                "--no-progress",
-                "--no-eval",
-            ],
-        ).exit_code
-        == 0
-    )
+    assert _train(dit_store, out, "--max-steps", "2", "--arch", "topk", "--no-eval").exit_code == 0
     other = synthetic_store(tmp_path / "other.zarr", d_model=16, layers=(1,))
     result = runner.invoke(app, ["eval", str(out), "--store", str(other.path)])
     assert (
@@ -212,25 +142,10 @@ def test_eval_errors(dit_store, tmp_path):
 
 
 def test_same_sae_names_from_two_runs_keep_their_own_results(tmp_path):
-    store = synthetic_store(
-        tmp_path / "s.zarr", num_samples=8, num_steps=4, tokens=8, d_model=8, batch_size=2, values="random"
-    )
+    store = random_store(tmp_path / "s.zarr", num_samples=8, d_model=8, batch_size=2)
     folders = []
     for seed in (0, 1):
-        cfg = TrainConfig(
-            store=store.path,
-            out=tmp_path / f"run{seed}",
-            archs=("topk",),
-            k=(2,),
-            expansion=2,
-            batch_size=16,
-            max_steps=3,
-            warmup_steps=1,
-            val_fraction=0.25,
-            seed=seed,
-            progress=False,
-        )
-        folders += train(cfg, log=lambda m: None).saes
+        folders += trained(store.path, tmp_path / f"run{seed}", max_steps=3, val_fraction=0.25, seed=seed)
     together = evaluate_folders(folders, batch_size=16)
     apart = [evaluate_folders([f], batch_size=16)[0] for f in folders]
     assert together[0].name == together[1].name and together[0].overall != together[1].overall
