@@ -19,7 +19,7 @@ from tide.train.fit.config import TrainConfig
 from tide.train.fit.trainer import lr_at, train
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
+from tests.factories import random_store, train_config
 
 runner = CliRunner()
 
@@ -27,35 +27,17 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """16 samples x 6 steps x 8 tokens x D 16, two layers, random rows whose mean and scale vary with the step."""
-    return synthetic_store(
-        tmp_path_factory.mktemp("train") / "s.zarr",
-        num_samples=16,
-        num_steps=6,
-        tokens=8,
-        d_model=16,
-        batch_size=4,
-        layers=(0, 2),
-        steps_per_chunk=3,
-        values="random",
+    return random_store(
+        tmp_path_factory.mktemp("train") / "s.zarr", num_steps=6, layers=(0, 2), steps_per_chunk=3
     )
 
 
 def _cfg(store, out, **kw) -> TrainConfig:
     base = dict(
-        store=store.path,
-        out=out,
-        layers="2",
-        k=(4,),
-        expansion=4,
-        batch_size=64,
-        max_steps=6,
-        warmup_steps=2,
-        val_fraction=0.25,
-        window_rows=256,
-        progress=False,
-        device="cpu",
-    )
-    return TrainConfig(**(base | kw))
+        archs=("tide", "topk"), layers="2", k=(4,), expansion=4, batch_size=64, max_steps=6, warmup_steps=2,
+        val_fraction=0.25, window_rows=256, device="cpu",
+    )  # fmt: skip
+    return train_config(store.path, out, **(base | kw))
 
 
 def test_normalisation_round_trip(store, tmp_path):
@@ -213,17 +195,7 @@ def test_bad_inputs_are_one_paragraph_errors(store, tmp_path):
     )
     _fails([*base, "--arch", "tide,gated"], "--arch[1]: got 'gated'")
     assert runner.invoke(app, [*base, "--no-eval"]).exit_code == 0
-    other = synthetic_store(
-        tmp_path / "other.zarr",
-        num_samples=16,
-        num_steps=6,
-        tokens=8,
-        d_model=16,
-        batch_size=4,
-        layers=(0, 2),
-        values="random",
-        seed=1,
-    )
+    other = random_store(tmp_path / "other.zarr", num_steps=6, layers=(0, 2), seed=1)
     _fails([*base[:2], str(other.path), *base[3:]], "trained on the store", "--overwrite")
     _fails([*base, "--lr", "0.5"], "different configuration", "lr: 0.001")
     (tmp_path / "junk").mkdir()
