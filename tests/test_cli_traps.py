@@ -17,7 +17,7 @@ from tide.train.fit.checkpoint import load_sae
 from tide.train.fit.config import TrainConfig
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
+from tests.factories import random_store
 
 runner = CliRunner()
 
@@ -25,15 +25,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """8 samples x 4 steps x 8 tokens x D 8, one layer: a run of a few steps takes a second."""
-    return synthetic_store(
-        tmp_path_factory.mktemp("traps") / "s.zarr",
-        num_samples=8,
-        num_steps=4,
-        tokens=8,
-        d_model=8,
-        batch_size=2,
-        values="random",
-    )
+    return random_store(tmp_path_factory.mktemp("traps") / "s.zarr", num_samples=8, d_model=8, batch_size=2)
 
 
 def _train(store, out, *args: str):
