@@ -10,6 +10,7 @@ from tide.harvest.intervene import Intervention, sample
 from tide.harvest.model import load_model
 from tide.harvest.sampler import generate, to_images
 
+from tests.factories import harvested
 from tests.test_backbones import tiny_flux, tiny_sd3  # noqa: F401  (fixtures)
 
 SITES = ("resid", "delta", "attn", "mlp")
@@ -121,19 +122,16 @@ def test_demo_model_identity_and_recorded_outputs():
 @pytest.mark.parametrize("backbone, layer", [("sd3", 0), ("flux", 0), ("flux", 3)])
 def test_identity_edit_on_joint_blocks(backbone, layer, tmp_path, request):
     """SD3/FLUX joint blocks return (text, image) and joint attention (image, text): only the image is edited."""
-    from tide.harvest.config import HarvestConfig
-    from tide.harvest.run import harvest
     from tide.store.reader import open_store
     from tide.train.loop.rerun import rerun
 
     folder = request.getfixturevalue(f"tiny_{backbone}")
-    cfg = HarvestConfig(
-        model=str(folder), out=tmp_path / "s.zarr", num_samples=2, num_steps=2, batch_size=2, layers=str(layer),
-        token_fraction=1.0, dtype="float32", prompts=folder / "prompts.txt",
-        prompt_embeds=folder / "embeds.safetensors", height=16, width=16, progress=False,
+    out = harvested(
+        folder, tmp_path / "s.zarr", num_samples=2, num_steps=2, layers=str(layer), token_fraction=1.0,
+        dtype="float32", prompts=folder / "prompts.txt", prompt_embeds=folder / "embeds.safetensors",
+        height=16, width=16,
     )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    planned = rerun(open_store(cfg.out).meta, 2)
+    planned = rerun(open_store(out).meta, 2)
     clean = planned.sample(slice(0, 2))
     single = backbone == "flux" and layer >= len(planned.model.transformer.transformer_blocks)
     sites = ("resid", "delta") if single else SITES

@@ -12,6 +12,7 @@ from tide.train.loop.splice_report import format_report
 from typer.testing import CliRunner
 
 from tests.conftest import save_tiny_dit
+from tests.factories import harvested
 from tests.splice_helpers import identity_sae, random_sae, tiny_store, write_sae
 
 
@@ -99,16 +100,12 @@ def test_sae_of_another_model_is_refused_naming_both(setup, tmp_path):
 
 
 def test_pixart_exact_sae_equals_clean(tiny_pixart, tmp_path):
-    from tide.harvest.config import HarvestConfig
-    from tide.harvest.run import harvest
-
-    cfg = HarvestConfig(
-        model=str(tiny_pixart), out=tmp_path / "p.zarr", num_samples=2, num_steps=3, batch_size=2, layers="1",
+    store = harvested(
+        tiny_pixart, tmp_path / "p.zarr", num_samples=2, num_steps=3, layers="1",
         prompts=tiny_pixart / "prompts.txt", prompt_embeds=tiny_pixart / "embeds.safetensors",
-        guidance_scale=3.0, token_fraction=1.0, dtype="float32", progress=False,
+        guidance_scale=3.0, token_fraction=1.0, dtype="float32",
     )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    exact = write_sae(tmp_path / "saes" / "exact", cfg.out, "resid_l01", identity_sae(16))
+    exact = write_sae(tmp_path / "saes" / "exact", store, "resid_l01", identity_sae(16))
     r = splice(SpliceConfig(saes=(exact,), out=tmp_path / "o", num_samples=3, buckets=0), log=lambda m: None)
     c = r.report["conditions"]
     assert (
