@@ -6,29 +6,21 @@ artist's window extent after a draw), not on a picture."""
 from __future__ import annotations
 
 import pytest
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import harvest
 from tide.store.reader import open_store
 from tide.train.analysis.features import FeaturesConfig, collect, summarise
 from tide.train.analysis.report import _Plots
 from tide.train.fit.checkpoint import load_sae
-from tide.train.fit.config import TrainConfig
-from tide.train.fit.trainer import train
+
+from tests.factories import harvested, trained
 
 
 @pytest.fixture(scope="module")
 def plots(tiny_dit, tmp_path_factory):
     work = tmp_path_factory.mktemp("pictures")
-    cfg = HarvestConfig(
-        model=str(tiny_dit), out=work / "s.zarr", num_samples=12, num_steps=4, batch_size=3, progress=False
-    )
-    harvest(cfg, log=lambda m: None)
-    tcfg = TrainConfig(
-        store=cfg.out, out=work / "saes", layers="1", archs=("topk",), k=(2,), expansion=2, batch_size=32,
-        max_steps=4, warmup_steps=1, progress=False,
-    )  # fmt: skip
-    loaded = load_sae(train(tcfg, log=lambda m: None).saes[0], "cpu")
-    store = open_store(cfg.out)
+    path = harvested(tiny_dit, work / "s.zarr", num_samples=12, num_steps=4, batch_size=3)
+    (folder,) = trained(path, work / "saes", layers="1", batch_size=32, max_steps=4)
+    loaded = load_sae(folder, "cpu")
+    store = open_store(path)
     stats = collect(loaded, store, FeaturesConfig(split="all", buckets=2, progress=False), "cpu")
     table = summarise(stats, 0.1)
     p = _Plots(stats, table, store.timesteps)

@@ -20,7 +20,7 @@ from tide.cli import app
 from tide.store.reader import open_store
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
+from tests.factories import random_store
 from tests.test_remote import arrays
 
 runner = CliRunner()
@@ -42,7 +42,7 @@ def _one_line(args: list[str], *needles: str) -> tuple[str, float]:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("flaky") / "s.zarr"
-    synthetic_store(folder, num_samples=8, num_steps=3, tokens=4, d_model=8, batch_size=4, values="random")
+    random_store(folder, num_samples=8, num_steps=3, tokens=4, d_model=8)
     return folder
 
 
