@@ -37,97 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tide.store.reader import Store, configure_read_threads, default_read_threads, open_store
-from tide.store.schema import (
-    DEFAULT_CODEC,
-    ModelInfo,
-    SchedulerInfo,
-    StoreMeta,
-    TokenSampling,
-    choose_chunks,
-    numpy_storage_dtype,
-    to_stored,
-)
-from tide.store.writer import StoreWriter, create_store
+from tide.store.schema import DEFAULT_CODEC
 
-
-def synthetic_store(
-    path: Path,
-    *,
-    num_samples: int = 12,
-    num_steps: int = 5,
-    tokens: int = 4,
-    d_model: int = 8,
-    batch_size: int = 3,
-    layers: tuple[int, ...] = (0,),
-    sites: tuple[str, ...] = ("resid",),
-    steps_per_chunk: int | None = None,
-    tokens_per_chunk: int | None = None,
-    dtype: str = "float16",
-    codec: str = DEFAULT_CODEC,
-    values: str = "index",
-    seed: int = 0,
-) -> Store:
-    """A tide store written with the real writer, without a model.
-
-    values="index": row (i, s, t) of array number a holds [i, s, t, a, 0, ...] plus a small per-channel
-    offset, so tests can tell every row apart; values="random": Gaussian rows whose mean and scale vary
-    with the step, like a DiT residual.
-    """
-    itemsize = numpy_storage_dtype(dtype).itemsize
-    spc, tpc = choose_chunks(batch_size, num_steps, tokens, d_model, itemsize)
-    meta = StoreMeta(
-        tide_version="0+synthetic",
-        created="1970-01-01T00:00:00+00:00",
-        model=ModelInfo(
-            id="synthetic", path="synthetic", transformer_class="Synthetic", transformer_config={"seed": seed}
-        ),
-        scheduler=SchedulerInfo(class_name="DDPMScheduler", config={"num_train_timesteps": 1000}),
-        num_inference_steps=num_steps,
-        step_indices=list(range(num_steps)),
-        guidance_scale=1.0,
-        cfg_branch="cond",
-        conditioning="class",
-        sites=list(sites),
-        layers=list(layers),
-        num_layers=max(layers) + 1,
-        d_model=d_model,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        steps_per_chunk=steps_per_chunk or spc,
-        tokens_per_chunk=tokens_per_chunk or tpc,
-        tokens=TokenSampling(num_tokens=tokens, fraction=1.0, kept=tokens),
-        dtype=dtype,
-        codec=codec,
-    )
-    timesteps = np.linspace(999, 0, num_steps).round(3)
-    root = create_store(path, meta, timesteps, np.arange(num_samples), np.arange(num_samples) % 10, None)
-    writer, lay = StoreWriter(root, meta), meta.layout()
-    rng = np.random.default_rng(seed)
-    step_scale_S = 1 + np.arange(num_steps) / num_steps
-    for c in range(lay.num_sample_chunks):
-        samples = lay.sample_chunk(c)
-        b = samples.stop - samples.start
-        for a, name in enumerate(meta.act_names()):
-            if values == "index":
-                x = np.zeros((b, num_steps, tokens, d_model), dtype=np.float32)
-                x[..., 0] = np.arange(samples.start, samples.stop)[:, None, None]
-                x[..., 1] = np.arange(num_steps)[None, :, None]
-                x[..., 2] = np.arange(tokens)[None, None, :]
-                x[..., 3] = a
-                x[..., 4:] = 0.25 * np.arange(4, d_model) % 3
-            else:
-                x = rng.standard_normal((b, num_steps, tokens, d_model), dtype=np.float32)
-                x = x * step_scale_S[None, :, None, None] + step_scale_S[None, :, None, None] * 0.5
-            for sc in range(lay.num_step_chunks):
-                steps = lay.step_chunk(sc)
-                writer.submit(writer.write_block, name, c, steps, _to_storage(x[:, steps], dtype))
-        writer.submit(writer.mark_done, c)
-    writer.close()
-    return open_store(path)
-
-
-def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
-    return to_stored(torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype)))
+from tests.factories import synthetic_store
 
 
 def bench_reader(store: Store, batch_size: int, repeats: int, epochs: int, work: Path) -> dict[str, float]:

@@ -19,8 +19,7 @@ from tide.train.sae.archs import ARCHITECTURES
 from tide.train.sae.loss import sae_loss
 from tide.train.sae.model import SAE, SAEConfig, build_sae
 
-from tests.bench_train import synthetic_store
-from tests.factories import random_store, train_config, trained
+from tests.factories import random_store, synthetic_store, train_config, trained
 
 B, D, F, K = 64, 12, 32, 3
 

@@ -21,8 +21,7 @@ from tide.cli import app
 from tide.train.fit.checkpoint import load_sae
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
-from tests.splice_helpers import random_sae, tiny_store, write_sae
+from tests.factories import random_sae, synthetic_store, tiny_store, write_sae
 from tests.test_safety import _unwritable
 
 runner = CliRunner()

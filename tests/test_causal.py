@@ -12,7 +12,7 @@ from tide.train.loop.rerun import rerun
 from tide.train.loop.steer import clamp_edit
 
 from tests.browser_helpers import CHROMIUM, browse, screenshot
-from tests.splice_helpers import random_sae, tiny_store, write_sae
+from tests.factories import random_sae, tiny_store, write_sae
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from tide.train.fit.data import ActivationLoader
 from typer.testing import CliRunner
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from tests.bench_train import synthetic_store
-from tests.factories import harvest_config, harvested
+from tests.factories import harvest_config, harvested, synthetic_store
 
 runner = CliRunner()
 

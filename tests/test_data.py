@@ -15,7 +15,7 @@ from tide.store.stats import difference, recompute_sums, stored_sums
 from tide.train.fit.data import ActivationLoader, Position, split_samples
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
+from tests.factories import synthetic_store
 
 runner = CliRunner()
 

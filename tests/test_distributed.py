@@ -28,7 +28,7 @@ from tide.train.fit.config import TrainConfig
 from tide.train.fit.data import ActivationLoader, split_samples
 from tide.train.fit.trainer import fit, prepare, train
 
-from tests.bench_train import synthetic_store
+from tests.factories import synthetic_store
 
 ARCHS = "tide,batchtopk,topk"
 TIDE = [sys.executable, "-c", "from tide.cli import app; app()"]

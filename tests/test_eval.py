@@ -13,8 +13,7 @@ from tide.train.analysis.eval import EvalResult, Group, Metrics, evaluate_folder
 from tide.train.fit.checkpoint import load_sae
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
-from tests.factories import harvested, random_store, trained
+from tests.factories import harvested, random_store, synthetic_store, trained
 
 runner = CliRunner()
 

@@ -22,8 +22,7 @@ from tide.train.fit.data import ActivationLoader
 from typer.testing import CliRunner
 from zarr.codecs import Crc32cCodec
 
-from tests.bench_train import synthetic_store
-from tests.factories import harvest_config, harvested, random_store, trained
+from tests.factories import harvest_config, harvested, random_store, synthetic_store, trained
 
 runner = CliRunner()
 

@@ -24,7 +24,7 @@ from tide.store.outputs import OutputError, replace, staged
 from tide.store.reader import open_store
 from typer.testing import CliRunner
 
-from tests.splice_helpers import tiny_store
+from tests.factories import tiny_store
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ import pytest
 from tide.store.reader import ChunkError, chunk_values, read_into
 from tide.train.fit.data import ActivationLoader
 
-from tests.bench_train import synthetic_store
+from tests.factories import synthetic_store
 
 
 @pytest.fixture

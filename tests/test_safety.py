@@ -27,8 +27,7 @@ from tide.train.fit.checkpoint import load_sae
 from tide.train.fit.data import split_samples
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
-from tests.factories import harvest_config, harvested, train_config
+from tests.factories import harvest_config, harvested, synthetic_store, train_config
 
 runner = CliRunner()
 

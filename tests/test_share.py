@@ -12,8 +12,7 @@ from tide.cli import app
 from tide.store.reader import open_store
 from typer.testing import CliRunner
 
-from tests.bench_train import synthetic_store
-from tests.factories import random_store, trained
+from tests.factories import random_store, synthetic_store, trained
 
 runner = CliRunner()
 

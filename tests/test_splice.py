@@ -12,8 +12,7 @@ from tide.train.loop.splice_report import format_report
 from typer.testing import CliRunner
 
 from tests.conftest import save_tiny_dit
-from tests.factories import harvested
-from tests.splice_helpers import identity_sae, random_sae, tiny_store, write_sae
+from tests.factories import harvested, identity_sae, random_sae, tiny_store, write_sae
 
 
 @pytest.fixture(scope="module")

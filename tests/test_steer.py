@@ -10,7 +10,7 @@ from tide.train.fit.checkpoint import load_sae
 from tide.train.loop.steer import SteerConfig, add_edit, clamp_edit, direction, steer
 from typer.testing import CliRunner
 
-from tests.splice_helpers import random_sae, tiny_store, write_sae
+from tests.factories import random_sae, tiny_store, write_sae
 
 DEAD = 5  # a latent whose encoder bias keeps it off everywhere
 

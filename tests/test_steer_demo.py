@@ -8,7 +8,7 @@ import torch
 from tide.train.analysis.attributes import ATTRIBUTES, as_array, attributes
 from tide.train.fit.data import Split
 
-from tests.splice_helpers import random_sae, tiny_store, write_sae
+from tests.factories import random_sae, tiny_store, write_sae
 
 
 def test_correlations_match_numpy_within_and_across_classes():
