@@ -18,8 +18,8 @@
 Runs alternate (store, baseline, store, baseline, ...) and each figure is a ratio of medians, so that
 load from the rest of the machine falls on both sides alike. torch runs on one thread unless --threads says
 otherwise: on a 2-core machine shared with other work, OpenMP's two threads wait on each other at every
-small op (measured 10x slower elementwise ops), so two-thread figures swing with the neighbours' load. `synthetic_store` is also what the tests use
-to make stores without running a diffusion model.
+small op (measured 10x slower elementwise ops), so two-thread figures swing with the neighbours' load. The
+stores are tests/factories.py's `synthetic_store`, the one the tests make stores without a model with.
 """
 
 from __future__ import annotations

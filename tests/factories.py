@@ -1,9 +1,14 @@
-"""Factories for the tests' small set-ups: a harvest config and a real store of a tiny model, a store of random
-rows without a model, a train config and a tiny SAE run. Each starts from small, quiet defaults (named in its
-docstring); a test passes every setting it depends on, so a reader sees them at the call and a change of
-defaults changes no test's meaning.
+"""Factories for the tests' small set-ups, each starting from small, quiet defaults named in its docstring:
 
-Models come from conftest.py's fixtures (tiny_dit, tiny_pixart, ...) or its save_tiny_* builders.
+- real stores of a tiny pipeline: harvest_config (the config alone), harvested, and tiny_store (the splice
+  and steer tests' store);
+- stores without a model, through the real writer: synthetic_store, and random_store (random rows);
+- SAE runs: train_config (the config alone) and trained;
+- SAE folders without training, for splice and steer: write_sae, identity_sae, random_sae.
+
+A test passes every setting its assertions depend on, so a reader sees them at the call and a change of
+defaults changes no test's meaning. Models come from conftest.py's fixtures (tiny_dit, tiny_pixart, ...) or
+its save_tiny_* builders.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ TINY_TRAIN = dict(
 )
 """What train_config sets unless told otherwise (every other field keeps TrainConfig's default)."""
 
+NUM_STEPS = 4
+"""Denoising steps of tiny_store's harvest (write_sae's SAEs cover them all)."""
+
 
 def harvest_config(model: Path | str, out: Path | str, **overrides) -> HarvestConfig:
     """A HarvestConfig of the pipeline folder `model` into `out`: 2 samples of 2 denoising steps in batches
@@ -54,6 +62,15 @@ def harvest_config(model: Path | str, out: Path | str, **overrides) -> HarvestCo
 def harvested(model: Path | str, out: Path | str, **overrides) -> Path:
     """Harvest harvest_config(model, out, **overrides) with its log silenced; return the store's path."""
     return harvest(harvest_config(model, out, **overrides), log=lambda m: None).out
+
+
+def tiny_store(model: Path, out: Path) -> Path:
+    """The splice and steer tests' store of `model` at `out`: 4 samples x NUM_STEPS steps in batches of 2, layer
+    1's resid and mlp, every token, guidance 2, float32 (so an exact SAE spliced in gives the clean images)."""
+    return harvested(
+        model, out, num_samples=4, num_steps=NUM_STEPS, layers="1", sites="resid,mlp", token_fraction=1.0,
+        guidance_scale=2.0, dtype="float32",
+    )  # fmt: skip
 
 
 def synthetic_store(
@@ -105,10 +122,17 @@ def synthetic_store(
         dtype=dtype,
         codec=codec,
     )
+    _write_rows(path, meta, values, np.random.default_rng(seed))
+    return open_store(path)
+
+
+def _write_rows(path: Path, meta: StoreMeta, values: str, rng: np.random.Generator) -> None:
+    """Create the store of `meta` at `path` and write every sample chunk of synthetic_store's `values`."""
+    num_samples, num_steps = meta.num_samples, meta.num_inference_steps
+    tokens, d_model, dtype = meta.tokens.num_tokens, meta.d_model, meta.dtype
     timesteps = np.linspace(999, 0, num_steps).round(3)
     root = create_store(path, meta, timesteps, np.arange(num_samples), np.arange(num_samples) % 10, None)
     writer, lay = StoreWriter(root, meta), meta.layout()
-    rng = np.random.default_rng(seed)
     step_scale_S = 1 + np.arange(num_steps) / num_steps
     for c in range(lay.num_sample_chunks):
         samples = lay.sample_chunk(c)
@@ -129,7 +153,6 @@ def synthetic_store(
                 writer.submit(writer.write_block, name, c, steps, _to_storage(x[:, steps], dtype))
         writer.submit(writer.mark_done, c)
     writer.close()
-    return open_store(path)
 
 
 def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -137,7 +160,7 @@ def _to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def random_store(path: Path, **overrides) -> Store:
-    """synthetic_store (tests/bench_train.py: the real writer, no model) at `path`: 16 samples x 4 steps x 8
+    """synthetic_store (the real writer, no model) at `path`: 16 samples x 4 steps x 8
     tokens x D 16 in batches of 4, Gaussian rows whose mean and scale vary with the step, like a DiT's; one
     layer (0), resid, float16. `overrides` are synthetic_store's arguments."""
     return synthetic_store(path, **{**RANDOM_STORE, **overrides})
@@ -154,18 +177,6 @@ def trained(store: Path | str, out: Path, **overrides) -> list[Path]:
     """Train train_config(store, out, **overrides) with its log silenced; return its SAE folders in spec
     order."""
     return train(train_config(store, out, **overrides), log=lambda m: None).saes
-
-
-NUM_STEPS = 4
-
-
-def tiny_store(model: Path, out: Path) -> Path:
-    cfg = HarvestConfig(
-        model=str(model), out=out, num_samples=4, num_steps=NUM_STEPS, batch_size=2, layers="1",
-        sites="resid,mlp", token_fraction=1.0, guidance_scale=2.0, dtype="float32", progress=False,
-    )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    return out
 
 
 def write_sae(folder: Path, store_path: Path, array: str, sae, split: Split | None = None) -> Path:
