@@ -12,7 +12,7 @@ from tide.train.loop.rerun import rerun
 from tide.train.loop.steer import clamp_edit
 
 from tests.browser_helpers import CHROMIUM, browse, screenshot
-from tests.factories import random_sae, tiny_store, write_sae
+from tests.factories import harvested, random_sae, tiny_store, write_sae
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +94,16 @@ def demo_report(tmp_path_factory):
     """`tide features` with its causal section on a store of the shipped demo model (8 samples of classes 3
     and 5, 4 steps, final images saved; a random tide SAE on layer 1): one page (the latent that best tells
     the classes apart, so it fires on several samples), its first 2 top samples redrawn."""
-    from tide.harvest.config import HarvestConfig
-    from tide.harvest.run import harvest
+    from tide.harvest.config import DEMO_MODEL
     from tide.train.analysis.features import FeaturesConfig
     from tide.train.analysis.report import features_report
 
     root = tmp_path_factory.mktemp("demo-report")
-    cfg = HarvestConfig(
-        out=root / "s.zarr", num_samples=8, num_steps=4, batch_size=4, layers="1", token_fraction=0.25,
-        labels="3,5", dtype="float32", save_images=True, progress=False,
+    store = harvested(
+        DEMO_MODEL, root / "s.zarr", num_samples=8, num_steps=4, batch_size=4, layers="1", token_fraction=0.25,
+        labels="3,5", dtype="float32", save_images=True,
     )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    sae = write_sae(root / "saes" / "tide", cfg.out, "resid_l01", random_sae(128, cfg.out, "resid_l01"))
+    sae = write_sae(root / "saes" / "tide", store, "resid_l01", random_sae(128, store, "resid_l01"))
     fcfg = FeaturesConfig(split="all", top_k=32, buckets=2, images_per_page=2, max_pages=1, progress=False)
     return features_report(sae, root / "rep", fcfg, device="cpu", log=lambda m: None)
 

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import torch
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import harvest
 from tide.store.reader import StoreError, open_store
 from tide.store.stats import difference, recompute_sums, stored_sums
 from tide.train.fit.data import ActivationLoader, Position, split_samples
 from typer.testing import CliRunner
 
-from tests.factories import synthetic_store
+from tests.factories import harvested, random_store, synthetic_store
 
 runner = CliRunner()
 
@@ -24,15 +22,9 @@ runner = CliRunner()
 def index_store(tmp_path_factory):
     """12 samples in 4 sample chunks x 3 step chunks x 2 token chunks; rows hold their own (i, s, t)."""
     return synthetic_store(
-        tmp_path_factory.mktemp("idx") / "s.zarr",
-        num_samples=12,
-        num_steps=5,
-        tokens=4,
-        batch_size=3,
-        layers=(0, 1),
-        steps_per_chunk=2,
-        tokens_per_chunk=2,
-    )
+        tmp_path_factory.mktemp("idx") / "s.zarr", num_samples=12, num_steps=5, tokens=4, batch_size=3,
+        layers=(0, 1), steps_per_chunk=2, tokens_per_chunk=2,
+    )  # fmt: skip
 
 
 def _rows(batches) -> list[tuple[int, int, int]]:
@@ -130,14 +122,9 @@ def test_step_range_filter(index_store):
 
 def test_stratified_batches_hold_every_step_evenly(tmp_path):
     store = synthetic_store(
-        tmp_path / "s.zarr",
-        num_samples=20,
-        num_steps=10,
-        tokens=8,
-        batch_size=4,
-        steps_per_chunk=5,
+        tmp_path / "s.zarr", num_samples=20, num_steps=10, tokens=8, batch_size=4, steps_per_chunk=5,
         tokens_per_chunk=8,
-    )
+    )  # fmt: skip
     loader = ActivationLoader(
         store,
         ["resid_l00"],
@@ -199,19 +186,11 @@ def test_zarr_and_numpy_sources_give_identical_batches(index_store):
 
 @pytest.fixture(scope="module")
 def dit_store(tiny_dit, tmp_path_factory):
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=tmp_path_factory.mktemp("dit") / "s.zarr",
-        num_samples=5,
-        num_steps=4,
-        batch_size=2,
-        layers="0,2",
-        token_fraction=0.5,
-        guidance_scale=1.0,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    return open_store(cfg.out)
+    path = harvested(
+        tiny_dit, tmp_path_factory.mktemp("dit") / "s.zarr", num_samples=5, num_steps=4, layers="0,2",
+        token_fraction=0.5, guidance_scale=1.0,
+    )  # fmt: skip
+    return open_store(path)
 
 
 def test_dask_recomputes_the_writers_sums(dit_store):
@@ -256,18 +235,10 @@ def test_store_stats_errors_name_the_fix(dit_store):
 def test_direct_chunk_decoding_equals_zarr(tmp_path, codec):
     from tide.store.reader import ChunkError, _direct_codec, read_into
 
-    store = synthetic_store(
-        tmp_path / "s.zarr",
-        num_samples=7,
-        num_steps=5,
-        tokens=4,
-        d_model=8,
-        batch_size=3,
-        steps_per_chunk=2,
-        tokens_per_chunk=2,
-        codec=codec,
-        values="random",
-    )
+    store = random_store(
+        tmp_path / "s.zarr", num_samples=7, num_steps=5, tokens=4, d_model=8, batch_size=3, steps_per_chunk=2,
+        tokens_per_chunk=2, codec=codec,
+    )  # fmt: skip
     arr, lay = store.array("resid_l00"), store.layout
     assert _direct_codec(arr) is not False  # the fast path is the one under test
     lost = (1, 1, 1)

@@ -28,7 +28,7 @@ from tide.train.fit.config import TrainConfig
 from tide.train.fit.data import ActivationLoader, split_samples
 from tide.train.fit.trainer import fit, prepare, train
 
-from tests.factories import synthetic_store
+from tests.factories import random_store, synthetic_store
 
 ARCHS = "tide,batchtopk,topk"
 TIDE = [sys.executable, "-c", "from tide.cli import app; app()"]
@@ -38,16 +38,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """16 samples in 4 sample chunks x 6 steps (2 step chunks) x 8 tokens x D 16, one layer."""
-    return synthetic_store(
-        tmp_path_factory.mktemp("ddp") / "s.zarr",
-        num_samples=16,
-        num_steps=6,
-        tokens=8,
-        d_model=16,
-        batch_size=4,
-        steps_per_chunk=3,
-        values="random",
-    )
+    return random_store(tmp_path_factory.mktemp("ddp") / "s.zarr", num_steps=6, steps_per_chunk=3)
 
 
 SETTINGS = {

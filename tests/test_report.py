@@ -11,16 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from tide.cli import app
-from tide.harvest.config import HarvestConfig
-from tide.harvest.run import harvest
 from tide.store.reader import open_store
 from tide.train.analysis.features import FeaturesConfig
 from tide.train.analysis.report import PIXELS, features_report, final_images
-from tide.train.fit.config import TrainConfig
-from tide.train.fit.trainer import train
 from typer.testing import CliRunner
 
 from tests.browser_helpers import CHROMIUM, browse
+from tests.factories import harvested, trained
 
 runner = CliRunner()
 
@@ -29,30 +26,11 @@ runner = CliRunner()
 def report(tiny_dit, tmp_path_factory):
     work = tmp_path_factory.mktemp("report")
     # Half the 16 tokens stored, so the heatmaps must leave the other half uncoloured.
-    cfg = HarvestConfig(
-        model=str(tiny_dit),
-        out=work / "s.zarr",
-        num_samples=12,
-        num_steps=4,
-        batch_size=3,
-        token_fraction=0.5,
+    store = harvested(
+        tiny_dit, work / "s.zarr", num_samples=12, num_steps=4, batch_size=3, token_fraction=0.5,
         save_images=True,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
-    tcfg = TrainConfig(
-        store=cfg.out,
-        out=work / "saes",
-        layers="1",
-        archs=("topk",),
-        k=(2,),
-        expansion=2,
-        batch_size=32,
-        max_steps=4,
-        warmup_steps=1,
-        progress=False,
-    )
-    sae = train(tcfg, log=lambda m: None).saes[0]
+    )  # fmt: skip
+    (sae,) = trained(store, work / "saes", layers="1", batch_size=32, max_steps=4)
     fcfg = FeaturesConfig(split="all", top_k=6, buckets=2, images_per_page=3, max_pages=3, progress=False)
     result = features_report(sae, work / "rep", fcfg, log=lambda m: None)
     return work, sae, result
@@ -212,22 +190,14 @@ def test_report_in_headless_chromium(report):
 
 def test_prompt_store_images_are_regenerated_from_seeds_and_prompts(tiny_pixart, tmp_path):
     """A text-conditional store: the prompt embeddings the harvest recorded are used again."""
-    cfg = HarvestConfig(
-        model=str(tiny_pixart),
-        out=tmp_path / "p.zarr",
-        num_samples=4,
-        num_steps=3,
-        batch_size=2,
-        prompts=tiny_pixart / "prompts.txt",
-        prompt_embeds=tiny_pixart / "embeds.safetensors",
-        save_images=True,
-        progress=False,
-    )
-    harvest(cfg, log=lambda m: None)
+    store = harvested(
+        tiny_pixart, tmp_path / "p.zarr", num_samples=4, num_steps=3, prompts=tiny_pixart / "prompts.txt",
+        prompt_embeds=tiny_pixart / "embeds.safetensors", save_images=True,
+    )  # fmt: skip
     copy = tmp_path / "noimages.zarr"
-    shutil.copytree(cfg.out, copy)
+    shutil.copytree(store, copy)
     shutil.rmtree(copy / "images")
     drawn = final_images(open_store(copy), [3, 0], None, "cpu", log=lambda m: None)
-    saved = open_store(cfg.out).root["images"]
+    saved = open_store(store).root["images"]
     for i, img in drawn.items():
         np.testing.assert_array_equal(img, saved[i])

@@ -10,7 +10,7 @@ from tide.train.fit.checkpoint import load_sae
 from tide.train.loop.steer import SteerConfig, add_edit, clamp_edit, direction, steer
 from typer.testing import CliRunner
 
-from tests.factories import random_sae, tiny_store, write_sae
+from tests.factories import harvested, random_sae, tiny_store, write_sae
 
 DEAD = 5  # a latent whose encoder bias keeps it off everywhere
 
@@ -160,16 +160,14 @@ def test_demo_sweep_end_to_end_on_the_demo_model(tmp_path):
     layout, strength 0 leaves every image as unsteered, and the figures agree with the saved images."""
     from tide.harvest.config import DEMO_MODEL, HarvestConfig
     from tide.harvest.demo_model import DIGITS_MAX, fit_classifier, to_digits_BF
-    from tide.harvest.run import harvest
     from tide.train.loop.steer_classes import digit_distance, sweep
 
-    cfg = HarvestConfig(
-        out=tmp_path / "s.zarr", num_samples=10, num_steps=4, batch_size=10, layers="1", token_fraction=1.0,
-        dtype="float32", progress=False,
+    assert HarvestConfig().model == str(DEMO_MODEL)  # the model `make steer-demo` harvests
+    store = harvested(
+        DEMO_MODEL, tmp_path / "s.zarr", num_samples=10, num_steps=4, batch_size=10, layers="1",
+        token_fraction=1.0, dtype="float32",
     )  # fmt: skip
-    harvest(cfg, log=lambda m: None)
-    assert cfg.model == str(DEMO_MODEL)
-    write_sae(tmp_path / "saes" / "tide", cfg.out, "resid_l01", random_sae(128, cfg.out, "resid_l01"))
+    write_sae(tmp_path / "saes" / "tide", store, "resid_l01", random_sae(128, store, "resid_l01"))
     r = sweep(
         tmp_path / "saes",
         tmp_path / "o",
