@@ -157,19 +157,24 @@ def start_moto(port: int = 0):
     return server
 
 
+def moto_env(server) -> dict[str, str]:
+    """The AWS_* variables that point boto3 and obstore at the moto `server`, with credentials it accepts."""
+    host, port = server.get_host_and_port()
+    return {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+
+
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on 127.0.0.1 with one bucket; AWS_* point at it for the module. Yields the env."""
     server = start_moto()
     import boto3
 
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
+    env = moto_env(server)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     # Every moto server of this process shares one backend: start each module from an empty one, or a key

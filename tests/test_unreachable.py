@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import logging
 import socket
 import threading
 import time
@@ -20,6 +19,7 @@ from tide.cli import app
 from tide.store.reader import open_store
 from typer.testing import CliRunner
 
+from tests.conftest import moto_env, start_moto
 from tests.factories import random_store
 from tests.test_remote import arrays
 
@@ -156,27 +156,17 @@ def test_silent_s3_endpoint_times_out_within_the_budget(silent_endpoint, monkeyp
 @pytest.fixture
 def moto(monkeypatch):
     """A moto S3 server of its own (the test stops and restarts it), with a bucket; AWS_* point at it."""
-    moto_server = pytest.importorskip("moto.server")
+    server = start_moto()
     import boto3
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
+    env = moto_env(server)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
     servers = {"current": server}
 
     def restart():  # on the same port; moto keeps its buckets in the process, so the data is still there
-        servers["current"] = moto_server.ThreadedMotoServer(ip_address=host, port=port, verbose=False)
-        servers["current"].start()
+        servers["current"] = start_moto(server.get_host_and_port()[1])
 
     yield server, restart
     if servers["current"]._server is not None:
