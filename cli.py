@@ -90,12 +90,7 @@ def harvest(
     cfg, _ = build_config(HarvestConfig, config, flags)
     with user_errors(storage_options):
         result = harvest_where(cfg, scheduler, workers, log=log)
-    if result.written:
-        typer.echo(f"wrote {result.out}")
-    else:
-        typer.echo(
-            f"already complete: {result.out} holds all {result.num_samples} samples; nothing was written"
-        )
+    typer.echo(result.summary())
 
 
 # --- store -----------------------------------------------------------------------------------------
@@ -222,21 +217,21 @@ def train(
     Under torchrun, every rank runs this command and trains its share of each batch (docs/cluster.md).
     """
     flags = given_flags(locals(), skip=("config", "no_eval", "storage_options", "nproc"))
-    from tide.train.fit.config import DEFAULT_WARMUP, TrainConfig
+    from tide.train.fit.config import TrainConfig, warmup_note
 
     cfg, given = build_config(TrainConfig, config, flags)
-    rank_0 = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 says it for every rank
-    if "warmup_steps" not in given and cfg.warmup_steps != DEFAULT_WARMUP and rank_0:
-        log(
-            f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does "
-            f"not fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
-        )
+    note = warmup_note(cfg, given)
+    if note and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for every rank
+        log(note)
+    if nproc is not None:  # the same command on nproc torchrun ranks of this machine
+        from tide.train.fit.distributed import launch
+
+        with user_errors():
+            code = launch(cfg, nproc, no_eval, storage_options)
+        raise typer.Exit(code=code)
     from tide.train.analysis.eval import evaluate_run, format_tables
     from tide.train.fit.trainer import train as run_train
 
-    if nproc is not None:
-        _launch(cfg, nproc, no_eval, storage_options)
-        return
     with user_errors(storage_options):
         trained = run_train(cfg, log=log)
         if not trained.main:  # another torchrun rank: rank 0 reports and evaluates
@@ -244,18 +239,6 @@ def train(
         typer.echo(f"wrote {', '.join(str(p) for p in trained.saes)}")
         tables = format_tables([] if no_eval else evaluate_run(trained, cfg, log=log))
         typer.echo(tables, nl=bool(tables))
-
-
-def _launch(cfg, nproc: int, no_eval: bool, storage_options: str | None) -> None:
-    """`tide train --nproc N`: the same command on N torchrun ranks of this machine."""
-    from tide.train.fit.distributed import launch
-
-    flags = ["--no-eval"] if no_eval else []
-    flags += ["--storage-options", storage_options] if storage_options else []
-    with user_errors():
-        code = launch(cfg, nproc, flags)
-    if code:
-        raise typer.Exit(code=code)
 
 
 @app.command("eval")
@@ -273,25 +256,18 @@ def eval_(
     Each SAE folder also gets the results: eval.json for the default 10 buckets, eval_bN.json for
     --buckets N, so that one bucketing never replaces another's.
     """
-    import json
-
     from tide.store.device import resolve_device
-    from tide.store.outputs import check_file, local_out
-    from tide.store.reader import configure_read_threads, default_read_threads
-    from tide.train.analysis.eval import evaluate_folders, format_tables, is_eval_json
+    from tide.train.analysis.eval import evaluate_folders, format_tables, json_file, write_results
 
-    configure_read_threads(default_read_threads())
     with user_errors(storage_options):
-        json_path = None if json_out is None else local_out(json_out, "eval", option="--json ")
-        if json_path is not None:  # before the evaluation: refused at once
-            check_file(json_path, is_eval_json, "the results of `tide eval --json`")
+        json_path = json_file(json_out)  # refused at once, before the evaluation
         dev = str(resolve_device(device))
         results = evaluate_folders(
             checkpoints, store, buckets=buckets, batch_size=batch_size, device=dev, log=log
         )
     typer.echo(format_tables(results))
     if json_path is not None:
-        json_path.write_text(json.dumps([r.to_json() for r in results], indent=2))
+        write_results(json_path, results)
 
 
 # --- splice / steer: SAEs inside the denoising loop ---------------------------------------------
@@ -441,11 +417,7 @@ def features(
         result = features_report(
             sae, out, cfg, store=store, model=model, device=str(resolve_device(device)), overwrite=overwrite, log=log
         )  # fmt: skip
-    t = result.table
-    typer.echo(
-        f"{len(t.frequency_F)} latents ({int(t.dead_F.sum())} dead, {int(t.dense_F.sum())} dense) over "
-        f"{result.rows} rows; {len(result.pages)} latent pages; open {result.out / 'index.html'}"
-    )
+    typer.echo(result.summary())
 
 
 # --- every setting -------------------------------------------------------------------------------
@@ -485,8 +457,7 @@ def demo_train(
     cfg = flags_config(DemoTrainConfig, steps=steps, seed=seed, label_block=label_block)
     with user_errors():
         quality = train_demo(cfg, out or DEMO_MODEL, overwrite=overwrite, progress=not no_progress, log=log)
-    typer.echo(f"demo_accuracy: {quality.demo_accuracy:.4f}")
-    typer.echo(f"classifier_heldout_accuracy: {quality.classifier_heldout_accuracy:.4f}")
+    typer.echo("\n".join(quality.lines(samples=False)))
 
 
 @demo_app.command("eval")
@@ -503,9 +474,7 @@ def demo_eval(
 
     with user_errors():
         quality = evaluate(model or DEMO_MODEL, per_class, num_steps, guidance_scale, seed)
-    typer.echo(f"demo_accuracy: {quality.demo_accuracy:.4f}")
-    typer.echo(f"classifier_heldout_accuracy: {quality.classifier_heldout_accuracy:.4f}")
-    typer.echo(f"num_samples: {quality.num_samples}")
+    typer.echo("\n".join(quality.lines()))
 
 
 @demo_app.command("grid")

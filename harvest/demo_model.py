@@ -114,6 +114,12 @@ class Quality(NamedTuple):
     num_samples: int
     """Generated samples behind demo_accuracy."""
 
+    def lines(self, samples: bool = True) -> list[str]:
+        """What `tide demo-model train` and `eval` print (eval adds the number of samples)."""
+        out = [f"demo_accuracy: {self.demo_accuracy:.4f}"]
+        out.append(f"classifier_heldout_accuracy: {self.classifier_heldout_accuracy:.4f}")
+        return out + ([f"num_samples: {self.num_samples}"] if samples else [])
+
 
 def load_digits_BCHW(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as (B, 1, image_size, image_size) floats in [-1, 1], and their (B,) labels."""

@@ -45,6 +45,12 @@ class HarvestResult(NamedTuple):
     num_samples: int
     """Samples in the store, all of them done now."""
 
+    def summary(self) -> str:
+        """What `tide harvest` prints when it is done."""
+        if self.written:
+            return f"wrote {self.out}"
+        return f"already complete: {self.out} holds all {self.num_samples} samples; nothing was written"
+
 
 def format_bytes(n: float) -> str:
     """A byte count for people: 512 B, 3.5 KiB, 12.0 MiB, 1.25 GiB."""

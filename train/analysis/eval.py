@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from tide.store.manifest import record_file
 from tide.store.open import is_url
-from tide.store.reader import Store, open_store
+from tide.store.outputs import check_file, local_out
+from tide.store.reader import Store, configure_read_threads, default_read_threads, open_store
 from tide.store.schema import step_buckets
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders, write_json
 from tide.train.fit.data import ActivationLoader
@@ -307,6 +308,21 @@ def is_eval_json(text: str) -> bool:
     return isinstance(doc, list) and all(isinstance(r, dict) and {"name", "overall"} <= r.keys() for r in doc)
 
 
+def json_file(value: str | Path | None) -> Path | None:
+    """`tide eval --json`'s file, checked before any work: a local path, and one tide may write (a missing
+    file, or results an earlier `--json` wrote), never someone else's file."""
+    if value is None:
+        return None
+    path = local_out(value, "eval", option="--json ")
+    check_file(path, is_eval_json, "the results of `tide eval --json`")
+    return path
+
+
+def write_results(path: Path, results: Sequence[EvalResult]) -> None:
+    """`tide eval --json`: every SAE's results in one file."""
+    path.write_text(json.dumps([r.to_json() for r in results], indent=2))
+
+
 def eval_file(buckets: int) -> str:
     """Where an SAE folder keeps its results: eval.json for the default bucketing, eval_bN.json for N buckets,
     so that evaluating with other buckets never replaces the results of another bucketing."""
@@ -320,6 +336,7 @@ def evaluate_folders(
     **kwargs: Any,
 ) -> list[EvalResult]:
     """Evaluate SAE folders (or run folders holding them) and write each one's `eval_file(buckets)`."""
+    configure_read_threads(default_read_threads())
     folders = sae_folders(list(paths))
     device = kwargs.get("device", "cpu")
     loaded = [load_sae(f, device) for f in folders]

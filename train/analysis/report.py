@@ -452,19 +452,23 @@ def write_report(
         ):
             plots.profile(f, out / "img/profile" / f"{f:05d}.png")
         for n, f in enumerate(tqdm(pages, unit="page", desc="pages", disable=quiet)):
-            nav = " ".join(
-                f'<a href="{g:05d}.html">{label} ({g})</a>'
-                for g, label in (
-                    (pages[n - 1] if n else None, "previous"),
-                    (pages[n + 1] if n + 1 < len(pages) else None, "next"),
-                )
-                if g is not None
-            )
-            _write_page(out, f, ctx, pics, plots, nav, causal)
+            _write_page(out, f, ctx, pics, plots, _nav(pages, n), causal)
     finally:
         plots.close()
     _write_index(out, loaded, store, stats, table, set(pages), cfg.dense_threshold)
     return pages
+
+
+def _nav(pages: list[int], n: int) -> str:
+    """Links from the n-th latent page to the previous and the next one."""
+    return " ".join(
+        f'<a href="{g:05d}.html">{label} ({g})</a>'
+        for g, label in (
+            (pages[n - 1] if n else None, "previous"),
+            (pages[n + 1] if n + 1 < len(pages) else None, "next"),
+        )
+        if g is not None
+    )
 
 
 def _write_page(out: Path, f: int, ctx: dict, pics: _Pictures, plots: _Plots, nav: str, causal) -> None:
@@ -541,6 +545,14 @@ class FeaturesResult(NamedTuple):
     """Latents that got a page."""
     rows: int
     """Rows read by the pass."""
+
+    def summary(self) -> str:
+        """What `tide features` prints when it is done."""
+        t = self.table
+        return (
+            f"{len(t.frequency_F)} latents ({int(t.dead_F.sum())} dead, {int(t.dense_F.sum())} dense) over "
+            f"{self.rows} rows; {len(self.pages)} latent pages; open {self.out / 'index.html'}"
+        )
 
 
 def features_report(

@@ -267,27 +267,7 @@ def prepare_out(
         raise CheckpointError(f"--out {out} is a file; give a folder for the SAEs")
     state = None if cfg.overwrite else load_state(out, device)
     if state is not None:
-        if state["store"]["identity"] != store_identity:
-            raise CheckpointError(
-                f"{out} holds a run trained on the store {state['store']['path']} (identity "
-                f"{state['store']['identity']}), but --store {cfg.store} is a different store (identity "
-                f"{store_identity}); point --store at the original store to resume, or pass --overwrite "
-                "(or another --out) to start a new run"
-            )
-        old = state["config"]
-        # A setting added after the run was started is missing from its state: it ran with the default.
-        defaults = type(cfg)().identity()
-        diffs = [
-            f"{k}: {old.get(k, defaults.get(k))!r} in {out}, {v!r} now"
-            for k, v in cfg.identity().items()
-            if old.get(k, defaults.get(k)) != v
-        ]
-        if diffs:
-            raise CheckpointError(
-                f"{out} holds a run with a different configuration:\n  "
-                + "\n  ".join(diffs)
-                + "\nPass --overwrite to replace it, or choose another --out."
-            )
+        _check_resumable(state, cfg, store_identity)
         return state, False
     # Refuses anything but a tide training run, naming what is there; lists what replacing it deletes.
     old = check_replaceable(out, "run")
@@ -299,6 +279,33 @@ def prepare_out(
             "or choose another --out"
         )
     return None, bool(old)
+
+
+def _check_resumable(state: dict[str, Any], cfg: TrainConfig, store_identity: str) -> None:
+    """A resume state in cfg.out must come from the same store and the same settings (those that define the
+    result: TrainConfig.identity), or the run is refused, naming every difference."""
+    out = cfg.out
+    if state["store"]["identity"] != store_identity:
+        raise CheckpointError(
+            f"{out} holds a run trained on the store {state['store']['path']} (identity "
+            f"{state['store']['identity']}), but --store {cfg.store} is a different store (identity "
+            f"{store_identity}); point --store at the original store to resume, or pass --overwrite "
+            "(or another --out) to start a new run"
+        )
+    old = state["config"]
+    # A setting added after the run was started is missing from its state: it ran with the default.
+    defaults = type(cfg)().identity()
+    diffs = [
+        f"{k}: {old.get(k, defaults.get(k))!r} in {out}, {v!r} now"
+        for k, v in cfg.identity().items()
+        if old.get(k, defaults.get(k)) != v
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"{out} holds a run with a different configuration:\n  "
+            + "\n  ".join(diffs)
+            + "\nPass --overwrite to replace it, or choose another --out."
+        )
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -289,6 +289,17 @@ class TrainConfig(ArchOptions):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUN_ONLY_FIELDS}
 
 
+def warmup_note(cfg: TrainConfig, given: set[str] | frozenset[str]) -> str | None:
+    """What `tide train` says when the warm-up is not the default and the user did not set it: the short-run
+    rule chose it (max_steps // 10). None when there is nothing to say."""
+    if "warmup_steps" in given or cfg.warmup_steps == DEFAULT_WARMUP:
+        return None
+    return (
+        f"note: warm-up of {cfg.warmup_steps} steps (max_steps // 10): the default {DEFAULT_WARMUP} does not "
+        f"fit in max_steps={cfg.max_steps}; set --warmup-steps to choose"
+    )
+
+
 def _num_train_timesteps(meta: StoreMeta) -> int:
     return int(meta.scheduler.config.get("num_train_timesteps", 1000))
 

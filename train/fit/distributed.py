@@ -340,10 +340,10 @@ def _rank_device(name: str, local_rank: int, size: int) -> torch.device:
     return device if device.index is not None else torch.device("cuda", local_rank)
 
 
-def launch(cfg: TrainConfig, nproc: int, flags: list[str]) -> int:
+def launch(cfg: TrainConfig, nproc: int, no_eval: bool = False, storage_options: str | None = None) -> int:
     """`tide train --nproc N`: run `tide train` with cfg on N ranks of this machine under torchrun
-    (--standalone, no restarts) and return its exit code. `flags`: the command line's flags that are not
-    settings (--no-eval, --storage-options ...)."""
+    (--standalone, no restarts) and return its exit code. `no_eval` and `storage_options`: the command
+    line's flags that are not settings, passed on to every rank."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -355,7 +355,9 @@ def launch(cfg: TrainConfig, nproc: int, flags: list[str]) -> int:
         config = Path(tmp) / "train.yaml"
         config.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
         argv = ["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0"]
-        argv += ["-m", "tide.cli", "train", "--config", str(config), *flags]
+        argv += ["-m", "tide.cli", "train", "--config", str(config)]
+        argv += ["--no-eval"] if no_eval else []
+        argv += ["--storage-options", storage_options] if storage_options else []
         saved = os.environ.get("OMP_NUM_THREADS")
         os.environ["OMP_NUM_THREADS"] = threads
         quiet = logging.getLogger("torch.distributed.elastic")
