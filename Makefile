@@ -41,7 +41,7 @@ steer-demo: $(STAMP)
 	$(BIN)/python -m tide.train.loop.steer_demo --saes $(SAES) --out $(STEER_OUT) --overwrite
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
