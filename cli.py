@@ -409,11 +409,12 @@ def features(
     from tide.train.analysis.features import FeaturesConfig
     from tide.train.analysis.report import features_report
 
+    cfg = flags_config(  # a refused value is one line naming its flag
+        FeaturesConfig, split=split, top_k=top_k, buckets=buckets, max_pages=max_pages or None,
+        images_per_page=images, causal_samples=causal, causal_scale=causal_scale, batch_size=batch_size,
+        progress=not no_progress,
+    )  # fmt: skip
     with user_errors(storage_options):
-        cfg = FeaturesConfig(
-            split=split, top_k=top_k, buckets=buckets, max_pages=max_pages or None, images_per_page=images,
-            causal_samples=causal, causal_scale=causal_scale, batch_size=batch_size, progress=not no_progress,
-        )  # fmt: skip
         result = features_report(
             sae, out, cfg, store=store, model=model, device=str(resolve_device(device)), overwrite=overwrite, log=log
         )  # fmt: skip

@@ -94,6 +94,15 @@ def test_export_refuses_a_timestep_the_sae_never_saw(trained, tmp_path, value):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("value", ["1", "inf"])
+def test_features_refuses_a_causal_scale_that_scales_nothing_up(trained, tmp_path, value):
+    """The config's rule (> 1, finite), which the option's own range (>= 1) lets through, in one line."""
+    _error(
+        ["features", str(trained), "--out", str(tmp_path / "f"), "--causal-scale", value], "--causal-scale"
+    )
+    assert not (tmp_path / "f").exists()
+
+
 def test_an_sae_refuses_a_nan_timestep(trained):
     sae = load_sae(trained).sae  # in eval mode: instead of picking a mean for t = NaN
     with pytest.raises(ValueError, match="holds nan, which is no timestep"):
