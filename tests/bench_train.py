@@ -4,9 +4,12 @@
   the same loader reading the same rows, in the same shuffled chunk order, from a raw .npy memmap of the
   array (page-cached, uncompressed). Measures what the Zarr layer, the checksums and the codec cost; with the
   default codec (none) at d = 128 and d = 1152 (`_d1152`), and with blosc-zstd at d = 1152
-  (`_d1152_codec_blosc_zstd`). Aim >= 0.9 with the default codec.
+  (`_d1152_codec_blosc_zstd`). Aim >= 0.9 with the default codec. `reader_vs_memmap_cpu_ratio`: the same
+  by CPU time (rows per CPU-second of the process, every thread), which load from other processes barely
+  changes: what the store's own work (mapping, crc32c) costs against the memmap side's.
 - reader_thread_scaling_d1152: the loader's rows/s at d = 1152 with 2 read threads over 1 (aim >= 1.8 on 2
-  cores: reading scales with cores).
+  cores: reading scales with cores). `reader_thread_cpu_cost_d1152`: CPU per row with 2 threads over 1 (1.0:
+  the second thread adds no work, so on 2 free cores only the serial share keeps the scaling under 2).
 - train_cache_vs_memory_ratio: training throughput (a tide and a topk SAE, one optimiser step each per
   batch) fed from the Zarr store, divided by the same training fed from the rows held in memory. Aim >= 0.9.
 - train_ddp_scaling: rows/s of `tide train --nproc 2` (2 torchrun ranks, gloo, each reading and training its
@@ -26,13 +29,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -55,22 +61,34 @@ def bench_reader(store: Store, batch_size: int, repeats: int, epochs: int, work:
     np.save(work / "rows.npy", store.root[name][:])
     memmap = np.load(work / "rows.npy", mmap_mode="r")
 
-    def rate(source) -> float:
+    def rate(source) -> Rate:
         loader = ActivationLoader(store, [name], store.done_chunks(), batch_size, seed=0, source=source)
-        start, rows = time.perf_counter(), 0
-        for b in loader.batches(epochs=epochs):
-            rows += len(b.t_B)
-        return rows / (time.perf_counter() - start)
+        return _timed(lambda: sum(len(b.t_B) for b in loader.batches(epochs=epochs)))
 
     rate(None), rate([memmap])  # warm the page cache and the allocator
     pairs = [(rate(None), rate([memmap])) for _ in range(repeats)]
     return {
-        "rows_per_s": statistics.median(z for z, _ in pairs),
-        "memmap_rows_per_s": statistics.median(m for _, m in pairs),
+        "rows_per_s": statistics.median(z.rows_per_s for z, _ in pairs),
+        "memmap_rows_per_s": statistics.median(m.rows_per_s for _, m in pairs),
         # The median of back-to-back ratios: this machine's speed drifts between runs (2x seen on a shared
         # 2-core VM), and a drift hits both halves of a pair alike.
-        "vs_memmap_ratio": statistics.median(z / m for z, m in pairs),
+        "vs_memmap_ratio": statistics.median(z.rows_per_s / m.rows_per_s for z, m in pairs),
+        "vs_memmap_cpu_ratio": statistics.median(m.cpu_us_per_row / z.cpu_us_per_row for z, m in pairs),
     }
+
+
+class Rate(NamedTuple):
+    rows: int
+    rows_per_s: float
+    cpu_us_per_row: float
+    """CPU time of this process (every thread) per row: what load from other processes barely changes."""
+
+
+def _timed(run: Callable[[], int]) -> Rate:
+    """Rows/s and CPU-µs/row of `run()`, which returns the rows it read."""
+    start, cpu = time.perf_counter(), time.process_time()
+    rows = run()
+    return Rate(rows, rows / (time.perf_counter() - start), (time.process_time() - cpu) / rows * 1e6)
 
 
 def bench_thread_scaling(store: Store, batch_size: int, repeats: int, epochs: int) -> dict[str, float]:
@@ -81,21 +99,25 @@ def bench_thread_scaling(store: Store, batch_size: int, repeats: int, epochs: in
 
     name = store.meta.act_names()[0]
 
-    def rate(threads: int) -> float:
+    def rate(threads: int) -> Rate:
         loader = ActivationLoader(
             store, [name], store.done_chunks(), batch_size, seed=0, read_threads=threads
         )
-        start, rows = time.perf_counter(), 0
-        for b in loader.batches(epochs=epochs):
-            rows += len(b.t_B)
-        return rows / (time.perf_counter() - start)
+        return _timed(lambda: sum(len(b.t_B) for b in loader.batches(epochs=epochs)))
 
     rate(1), rate(2)
     pairs = [(rate(2), rate(1)) for _ in range(repeats)]
     return {
-        "reader_rows_per_s_d1152_2_threads": statistics.median(two for two, _ in pairs),
-        "reader_rows_per_s_d1152_1_thread": statistics.median(one for _, one in pairs),
-        "reader_thread_scaling_d1152": statistics.median(two / one for two, one in pairs),
+        "reader_rows_per_s_d1152_2_threads": statistics.median(two.rows_per_s for two, _ in pairs),
+        "reader_rows_per_s_d1152_1_thread": statistics.median(one.rows_per_s for _, one in pairs),
+        "reader_thread_scaling_d1152": statistics.median(
+            two.rows_per_s / one.rows_per_s for two, one in pairs
+        ),
+        # CPU per row with 2 threads over 1: above 1, the second thread adds work (contention, waiting that
+        # spins); 2 / this bounds the scaling on 2 free cores (less the serial share on the background thread).
+        "reader_thread_cpu_cost_d1152": statistics.median(
+            two.cpu_us_per_row / one.cpu_us_per_row for two, one in pairs
+        ),
     }
 
 
@@ -254,6 +276,7 @@ def reader_figures(args: argparse.Namespace, work: Path) -> dict[str, float]:
         figures[f"reader_rows_per_s{suffix}"] = rates["rows_per_s"]
         figures[f"reader_memmap_rows_per_s{suffix}"] = rates["memmap_rows_per_s"]
         figures[f"reader_vs_memmap_ratio{suffix}"] = rates["vs_memmap_ratio"]
+        figures[f"reader_vs_memmap_cpu_ratio{suffix}"] = rates["vs_memmap_cpu_ratio"]
         shutil.rmtree(path)
     return figures
 
@@ -265,7 +288,9 @@ def bench_s3(
     local folder, alternating, as a median of ratios; and the server's own ceiling: the same chunk objects
     fetched with nothing of tide's (obstore, 32 GETs in flight, no decoding), so that the ratio can be read
     against what the server can serve at all. moto is a Python server on the same cores as the reader, so
-    on a small machine that ceiling, not tide, is the limit (docs/benchmarks.md, "Reading speed")."""
+    on a small machine that ceiling, not tide, is the limit (docs/benchmarks.md, "Reading from an object
+    store"). Beside the rates, CPU-µs per row of each side and of the server (a process of its own), and
+    `reader_s3_vs_server_cpu_bound`: the ratio the CPU they cost allows when they share the same cores."""
     import boto3
     from moto.server import ThreadedMotoServer
     from tide.train.fit.data import ActivationLoader
@@ -288,19 +313,23 @@ def bench_s3(
         remote = open_store(upload(Path(store.path), "s3://tide-bench/r.zarr"))
         name = store.meta.act_names()[0]
 
-        def rate(s: Store) -> float:
+        def rate(s: Store) -> Rate:
             loader = ActivationLoader(s, [name], s.done_chunks(), batch_size, seed=0)
-            start, rows = time.perf_counter(), 0
-            for b in loader.batches(epochs=1):
-                rows += len(b.t_B)
-            return rows / (time.perf_counter() - start)
+            return _timed(lambda: sum(len(b.t_B) for b in loader.batches(epochs=1)))
+
+        def served(run: Callable[[], Rate]) -> tuple[Rate, float]:
+            """run()'s rate and the server's CPU-µs per row meanwhile (nan when it runs in this process)."""
+            before = _cpu_s(server.pid) if separate_process else math.nan
+            r = run()
+            after = _cpu_s(server.pid) if separate_process else math.nan
+            return r, (after - before) / r.rows * 1e6
 
         rate(store)  # warm the page cache
         local, s3, raw = [], [], []
         for _ in range(repeats):
             local.append(rate(store))
-            s3.append(rate(remote))
-            raw.append(_raw_get_rows_per_s(remote, name))
+            s3.append(served(lambda: rate(remote)))
+            raw.append(served(lambda: _timed(lambda: _raw_get(remote, name))))
     finally:
         if separate_process:
             server.terminate()
@@ -313,11 +342,34 @@ def bench_s3(
             else:
                 os.environ[k] = v
     return {
-        "reader_s3_rows_per_s": statistics.median(s3),
-        "s3_server_raw_get_rows_per_s": statistics.median(raw),
-        "reader_s3_vs_local_ratio": statistics.median(a / b for a, b in zip(s3, local, strict=True)),
-        "reader_s3_vs_server_ratio": statistics.median(a / b for a, b in zip(s3, raw, strict=True)),
+        "reader_s3_rows_per_s": statistics.median(r.rows_per_s for r, _ in s3),
+        "s3_server_raw_get_rows_per_s": statistics.median(r.rows_per_s for r, _ in raw),
+        "reader_s3_vs_local_ratio": statistics.median(
+            a.rows_per_s / b.rows_per_s for (a, _), b in zip(s3, local, strict=True)
+        ),
+        "reader_s3_vs_server_ratio": statistics.median(
+            a.rows_per_s / b.rows_per_s for (a, _), (b, _) in zip(s3, raw, strict=True)
+        ),
+        # CPU-µs per row, which load from other processes barely changes: the reader's (this process: fetching,
+        # checking, scattering), the plain GETs', the local folder's, and moto's while serving each.
+        "reader_s3_cpu_us_per_row": statistics.median(r.cpu_us_per_row for r, _ in s3),
+        "reader_local_cpu_us_per_row": statistics.median(r.cpu_us_per_row for r in local),
+        "s3_raw_get_cpu_us_per_row": statistics.median(r.cpu_us_per_row for r, _ in raw),
+        "s3_server_cpu_us_per_row_reader": statistics.median(c for _, c in s3),
+        "s3_server_cpu_us_per_row_raw_get": statistics.median(c for _, c in raw),
+        # The ratio reachable when client and server share the same cores and keep them busy: the CPU a row
+        # costs both sides with plain GETs over what it costs them with the reader.
+        "reader_s3_vs_server_cpu_bound": statistics.median(
+            (b.cpu_us_per_row + bc) / (a.cpu_us_per_row + ac)
+            for (a, ac), (b, bc) in zip(s3, raw, strict=True)
+        ),
     }
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _moto_process():
@@ -345,8 +397,8 @@ def _moto_process():
     raise RuntimeError(f"moto's server did not start on port {port}")
 
 
-def _raw_get_rows_per_s(remote: Store, name: str, in_flight: int = 32) -> float:
-    """Rows per second of plain GETs of every chunk object of array `name` (what the server can serve)."""
+def _raw_get(remote: Store, name: str, in_flight: int = 32) -> int:
+    """Plain GETs of every chunk object of array `name` (what the server can serve); the rows they hold."""
     import asyncio
 
     import obstore
@@ -364,10 +416,8 @@ def _raw_get_rows_per_s(remote: Store, name: str, in_flight: int = 32) -> float:
 
         await asyncio.gather(*(one(k) for k in keys))
 
-    start = time.perf_counter()
     asyncio.run(fetch_all())
-    rows = arr.shape[0] * arr.shape[1] * arr.shape[2]
-    return rows / (time.perf_counter() - start)
+    return arr.shape[0] * arr.shape[1] * arr.shape[2]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
