@@ -7,11 +7,12 @@ import json
 import math
 import mmap
 import os
+import threading
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,6 +59,9 @@ class Store:
     """The folder or .zip file, or the URL of a remote store."""
     root: zarr.Group
     meta: StoreMeta
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
+    """Activation arrays handed out by `array`, kept: their metadata is read once, and the chunk files a
+    reader maps stay mapped for the next epoch (store.reader._KeptMaps) as long as the Store lives."""
 
     @property
     def layout(self) -> Layout:
@@ -86,7 +90,9 @@ class Store:
             raise StoreError(
                 f"{self.path} has no activation array {name!r}; it has {', '.join(self.meta.act_names())}"
             )
-        return self.root[name]
+        if name not in self._arrays:  # tide never resizes an array: its metadata stays true
+            self._arrays[name] = self.root[name]
+        return self._arrays[name]
 
     def identity(self) -> str:
         """A short hash of the metadata that defines the content (not the creation time, nor a codec that
@@ -435,16 +441,28 @@ def _chunk_bytes(
         data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
         yield None if data is None else np.frombuffer(data, np.uint8)
     else:
-        with _mapped(root / key) as data:
+        with _mapped(root / key, _kept_maps(arr)) as data:
             yield data
 
 
 @contextmanager
-def _mapped(path: Path) -> Iterator[np.ndarray | None]:
+def _mapped(path: Path, kept: _KeptMaps | None = None) -> Iterator[np.ndarray | None]:
     """A file's bytes mapped read-only (read into memory where it cannot be mapped); None when it is absent.
+
+    `kept`: the mapping is kept for the next read of the same file (the page faults of mapping a chunk anew
+    cost a fifth of reading it), as long as the path names the same file (device, inode and size checked on
+    every read: a file renamed over it, or cut short, is mapped anew) and `kept` has room.
 
     zarr replaces a chunk file by renaming a new one over it, so a mapped file is never cut short under the
     reader by tide's own writers."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        yield None
+        return
+    if kept is not None and (data := kept.get(path, now)) is not None:
+        yield data
+        return
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -457,6 +475,8 @@ def _mapped(path: Path) -> Iterator[np.ndarray | None]:
             data = np.frombuffer(mapping, np.uint8)
         except (OSError, ValueError):  # an empty file, or a file system without mmap
             data = np.frombuffer(f.read(), np.uint8)
+        if mapping is not None and kept is not None and kept.keep(path, os.fstat(f.fileno()), mapping, data):
+            mapping = None  # kept: not unmapped here
     try:
         yield data
     finally:
@@ -464,6 +484,65 @@ def _mapped(path: Path) -> Iterator[np.ndarray | None]:
         if mapping is not None:
             with suppress(BufferError):  # a view the caller still holds keeps the mapping until it goes
                 mapping.close()
+
+
+class _KeptMaps:
+    """One array's chunk files kept mapped between reads (a training run reads each once per epoch), up to
+    `limit` of them; each is unmapped when it is replaced or when the array object goes.
+
+    A mapping holds no memory of its own (the pages are the page cache's, which the kernel may still drop)
+    but counts against the process's limit of mappings (vm.max_map_count), hence the limit; the files beyond
+    it are mapped for each read. A file deleted while kept keeps its disk space until the array goes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.maps: dict[str, tuple[tuple[int, int, int], mmap.mmap, np.ndarray]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, path: Path, now: os.stat_result) -> np.ndarray | None:
+        """The kept bytes of `path` if they are still the file's (same device, inode and size), else None."""
+        with self.lock:
+            entry = self.maps.get(str(path))
+            if entry is None:
+                return None
+            if entry[0] == (now.st_dev, now.st_ino, now.st_size):
+                return entry[2]
+            del self.maps[str(path)]
+        with suppress(BufferError):  # a reader still using the old file's bytes keeps them until it is done
+            entry[1].close()
+        return None
+
+    def keep(self, path: Path, st: os.stat_result, mapping: mmap.mmap, data: np.ndarray) -> bool:
+        """Keep a new mapping of `path` (st: the mapped file's own stat) if there is room."""
+        with self.lock:
+            if str(path) in self.maps or len(self.maps) >= self.limit:
+                return False
+            self.maps[str(path)] = ((st.st_dev, st.st_ino, st.st_size), mapping, data)
+            return True
+
+
+_KEPT_LOCK = threading.Lock()
+
+
+def _kept_maps(arr: zarr.Array) -> _KeptMaps:
+    """The array's kept chunk mappings, made on first use and stored on the array object (so they go with it)."""
+    kept = getattr(arr, "_tide_kept_maps", None)
+    if kept is None:
+        with _KEPT_LOCK:  # read threads start together: one set per array
+            kept = getattr(arr, "_tide_kept_maps", None)
+            if kept is None:
+                kept = _KeptMaps(_map_limit())
+                object.__setattr__(arr, "_tide_kept_maps", kept)  # zarr.Array is a frozen dataclass
+    return kept
+
+
+def _map_limit() -> int:
+    """Mappings one array may keep: an eighth of the process's limit (vm.max_map_count, 65530 by default),
+    so that several arrays read together, and everything else the process maps, stay under it."""
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text()) // 8
+    except (OSError, ValueError):  # not Linux
+        return 1024
 
 
 def _one_chunk(

@@ -20,8 +20,9 @@ def raw_store(tmp_path):
 
 
 def test_a_chunk_damaged_in_place_after_a_good_read_is_refused(raw_store):
-    """The mapping is made anew on every read: bytes changed in place (no rename) after a read that passed
-    are checked again, on read_into and in the loader."""
+    """A chunk file stays mapped between reads (store.reader._KeptMaps), and its mapping is the file's own
+    pages: bytes changed in place (no rename) after a read that passed are checked again, on read_into and
+    in the loader."""
     arr = raw_store.array("resid_l00")
     whole = (slice(4, 8), slice(2, 4), slice(0, 4), slice(None))
     first = np.empty((4, 2, 4, 16), arr.dtype)
@@ -38,6 +39,33 @@ def test_a_chunk_damaged_in_place_after_a_good_read_is_refused(raw_store):
     loader = ActivationLoader(raw_store, ["resid_l00"], [0, 1], 8)
     with pytest.raises(ChunkError, match=str(file)):
         list(loader.batches(epochs=1))
+
+
+def test_a_kept_mapping_follows_its_file_renamed_over_or_cut_short(raw_store):
+    """The second read of a chunk uses the mapping the first one kept; a file renamed over the chunk's (how
+    zarr writes) is read anew, and one cut short is refused naming it, never read past its end."""
+    arr = raw_store.array("resid_l00")
+    assert raw_store.array("resid_l00") is arr  # the Store keeps its arrays, and with them their mappings
+    region = (slice(4, 8), slice(2, 4), slice(0, 4), slice(None))
+    other = (slice(0, 4), slice(0, 2), slice(0, 4), slice(None))
+    expected, replacement = arr[region], arr[other]  # zarr's own pipeline is the reference
+    out = np.empty_like(expected)
+    folder = raw_store.path / "resid_l00" / "c"
+    file = folder / "1" / "1" / "0" / "0"
+    read_into(arr, region, out)
+    kept = arr._tide_kept_maps.maps[str(file)]
+    read_into(arr, region, out)
+    assert arr._tide_kept_maps.maps[str(file)] is kept  # not mapped anew
+    np.testing.assert_array_equal(out, expected)
+    new = file.with_name("new")
+    new.write_bytes((folder / "0" / "0" / "0" / "0").read_bytes())
+    new.replace(file)  # a new inode at the same path, as zarr writes a chunk
+    read_into(arr, region, out)
+    np.testing.assert_array_equal(out, replacement)
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])  # the same inode, shorter
+    with pytest.raises(ChunkError, match=f"{file}"):
+        read_into(arr, region, out)
 
 
 def test_an_uncompressed_chunk_is_its_mapped_bytes_and_cut_reads_agree(raw_store):
