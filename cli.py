@@ -315,6 +315,7 @@ def steer(
     strength: opt.Steer.Strength = None,
     clamp: opt.Steer.Clamp = None,
     steps: opt.Steer.Steps = None,
+    region: opt.Steer.Region = None,
     labels: opt.Steer.Labels = None,
     prompts: opt.Steer.Prompts = None,
     rows: opt.Steer.Rows = "both",

@@ -294,6 +294,14 @@ class Steer:
         float | None, option("Instead set the latent to V in the SAE's code, error term kept.", "none")
     ]
     Steps = Annotated[str | None, option("Steer only at steps 'a:b'.", "every step")]
+    Region = Annotated[
+        str | None,
+        option(
+            "Steer only the image tokens of one region of the token grid: left, right, top, bottom, "
+            "inner-cols, outer-cols, inner-rows, outer-rows, diagonal, antidiagonal (or all).",
+            "every token",
+        ),
+    ]
     Labels = Annotated[str | None, option("Class labels: cycle, random, '3,5,7', '0-9'.", "the store's")]
     Prompts = Annotated[Path | None, option("Text models: a file of prompts, one a line.", "the store's")]
     Rows = Annotated[str, typer.Option(help="CFG rows steered: both or cond.")]

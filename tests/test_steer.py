@@ -78,6 +78,7 @@ def test_edits_against_plain_maths(sae_dir):
             ["--latent", "1", "--strength", "1", "--steps", "3:7"],
             "--steps 3:7 is out of range: the run has 4 steps",
         ),
+        (["--latent", "1", "--strength", "1", "--region", "middle"], "--region 'middle' is not a region"),
     ],
 )
 def test_bad_inputs_give_one_clear_error(sae_dir, tmp_path, args, message):
@@ -232,3 +233,48 @@ def test_table_of_a_digits_summary_labels_each_row():
     rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
     assert rows["unsteered"] == ["1.00", "4"] + ["0"] * 9
     assert rows["steered"] == ["0.25", "1", "0", "3"] + ["0"] * 7
+
+
+def test_region_masks_on_a_hand_drawn_grid():
+    """Token n of a 4 x 4 grid sits at row n // 4, column n % 4 (diffusers' PatchEmbed flattens row by row)."""
+    from tide.train.loop.regions import REGIONS, region_mask
+
+    rows, cols = np.divmod(np.arange(16), 4)
+    want = {
+        "all": np.ones(16, bool), "left": cols < 2, "right": cols >= 2, "top": rows < 2, "bottom": rows >= 2,
+        "inner-cols": (cols == 1) | (cols == 2), "outer-cols": (cols == 0) | (cols == 3),
+        "inner-rows": (rows == 1) | (rows == 2), "outer-rows": (rows == 0) | (rows == 3),
+        "diagonal": (rows < 2) == (cols < 2), "antidiagonal": (rows < 2) != (cols < 2),
+    }  # fmt: skip
+    assert set(want) == set(REGIONS)
+    for name, mask in want.items():
+        np.testing.assert_array_equal(region_mask(name, 16).numpy(), mask, err_msg=name)
+    with pytest.raises(ValueError, match="needs a square grid of image tokens, and this site has 12"):
+        region_mask("left", 12)
+
+
+def test_region_steering_is_a_plain_hook_adding_the_direction_on_those_tokens(sae_dir, tiny_dit, tmp_path):
+    """tide steer --region left: the images of harvest's sampler with a plain forward hook on the SAE's block
+    that adds A x (decoder row x input scale) to the tokens of the left half of the grid, in both CFG rows."""
+    from tide.harvest.capture import Conditioning
+    from tide.harvest.model import load_model
+    from tide.harvest.sampler import generate, to_images
+    from tide.store.reader import open_store
+
+    r = _run(sae_dir, tmp_path / "o", latent=3, strength=20.0, region="left")
+    s = load_sae(sae_dir)
+    meta = open_store(s.meta.store.path).meta
+    model = load_model(str(tiny_dit))
+    d_D = (s.sae.W_dec[3] * s.sae.input_scale).detach()
+
+    def hook(module, args, out_RND):
+        side = int(round(out_RND.shape[1] ** 0.5))
+        left_N = torch.as_tensor(np.arange(out_RND.shape[1]) % side < side / 2, dtype=out_RND.dtype)
+        return out_RND + 20.0 * left_N[:, None] * d_D
+
+    model.transformer.transformer_blocks[1].register_forward_hook(hook)
+    cond = Conditioning(class_labels=torch.as_tensor(r.labels))
+    want = to_images(model, generate(model, cond, [0, 1, 2], meta.num_inference_steps, meta.guidance_scale))
+    np.testing.assert_array_equal(r.images, want.numpy())
+    assert not np.array_equal(r.images, r.unsteered)
+    assert r.summary["region"] == "left"

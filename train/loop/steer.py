@@ -1,6 +1,7 @@
 """Edit images through one SAE latent while sampling (`tide steer`).
 
-Two edits, applied at the SAE's site and layer, at the chosen steps and CFG rows, on every image token:
+Two edits, applied at the SAE's site and layer, at the chosen steps and CFG rows, on every image token (or,
+with --region, only on the tokens of one region of the image grid: train/loop/regions.py):
 
     --strength A   x + A * d_F(t), where d_F(t) = raw(decode(e_F), t) - raw(decode(0), t) is latent F's
                    decoder direction in RAW activation space (one unit of the latent's activation), so A is
@@ -54,6 +55,8 @@ class SteerConfig(BaseModel):
     """Set latent F to this value inside the SAE's code (error term kept)."""
     steps: str | None = None
     """Steer only at steps 'a:b' (a <= step < b); default every step."""
+    region: str | None = None
+    """Steer only the image tokens of this region of the token grid (train/loop/regions.py); default all."""
     labels: str | None = None
     """Class labels as harvest takes them: cycle, random, '3,5,7', '0-9' (default: the store's)."""
     prompts: Path | None = None
@@ -88,6 +91,13 @@ class SteerConfig(BaseModel):
             )
         return v
 
+    @field_validator("region")
+    @classmethod
+    def _known_region(cls, v: str | None) -> str | None:
+        from tide.train.loop.regions import check_region
+
+        return None if v is None else check_region(v)
+
     @model_validator(mode="after")
     def _one_edit(self) -> SteerConfig:
         if self.strength is not None and self.clamp is not None:
@@ -119,8 +129,18 @@ def direction(sae, latent: int, t: float) -> torch.Tensor:
     return x_2D[0] - x_2D[1]
 
 
-def add_edit(sae, latent: int, strength: float | torch.Tensor) -> Callable:
-    """x + strength * direction(latent, t); `strength` a scalar or (B,) per row."""
+def in_region(region: str | None, x_BND: torch.Tensor, new_BND: torch.Tensor) -> torch.Tensor:
+    """new_BND on the tokens of `region` (train/loop/regions.py), x_BND untouched elsewhere; None: new_BND."""
+    if region is None:
+        return new_BND
+    from tide.train.loop.regions import region_mask
+
+    return torch.where(region_mask(region, x_BND.shape[1]).to(x_BND.device)[None, :, None], new_BND, x_BND)
+
+
+def add_edit(sae, latent: int, strength: float | torch.Tensor, region: str | None = None) -> Callable:
+    """x + strength * direction(latent, t) on the tokens of `region` (default all); `strength` a scalar or
+    (B,) per row."""
 
     def edit(site: str, layer: int, step: int, t: float, x_BND: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -129,13 +149,14 @@ def add_edit(sae, latent: int, strength: float | torch.Tensor) -> Callable:
         a_B11 = (
             a.repeat(x_BND.shape[0] // a.numel())[:, None, None] if a.ndim else a
         )  # CFG rows repeat samples
-        return x_BND + a_B11 * d_D
+        return in_region(region, x_BND, x_BND + a_B11 * d_D)
 
     return edit
 
 
-def clamp_edit(sae, latent: int, value: float) -> Callable:
-    """x + (raw(decode(z with z_F = value)) - x_hat): the error term x - x_hat is kept."""
+def clamp_edit(sae, latent: int, value: float, region: str | None = None) -> Callable:
+    """x + (raw(decode(z with z_F = value)) - x_hat) on the tokens of `region` (default all): the error term
+    x - x_hat is kept."""
 
     def edit(site: str, layer: int, step: int, t: float, x_BND: torch.Tensor) -> torch.Tensor:
         B, N, D = x_BND.shape
@@ -146,7 +167,7 @@ def clamp_edit(sae, latent: int, value: float) -> Callable:
             z_RF = out.z_BF.clone()
             z_RF[:, latent] = value
             x_new = x_RD + (_raw(sae, sae.decode(z_RF), t_R) - out.x_hat_BD)
-        return x_new.reshape(B, N, D).to(x_BND.dtype)  # (B, N, D)
+        return in_region(region, x_BND, x_new.reshape(B, N, D).to(x_BND.dtype))  # (B, N, D)
 
     return edit
 
@@ -186,9 +207,9 @@ def steer(cfg: SteerConfig, log: Callable[[str], None] = print) -> SteerResult:
     check_replaceable(cfg.out, "steer", cfg.overwrite)  # before the sampling: refused at once
     sae = s.sae.to(planned.model.transformer.device)
     edit = (
-        add_edit(sae, cfg.latent, cfg.strength)
+        add_edit(sae, cfg.latent, cfg.strength, cfg.region)
         if cfg.clamp is None
-        else clamp_edit(sae, cfg.latent, cfg.clamp)
+        else clamp_edit(sae, cfg.latent, cfg.clamp, cfg.region)
     )
     iv = [Intervention(site, layer, edit, steps, cfg.rows)]
     n, S = cfg.num_samples, planned.meta.num_inference_steps
@@ -231,6 +252,7 @@ def _summary(cfg, s, planned, clf, images, unsteered, labels) -> dict[str, Any]:
         "strength": cfg.strength,
         "clamp": cfg.clamp,
         "steps": cfg.steps,
+        "region": cfg.region,
         "rows": cfg.rows,
         "num_samples": len(images),
         "num_steps": planned.meta.num_inference_steps,
@@ -251,7 +273,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     edit = f"strength {summary['strength']:g}" if summary["clamp"] is None else f"clamp {summary['clamp']:g}"
     lines = [
         f"SAE {summary['sae']}, latent {summary['latent']}, {edit}, steps {summary['steps'] or 'all'}, "
-        f"rows {summary['rows']}",
+        f"rows {summary['rows']}" + (f", region {summary['region']}" if summary.get("region") else ""),
         f"{summary['num_samples']} samples x {summary['num_steps']} steps; "
         f"{summary['pixels_changed']:.1%} of pixel values changed",
     ]
