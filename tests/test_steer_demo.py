@@ -212,3 +212,52 @@ def test_pick_by_effect_picks_the_latent_whose_steering_moves_the_attribute_most
         best |= set(np.argsort(r_F, kind="stable")[::-1][:2].tolist())
     assert [c["latent"] for c in sc["candidates"]] == sorted(best)
     assert "picked by effect" in format_table(r) and "screened change" in format_table(r)
+
+
+def test_pick_region_steers_the_ink_latent_on_each_attributes_region(demo_store, tmp_path):
+    """--pick region: one latent for all six attributes, the screened candidate (of ink's best within-class
+    predictors) that moves ink most while keeping class and digit-likeness; each attribute's images are the
+    held-out samples redrawn with a plain edit adding 40 units of its direction on the tokens of the
+    attribute's region, masked by hand; the direction is the ink change's sign times the region's."""
+    from tide.store.reader import open_store
+    from tide.train.fit.checkpoint import load_sae
+    from tide.train.loop.rerun import Intervention, rerun
+    from tide.train.loop.steer import direction
+    from tide.train.loop.steer_demo import format_table
+
+    r = _run(
+        demo_store, tmp_path / "o", multiples=(40.0,), off=False, probe_samples=8, pick="region",
+        candidates=3, screen_samples=3,
+    )  # fmt: skip
+    sc, store = r["screen"], open_store(demo_store / "s.zarr")
+    cands = sc["candidates"]
+    ok = [c for c in cands if c["class_kept"] >= 0.8 and c["digit_like"] >= 0.8] or cands
+    best = max(ok, key=lambda c: abs(c["change_sd"]["ink"]))
+    ink_sign = 1 if best["change_sd"]["ink"] >= 0 else -1
+    assert len(sc["candidates"]) == 3 and {a["latent"] for a in r["attributes"]} == {best["latent"]}
+    s, run = load_sae(demo_store / "saes" / "tide"), rerun(store.meta, device="cpu")
+    rows, cols = np.divmod(np.arange(64), 8)  # the demo model's 8 x 8 grid of image tokens (16 px, patch 2)
+    masks = {
+        "ink": np.ones(64, bool), "width": (cols >= 2) & (cols < 6), "height": (rows >= 2) & (rows < 6),
+        "center_x": cols < 4, "center_y": rows < 4, "slant": (rows < 4) != (cols < 4),
+    }  # fmt: skip
+    signs = {"ink": 1, "width": -1, "height": -1, "center_x": -1, "center_y": -1, "slant": -1}
+    for a in r["attributes"]:
+        name, f = a["attribute"], a["latent"]
+        assert a["direction"] == ink_sign * signs[name]
+        mask_N = torch.as_tensor(masks[name], dtype=torch.float32)
+
+        def plain(site, layer, step, t, x_RND, f=f, mask_N=mask_N):
+            return x_RND + 40.0 * best["unit"] * mask_N[:, None] * direction(s.sae, f, t)
+
+        want = run.sample(np.arange(8, 12), [Intervention("resid", 1, plain)]).images.numpy()
+        np.testing.assert_array_equal(np.load(tmp_path / "o" / name / "images.npy"), want, err_msg=name)
+    # candidates: ink's 3 best within-class predictors on the probe samples
+    with torch.no_grad():
+        act = _mean_activations(s.sae, store.root["resid_l01"][:8].astype(np.float32), store.timesteps)
+    labels, ink = store.root["label"][:8], as_array(attributes(store.root["images"][:8]))[:, 0]
+    z = act - np.stack([act[labels == c].mean(0) for c in labels])
+    y = ink - np.array([ink[labels == c].mean() for c in labels])
+    r_F = [abs(np.corrcoef(y, z[:, f])[0, 1]) if z[:, f].std() > 1e-7 else 0 for f in range(z.shape[1])]
+    assert [c["latent"] for c in cands] == sorted(np.argsort(r_F, kind="stable")[::-1][:3].tolist())
+    assert "picked by region" in format_table(r) and "region antidiagonal" in format_table(r)

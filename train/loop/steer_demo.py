@@ -10,7 +10,9 @@ Method, measured from pixels (train/analysis/attributes.py), nothing picked by h
    latent that predicts the attribute only through the class would have nothing to move. The sign of r is the attribute's
    `direction`: the way it should move when the latent is turned up. The latent's unit is its mean
    activation where it fires, over those rows. With `--pick effect` the latent is instead the one of the
-   attribute's best predictors whose steering moves it most on training samples (train/loop/steer_pick.py).
+   attribute's best predictors whose steering moves it most on training samples; with `--pick region` it
+   is one latent for all six, the one that moves ink most, steered on the tokens of each attribute's own
+   region of the image (train/loop/steer_pick.py).
 2. Steering. The SAE's held-out samples (same seeds and labels as the store) are drawn unsteered, then with
    `tide steer`'s edits (train/loop/steer.py) at the SAE's site, every step, both CFG rows: up, adding
    m x unit x the latent's decoder direction for each multiple m (`tide steer --strength`); off, the
@@ -43,7 +45,7 @@ from tide.train.analysis.attributes import ATTRIBUTES, as_array, attributes
 from tide.train.fit.checkpoint import LoadedSAE, load_sae, sae_folders
 from tide.train.loop.splice import sae_target
 from tide.train.loop.steer import add_edit, clamp_edit
-from tide.train.loop.steer_pick import Pick, pick_by_effect, pick_latents, sample_activity
+from tide.train.loop.steer_pick import Pick, pick_by_effect, pick_for_regions, pick_latents, sample_activity
 
 MULTIPLES = (1.0, 2.0, 4.0)
 """Up strengths, in units of the latent's mean activation where it fires."""
@@ -60,10 +62,11 @@ class AttributeDemoConfig(BaseModel):
     """Folder for <attribute>/ and attributes.json."""
     probe_samples: int = Field(200, gt=1)
     """Training samples of the SAE redrawn to pick the latents."""
-    pick: Literal["correlation", "effect"] = "correlation"
+    pick: Literal["correlation", "effect", "region"] = "correlation"
     """How each attribute's latent is chosen (train/loop/steer_pick.py): the best within-class predictor of
-    it, or, among each attribute's `candidates` best predictors, the one whose steering moves it most on
-    `screen_samples` training samples."""
+    it; or, among each attribute's `candidates` best predictors, the one whose steering moves it most on
+    `screen_samples` training samples; or (region) the one of ink's that moves ink most, steered on the
+    tokens of each attribute's region of the image."""
     candidates: int = Field(8, gt=0)
     """pick effect: the best predictors of each attribute that are screened."""
     screen_samples: int = Field(20, gt=1)
@@ -108,11 +111,11 @@ class _Edit(NamedTuple):
 
 def edits(cfg: AttributeDemoConfig, pick: Pick) -> list[_Edit]:
     """The edits of one attribute's latent: up at each multiple, down at each, and off."""
-    f, u = pick.latent, pick.unit
-    out = [_Edit(f"up {m:g}x", m * u, lambda sae, a=m * u: add_edit(sae, f, a)) for m in cfg.multiples]
-    out += [_Edit(f"down {m:g}x", -m * u, lambda sae, a=-m * u: add_edit(sae, f, a)) for m in cfg.down]
+    f, u, r = pick.latent, pick.unit, pick.region
+    out = [_Edit(f"up {m:g}x", m * u, lambda sae, a=m * u: add_edit(sae, f, a, r)) for m in cfg.multiples]
+    out += [_Edit(f"down {m:g}x", -m * u, lambda sae, a=-m * u: add_edit(sae, f, a, r)) for m in cfg.down]
     if cfg.off:
-        out.append(_Edit("off", None, lambda sae: clamp_edit(sae, f, 0.0)))
+        out.append(_Edit("off", None, lambda sae: clamp_edit(sae, f, 0.0, r)))
     return out
 
 
@@ -207,13 +210,12 @@ def run_demo(cfg: AttributeDemoConfig, log: Callable[[str], None] = print) -> di
         probe_attr_NA = as_array(attributes(probe_images))
         activity = sample_activity(s, store, probe)
         picks, screened = pick_latents(*activity, probe_attr_NA, labels[probe]), None
-        if cfg.pick == "effect":
+        if cfg.pick != "correlation":
             screen_on = _screen_on(
                 cfg, s, draw, probe, probe_images, probe_attr_NA, activity.unit_F, clf, digit_distance
             )
-            picks, screened = pick_by_effect(
-                activity, probe_attr_NA, labels[probe], cfg.candidates, screen_on
-            )
+            pick = pick_by_effect if cfg.pick == "effect" else pick_for_regions
+            picks, screened = pick(activity, probe_attr_NA, labels[probe], cfg.candidates, screen_on)
         log(f"{s.folder.name}: latents per attribute {', '.join(f'{p.attribute} {p.latent}' for p in picks)}")
         base = draw(held)
         steered = {p.attribute: {e.name: draw(held, e.make(s.sae)) for e in edits(cfg, p)} for p in picks}
@@ -307,11 +309,17 @@ def format_table(r: dict[str, Any]) -> str:
         f"{r['unsteered_accuracy']:.2f}); latents picked on {r['probe_samples']} training samples"
     ]
     sc = r.get("screen")
-    if sc is not None:
+    if sc is not None and r["pick"] == "effect":
         lines.append(
             f"picked by effect: each attribute's {r['candidates']} best predictors ({len(sc['candidates'])} "
             f"latents) steered up {sc['multiple']:g}x on {sc['samples']} of them; per attribute the largest "
             f"change among those keeping class and digit-likeness on >= {sc['min_kept']:.0%}"
+        )
+    if sc is not None and r["pick"] == "region":
+        lines.append(
+            f"picked by region: ink's {r['candidates']} best predictors steered up {sc['multiple']:g}x on "
+            f"{sc['samples']} of them; the largest ink change among those keeping class and digit-likeness "
+            f"on >= {sc['min_kept']:.0%}, steered on each attribute's region of the image tokens"
         )
     for a in r["attributes"]:
         lines += [
@@ -319,6 +327,7 @@ def format_table(r: dict[str, Any]) -> str:
             f"{a['attribute']}: latent {a['latent']} (within-class r {a['r_within']:+.2f}, r {a['r']:+.2f}, "
             f"fires on {a['fires']:.0%} of samples, unit {a['unit']:.3g}); direction {a['direction']:+d}; "
             f"unsteered {a['unsteered_mean']:.3g} +- {a['unsteered_sd']:.3g}"
+            + (f"; region {a['region']}" if a.get("region") else "")
             + (f"; screened change {a['screened']:+.2f} sd" if a.get("screened") is not None else ""),
             f"  {'edit':<12}{'change (sd)':>12}{'class kept':>12}{'digit-like':>12}",
         ]
@@ -352,9 +361,10 @@ def main(argv: list[str] | None = None) -> None:
         "--probe-samples", type=int, default=200, help="training samples redrawn to pick the latents"
     )
     p.add_argument(
-        "--pick", choices=("correlation", "effect"), default="correlation",
-        help="latent per attribute: its best within-class predictor, or the one of its --candidates best "
-        "predictors whose steering moves it most on --screen-samples training samples",
+        "--pick", choices=("correlation", "effect", "region"), default="correlation",
+        help="latent per attribute: its best within-class predictor; or the one of its --candidates best "
+        "predictors whose steering moves it most on --screen-samples training samples; or (region) the one "
+        "of ink's that moves ink most, steered only on the image tokens of each attribute's region",
     )  # fmt: skip
     p.add_argument(
         "--candidates", type=int, default=8, help="--pick effect: predictors screened per attribute"

@@ -18,6 +18,14 @@ image already shows, without being what draws it; this measures what steering do
    digit-like on at least MIN_KEPT of the screened samples (when none does, the largest |change| of all);
    the sign of its change is the declared direction. The held-out measurement that follows is the demo's.
 
+By region (`--pick region`, `pick_for_regions`). Size, position and slant are where the ink is, and an
+edit added to every token carries no where. So one latent is picked, the ink latent: of ink's `candidates`
+best predictors, the one whose steering (screened as above) changes ink most while keeping class and
+digit-likeness. Each attribute steers it on the tokens of one region of the image (train/loop/regions.py),
+read off the attribute's definition: the region where ink added lowers the attribute for a digit centred
+in the frame (REGION_OF). A latent that removes ink there raises the attribute; one that adds ink lowers
+it. So the declared direction is the latent's ink direction times the region's sign.
+
 Shape key: N samples, S steps, T tokens, D width, F latents, A attributes, C candidates.
 """
 
@@ -33,6 +41,16 @@ from tide.train.fit.checkpoint import LoadedSAE
 
 MIN_KEPT = 0.8
 """pick by effect: the fraction of screened samples a candidate must keep in class and digit-like."""
+
+REGION_OF: dict[str, tuple[str, int]] = {
+    "ink": ("all", +1),  # ink added anywhere raises it
+    "width": ("inner-cols", -1),  # ink near the middle column narrows the w-weighted std of x
+    "height": ("inner-rows", -1),
+    "center_x": ("left", -1),  # ink on the left moves the w-weighted mean of x left
+    "center_y": ("top", -1),
+    "slant": ("antidiagonal", -1),  # ink top-right and bottom-left makes cov(x, y) more negative: '/'
+}
+"""pick region: per attribute, (region, sign of the attribute's change when ink is added in it)."""
 
 
 class Pick(NamedTuple):
@@ -53,6 +71,8 @@ class Pick(NamedTuple):
     """Fraction of the probe samples on which it fires at some stored row."""
     screened: float | None = None
     """pick by effect: the attribute's mean change, in sds, when the screen steered the latent up."""
+    region: str | None = None
+    """pick region: the region of the image tokens it is steered on (train/loop/regions.py); None: all."""
 
 
 class Activity(NamedTuple):
@@ -208,3 +228,28 @@ def pick_by_effect(
         for a, (name, (f, d, change)) in enumerate(zip(ATTRIBUTES, best, strict=True))
     ]  # fmt: skip
     return picks, screen_table(screened, best, unit_F)
+
+
+def pick_for_regions(
+    activity: Activity,
+    attr_NA: np.ndarray,
+    class_N: np.ndarray,
+    candidates: int,
+    screen_on: Callable[[list[int]], Screened],
+) -> tuple[list[Pick], dict[str, Any]]:
+    """pick region (module docstring): ink's `candidates` best predictors screened by `screen_on`, the one
+    that moves ink most steered in each attribute's REGION_OF; returns the picks and the screen's figures."""
+    act_NF, fired_NF, unit_F = activity
+    within_AF, plain_AF = correlations(act_NF, attr_NA, class_N), correlations(act_NF, attr_NA, None)
+    ink = ATTRIBUTES.index("ink")
+    screened = screen_on(candidate_latents(within_AF[[ink]], candidates))
+    f, ink_direction, change = best_per_attribute(screened)[ink]
+    picks = []
+    for a, name in enumerate(ATTRIBUTES):
+        region, sign = REGION_OF[name]
+        picks.append(
+            Pick(name, f, float(within_AF[a, f]), float(plain_AF[a, f]), ink_direction * sign, float(unit_F[f]),
+                 float(fired_NF[:, f].mean()), change if name == "ink" else None, region)
+        )  # fmt: skip
+    table = screen_table(screened, [best_per_attribute(screened)[ink]] * len(ATTRIBUTES), unit_F)
+    return picks, table
