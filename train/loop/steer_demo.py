@@ -65,8 +65,8 @@ class AttributeDemoConfig(BaseModel):
     pick: Literal["correlation", "effect", "region"] = "correlation"
     """How each attribute's latent is chosen (train/loop/steer_pick.py): the best within-class predictor of
     it; or, among each attribute's `candidates` best predictors, the one whose steering moves it most on
-    `screen_samples` training samples; or (region) the one of ink's that moves ink most, steered on the
-    tokens of each attribute's region of the image."""
+    `screen_samples` training samples; or (region) the one of those candidates that moves ink most, steered
+    on the tokens of each attribute's region of the image."""
     candidates: int = Field(8, gt=0)
     """pick effect: the best predictors of each attribute that are screened."""
     screen_samples: int = Field(20, gt=1)
@@ -317,8 +317,8 @@ def format_table(r: dict[str, Any]) -> str:
         )
     if sc is not None and r["pick"] == "region":
         lines.append(
-            f"picked by region: ink's {r['candidates']} best predictors steered up {sc['multiple']:g}x on "
-            f"{sc['samples']} of them; the largest ink change among those keeping class and digit-likeness "
+            f"picked by region: each attribute's {r['candidates']} best predictors ({len(sc['candidates'])} "
+            f"latents) steered up {sc['multiple']:g}x on {sc['samples']} of them; the largest ink change among those keeping class and digit-likeness "
             f"on >= {sc['min_kept']:.0%}, steered on each attribute's region of the image tokens"
         )
     for a in r["attributes"]:
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         "--pick", choices=("correlation", "effect", "region"), default="correlation",
         help="latent per attribute: its best within-class predictor; or the one of its --candidates best "
         "predictors whose steering moves it most on --screen-samples training samples; or (region) the one "
-        "of ink's that moves ink most, steered only on the image tokens of each attribute's region",
+        "of those candidates that moves ink most, steered only on the image tokens of each attribute's region",
     )  # fmt: skip
     p.add_argument(
         "--candidates", type=int, default=8, help="--pick effect: predictors screened per attribute"

@@ -19,9 +19,9 @@ image already shows, without being what draws it; this measures what steering do
    the sign of its change is the declared direction. The held-out measurement that follows is the demo's.
 
 By region (`--pick region`, `pick_for_regions`). Size, position and slant are where the ink is, and an
-edit added to every token carries no where. So one latent is picked, the ink latent: of ink's `candidates`
-best predictors, the one whose steering (screened as above) changes ink most while keeping class and
-digit-likeness. Each attribute steers it on the tokens of one region of the image (train/loop/regions.py),
+edit added to every token carries no where. So one latent is picked, the ink latent: of the candidates the
+effect pick screens (every attribute's `candidates` best predictors: a latent that predicts ink need not be
+one that draws it), the one whose steering changes ink most while keeping class and digit-likeness. Each attribute steers it on the tokens of one region of the image (train/loop/regions.py),
 read off the attribute's definition: the region where ink added lowers the attribute for a digit centred
 in the frame (REGION_OF). A latent that removes ink there raises the attribute; one that adds ink lowers
 it. So the declared direction is the latent's ink direction times the region's sign.
@@ -237,12 +237,13 @@ def pick_for_regions(
     candidates: int,
     screen_on: Callable[[list[int]], Screened],
 ) -> tuple[list[Pick], dict[str, Any]]:
-    """pick region (module docstring): ink's `candidates` best predictors screened by `screen_on`, the one
-    that moves ink most steered in each attribute's REGION_OF; returns the picks and the screen's figures."""
+    """pick region (module docstring): every attribute's `candidates` best predictors screened by
+    `screen_on`, the one that moves ink most steered in each attribute's REGION_OF; returns the picks and the
+    screen's figures."""
     act_NF, fired_NF, unit_F = activity
     within_AF, plain_AF = correlations(act_NF, attr_NA, class_N), correlations(act_NF, attr_NA, None)
     ink = ATTRIBUTES.index("ink")
-    screened = screen_on(candidate_latents(within_AF[[ink]], candidates))
+    screened = screen_on(candidate_latents(within_AF, candidates))
     f, ink_direction, change = best_per_attribute(screened)[ink]
     picks = []
     for a, name in enumerate(ATTRIBUTES):
