@@ -244,7 +244,8 @@ def pick_for_regions(
     within_AF, plain_AF = correlations(act_NF, attr_NA, class_N), correlations(act_NF, attr_NA, None)
     ink = ATTRIBUTES.index("ink")
     screened = screen_on(candidate_latents(within_AF, candidates))
-    f, ink_direction, change = best_per_attribute(screened)[ink]
+    ink_best = best_per_attribute(screened)[ink]
+    f, ink_direction, change = ink_best
     picks = []
     for a, name in enumerate(ATTRIBUTES):
         region, sign = REGION_OF[name]
@@ -252,5 +253,5 @@ def pick_for_regions(
             Pick(name, f, float(within_AF[a, f]), float(plain_AF[a, f]), ink_direction * sign, float(unit_F[f]),
                  float(fired_NF[:, f].mean()), change if name == "ink" else None, region)
         )  # fmt: skip
-    table = screen_table(screened, [best_per_attribute(screened)[ink]] * len(ATTRIBUTES), unit_F)
+    table = screen_table(screened, [ink_best] * len(ATTRIBUTES), unit_F)
     return picks, table
