@@ -30,7 +30,8 @@ copied once and the shuffle is no extra pass, and a batch is a slice (no copy an
 training thread). On CUDA chunks are decoded in order into a pinned buffer, copied with
 non_blocking=True, and permuted on the device. The background thread plans the next window (its
 permutation and where each chunk's rows go: a serial pass over its rows, 5% to 11% of the window's reading
-CPU) while the read threads read this one, so they never wait for it.
+CPU) while the read threads read this one, and queues its chunks behind this one's before waiting for this
+one, so the read threads go from window to window without a pause.
 
 A "chunks consumed" count and a saved RNG state would say the same as Position: the chunks consumed are
 those of the windows before `rows`, and every generator is re-made from (seed, epoch, window).
@@ -392,7 +393,9 @@ class ActivationLoader:
             if sys.getrefcount(base) == 3:  # held only by this list, the loop variable and the call
                 return base[:, :rows]
         base = np.empty((len(self.arrays), self._max_window_rows, self.layout.d_model), dtype)
-        if len(self._recycled) < 3 + self.prefetch:  # the windows that can be in use at once, and one more
+        # The windows in use at once: the consumer's two (a batch may straddle them), `prefetch` waiting for
+        # it, the one the producer waits for and the one queued behind it.
+        if len(self._recycled) < 4 + self.prefetch:
             self._recycled.append(base)
         return base[:, :rows]
 
@@ -497,12 +500,15 @@ class ActivationLoader:
 
         ahead: list[Fetches] = []
         fetching: list[Fetches] = []
+        reading: list[Fetches] = []
         planned: _Planned | None = None
+        in_flight: _Pending | None = None
         pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="tide-read")
         try:
             for (epoch, w), following in _pairs(self._stream(start, epochs)):
                 # The next window's chunks are requested before this one is decoded, so that a remote
                 # store's round trips overlap the decoding.
+                reading = ahead
                 ahead = fetching or self._fetch_ahead(w)
                 fetching = self._fetch_ahead(following[1]) if following else []
                 while True:
@@ -518,13 +524,18 @@ class ActivationLoader:
                 pending = self._start(planned or self._plan_rows(epoch, w), slots[i], i, free, pool, ahead)
                 # The next window is planned while the read threads read this one, so they never wait for it.
                 planned = self._plan_rows(*following) if following else None
-                if not put(pending.result()):
+                # This window's chunks queue behind the previous one's before that one is waited for, so
+                # the read threads go from one window to the next without waiting for the consumer.
+                if in_flight is not None and not put(in_flight.result()):
                     return
+                in_flight = pending
+            if in_flight is not None and not put(in_flight.result()):
+                return
             put(None)
         except BaseException as e:  # handed to the consumer, which raises it
             put(e)
         finally:
-            for f in ahead + fetching:  # a stopped or failed loader leaves no requests running
+            for f in reading + ahead + fetching:  # a stopped or failed loader leaves no requests running
                 f.cancel()
             pool.shutdown(cancel_futures=True)  # chunks of a window no one will take are not read
 
