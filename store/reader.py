@@ -431,22 +431,34 @@ def _chunk_bytes(
 ) -> Iterator[np.ndarray | None]:
     """A chunk's stored bytes as uint8, None when the chunk is missing: a local file mapped into memory (the
     page cache's own pages: no copy, and no GIL held while they are read), a remote one fetched."""
-    key = arr.metadata.encode_chunk_key(coords)
-    key = f"{arr.path}/{key}" if arr.path else key
-    root = _store_root(arr)
     if fetched is not None:
         data = fetched.result()  # requested by store.remote.fetch_ahead, with many others
         yield None if data is None else np.frombuffer(data, np.uint8)
-    elif root is None:
-        data = _fetch(arr, key)  # a remote or zip store: one request for the chunk's bytes
+        return
+    folder, kept = _local_chunks(arr)
+    key = arr.metadata.encode_chunk_key(coords)
+    if folder is None:
+        data = _fetch(arr, f"{arr.path}/{key}" if arr.path else key)  # a remote or zip store: one request
         yield None if data is None else np.frombuffer(data, np.uint8)
     else:
-        with _mapped(root / key, _kept_maps(arr)) as data:
+        with _mapped(folder + key, kept) as data:
             yield data
 
 
+def _local_chunks(arr: zarr.Array) -> tuple[str | None, _KeptMaps | None]:
+    """(the folder of a local array's chunk keys, ending in a separator, and its kept mappings), or (None,
+    None) for a remote or zip store; made once per array object (a read thread looks them up per chunk)."""
+    cached = getattr(arr, "_tide_local_chunks", None)
+    if cached is None:
+        root = _store_root(arr)
+        folder = None if root is None else os.path.join(root, arr.path, "")
+        cached = (folder, None if folder is None else _kept_maps(arr))
+        object.__setattr__(arr, "_tide_local_chunks", cached)  # zarr.Array is a frozen dataclass
+    return cached
+
+
 @contextmanager
-def _mapped(path: Path, kept: _KeptMaps | None = None) -> Iterator[np.ndarray | None]:
+def _mapped(path: str | Path, kept: _KeptMaps | None = None) -> Iterator[np.ndarray | None]:
     """A file's bytes mapped read-only (read into memory where it cannot be mapped); None when it is absent.
 
     `kept`: the mapping is kept for the next read of the same file (the page faults of mapping a chunk anew
