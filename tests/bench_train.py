@@ -10,6 +10,8 @@
 - reader_thread_scaling_d1152: the loader's rows/s at d = 1152 with 2 read threads over 1 (aim >= 1.8 on 2
   cores: reading scales with cores). `reader_thread_cpu_cost_d1152`: CPU per row with 2 threads over 1 (1.0:
   the second thread adds no work, so on 2 free cores only the serial share keeps the scaling under 2).
+  `reader_raw_thread_scaling_d1152`: the same data movement (map, crc32c, scatter) in plain numpy, 2
+  threads over 1: the ceiling the machine's cores and memory set for it.
 - train_cache_vs_memory_ratio: training throughput (a tide and a topk SAE, one optimiser step each per
   batch) fed from the Zarr store, divided by the same training fed from the rows held in memory. Aim >= 0.9.
 - train_ddp_scaling: rows/s of `tide train --nproc 2` (2 torchrun ranks, gloo, each reading and training its
@@ -119,6 +121,58 @@ def bench_thread_scaling(store: Store, batch_size: int, repeats: int, epochs: in
             two.cpu_us_per_row / one.cpu_us_per_row for two, one in pairs
         ),
     }
+
+
+def bench_raw_scaling(
+    store: Store, repeats: int, epochs: int, window_rows: int = 1 << 17
+) -> dict[str, float]:
+    """The machine's own ceiling for the read threads' work, with nothing of tide's: each chunk file of the
+    store's first array mapped once, its crc32c computed and its rows scattered to random rows of one
+    window-sized array (allocated once, so no page is zeroed while timed), the files dealt round-robin to 2
+    threads against 1, `epochs` passes over them, alternating, as a median of back-to-back ratios. It is the
+    loader's data movement alone: if 2 threads do not reach 1.8x here, the cores' shared memory bandwidth,
+    not the loader, keeps reader_thread_scaling_d1152 under it."""
+    import mmap
+    import threading
+
+    import crc32c
+
+    arr = store.root[store.meta.act_names()[0]]
+    d, dtype = store.layout.d_model, arr.dtype
+    files = sorted(p for p in (Path(store.path) / arr.path / "c").rglob("*") if p.is_file())
+    chunks = []
+    for f in files:
+        with open(f, "rb") as fh:
+            chunks.append(np.frombuffer(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), np.uint8))
+    window_ND = np.zeros((window_rows, d), dtype)  # touched once here, so its pages exist before timing
+    # Chunk k's rows go to their own random rows of the window (a window's worth of chunks fills it once).
+    perm = np.random.default_rng(0).permutation(window_rows)
+    n = (len(chunks[0]) - 4) // (d * dtype.itemsize)
+    per_window = window_rows // n
+    dest = [
+        perm[(k % per_window) * n :][: (len(c) - 4) // (d * dtype.itemsize)] for k, c in enumerate(chunks)
+    ]
+
+    def scatter(mine: list[int]) -> None:
+        for k in mine:
+            payload = chunks[k][:-4]
+            crc32c.crc32c(payload)
+            window_ND[dest[k]] = payload.view(dtype).reshape(-1, d)
+
+    def rate(threads: int) -> float:
+        start = time.perf_counter()
+        for _ in range(epochs):
+            mine = [list(range(k, len(chunks), threads)) for k in range(threads)]
+            workers = [threading.Thread(target=scatter, args=(m,)) for m in mine]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        return epochs * sum(len(c) - 4 for c in chunks) / (d * dtype.itemsize) / (time.perf_counter() - start)
+
+    rate(1), rate(2)
+    pairs = [(rate(2), rate(1)) for _ in range(repeats)]
+    return {"reader_raw_thread_scaling_d1152": statistics.median(two / one for two, one in pairs)}
 
 
 def _memory_batches(x_ND: torch.Tensor, step_N: torch.Tensor, t_S: torch.Tensor, batch_size: int, steps: int):
@@ -273,6 +327,7 @@ def reader_figures(args: argparse.Namespace, work: Path) -> dict[str, float]:
         rates = bench_reader(store, args.batch_size, args.repeats, args.epochs, work)
         if suffix == "_d1152":
             figures |= bench_thread_scaling(store, args.batch_size, args.repeats, args.epochs)
+            figures |= bench_raw_scaling(store, args.repeats, args.epochs)
         figures[f"reader_rows_per_s{suffix}"] = rates["rows_per_s"]
         figures[f"reader_memmap_rows_per_s{suffix}"] = rates["memmap_rows_per_s"]
         figures[f"reader_vs_memmap_ratio{suffix}"] = rates["vs_memmap_ratio"]

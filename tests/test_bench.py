@@ -15,6 +15,7 @@ READER = [
     for case in ("", "_d1152", "_d1152_codec_blosc_zstd")
 ]
 READER += ["reader_thread_scaling_d1152", "reader_rows_per_s_d1152_1_thread", "reader_thread_cpu_cost_d1152"]
+READER += ["reader_raw_thread_scaling_d1152"]
 TRAIN = ["train_cache_rows_per_s", "train_memory_rows_per_s", "train_cache_vs_memory_ratio"]
 TRAIN += ["reader_s3_rows_per_s", "s3_server_raw_get_rows_per_s", "reader_s3_vs_local_ratio"]
 TRAIN += ["reader_s3_vs_server_ratio", "train_ddp_1rank_rows_per_s", "train_ddp_2ranks_rows_per_s"]
