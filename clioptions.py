@@ -298,7 +298,8 @@ class Steer:
         str | None,
         option(
             "Steer only the image tokens of one region of the token grid: left, right, top, bottom, "
-            "inner-cols, outer-cols, inner-rows, outer-rows, diagonal, antidiagonal (or all).",
+            "inner-cols, outer-cols, inner-rows, outer-rows, diagonal, antidiagonal (or all); or A/B, two "
+            "disjoint ones, for a push-pull: --strength added on A, subtracted on B (left/right moves ink right).",
             "every token",
         ),
     ]

@@ -79,6 +79,7 @@ def test_edits_against_plain_maths(sae_dir):
             "--steps 3:7 is out of range: the run has 4 steps",
         ),
         (["--latent", "1", "--strength", "1", "--region", "middle"], "--region 'middle' is not a region"),
+        (["--latent", "1", "--strength", "1", "--region", "left/top"], "left and top share tokens"),
     ],
 )
 def test_bad_inputs_give_one_clear_error(sae_dir, tmp_path, args, message):
@@ -253,15 +254,35 @@ def test_region_masks_on_a_hand_drawn_grid():
         region_mask("left", 12)
 
 
-def test_region_steering_is_a_plain_hook_adding_the_direction_on_those_tokens(sae_dir, tiny_dit, tmp_path):
+def test_signed_regions_are_plus_on_the_first_and_minus_on_the_second():
+    from tide.train.loop.regions import COMPLEMENT, check_region, region_weights
+
+    rows, cols = np.divmod(np.arange(64), 8)
+    left, inner = (cols < 4).astype(np.float32), ((rows >= 2) & (rows < 6)).astype(np.float32)
+    np.testing.assert_array_equal(region_weights("left/right", 64).numpy(), 2 * left - 1)
+    np.testing.assert_array_equal(region_weights("outer-rows/inner-rows", 64).numpy(), 1 - 2 * inner)
+    np.testing.assert_array_equal(region_weights("top", 64).numpy(), (rows < 4).astype(np.float32))
+    for a, b in COMPLEMENT.items():  # a region and its complement cover the grid, once each
+        np.testing.assert_array_equal(region_weights(f"{a}/{b}", 64).abs().numpy(), np.ones(64), err_msg=a)
+    with pytest.raises(ValueError, match="'left/top': left and top share tokens"):
+        check_region("left/top")
+    with pytest.raises(ValueError, match="'left/middle' is not a region tide knows"):
+        check_region("left/middle")
+
+
+@pytest.mark.parametrize("region", ["left", "left/right"])
+def test_region_steering_is_a_plain_hook_adding_the_direction_on_those_tokens(
+    sae_dir, tiny_dit, tmp_path, region
+):
     """tide steer --region left: the images of harvest's sampler with a plain forward hook on the SAE's block
-    that adds A x (decoder row x input scale) to the tokens of the left half of the grid, in both CFG rows."""
+    that adds A x (decoder row x input scale) to the tokens of the left half of the grid, in both CFG rows;
+    --region left/right: the same, and subtracts it from the tokens of the right half."""
     from tide.harvest.capture import Conditioning
     from tide.harvest.model import load_model
     from tide.harvest.sampler import generate, to_images
     from tide.store.reader import open_store
 
-    r = _run(sae_dir, tmp_path / "o", latent=3, strength=20.0, region="left")
+    r = _run(sae_dir, tmp_path / "o", latent=3, strength=20.0, region=region)
     s = load_sae(sae_dir)
     meta = open_store(s.meta.store.path).meta
     model = load_model(str(tiny_dit))
@@ -270,11 +291,13 @@ def test_region_steering_is_a_plain_hook_adding_the_direction_on_those_tokens(sa
     def hook(module, args, out_RND):
         side = int(round(out_RND.shape[1] ** 0.5))
         left_N = torch.as_tensor(np.arange(out_RND.shape[1]) % side < side / 2, dtype=out_RND.dtype)
-        return out_RND + 20.0 * left_N[:, None] * d_D
+        if region == "left":
+            return out_RND + 20.0 * left_N[:, None] * d_D
+        return out_RND + 20.0 * (2 * left_N - 1)[:, None] * d_D
 
     model.transformer.transformer_blocks[1].register_forward_hook(hook)
     cond = Conditioning(class_labels=torch.as_tensor(r.labels))
     want = to_images(model, generate(model, cond, [0, 1, 2], meta.num_inference_steps, meta.guidance_scale))
     np.testing.assert_array_equal(r.images, want.numpy())
     assert not np.array_equal(r.images, r.unsteered)
-    assert r.summary["region"] == "left"
+    assert r.summary["region"] == region

@@ -13,6 +13,10 @@ fraction of the grid (u the column, v the row, both in (0, 1), v growing downwar
     diagonal      top-left and bottom-right quadrants (u - 1/2 and v - 1/2 of one sign)
     antidiagonal  top-right and bottom-left quadrants
 
+A signed region `A/B` (two disjoint regions, e.g. `left/right`) is a push-pull: the edit is added on the
+tokens of A and subtracted on those of B. With a latent that removes ink, `left/right` removes it on the
+left and draws it on the right, so the digit moves rather than fades (docs/results.md, push-pull).
+
 An edit restricted to a region adds its change on those tokens only and leaves the others bit for bit as
 they were. Why regions: an edit that adds one vector to every token carries no spatial pattern, so it can
 change how much is drawn but not where (docs/results.md, attribute steering).
@@ -32,14 +36,41 @@ REGIONS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+COMPLEMENT: dict[str, str] = {
+    "left": "right", "right": "left", "top": "bottom", "bottom": "top", "inner-cols": "outer-cols",
+    "outer-cols": "inner-cols", "inner-rows": "outer-rows", "outer-rows": "inner-rows",
+    "diagonal": "antidiagonal", "antidiagonal": "diagonal",
+}  # fmt: skip
+"""Each region's complement on a grid of even side: the signed region `A/COMPLEMENT[A]` edits every token."""
+
+
 def check_region(name: str) -> str:
-    if name not in REGIONS:
-        raise ValueError(f"--region {name!r} is not a region tide knows: use one of {', '.join(REGIONS)}")
+    """`name` when it is a region or a signed region `A/B` of two disjoint ones; else a ValueError."""
+    parts = name.split("/")
+    if len(parts) > 2 or any(p not in REGIONS for p in parts):
+        raise ValueError(
+            f"--region {name!r} is not a region tide knows: use one of {', '.join(REGIONS)}, or A/B for two "
+            "disjoint ones (added on A, subtracted on B), e.g. left/right"
+        )
+    # Disjoint on a 4 x 4 grid is disjoint on every grid: the regions are strict inequalities of u and v.
+    if len(parts) == 2 and (region_mask(parts[0], 16) & region_mask(parts[1], 16)).any():
+        raise ValueError(
+            f"--region {name!r}: {parts[0]} and {parts[1]} share tokens, where the edit would be both added "
+            "and subtracted; pair two disjoint regions, e.g. left/right"
+        )
     return name
 
 
+def region_weights(name: str, num_tokens: int) -> torch.Tensor:
+    """(N,) float32: 1 on the tokens of region `name`, 0 elsewhere; for a signed region A/B, +1 on A's tokens,
+    -1 on B's, 0 elsewhere."""
+    plus, _, minus = check_region(name).partition("/")
+    w_N = region_mask(plus, num_tokens).float()
+    return w_N - region_mask(minus, num_tokens).float() if minus else w_N
+
+
 def region_mask(name: str, num_tokens: int) -> torch.Tensor:
-    """(N,) bool: the tokens of region `name` on a square grid of `num_tokens` tokens."""
+    """(N,) bool: the tokens of region `name` (one region, unsigned) on a square grid of `num_tokens` tokens."""
     side = math.isqrt(num_tokens)
     if side * side != num_tokens:
         raise ValueError(
@@ -61,4 +92,6 @@ def region_mask(name: str, num_tokens: int) -> torch.Tensor:
         "diagonal": u_N * v_N > 0,
         "antidiagonal": u_N * v_N < 0,
     }
-    return masks[check_region(name)]
+    if name not in masks:
+        raise ValueError(f"--region {name!r} is not a region tide knows: use one of {', '.join(REGIONS)}")
+    return masks[name]

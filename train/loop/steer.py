@@ -56,7 +56,8 @@ class SteerConfig(BaseModel):
     steps: str | None = None
     """Steer only at steps 'a:b' (a <= step < b); default every step."""
     region: str | None = None
-    """Steer only the image tokens of this region of the token grid (train/loop/regions.py); default all."""
+    """Steer only the image tokens of this region of the token grid (train/loop/regions.py); default all. A
+    signed region A/B adds --strength on A and subtracts it on B (push-pull)."""
     labels: str | None = None
     """Class labels as harvest takes them: cycle, random, '3,5,7', '0-9' (default: the store's)."""
     prompts: Path | None = None
@@ -130,17 +131,28 @@ def direction(sae, latent: int, t: float) -> torch.Tensor:
 
 
 def in_region(region: str | None, x_BND: torch.Tensor, new_BND: torch.Tensor) -> torch.Tensor:
-    """new_BND on the tokens of `region` (train/loop/regions.py), x_BND untouched elsewhere; None: new_BND."""
+    """new_BND on the tokens of `region` (train/loop/regions.py; both halves of a signed one), x_BND untouched
+    elsewhere; None: new_BND."""
     if region is None:
         return new_BND
-    from tide.train.loop.regions import region_mask
+    from tide.train.loop.regions import region_weights
 
-    return torch.where(region_mask(region, x_BND.shape[1]).to(x_BND.device)[None, :, None], new_BND, x_BND)
+    on_N = region_weights(region, x_BND.shape[1]).to(x_BND.device) != 0
+    return torch.where(on_N[None, :, None], new_BND, x_BND)
+
+
+def _sign(region: str | None, x_BND: torch.Tensor) -> torch.Tensor | float:
+    """(1, N, 1) the sign of the edit per token for a signed region A/B (+1 on A, -1 on B); else 1."""
+    if region is None or "/" not in region:
+        return 1.0  # x + a * d exactly as without --region
+    from tide.train.loop.regions import region_weights
+
+    return region_weights(region, x_BND.shape[1]).to(x_BND)[None, :, None]
 
 
 def add_edit(sae, latent: int, strength: float | torch.Tensor, region: str | None = None) -> Callable:
-    """x + strength * direction(latent, t) on the tokens of `region` (default all); `strength` a scalar or
-    (B,) per row."""
+    """x + strength * direction(latent, t) on the tokens of `region` (default all; a signed region A/B adds it
+    on A and subtracts it on B); `strength` a scalar or (B,) per row."""
 
     def edit(site: str, layer: int, step: int, t: float, x_BND: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -149,14 +161,14 @@ def add_edit(sae, latent: int, strength: float | torch.Tensor, region: str | Non
         a_B11 = (
             a.repeat(x_BND.shape[0] // a.numel())[:, None, None] if a.ndim else a
         )  # CFG rows repeat samples
-        return in_region(region, x_BND, x_BND + a_B11 * d_D)
+        return in_region(region, x_BND, x_BND + a_B11 * _sign(region, x_BND) * d_D)
 
     return edit
 
 
 def clamp_edit(sae, latent: int, value: float, region: str | None = None) -> Callable:
-    """x + (raw(decode(z with z_F = value)) - x_hat) on the tokens of `region` (default all): the error term
-    x - x_hat is kept."""
+    """x + (raw(decode(z with z_F = value)) - x_hat) on the tokens of `region` (default all; both halves of a
+    signed one: a value set has no sign): the error term x - x_hat is kept."""
 
     def edit(site: str, layer: int, step: int, t: float, x_BND: torch.Tensor) -> torch.Tensor:
         B, N, D = x_BND.shape
