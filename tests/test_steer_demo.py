@@ -76,7 +76,11 @@ def _run(root, out, **kw):
 def test_strength_zero_reproduces_the_unsteered_images_bitwise(demo_store, tmp_path):
     from tide.store.reader import open_store
 
-    r = _run(demo_store, tmp_path / "o", multiples=(0.0,), down=(), off=False)
+    r = _run(
+        demo_store, tmp_path / "o", multiples=(0.0,), down=(), off=False, probe_samples=8, candidates=1,
+        screen_samples=3,
+    )  # fmt: skip
+    assert r["pick"] == "push-pull"  # the default: signed regions, where x - 0 * d must be x bit for bit too
     store = open_store(demo_store / "s.zarr")
     stored = store.root["images"][8:12]  # the held-out chunk's final images, as the harvest drew them
     assert r["held_out_samples"] == [8, 9, 10, 11]
@@ -101,7 +105,10 @@ def test_picks_and_figures_agree_with_the_saved_images(demo_store, tmp_path):
     from tide.train.fit.checkpoint import load_sae
     from tide.train.loop.steer_demo import format_table
 
-    r = _run(demo_store, tmp_path / "o", multiples=(1.0, 40.0), down=(), off=True, probe_samples=8)
+    r = _run(
+        demo_store, tmp_path / "o", multiples=(1.0, 40.0), down=(), off=True, probe_samples=8,
+        pick="correlation",
+    )  # fmt: skip
     store = open_store(demo_store / "s.zarr")
     s = load_sae(demo_store / "saes" / "tide")
     # the per-sample mean activation over every stored row, by a plain loop over samples and steps
@@ -214,11 +221,13 @@ def test_pick_by_effect_picks_the_latent_whose_steering_moves_the_attribute_most
     assert "picked by effect" in format_table(r) and "screened change" in format_table(r)
 
 
-def test_pick_region_steers_the_ink_latent_on_each_attributes_region(demo_store, tmp_path):
+@pytest.mark.parametrize("pick", ["region", "push-pull"])
+def test_pick_region_steers_the_ink_latent_on_each_attributes_region(demo_store, tmp_path, pick):
     """--pick region: one latent for all six attributes, the screened candidate (of every attribute's best
     within-class predictors) that moves ink most while keeping class and digit-likeness; each attribute's images are the
     held-out samples redrawn with a plain edit adding 40 units of its direction on the tokens of the
-    attribute's region, masked by hand; the direction is the ink change's sign times the region's."""
+    attribute's region, masked by hand; the direction is the ink change's sign times the region's.
+    --pick push-pull: the same, and the edit subtracted on every other token (ink's region is all of them)."""
     from tide.store.reader import open_store
     from tide.train.fit.checkpoint import load_sae
     from tide.train.loop.rerun import Intervention, rerun
@@ -226,7 +235,7 @@ def test_pick_region_steers_the_ink_latent_on_each_attributes_region(demo_store,
     from tide.train.loop.steer_demo import format_table
 
     r = _run(
-        demo_store, tmp_path / "o", multiples=(40.0,), off=False, probe_samples=8, pick="region",
+        demo_store, tmp_path / "o", multiples=(40.0,), off=False, probe_samples=8, pick=pick,
         candidates=1, screen_samples=3,
     )  # fmt: skip
     sc, store = r["screen"], open_store(demo_store / "s.zarr")
@@ -246,6 +255,8 @@ def test_pick_region_steers_the_ink_latent_on_each_attributes_region(demo_store,
         name, f = a["attribute"], a["latent"]
         assert a["direction"] == ink_sign * signs[name]
         mask_N = torch.as_tensor(masks[name], dtype=torch.float32)
+        if pick == "push-pull":
+            mask_N = mask_N - torch.as_tensor(~masks[name], dtype=torch.float32)  # -1 off the region
 
         def plain(site, layer, step, t, x_RND, f=f, mask_N=mask_N):
             return x_RND + 40.0 * best["unit"] * mask_N[:, None] * direction(s.sae, f, t)
@@ -263,4 +274,5 @@ def test_pick_region_steers_the_ink_latent_on_each_attributes_region(demo_store,
         r_F = [abs(np.corrcoef(y, z[:, f])[0, 1]) if z[:, f].std() > 1e-7 else 0 for f in range(z.shape[1])]
         best_F.add(int(np.argsort(r_F, kind="stable")[::-1][0]))
     assert [c["latent"] for c in cands] == sorted(best_F)
-    assert "picked by region" in format_table(r) and "region antidiagonal" in format_table(r)
+    region = "antidiagonal" if pick == "region" else "antidiagonal/diagonal"
+    assert f"picked by {pick}" in format_table(r) and f"region {region}\n" in format_table(r)

@@ -12,7 +12,8 @@ Method, measured from pixels (train/analysis/attributes.py), nothing picked by h
    activation where it fires, over those rows. With `--pick effect` the latent is instead the one of the
    attribute's best predictors whose steering moves it most on training samples; with `--pick region` it
    is one latent for all six, the one that moves ink most, steered on the tokens of each attribute's own
-   region of the image (train/loop/steer_pick.py).
+   region of the image (train/loop/steer_pick.py); with `--pick push-pull` (the default) that latent is added
+   on the region and subtracted on the rest, so ink is taken from one side and drawn on the other.
 2. Steering. The SAE's held-out samples (same seeds and labels as the store) are drawn unsteered, then with
    `tide steer`'s edits (train/loop/steer.py) at the SAE's site, every step, both CFG rows: up, adding
    m x unit x the latent's decoder direction for each multiple m (`tide steer --strength`); off, the
@@ -62,11 +63,12 @@ class AttributeDemoConfig(BaseModel):
     """Folder for <attribute>/ and attributes.json."""
     probe_samples: int = Field(200, gt=1)
     """Training samples of the SAE redrawn to pick the latents."""
-    pick: Literal["correlation", "effect", "region"] = "correlation"
+    pick: Literal["push-pull", "region", "effect", "correlation"] = "push-pull"
     """How each attribute's latent is chosen (train/loop/steer_pick.py): the best within-class predictor of
     it; or, among each attribute's `candidates` best predictors, the one whose steering moves it most on
     `screen_samples` training samples; or (region) the one of those candidates that moves ink most, steered
-    on the tokens of each attribute's region of the image."""
+    on the tokens of each attribute's region of the image; or (push-pull) that latent added on the region
+    and subtracted on the rest of the image."""
     candidates: int = Field(8, gt=0)
     """pick effect: the best predictors of each attribute that are screened."""
     screen_samples: int = Field(20, gt=1)
@@ -214,8 +216,11 @@ def run_demo(cfg: AttributeDemoConfig, log: Callable[[str], None] = print) -> di
             screen_on = _screen_on(
                 cfg, s, draw, probe, probe_images, probe_attr_NA, activity.unit_F, clf, digit_distance
             )
-            pick = pick_by_effect if cfg.pick == "effect" else pick_for_regions
-            picks, screened = pick(activity, probe_attr_NA, labels[probe], cfg.candidates, screen_on)
+            args = (activity, probe_attr_NA, labels[probe], cfg.candidates, screen_on)
+            if cfg.pick == "effect":
+                picks, screened = pick_by_effect(*args)
+            else:
+                picks, screened = pick_for_regions(*args, signed=cfg.pick == "push-pull")
         log(f"{s.folder.name}: latents per attribute {', '.join(f'{p.attribute} {p.latent}' for p in picks)}")
         base = draw(held)
         steered = {p.attribute: {e.name: draw(held, e.make(s.sae)) for e in edits(cfg, p)} for p in picks}
@@ -315,11 +320,12 @@ def format_table(r: dict[str, Any]) -> str:
             f"latents) steered up {sc['multiple']:g}x on {sc['samples']} of them; per attribute the largest "
             f"change among those keeping class and digit-likeness on >= {sc['min_kept']:.0%}"
         )
-    if sc is not None and r["pick"] == "region":
+    if sc is not None and r["pick"] in ("region", "push-pull"):
         lines.append(
-            f"picked by region: each attribute's {r['candidates']} best predictors ({len(sc['candidates'])} "
+            f"picked by {r['pick']}: each attribute's {r['candidates']} best predictors ({len(sc['candidates'])} "
             f"latents) steered up {sc['multiple']:g}x on {sc['samples']} of them; the largest ink change among those keeping class and digit-likeness "
             f"on >= {sc['min_kept']:.0%}, steered on each attribute's region of the image tokens"
+            + (" (added on A, subtracted on B of a region A/B)" if r["pick"] == "push-pull" else "")
         )
     for a in r["attributes"]:
         lines += [
@@ -335,13 +341,18 @@ def format_table(r: dict[str, Any]) -> str:
             f"  {e['edit']:<12}{e['change_sd']:>+12.2f}{e['class_kept']:>12.2f}{e['digit_like']:>12.2f}"
             for e in a["edits"]
         ]
-    top = f"up {max(r['multiples']):g}x"
-    moved = [
-        a["attribute"] for a in r["attributes"] for e in a["edits"]
-        if e["edit"] == top and e["change_sd"] * a["direction"] >= 1 and e["class_kept"] >= 0.8
-    ]  # fmt: skip
-    lines += ["", f"at {top}: moved >= 1 sd in the declared direction with >= 80% class kept: "
-              f"{len(moved)} of {len(r['attributes'])} ({', '.join(moved) or 'none'})"]  # fmt: skip
+    lines.append("")
+    # Every strength: a count at the strongest alone would hide what the images look like there.
+    for m in sorted(r["multiples"]):
+        edit = f"up {m:g}x"
+        hits = [
+            (a["attribute"], e["digit_like"]) for a in r["attributes"] for e in a["edits"]
+            if e["edit"] == edit and e["change_sd"] * a["direction"] >= 1 and e["class_kept"] >= 0.8
+        ]  # fmt: skip
+        lines.append(
+            f"at {edit}: moved >= 1 sd in the declared direction with >= 80% class kept: {len(hits)} of "
+            f"{len(r['attributes'])} ({', '.join(f'{n}, digit-like {d:.2f}' for n, d in hits) or 'none'})"
+        )
     return "\n".join(lines)
 
 
@@ -361,10 +372,12 @@ def main(argv: list[str] | None = None) -> None:
         "--probe-samples", type=int, default=200, help="training samples redrawn to pick the latents"
     )
     p.add_argument(
-        "--pick", choices=("correlation", "effect", "region"), default="correlation",
-        help="latent per attribute: its best within-class predictor; or the one of its --candidates best "
-        "predictors whose steering moves it most on --screen-samples training samples; or (region) the one "
-        "of those candidates that moves ink most, steered only on the image tokens of each attribute's region",
+        "--pick", choices=("push-pull", "region", "effect", "correlation"), default="push-pull",
+        help="latent per attribute: (push-pull) the one of every attribute's --candidates best predictors "
+        "that moves ink most on --screen-samples training samples, added on the image tokens of each "
+        "attribute's region and subtracted on the rest; (region) the same on the region only; (effect) the "
+        "one of its own best predictors whose steering moves it most; (correlation) its best within-class "
+        "predictor",
     )  # fmt: skip
     p.add_argument(
         "--candidates", type=int, default=8, help="--pick effect: predictors screened per attribute"

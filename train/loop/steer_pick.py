@@ -26,6 +26,12 @@ read off the attribute's definition: the region where ink added lowers the attri
 in the frame (REGION_OF). A latent that removes ink there raises the attribute; one that adds ink lowers
 it. So the declared direction is the latent's ink direction times the region's sign.
 
+By push-pull (`--pick push-pull`, `pick_for_regions(signed=True)`): the same latent, added on the region and
+subtracted on its complement (the signed region `R/complement`, train/loop/regions.py). Subtracting the ink
+latent's direction draws ink (measured: -1x to -4x on every token add 1.3 to 4.1 sd of ink, classes kept),
+so the edit takes ink from one side and puts it on the other: the digit moves instead of fading. Both
+halves push the attribute the same way, so the declared direction is the region pick's. Ink keeps `all`.
+
 Shape key: N samples, S steps, T tokens, D width, F latents, A attributes, C candidates.
 """
 
@@ -236,10 +242,13 @@ def pick_for_regions(
     class_N: np.ndarray,
     candidates: int,
     screen_on: Callable[[list[int]], Screened],
+    signed: bool = False,
 ) -> tuple[list[Pick], dict[str, Any]]:
     """pick region (module docstring): every attribute's `candidates` best predictors screened by
-    `screen_on`, the one that moves ink most steered in each attribute's REGION_OF; returns the picks and the
-    screen's figures."""
+    `screen_on`, the one that moves ink most steered in each attribute's REGION_OF (signed: added there and
+    subtracted on its complement, pick push-pull); returns the picks and the screen's figures."""
+    from tide.train.loop.regions import COMPLEMENT
+
     act_NF, fired_NF, unit_F = activity
     within_AF, plain_AF = correlations(act_NF, attr_NA, class_N), correlations(act_NF, attr_NA, None)
     ink = ATTRIBUTES.index("ink")
@@ -249,6 +258,7 @@ def pick_for_regions(
     picks = []
     for a, name in enumerate(ATTRIBUTES):
         region, sign = REGION_OF[name]
+        region = f"{region}/{COMPLEMENT[region]}" if signed and region in COMPLEMENT else region
         picks.append(
             Pick(name, f, float(within_AF[a, f]), float(plain_AF[a, f]), ink_direction * sign, float(unit_F[f]),
                  float(fired_NF[:, f].mean()), change if name == "ink" else None, region)
