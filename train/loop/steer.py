@@ -130,24 +130,21 @@ def direction(sae, latent: int, t: float) -> torch.Tensor:
     return x_2D[0] - x_2D[1]
 
 
-def in_region(region: str | None, x_BND: torch.Tensor, new_BND: torch.Tensor) -> torch.Tensor:
-    """new_BND on the tokens of `region` (train/loop/regions.py; both halves of a signed one), x_BND untouched
-    elsewhere; None: new_BND."""
+def _weights(region: str | None, x_BND: torch.Tensor) -> torch.Tensor | None:
+    """(1, N, 1) the region's weights per token (train/loop/regions.py: 1 on its tokens, 0 elsewhere; +1 and -1
+    on the halves of a signed one A/B) on x's device and dtype; None without a region."""
     if region is None:
-        return new_BND
-    from tide.train.loop.regions import region_weights
-
-    on_N = region_weights(region, x_BND.shape[1]).to(x_BND.device) != 0
-    return torch.where(on_N[None, :, None], new_BND, x_BND)
-
-
-def _sign(region: str | None, x_BND: torch.Tensor) -> torch.Tensor | float:
-    """(1, N, 1) the sign of the edit per token for a signed region A/B (+1 on A, -1 on B); else 1."""
-    if region is None or "/" not in region:
-        return 1.0  # x + a * d exactly as without --region
+        return None
     from tide.train.loop.regions import region_weights
 
     return region_weights(region, x_BND.shape[1]).to(x_BND)[None, :, None]
+
+
+def in_region(region: str | None, x_BND: torch.Tensor, new_BND: torch.Tensor) -> torch.Tensor:
+    """new_BND on the tokens of `region` (both halves of a signed one), x_BND untouched elsewhere; None:
+    new_BND."""
+    w_1N1 = _weights(region, x_BND)
+    return new_BND if w_1N1 is None else torch.where(w_1N1 != 0, new_BND, x_BND)
 
 
 def add_edit(sae, latent: int, strength: float | torch.Tensor, region: str | None = None) -> Callable:
@@ -161,7 +158,11 @@ def add_edit(sae, latent: int, strength: float | torch.Tensor, region: str | Non
         a_B11 = (
             a.repeat(x_BND.shape[0] // a.numel())[:, None, None] if a.ndim else a
         )  # CFG rows repeat samples
-        return in_region(region, x_BND, x_BND + a_B11 * _sign(region, x_BND) * d_D)
+        # The region's weights once per call: they mark its tokens and, for a signed region, give the sign.
+        w_1N1 = _weights(region, x_BND)
+        sign = w_1N1 if w_1N1 is not None and "/" in region else 1.0  # 1.0: x + a * d as without --region
+        new_BND = x_BND + a_B11 * sign * d_D
+        return new_BND if w_1N1 is None else torch.where(w_1N1 != 0, new_BND, x_BND)
 
     return edit
 
